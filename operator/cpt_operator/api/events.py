@@ -1,0 +1,88 @@
+"""What a trainer reports while it runs, one JSON object a line in `<runDir>/events.jsonl`.
+
+The local runner reads this file to show progress and feed the policy; on a cluster the same
+facts reach the operator through Prometheus. Rank 0 writes it.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, TypeAdapter
+
+from .base import SpecModel
+
+
+class Started(SpecModel):
+    event: Literal["started"] = "started"
+    attempt: int
+    step: int
+    tokens: int
+    restore_from: str | None = None
+    world_size: int = 1
+    metrics_url: str | None = None
+    time: float
+
+
+class Progress(SpecModel):
+    event: Literal["progress"] = "progress"
+    step: int
+    tokens: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    skipped: bool = False
+    time: float
+
+
+class Anomaly(SpecModel):
+    event: Literal["anomaly"] = "anomaly"
+    step: int
+    kind: Literal["grad_norm", "loss_spike", "non_finite", "restored"]
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+    time: float
+
+
+class Evaluated(SpecModel):
+    event: Literal["evaluated"] = "evaluated"
+    step: int
+    tokens: int
+    metrics: dict[str, float]
+    """`suite.metric` -> value."""
+    checkpoint: str | None = None
+    """Name of the checkpoint saved at this step, if any."""
+    is_base: bool = False
+    """The reference evaluation of the base model before any training."""
+    time: float
+
+
+class CheckpointSaved(SpecModel):
+    event: Literal["checkpoint"] = "checkpoint"
+    step: int
+    tokens: int
+    name: str
+    uri: str
+    seconds: float
+    time: float
+
+
+class Finished(SpecModel):
+    event: Literal["finished"] = "finished"
+    step: int
+    tokens: int
+    reason: Literal["budget", "interrupted", "anomaly", "error"]
+    message: str = ""
+    time: float
+
+
+Event = Annotated[
+    Union[Started, Progress, Anomaly, Evaluated, CheckpointSaved, Finished],
+    Field(discriminator="event"),
+]
+EVENT = TypeAdapter(Event)
+
+
+def parse_event(line: str) -> Started | Progress | Anomaly | Evaluated | CheckpointSaved | Finished:
+    return EVENT.validate_json(line)

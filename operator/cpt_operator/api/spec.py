@@ -1,0 +1,362 @@
+"""The CptRun spec: the one source of truth for the CRD, the local runner and the trainer.
+
+Cross-field rules live here as validators; the CRD carries the same rules as CEL
+(see `cel_rules.py`), so a cluster rejects what `cptctl validate` rejects.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec
+
+
+class ModelFormat(str, Enum):
+    hf = "hf"
+    gguf = "gguf"
+    checkpoint = "checkpoint"
+
+
+class RestoreMode(str, Enum):
+    weights_only = "weightsOnly"
+    full_state = "fullState"
+
+
+class BaseModelSpec(SpecModel):
+    uri: str = Field(min_length=1, max_length=4096)
+    """Where the base model lives: an HF model directory, a .gguf file, or a cpt checkpoint
+    directory (any fsspec URL). It is only ever read."""
+    format: ModelFormat = ModelFormat.hf
+    """`hf` (config.json + safetensors), `gguf` (dequantised on load) or `checkpoint` (a
+    checkpoint written by this system, needed for fullState restore)."""
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """Expected digest of the base's weights; a mismatch refuses to start (wrong base)."""
+    restore_mode: RestoreMode = RestoreMode.weights_only
+    """weightsOnly: a new experiment (fresh optimizer, new warm-up). fullState: continue the
+    trajectory of a checkpoint (optimizer, schedule, RNG, data position)."""
+
+    @model_validator(mode="after")
+    def _full_state_needs_checkpoint(self) -> "BaseModelSpec":
+        if self.restore_mode == RestoreMode.full_state and self.format != ModelFormat.checkpoint:
+            raise ValueError(
+                "restoreMode fullState needs format 'checkpoint' (optimizer and data state exist "
+                "only in checkpoints written by this system); use weightsOnly for hf/gguf bases"
+            )
+        return self
+
+
+class TokenizerExtensionSpec(SpecModel):
+    terms: list[str] = Field(default_factory=list, max_length=100_000)
+    """Domain terms to add as single tokens."""
+    top_k: int | None = Field(default=None, ge=1, le=100_000)
+    """Add the K terms whose extension saves most context, found by analysing the domain data."""
+    oversample_steps: int = Field(default=0, ge=0)
+    """For this many steps, windows containing new tokens are sampled more often."""
+    oversample_factor: float = Field(default=2.0, ge=1.0, le=16.0)
+    """How much more often such windows are kept during the oversampling warm-up."""
+
+
+class TokenizerSpec(SpecModel):
+    uri: str | None = Field(default=None, max_length=4096)
+    """Tokenizer location; empty means the base model's own tokenizer."""
+    version: str | None = None
+    """Expected tokenizer hash (sha256 of its serialised vocabulary); a mismatch is refused."""
+    extend: TokenizerExtensionSpec | None = None
+
+
+class SourceRole(str, Enum):
+    domain = "domain"
+    replay = "replay"
+    instruction = "instruction"
+
+
+class SourceFormat(str, Enum):
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class WeightPoint(SpecModel):
+    tokens: int = Field(ge=0)
+    """Position in the run, in training tokens."""
+    weight: float = Field(ge=0)
+
+
+class DataSource(SpecModel):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
+    role: SourceRole
+    uri: str = Field(min_length=1, max_length=4096)
+    """fsspec URL or glob (local path, s3://bucket/prefix/*.jsonl, ...)."""
+    format: SourceFormat = SourceFormat.text
+    field: str = "text"
+    """JSONL field or Parquet column holding the document text."""
+    weight: float = Field(default=1.0, gt=0)
+    """Relative sampling weight (normalised over all sources)."""
+    schedule: list[WeightPoint] | None = Field(default=None, max_length=64)
+    """Curriculum: weight as a piecewise-linear function of training tokens."""
+    cache: bool = False
+    """Tokenise once into a shard cache keyed by source and tokenizer hash."""
+
+    @model_validator(mode="after")
+    def _schedule_sorted(self) -> "DataSource":
+        if self.schedule is not None:
+            if len(self.schedule) < 2:
+                raise ValueError("schedule needs at least two points")
+            positions = [p.tokens for p in self.schedule]
+            if positions != sorted(positions) or len(set(positions)) != len(positions):
+                raise ValueError("schedule points must have strictly increasing tokens")
+        return self
+
+
+class MixtureStrategy(str, Enum):
+    fixed = "fixed"
+    curriculum = "curriculum"
+    adaptive = "adaptive"
+
+
+class CurationSpec(SpecModel):
+    dedupe: Literal["none", "exact", "near"] = "exact"
+    """Drop duplicate documents: exact (hash) or near (MinHash over word shingles)."""
+    near_threshold: float = Field(default=0.85, gt=0, le=1)
+    min_chars: int = Field(default=32, ge=0)
+    max_chars: int = Field(default=2_000_000, ge=1)
+    max_non_printable: float = Field(default=0.1, ge=0, le=1)
+    """Largest share of non-printable characters a document may have."""
+    max_repeated_line_ratio: float = Field(default=0.5, ge=0, le=1)
+    """Largest share of duplicated lines (templated boilerplate) a document may have."""
+    decontaminate: bool = True
+    """Drop training documents that share an n-gram with an evaluation set."""
+    decontamination_ngram: int = Field(default=13, ge=4, le=64)
+
+
+class DataSpec(SpecModel):
+    sources: list[DataSource] = Field(min_length=1, max_length=64)
+    strategy: MixtureStrategy = MixtureStrategy.fixed
+    seed: int = 0
+    adaptive_max_boost: float = Field(default=2.0, ge=1.0, le=10.0)
+    """adaptive: a source's weight may grow to at most this multiple of its base weight."""
+    curation: CurationSpec = Field(default_factory=CurationSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataSpec":
+        names = [s.name for s in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        if not any(s.role == SourceRole.domain for s in self.sources):
+            raise ValueError("the mixture needs at least one source with role 'domain'")
+        has_schedule = any(s.schedule for s in self.sources)
+        if has_schedule and self.strategy != MixtureStrategy.curriculum:
+            raise ValueError("a source has a schedule but strategy is not 'curriculum'")
+        return self
+
+
+class Boundary(str, Enum):
+    eos = "eos"
+    document_mask = "documentMask"
+
+
+class PackingSpec(SpecModel):
+    seq_len: int = Field(default=1024, ge=16, le=1_048_576)
+    boundary: Boundary = Boundary.document_mask
+    """eos: EOS between documents, attention may cross them. documentMask: position ids restart
+    per document and attention is block-diagonal, so no document sees another."""
+
+
+class OptimizerSpec(SpecModel):
+    lr: float = Field(default=3e-5, gt=0, le=1.0)
+    """Peak learning rate; CPT peaks well below the pretraining LR."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.1, ge=0, le=1)
+    eps: float = Field(default=1e-8, gt=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimizerSpec":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must each be in [0, 1)")
+        return self
+
+
+class DecayKind(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    exponential = "exponential"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class ScheduleSpec(SpecModel):
+    warmup_steps: int = Field(default=100, ge=0)
+    decay: DecayKind = DecayKind.cosine
+    min_lr: float = Field(default=0.0, ge=0)
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """wsd: the share of steps spent in the final decay phase."""
+
+
+class NonFiniteAction(str, Enum):
+    skip = "skip"
+    rollback = "rollback"
+    stop = "stop"
+
+
+class AnomalySpec(SpecModel):
+    k: float = Field(default=6.0, gt=0)
+    """A step is anomalous when its grad norm exceeds mean + k·std of the recent window."""
+    window: int = Field(default=50, ge=5)
+    """Recent accepted steps the mean and std are taken over."""
+    max_consecutive: int = Field(default=3, ge=1)
+    """Anomalous steps in a row after which the trainer restores the last stable checkpoint."""
+    loss_spike_factor: float = Field(default=3.0, gt=1)
+    """A loss above this multiple of the recent mean also counts as anomalous."""
+    on_non_finite: NonFiniteAction = NonFiniteAction.skip
+
+
+class GradientSpec(SpecModel):
+    clip: float = Field(default=1.0, gt=0)
+    """Max global grad norm: g <- g·min(1, clip/‖g‖)."""
+    anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
+
+
+class RefKLSpec(SpecModel):
+    beta: float = Field(default=0.0, ge=0, le=10)
+    """Weight of KL(p_base || p_theta) on replay windows; 0 disables the frozen reference."""
+
+
+class RegularizationSpec(SpecModel):
+    ref_kl: RefKLSpec = Field(default_factory=RefKLSpec, alias="refKL")
+
+
+class BudgetSpec(SpecModel):
+    tokens: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "BudgetSpec":
+        if self.tokens is None and self.steps is None:
+            raise ValueError("set budget.tokens or budget.steps (a run needs an end)")
+        return self
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class TrainingSpec(SpecModel):
+    micro_batch_size: int = Field(default=4, ge=1)
+    """Sequences per device per forward pass."""
+    grad_accumulation: int = Field(default=1, ge=1)
+    precision: Precision = Precision.auto
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    seed: int = 0
+    log_every: int = Field(default=1, ge=1)
+    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+
+
+class CheckpointSpec(SpecModel):
+    uri: str | None = None
+    """Where checkpoints go (fsspec URL); default: the run directory's checkpoints/."""
+    every: int = Field(default=100, ge=1)
+    """Save every N optimizer steps (and at the end)."""
+    keep: int = Field(default=5, ge=1)
+    """Newest checkpoints kept; frontier and last-good checkpoints are never pruned."""
+
+
+class Toleration(SpecModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class ResourcesSpec(SpecModel):
+    nodes: int = Field(default=1, ge=1, le=1024)
+    gpus_per_node: int = Field(default=0, ge=0, le=16)
+    """0 runs on CPU (gloo); >0 one process per GPU (NCCL)."""
+    nproc_per_node: int | None = Field(default=None, ge=1, le=256)
+    """Processes per node when gpusPerNode is 0 (CPU runs); default 1."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """The node pool, e.g. {pool: h100}."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    image: str | None = None
+    """Trainer image; default: the chart's trainer image."""
+    cpu: str | None = None
+    memory: str | None = None
+    shared_memory: str = "8Gi"
+    s3_secret_ref: str | None = None
+    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
+    queue: str | None = None
+    """Kueue LocalQueue for gang admission (adds the queue-name label)."""
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.gpus_per_node or self.nproc_per_node or 1
+
+
+class CptRunSpec(SpecModel):
+    base_model: BaseModelSpec
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec
+    packing: PackingSpec = Field(default_factory=PackingSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    gradient: GradientSpec = Field(default_factory=GradientSpec)
+    regularization: RegularizationSpec = Field(default_factory=RegularizationSpec)
+    budget: BudgetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    evaluation: EvaluationSpec | None = None
+    gates: list[GateSpec] = Field(default_factory=list, max_length=64)
+    stop_policy: StopPolicySpec = Field(default_factory=StopPolicySpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "CptRunSpec":
+        steps = self.budget.steps
+        if steps is not None and self.schedule.warmup_steps >= steps:
+            raise ValueError(
+                f"schedule.warmupSteps ({self.schedule.warmup_steps}) must be below "
+                f"budget.steps ({steps})"
+            )
+        if self.schedule.min_lr > self.optimizer.lr:
+            raise ValueError("schedule.minLr must not exceed optimizer.lr")
+        suites = {s.name for s in (self.evaluation.suites if self.evaluation else [])}
+        for gate in self.gates:
+            if gate.suite not in suites:
+                raise ValueError(
+                    f"gate {gate.name!r} reads suite {gate.suite!r}, which evaluation.suites "
+                    f"does not define (defined: {', '.join(sorted(suites)) or 'none'})"
+                )
+        if self.regularization.ref_kl.beta > 0 and not any(
+            s.role == SourceRole.replay for s in self.data.sources
+        ):
+            raise ValueError("regularization.refKL.beta > 0 needs a replay source")
+        return self
+
+
+class ObjectMeta(SpecModel):
+    model_config = SpecModel.model_config | {"extra": "allow"}
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+GROUP = "cpt.mlops.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CptRun"
+PLURAL = "cptruns"
+
+
+class CptRun(SpecModel):
+    api_version: Literal["cpt.mlops.dev/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["CptRun"] = KIND  # type: ignore[assignment]
+    metadata: ObjectMeta
+    spec: CptRunSpec
+    model_config = SpecModel.model_config | {"extra": "ignore"}  # status etc. live elsewhere

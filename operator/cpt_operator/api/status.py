@@ -1,0 +1,101 @@
+"""CptRun status, following the Kubernetes API conventions (phase + conditions).
+
+Every field here is declared in the CRD's status schema: a structural schema prunes anything
+undeclared, so a status field that is not in this model would silently vanish on a cluster.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field
+
+from .base import SpecModel
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    rolling_back = "RollingBack"
+    stopping = "Stopping"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    stopped = "Stopped"
+
+
+TERMINAL_PHASES = {Phase.succeeded, Phase.failed, Phase.stopped}
+
+
+class ConditionType(str, Enum):
+    ready = "Ready"
+    progressing = "Progressing"
+    degraded = "Degraded"
+    gate_breached = "GateBreached"
+    rolled_back = "RolledBack"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    spec_valid = "SpecValid"
+
+
+class Condition(SpecModel):
+    type: str
+    status: str = Field(pattern=r"^(True|False|Unknown)$")
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Overrides(SpecModel):
+    """What the control plane changed for an attempt relative to the spec."""
+
+    lr_scale: float = 1.0
+    replay_delta: float = 0.0
+
+
+class RollbackRecord(SpecModel):
+    attempt: int
+    """The attempt that breached."""
+    gate: str
+    """Gate or anomaly rule that fired."""
+    metric: str = ""
+    value: float | None = None
+    baseline: float | None = None
+    target: str
+    """Checkpoint (or 'base') the next attempt restores from."""
+    overrides: Overrides = Field(default_factory=Overrides)
+    time: str | None = None
+    reason: str = ""
+
+
+class CheckpointSummary(SpecModel):
+    name: str
+    step: int
+    tokens: int = 0
+    uri: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    passed_gates: bool | None = None
+    on_frontier: bool = False
+    score: float | None = None
+
+
+class CptRunStatus(SpecModel):
+    phase: Phase = Phase.pending
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    attempt: int = 0
+    attempt_started_at: str | None = None
+    restore_from: str | None = None
+    overrides: Overrides = Field(default_factory=Overrides)
+    step: int = 0
+    tokens: int = 0
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    last_good_checkpoint: str | None = None
+    rollbacks: int = 0
+    restarts: int = 0
+    history: list[RollbackRecord] = Field(default_factory=list)
+    base_metrics: dict[str, float] = Field(default_factory=dict)
+    """The base model's reference evaluation (`suite.metric` -> value), measured once."""
+    frontier: list[str] = Field(default_factory=list)
+    checkpoints: list[CheckpointSummary] = Field(default_factory=list)
+    message: str = ""

@@ -1,0 +1,146 @@
+"""`cptctl`: validate, run locally, inspect and steer CptRuns.
+
+Entry points stay thin: parse arguments, call one module, turn its errors into exit codes.
+Commands that need torch (diagnose, tokenizer) run the trainer package in a subprocess, so this
+package never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .api import InvalidSpec, load_run
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        run = load_run(args.file)
+    except InvalidSpec as exc:
+        print(f"{args.file}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: CptRun {run.metadata.name!r} is valid")
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .api.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local.runner import run_local
+
+    return run_local(args.file, run_dir=args.run_dir, nproc=args.nproc, fresh=args.fresh,
+                     progress=not args.no_progress)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .local.commands import show_status
+
+    return show_status(args.run, as_json=args.json)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .local.commands import request_stop
+
+    return request_stop(args.run)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .local.commands import request_rollback
+
+    return request_rollback(args.run, args.to)
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from .local.commands import show_checkpoints
+
+    return show_checkpoints(args.run, plot=args.plot, as_json=args.json)
+
+
+def _trainer_tool(module: str, argv: list[str]) -> int:
+    """Run a torch-side tool in its own interpreter (the operator package never imports torch)."""
+    return subprocess.call([sys.executable, "-m", module, *argv], env=os.environ.copy())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cptctl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a CptRun file; print every error with its field path")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the CptRun CustomResourceDefinition")
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("run", help="run a CptRun on this machine (running it again resumes)")
+    p.add_argument("file")
+    p.add_argument("--run-dir", help="default: ./runs/<metadata.name>")
+    p.add_argument("--nproc", type=int, default=None, help="trainer processes (default: spec)")
+    p.add_argument("--fresh", action="store_true", help="start over: move an existing run dir aside")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.set_defaults(func=cmd_run)
+
+    for name, func, help_ in (("status", cmd_status, "phase, step, checkpoints and decisions"),
+                              ("stop", cmd_stop, "stop a run after a consistent checkpoint")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run", help="run directory or name under ./runs")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("rollback", help="roll a run back to a checkpoint (or 'base')")
+    p.add_argument("run")
+    p.add_argument("--to", required=True, help="checkpoint name (attempt-NNN/step-XXXXXXXX) or 'base'")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("checkpoints", help="metrics per checkpoint, Pareto frontier and choice")
+    p.add_argument("run")
+    p.add_argument("--plot", help="write the curves (domain vs general, stability gap) to this PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser("diagnose", help="is CPT the right lever? perplexity gap + fragmentation",
+                       add_help=False)
+    p.set_defaults(func=lambda a: _trainer_tool("cpt_trainer.diagnose", a.rest))
+    p = sub.add_parser("tokenizer", help="tokenizer analysis (fragmentation, candidate terms)",
+                       add_help=False)
+    p.set_defaults(func=lambda a: _trainer_tool("cpt_trainer.tokenizer_tools", a.rest))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in {"diagnose", "tokenizer"}:  # pass everything through to the tool
+        args = argparse.Namespace(rest=argv[1:], func=parser._subparsers._group_actions[0]  # type: ignore[union-attr]
+                                  .choices[argv[0]].get_default("func"))
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+

@@ -1,0 +1,184 @@
+"""`cptctl run`: drive one CptRun to its end on this machine.
+
+The loop is the operator's, with local hands: observe (trainer processes, event logs,
+checkpoints) -> reconcile (pure, shared with the operator) -> carry out the plan (start or stop
+torchrun, pin checkpoints) -> persist status. Ctrl-C stops the trainer after a consistent
+checkpoint; running the same command again resumes from it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+from ..api import CptRun, InvalidSpec, TrainerConfig, load_run
+from ..api.status import TERMINAL_PHASES, Phase
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile
+from ..store import attempt_dir, pin
+from .launcher import TrainerProcess, torchrun_command
+from .observe import LocalObserver
+from .progress import Progress
+from .rundir import RunDir
+
+POLL_S = 0.5
+
+
+class RunError(Exception):
+    """A problem the user must fix; printed without a traceback."""
+
+
+class LocalRun:
+    def __init__(self, run: CptRun, run_dir: RunDir, nproc: int, progress: Progress):
+        self.run, self.spec, self.dir, self.nproc = run, run.spec, run_dir, nproc
+        self.checkpoint_root = self.spec.checkpoint.uri or run_dir.checkpoints
+        self.observer = LocalObserver(run_dir, self.checkpoint_root)
+        self.proc: TrainerProcess | None = None
+        self.progress = progress
+
+    # -- carrying out a plan ---------------------------------------------------------------
+    def trainer_config(self, action: StartAttempt) -> TrainerConfig:
+        restore = f"{self.checkpoint_root.rstrip('/')}/{action.restore_from}" if action.restore_from else None
+        return TrainerConfig(run=self.run.metadata.name, attempt=action.number, spec=self.spec,
+                             run_dir=str(self.dir.attempt(action.number)),
+                             checkpoint_uri=attempt_dir(self.checkpoint_root, action.number),
+                             restore_from=restore, restore_mode=action.restore_mode,
+                             overrides=action.overrides)
+
+    def start(self, action: StartAttempt) -> None:
+        folder = self.dir.attempt(action.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "trainer-config.json"
+        config.write_text(self.trainer_config(action).dump_json())
+        self.proc = TrainerProcess(torchrun_command(config, self.nproc), folder / "trainer.log")
+
+    def carry_out(self, plan: Plan) -> None:
+        for action in plan.actions:
+            if isinstance(action, StopAttempt) and self.proc is not None:
+                self.progress.note(f"stopping attempt {action.number}: {action.reason}")
+                self.proc.stop()
+                self.proc = None
+            elif isinstance(action, StartAttempt):
+                self.start(action)
+            elif isinstance(action, Pin) and action.names:
+                pin(self.checkpoint_root, list(action.names))
+            elif isinstance(action, Emit):
+                self.progress.note(f"[{action.reason}] {action.message}")
+        self.dir.write_status(plan.status)
+
+    # -- the loop --------------------------------------------------------------------------
+    def step(self, *, resume: bool = False, stop: bool = False) -> Plan:
+        status = self.dir.read_status()
+        rollback = self.dir.take_request("rollback")
+        stop = stop or self.dir.take_request("stop") is not None
+        obs = self.observer.observe(status.attempt, self.proc, stop=stop, resume=resume,
+                                    rollback_to=rollback["to"] if rollback else None)
+        plan = reconcile(self.spec, status, obs)
+        self.carry_out(plan)
+        self.progress.update(plan.status, self.observer.log(plan.status.attempt) if plan.status.attempt else None)
+        return plan
+
+    def loop(self, resume: bool) -> Phase:
+        plan = self.step(resume=resume)
+        while plan.status.phase not in TERMINAL_PHASES or (self.proc and self.proc.poll() is None):
+            time.sleep(POLL_S)
+            plan = self.step()
+        return plan.status.phase
+
+    def interrupt(self) -> None:
+        """Ctrl-C: the trainer saves a consistent checkpoint, the run is marked Stopped."""
+        self.progress.note("interrupted: saving a checkpoint before stopping...")
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+        status = self.dir.read_status()
+        if status.phase not in TERMINAL_PHASES:
+            status.phase, status.message = Phase.stopped, "interrupted; run again to resume"
+            self.dir.write_status(status)
+
+
+def _prepare_dir(run: CptRun, file: str, run_dir: str | None, fresh: bool) -> tuple[RunDir, bool]:
+    """Create or reopen the run directory; returns it and whether this is a resume."""
+    root = Path(run_dir or Path("runs") / run.metadata.name)
+    if fresh and root.exists():
+        aside = root.with_name(f"{root.name}.{int(time.time())}")
+        root.rename(aside)
+        print(f"moved the previous run directory to {aside}")
+    rd = RunDir(root)
+    if rd.spec_file.exists():
+        previous = load_run(rd.spec_file)
+        if previous.spec.base_model != run.spec.base_model:
+            raise RunError(f"{rd.root} belongs to a run with another base model; use --fresh or another --run-dir")
+        status = rd.read_status()
+        if status.phase in {Phase.succeeded, Phase.failed}:
+            raise RunError(f"run {run.metadata.name} already ended: {status.phase.value} ({status.message}); "
+                           "use --fresh to start over")
+        if status.phase in {Phase.running, Phase.rolling_back}:
+            # the previous runner died without stopping cleanly: continue from the last checkpoint
+            status.phase, status.message = Phase.stopped, "runner exited unexpectedly"
+            rd.write_status(status)
+        resumed = True
+    else:
+        rd.root.mkdir(parents=True, exist_ok=True)
+        resumed = False
+    shutil.copyfile(file, rd.spec_file)
+    return rd, resumed
+
+
+def _lock(rd: RunDir) -> None:
+    if rd.lock_file.exists():
+        try:
+            pid = int(rd.lock_file.read_text())
+            os.kill(pid, 0)
+            raise RunError(f"run directory {rd.root} is in use by process {pid}")
+        except (ValueError, ProcessLookupError):
+            pass
+    rd.lock_file.write_text(str(os.getpid()))
+
+
+def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None, fresh: bool = False,
+              progress: bool = True) -> int:
+    try:
+        run = load_run(file)
+    except InvalidSpec as exc:
+        print(f"{file}: invalid CptRun:\n  " + "\n  ".join(str(e) for e in exc.errors), file=sys.stderr)
+        return 2
+    try:
+        rd, resumed = _prepare_dir(run, file, run_dir, fresh)
+        _lock(rd)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    procs = nproc or run.spec.resources.procs_per_node
+    display = Progress(run.spec, enabled=progress, world_size=procs)
+    local = LocalRun(run, rd, procs, display)
+    display.note(f"{'resuming' if resumed else 'starting'} run {run.metadata.name} in {rd.root}")
+    try:
+        phase = local.loop(resume=resumed)
+    except KeyboardInterrupt:
+        local.interrupt()
+        display.close()
+        print(f"stopped. Resume with: cptctl run {file}" + (f" --run-dir {run_dir}" if run_dir else ""))
+        return 130
+    finally:
+        rd.lock_file.unlink(missing_ok=True)
+    display.close()
+    return _report(rd, phase)
+
+
+def _report(rd: RunDir, phase: Phase) -> int:
+    status = rd.read_status()
+    print(f"run {phase.value}: {status.message}")
+    if status.base_metrics and status.best_checkpoint:
+        chosen = next((c for c in status.checkpoints if c.name == status.best_checkpoint), None)
+        if chosen:
+            for key in sorted(status.base_metrics):
+                if key in chosen.metrics:
+                    print(f"  {key}: base {status.base_metrics[key]:.4g} -> {chosen.metrics[key]:.4g}")
+    print(f"status: {rd.status_file}")
+    return 0 if phase == Phase.succeeded else 1
+
+
+__all__ = ["run_local", "RunError"]

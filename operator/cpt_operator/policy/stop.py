@@ -1,0 +1,54 @@
+"""Stop rules: when training should end even though no gate fired.
+
+* Plateau (`stopPolicy.plateau`): let `v_0 … v_n` be the plateau suite's metric over the
+  current attempt's evaluations. The relative gain of evaluation `i` is
+  `(v_{i-1} - v_i) / |v_{i-1}|` (sign flipped for higher-is-better metrics). When the last
+  `evals` gains are all below `epsilon`, the domain no longer improves enough to pay for more
+  tokens: the run finishes and a checkpoint is selected. Needs `evals + 1` values, so a young
+  attempt never plateaus; evaluations without the metric are skipped.
+* Rollbacks exhausted: a gate or anomaly rule asks for another rollback but `maxRollbacks` have
+  been spent: the run stops as Failed ("wait and see" is not a policy).
+* Budget: the trainer reached its token / step budget: the run finishes.
+"""
+from __future__ import annotations
+
+import math
+
+from typing import Sequence
+
+from ..api.evaluation import Metric
+from ..api.spec import CptRunSpec
+from .gates import suites_by_name
+from .metrics import metric_key, relative_undefined, worse_by
+from .types import EvalPoint, ordered
+
+
+def plateau_reason(spec: CptRunSpec, points: Sequence[EvalPoint], attempt: int) -> str | None:
+    """Why the current attempt has plateaued, or None."""
+    rule = spec.stop_policy.plateau
+    suite = suites_by_name(spec).get(rule.suite) if rule else None
+    if rule is None or suite is None:
+        return None
+    key = metric_key(suite)
+    values = [p.metrics[key] for p in ordered(points) if p.attempt == attempt
+              and math.isfinite(p.metrics.get(key, math.nan))]
+    if len(values) < rule.evals + 1:
+        return None
+    gains = [_relative_gain(suite.metric, before, after)
+             for before, after in zip(values[-rule.evals - 1:-1], values[-rule.evals:])]
+    if max(gains) >= rule.epsilon:
+        return None
+    return (f"plateau: {key} improved by less than {rule.epsilon:.2%} per evaluation for "
+            f"{rule.evals} evaluations (best recent gain {max(gains):+.2%})")
+
+
+def _relative_gain(metric: Metric, before: float, after: float) -> float:
+    gain = -worse_by(metric, after, before)
+    return gain if relative_undefined(before) else gain / abs(before)
+
+
+def rollbacks_exhausted(spec: CptRunSpec, rollbacks: int) -> str | None:
+    limit = spec.stop_policy.max_rollbacks
+    if rollbacks < limit:
+        return None
+    return f"{rollbacks} rollback(s) already spent (stopPolicy.maxRollbacks = {limit})"

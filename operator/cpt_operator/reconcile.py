@@ -1,0 +1,329 @@
+"""The reconcile core: (spec, status, what is observed) -> Plan(actions, new status).
+
+Pure and shared by both backends: the local runner observes torchrun subprocesses and their
+event logs, the operator observes Jobs and Prometheus; each carries out the same actions its own
+way. Running it twice on the same inputs gives the same plan, and every decision is written into
+the status it returns, so a restart of the caller at any point loses nothing.
+
+State machine (phase):
+  Pending --start attempt 1--> Running
+  Running --gate/anomaly: rollback|tune--> RollingBack --old attempt gone--> Running (attempt+1)
+  Running --attempt failed--> Running (attempt+1 from its last checkpoint; bounded) | Failed
+  Running --budget reached / plateau--> Succeeded (checkpoint chosen on the Pareto frontier)
+  Running --stop requested--> Stopping --attempt gone--> Stopped
+  Running --gate: stop / rollbacks exhausted--> Failed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence, Union
+
+from .api.spec import CptRunSpec, ModelFormat, RestoreMode
+from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
+                         Overrides, Phase, RollbackRecord)
+from .api.evaluation import GateSpec
+from .policy import decide, select_checkpoint
+from .policy.decide import Trigger, act
+from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
+
+AttemptPhase = Literal["absent", "running", "succeeded", "failed", "stopped"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptState:
+    """What the backend sees of the attempt named in status.attempt."""
+
+    number: int
+    state: AttemptPhase
+    message: str = ""
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observed:
+    attempt: AttemptState
+    now: str
+    """RFC 3339 time, for conditions and records."""
+    base: Mapping[str, float] = field(default_factory=dict)
+    """The base model's reference evaluation, once measured."""
+    points: Sequence[EvalPoint] = ()
+    anomalies: Mapping[str, int] = field(default_factory=dict)
+    checkpoints: Sequence[CheckpointEvals] = ()
+    """Usable checkpoints of the run, named `attempt-NNN/step-XXXXXXXX`."""
+    stop_requested: bool = False
+    rollback_to: str | None = None
+    """A manual rollback request: a checkpoint name or `base`."""
+    resume: bool = False
+    """The user asked to continue a run that was stopped by an interrupt."""
+    generation: int | None = None
+    alerts: Sequence[str] = ()
+    """Gates an external alert (Alertmanager, a dashboard) reported as breached; acted on like
+    a gate of the spec that fired, with that gate's action and adjustments."""
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    number: int
+    restore_from: str | None
+    """Checkpoint name to restore, or None for the base model."""
+    restore_mode: RestoreMode
+    overrides: Overrides
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopAttempt:
+    number: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pin:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Emit:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+ActionT = Union[StartAttempt, StopAttempt, Pin, Emit]
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[ActionT, ...]
+    status: CptRunStatus
+
+
+def set_condition(status: CptRunStatus, type_: ConditionType, value: bool, reason: str,
+                  message: str, now: str) -> None:
+    """Set one condition; its transition time moves only when its status flips."""
+    wanted = "True" if value else "False"
+    for cond in status.conditions:
+        if cond.type == type_.value:
+            if cond.status != wanted:
+                cond.last_transition_time = now
+            cond.status, cond.reason, cond.message = wanted, reason, message
+            cond.observed_generation = status.observed_generation
+            return
+    status.conditions.append(Condition(type=type_.value, status=wanted, reason=reason,
+                                       message=message, last_transition_time=now,
+                                       observed_generation=status.observed_generation))
+
+
+class _Planner:
+    """Accumulates actions and status changes for one reconcile pass."""
+
+    def __init__(self, spec: CptRunSpec, status: CptRunStatus, obs: Observed):
+        self.spec, self.obs = spec, obs
+        self.status = status.model_copy(deep=True)
+        self.actions: list[ActionT] = []
+
+    def emit(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.actions.append(Emit(type_, reason, message))
+
+    def start(self, restore_from: str | None, reason: str, mode: RestoreMode | None = None) -> None:
+        st = self.status
+        st.attempt += 1
+        if mode is None:
+            mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
+        st.restore_from, st.attempt_started_at, st.phase = restore_from, self.obs.now, Phase.running
+        self.actions.append(StartAttempt(st.attempt, restore_from, mode, st.overrides, reason))
+        origin = restore_from or "the base model"
+        self.emit("Normal", "AttemptStarted", f"attempt {st.attempt} from {origin} ({reason})")
+        set_condition(st, ConditionType.progressing, True, "AttemptRunning",
+                      f"attempt {st.attempt} running from {origin}", self.obs.now)
+
+    def stop_attempt(self, reason: str) -> None:
+        if self.obs.attempt.state == "running":
+            self.actions.append(StopAttempt(self.status.attempt, reason))
+
+    def finish(self, phase: Phase, reason: str, message: str) -> None:
+        st = self.status
+        st.phase, st.message = phase, message
+        self.stop_attempt(message)
+        set_condition(st, ConditionType.progressing, False, reason, message, self.obs.now)
+        set_condition(st, ConditionType.ready, phase == Phase.succeeded, reason, message, self.obs.now)
+        if phase == Phase.succeeded:
+            set_condition(st, ConditionType.succeeded, True, reason, message, self.obs.now)
+        elif phase == Phase.failed:
+            set_condition(st, ConditionType.failed, True, reason, message, self.obs.now)
+        self.emit("Normal" if phase == Phase.succeeded else "Warning", reason, message)
+
+
+def _latest_in_lineage(p: _Planner) -> str | None:
+    """Where a restarted attempt continues: the current attempt's newest checkpoint, else
+    the point it started from."""
+    prefix = f"attempt-{p.status.attempt:03d}/"
+    own = [c for c in p.obs.checkpoints if c.name.startswith(prefix)]
+    if own:
+        return max(own, key=lambda c: c.step).name
+    return p.status.restore_from
+
+
+def _observations(p: _Planner, budget_reached: bool = False) -> Observations:
+    return Observations(attempt=p.status.attempt, base=dict(p.status.base_metrics),
+                        points=tuple(p.obs.points), anomalies=dict(p.obs.anomalies),
+                        rollbacks=p.status.rollbacks, overrides=p.status.overrides,
+                        budget_reached=budget_reached)
+
+
+def _record_rollback(p: _Planner, decision: Decision) -> None:
+    st = p.status
+    target = decision.target or BASE
+    st.rollbacks += 1
+    st.restore_from = None if target == BASE else target
+    st.overrides = decision.overrides
+    for record in decision.records or (RollbackRecord(attempt=st.attempt, gate="policy", target=target,
+                                                      overrides=decision.overrides),):
+        st.history.append(record.model_copy(update={"time": p.obs.now}))
+    st.phase = Phase.rolling_back
+    why = "; ".join(decision.reasons) or "policy"
+    st.message = f"rolling back to {target}: {why}"
+    set_condition(st, ConditionType.gate_breached, True, "GateBreached", why, p.obs.now)
+    set_condition(st, ConditionType.rolled_back, True, "RolledBack",
+                  f"attempt {st.attempt} -> {target} (lr x{decision.overrides.lr_scale:g}, "
+                  f"replay +{decision.overrides.replay_delta:g})", p.obs.now)
+    p.stop_attempt(f"rollback to {target}")
+    p.emit("Warning", "RollingBack", st.message)
+
+
+def _apply(p: _Planner, decision: Decision) -> None:
+    for warning in decision.warnings:
+        p.emit("Warning", "PolicyWarning", warning)
+    if decision.action in (Action.rollback, Action.tune):
+        _record_rollback(p, decision)
+    elif decision.action == Action.stop:
+        phase = decision.phase or Phase.failed
+        p.status.history.extend(r.model_copy(update={"time": p.obs.now}) for r in decision.records)
+        p.finish(phase, "StopPolicy", "; ".join(decision.reasons) or "stopped by policy")
+    elif decision.action == Action.finish:
+        _finish_with_choice(p, "; ".join(decision.reasons) or "budget reached")
+
+
+def _finish_with_choice(p: _Planner, why: str) -> None:
+    chosen = p.status.best_checkpoint
+    p.finish(Phase.succeeded, "Completed", f"{why}; chosen checkpoint: {chosen or 'none'}")
+
+
+def _restart_after_failure(p: _Planner, message: str) -> None:
+    st = p.status
+    limit = p.spec.stop_policy.max_attempt_restarts
+    if st.restarts >= limit:
+        p.finish(Phase.failed, "AttemptFailed", f"attempt {st.attempt} failed ({message}); "
+                 f"{st.restarts} restarts used of {limit}")
+        return
+    st.restarts += 1
+    set_condition(st, ConditionType.degraded, True, "AttemptFailed", message, p.obs.now)
+    p.start(_latest_in_lineage(p), f"restart {st.restarts}/{limit} after: {message}")
+
+
+def _running(p: _Planner) -> None:
+    attempt = p.obs.attempt
+    if attempt.state == "running":
+        _apply(p, decide(p.spec, _observations(p)))
+    elif attempt.state == "succeeded":
+        decision = decide(p.spec, _observations(p, budget_reached=True))
+        if decision.action == Action.cont:  # the policy had nothing against finishing
+            decision = Decision(action=Action.finish, reasons=("budget reached",))
+        _apply(p, decision)
+    elif attempt.state == "stopped":
+        p.status.phase, p.status.message = Phase.stopped, "interrupted; run again to resume"
+        set_condition(p.status, ConditionType.progressing, False, "Interrupted", p.status.message, p.obs.now)
+    else:  # failed, or gone without a trace (node loss, deleted Job)
+        _restart_after_failure(p, attempt.message or f"attempt {attempt.number} is {attempt.state}")
+
+
+def _manual_rollback(p: _Planner, target: str) -> None:
+    known = {c.name for c in p.obs.checkpoints}
+    if target != BASE and target not in known:
+        p.emit("Warning", "RollbackRefused", f"no usable checkpoint named {target!r}")
+        return
+    record = RollbackRecord(attempt=p.status.attempt, gate="manual", target=target,
+                            overrides=p.status.overrides, reason="requested by a user")
+    _record_rollback(p, Decision(action=Action.rollback, target=target, overrides=p.status.overrides,
+                                 reasons=("manual rollback",), records=(record,)))
+
+
+def _external_breach(p: _Planner, gates: Sequence[str]) -> None:
+    """An alert names breached gates: the same path as a gate that fired on observed metrics.
+    A gate the spec does not define rolls back to the last good checkpoint with default
+    adjustments (the alert rule knows something the spec's gates do not)."""
+    defined = {g.name: g for g in p.spec.gates}
+    triggers = []
+    for name in sorted(set(gates)):
+        gate = defined.get(name) or GateSpec(name="alert", suite="alert", threshold=1.0)
+        triggers.append(Trigger(name=name, action=Action(gate.action.value), tune=gate.tune,
+                                to_base=gate.rollback_to.value == BASE,
+                                reason=f"alert: gate {name} breached"))
+    observations = _observations(p)
+    base = Decision(action=Action.cont, overrides=observations.overrides,
+                    reasons=tuple(t.reason for t in triggers))
+    _apply(p, act(p.spec, observations, triggers, base))
+
+
+def _summaries(p: _Planner) -> None:
+    st, obs = p.status, p.obs
+    if obs.base and not st.base_metrics:
+        st.base_metrics = dict(obs.base)
+    if obs.attempt.number == st.attempt and obs.attempt.state != "absent":
+        st.step, st.tokens = obs.attempt.step or st.step, obs.attempt.tokens or st.tokens
+    if not obs.checkpoints:
+        return
+    selection = select_checkpoint(p.spec, st.base_metrics, list(obs.checkpoints))
+    st.frontier, st.best_checkpoint = list(selection.frontier), selection.chosen
+    st.last_checkpoint = max(obs.checkpoints, key=lambda c: (c.attempt, c.step)).name
+    passing = [c for c in obs.checkpoints if selection.passed.get(c.name)]
+    st.last_good_checkpoint = max(passing, key=lambda c: (c.attempt, c.step)).name if passing else None
+    st.checkpoints = [CheckpointSummary(name=c.name, step=c.step, tokens=c.tokens, metrics=dict(c.evals),
+                                        passed_gates=selection.passed.get(c.name),
+                                        on_frontier=c.name in selection.frontier,
+                                        score=selection.scores.get(c.name))
+                      for c in obs.checkpoints]
+    pins = tuple(sorted({*selection.frontier, *([st.last_good_checkpoint] if st.last_good_checkpoint else []),
+                         *([selection.chosen] if selection.chosen else [])}))
+    p.actions.append(Pin(pins))
+
+
+def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
+    p = _Planner(spec, status, obs)
+    st = p.status
+    st.observed_generation = obs.generation if obs.generation is not None else st.observed_generation
+    set_condition(st, ConditionType.spec_valid, True, "Valid", "spec accepted", obs.now)
+    _summaries(p)
+    if st.phase in TERMINAL_PHASES:
+        if obs.resume and st.phase == Phase.stopped:
+            p.start(_latest_in_lineage(p), "resumed")
+        else:
+            p.stop_attempt(f"run is {st.phase.value}")
+        return Plan(tuple(p.actions), st)
+    if obs.stop_requested:
+        p.finish(Phase.stopped, "StopRequested", "stopped on request")
+    elif obs.rollback_to:
+        _manual_rollback(p, obs.rollback_to)
+    elif st.phase == Phase.pending:
+        p.start(None, "first attempt")
+    elif st.phase == Phase.rolling_back and obs.attempt.state != "running":
+        p.start(st.restore_from, f"after rollback {st.rollbacks}",
+                None if st.restore_from else _base_mode(spec))
+    elif st.phase == Phase.rolling_back:
+        # level-triggered: a stop lost between recording the rollback and carrying it out
+        # (a crash, a restart) is issued again rather than waited on forever
+        p.stop_attempt(f"rollback to {st.restore_from or BASE}")
+    elif st.phase == Phase.running and obs.alerts and obs.attempt.state == "running":
+        # an alert about an attempt that already ended is dropped: the next one is judged afresh
+        _external_breach(p, obs.alerts)
+    elif st.phase == Phase.running:
+        _running(p)
+    return Plan(tuple(p.actions), st)
+
+
+def _base_mode(spec: CptRunSpec) -> RestoreMode:
+    # Returning to an hf/gguf base can only be weights-only: such a base has no optimizer state.
+    if spec.base_model.format == ModelFormat.checkpoint:
+        return spec.base_model.restore_mode
+    return RestoreMode.weights_only

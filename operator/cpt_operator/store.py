@@ -1,0 +1,100 @@
+"""Read the checkpoint store (any fsspec URL) without torch: list checkpoints, pin, read manifests.
+
+Layout: `<checkpoint root>/attempt-NNN/step-XXXXXXXX/` — one folder per attempt, so a rolled-back
+run never writes over the immutable checkpoints of the branch it abandoned. A checkpoint is
+listed only when its manifest parses and every file it names exists with the recorded size
+(the trainer also checks sha256 sums before it loads one).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+from pydantic import ValidationError
+
+from .api.manifest import MANIFEST, FileEntry, Manifest, Problem, step_of, verify
+
+PINNED = "pinned.json"
+
+
+def attempt_dir(root: str, attempt: int) -> str:
+    return f"{root.rstrip('/')}/attempt-{attempt:03d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    name: str
+    """`attempt-NNN/step-XXXXXXXX`, unique within a run."""
+    uri: str
+    manifest: Manifest
+
+    @property
+    def attempt(self) -> int:
+        return self.manifest.lineage.attempt
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def _sizes(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, FileEntry]:
+    """Sizes of the files under a checkpoint dir (sha256 left blank: only sizes are compared)."""
+    out = {}
+    for full, info in fs.find(path, detail=True).items():
+        rel = posixpath.relpath(full, path)
+        out[rel] = FileEntry(size=int(info.get("size") or 0), sha256="")
+    return out
+
+
+def _check(fs: fsspec.AbstractFileSystem, path: str, uri: str, name: str) -> CheckpointRef | Problem:
+    try:
+        manifest = Manifest.model_validate_json(fs.cat_file(f"{path}/{MANIFEST}"))
+    except FileNotFoundError:
+        return Problem(name, "no manifest.json (incomplete save: ignored)")
+    except (ValidationError, ValueError) as exc:
+        return Problem(name, f"manifest.json is unreadable: {str(exc).splitlines()[0]}")
+    observed = _sizes(fs, path)
+    for rel, entry in observed.items():
+        want = manifest.files.get(rel)
+        if want is not None:
+            observed[rel] = FileEntry(size=entry.size, sha256=want.sha256)
+    problems = verify(manifest, observed)
+    if problems:
+        return Problem(name, "; ".join(problems))
+    return CheckpointRef(name, uri, manifest)
+
+
+def list_checkpoints(root: str) -> tuple[list[CheckpointRef], list[Problem]]:
+    """Every usable checkpoint under a run's checkpoint root, oldest first, and what was skipped."""
+    fs, base = _fs(root)
+    if not fs.exists(base):
+        return [], []
+    found: list[CheckpointRef] = []
+    problems: list[Problem] = []
+    for attempt_path in sorted(p for p in fs.ls(base, detail=False) if posixpath.basename(p).startswith("attempt-")):
+        for ckpt_path in sorted(fs.ls(attempt_path, detail=False)):
+            if step_of(ckpt_path) is None:
+                continue
+            name = f"{posixpath.basename(attempt_path)}/{posixpath.basename(ckpt_path)}"
+            uri = f"{root.rstrip('/')}/{name}"
+            result = _check(fs, ckpt_path, uri, name)
+            (found if isinstance(result, CheckpointRef) else problems).append(result)  # type: ignore[arg-type]
+    found.sort(key=lambda c: (c.attempt, c.manifest.step))
+    return found, problems
+
+
+def pin(root: str, names: list[str]) -> None:
+    """Protect checkpoints from retention (last good, frontier): one pinned.json per attempt."""
+    fs, base = _fs(root)
+    by_attempt: dict[str, list[str]] = {}
+    for name in names:
+        attempt, step = name.split("/", 1)
+        by_attempt.setdefault(attempt, []).append(step)
+    for attempt, steps in by_attempt.items():
+        path = f"{base}/{attempt}/{PINNED}"
+        if fs.exists(f"{base}/{attempt}"):
+            with fs.open(path, "w") as f:
+                json.dump(sorted(steps), f)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything, build (or reuse) the test cluster's servers, and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+bash tests/cluster/build.sh
+lint-imports --config pyproject.toml
+mypy operator/cpt_operator/api operator/cpt_operator/policy
+python -m pytest "$@"

@@ -1,0 +1,106 @@
+"""Helpers to run the real trainer the way the control plane does: a TrainerConfig file and
+`torchrun ... -m cpt_trainer --config F` (gloo on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cpt_operator.api import TrainerConfig
+from cpt_operator.api.events import parse_event
+
+
+def tiny_spec(model: Path, corpora: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": str(model), "format": "hf"},
+        "data": {"sources": [
+            {"name": "legal", "role": "domain", "uri": f"{corpora['domain']}/*.txt", "weight": 0.7},
+            {"name": "code", "role": "replay", "uri": f"{corpora['replay']}/*.jsonl",
+             "format": "jsonl", "weight": 0.3},
+        ]},
+        "packing": {"seqLen": 64, "boundary": "documentMask"},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"warmupSteps": 2, "decay": "cosine", "minLr": 3e-4},
+        "budget": {"steps": 8},
+        "training": {"microBatchSize": 2, "gradAccumulation": 2},
+        "checkpoint": {"every": 3, "keep": 10},
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    return spec
+
+
+def write_config(tmp: Path, spec: dict[str, Any], *, attempt: int = 1, name: str = "t",
+                 restore_from: str | None = None, restore_mode: str | None = None,
+                 checkpoints: Path | None = None, overrides: dict[str, float] | None = None) -> Path:
+    run_dir = tmp / f"attempt-{attempt}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"run": name, "attempt": attempt, "spec": spec, "runDir": str(run_dir),
+           "checkpointUri": str(checkpoints or tmp / "checkpoints" / f"attempt-{attempt:03d}")}
+    if restore_from:
+        doc["restoreFrom"] = restore_from
+    if restore_mode:
+        doc["restoreMode"] = restore_mode
+    if overrides:
+        doc["overrides"] = overrides
+    cfg = TrainerConfig.model_validate(doc)
+    path = run_dir / "trainer-config.json"
+    path.write_text(cfg.dump_json())
+    return path
+
+
+def trainer_command(config: Path, nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "cpt_trainer", "--config", str(config)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "cpt_trainer", "--config", str(config)]
+
+
+def start(config: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(config.parent / "trainer.log", "ab")
+    return subprocess.Popen(trainer_command(config, nproc), stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def run(config: Path, nproc: int = 1, timeout: float = 300) -> int:
+    proc = start(config, nproc)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def events(config: Path) -> list[Any]:
+    path = config.parent / "events.jsonl"
+    if not path.exists():
+        return []
+    return [parse_event(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def of(kind: str, evs: list[Any]) -> list[Any]:
+    return [e for e in evs if e.event == kind]
+
+
+def log_tail(config: Path) -> str:
+    path = config.parent / "trainer.log"
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def manifest_of(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text())

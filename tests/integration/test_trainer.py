@@ -1,0 +1,147 @@
+"""The real trainer through its real entry point (`torchrun -m cpt_trainer`, gloo on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_operator.api.manifest import checkpoint_name
+from cpt_trainer import checkpoint
+
+from tests.integration.harness import (events, log_tail, manifest_of, of, run, start, tiny_spec,
+                                       wait_for, write_config)
+
+pytestmark = pytest.mark.slow
+
+
+def losses(evs: list, upto: int | None = None) -> dict[int, float]:
+    return {e.step: e.loss for e in of("progress", evs) if upto is None or e.step <= upto}
+
+
+def test_two_process_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 20},
+                     checkpoint={"every": 5, "keep": 10})
+    straight = write_config(tmp_path / "straight", spec)
+    assert run(straight, nproc=2) == 0, log_tail(straight)
+    reference = losses(events(straight))
+    assert sorted(reference) == list(range(1, 21))
+
+    killed_dir = tmp_path / "killed"
+    first = write_config(killed_dir, spec, attempt=1)
+    ckpts = killed_dir / "checkpoints" / "attempt-001"
+    proc = start(first, nproc=2)
+    wait_for(lambda: (ckpts / checkpoint_name(5) / "manifest.json").exists(), 240,
+             "the step-5 checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not of("finished", events(first)), "the run ended before the kill; the test needs a slower run"
+
+    second = write_config(killed_dir, spec, attempt=2,
+                          restore_from=str(ckpts / checkpoint_name(5)), restore_mode="fullState")
+    assert run(second, nproc=2) == 0, log_tail(second)
+    started = of("started", events(second))[0]
+    assert (started.step, started.world_size) == (5, 2)
+    resumed = losses(events(first), upto=5) | losses(events(second))
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_restore_modes_and_lineage(tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 6},
+                     schedule={"warmupSteps": 3, "decay": "linear", "minLr": 0.0})
+    first = write_config(tmp_path, spec, attempt=1)
+    assert run(first) == 0, log_tail(first)
+    base_run = losses(events(first))
+    step3 = tmp_path / "checkpoints" / "attempt-001" / checkpoint_name(3)
+    m = manifest_of(step3)
+    assert m["step"] == 3 and m["lineage"]["parent"] is None
+    assert m["lineage"]["restoreMode"] == "weightsOnly" and len(m["lineage"]["tokenizerHash"]) == 64
+    assert set(m["files"]) >= {"model.safetensors", "optimizer.pt", "train-state.json",
+                               "rng-rank00000.pt", "data-rank00000.json", "trainer-config.json"}
+
+    full = write_config(tmp_path, spec, attempt=2, restore_from=str(step3), restore_mode="fullState")
+    assert run(full) == 0, log_tail(full)
+    assert of("started", events(full))[0].step == 3
+    continued = losses(events(full))
+    assert sorted(continued) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert continued[step] == pytest.approx(base_run[step], rel=1e-5)
+    full_ckpt = tmp_path / "checkpoints" / "attempt-002" / checkpoint_name(6)
+    assert manifest_of(full_ckpt)["lineage"]["parent"] == str(step3)
+
+    weights = write_config(tmp_path, spec, attempt=3, restore_from=str(step3),
+                           restore_mode="weightsOnly")
+    assert run(weights) == 0, log_tail(weights)
+    evs = events(weights)
+    assert of("started", evs)[0].step == 0
+    first_progress = of("progress", evs)[0]
+    assert first_progress.step == 1 and first_progress.lr == pytest.approx(spec["optimizer"]["lr"] / 3)
+    ckpt = tmp_path / "checkpoints" / "attempt-003" / checkpoint_name(3)
+    assert manifest_of(ckpt)["lineage"]["restoreMode"] == "weightsOnly"
+    # A fresh optimizer: three AdamW steps since the restore, not six.
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert {float(s["step"]) for s in state.values()} == {3.0}
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 3})
+    first = write_config(tmp_path, spec, attempt=1)
+    assert run(first) == 0, log_tail(first)
+    step3 = tmp_path / "checkpoints" / "attempt-001" / checkpoint_name(3)
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    doc = json.loads((other / "tokenizer.json").read_text())
+    doc["added_tokens"].append({"id": len(doc["model"]["vocab"]) + 5, "content": "<extra>",
+                                "single_word": False, "lstrip": False, "rstrip": False,
+                                "normalized": False, "special": True})
+    (other / "tokenizer.json").write_text(json.dumps(doc))
+    bad = write_config(tmp_path, {**spec, "tokenizer": {"uri": str(other)}}, attempt=2,
+                       restore_from=str(step3), restore_mode="fullState")
+    assert run(bad) == 2, log_tail(bad)
+    finished = of("finished", events(bad))[-1]
+    assert finished.reason == "error" and "tokenizer mismatch" in finished.message
+    assert str(other) in finished.message and str(step3) in finished.message
+
+
+def test_partial_and_corrupt_checkpoints_are_ignored_reported_and_refused(tmp_path, tiny_model_dir,
+                                                                          corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 6})
+    first = write_config(tmp_path, spec)
+    assert run(first) == 0, log_tail(first)
+    root = tmp_path / "checkpoints" / "attempt-001"
+    good = root / checkpoint_name(6)
+    partial = root / checkpoint_name(7)
+    shutil.copytree(good, partial)
+    (partial / "manifest.json").unlink()
+    corrupt = root / checkpoint_name(8)
+    shutil.copytree(good, corrupt)
+    manifest = json.loads((corrupt / "manifest.json").read_text())
+    manifest["step"] = 8
+    (corrupt / "manifest.json").write_text(json.dumps(manifest))
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    valid, problems = checkpoint.list_checkpoints(str(root))
+    assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6)]
+    reasons = {p.checkpoint: p.reason for p in problems}
+    assert "no manifest" in reasons[checkpoint_name(7)]
+    assert "model.safetensors" in reasons[checkpoint_name(8)] and "sha256" in reasons[checkpoint_name(8)]
+    assert checkpoint.latest_valid(str(root))[0] == checkpoint_name(6)
+
+    refused = write_config(tmp_path, spec, attempt=2, restore_from=str(corrupt),
+                           restore_mode="fullState")
+    assert run(refused) == 2
+    message = of("finished", events(refused))[-1].message
+    assert "cannot restore" in message and "model.safetensors" in message
+    # The good checkpoints are untouched by the refused attempt.
+    assert checkpoint.problems_of(str(good))[1] == []

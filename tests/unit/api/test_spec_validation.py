@@ -1,0 +1,123 @@
+"""Every invalid field gives a clear error that names the field."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from cpt_operator.api import CptRun, InvalidSpec, parse_run
+from cpt_operator.cli import main
+
+EXAMPLE = Path(__file__).parents[3] / "examples" / "tiny-local.yaml"
+
+
+def valid_doc() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        node: Any = doc
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[keys[-1]] = value
+    return apply
+
+
+def _add_gate(doc: dict[str, Any]) -> None:
+    doc["spec"]["gates"] = [{"name": "general", "suite": "general", "threshold": 0.1}]
+
+
+def _second_source_same_name(doc: dict[str, Any]) -> None:
+    doc["spec"]["data"]["sources"][1]["name"] = "licenses"
+
+
+def _only_replay(doc: dict[str, Any]) -> None:
+    doc["spec"]["data"]["sources"] = doc["spec"]["data"]["sources"][1:]
+
+
+def _schedule_without_curriculum(doc: dict[str, Any]) -> None:
+    doc["spec"]["data"]["sources"][0]["schedule"] = [{"tokens": 0, "weight": 1}, {"tokens": 10, "weight": 2}]
+
+
+def _relative_gate_too_big(doc: dict[str, Any]) -> None:
+    doc["spec"]["evaluation"] = {"suites": [{"name": "general", "kind": "general", "uri": "x.jsonl"}]}
+    doc["spec"]["gates"] = [{"name": "g", "suite": "general", "threshold": 5}]
+
+
+BAD_SPECS = [
+    ("an unknown role names the valid roles", _set("spec.data.sources.0.role", "domian"),
+     "spec.data.sources[0].role", "valid values"),
+    ("a negative weight is refused", _set("spec.data.sources.1.weight", -1),
+     "spec.data.sources[1].weight", "greater than 0"),
+    ("a misspelled field is reported as unknown", _set("spec.packing.seqlen", 64),
+     "spec.packing.seqlen", "unknown field"),
+    ("a tiny seqLen is refused", _set("spec.packing.seqLen", 4), "spec.packing.seqLen", "16"),
+    ("warm-up must end before the budget", _set("spec.schedule.warmupSteps", 50), "spec",
+     "warmupSteps"),
+    ("fullState needs a checkpoint base", _set("spec.baseModel.restoreMode", "fullState"),
+     "spec.baseModel", "fullState"),
+    ("an unknown decay names the options", _set("spec.schedule.decay", "step"),
+     "spec.schedule.decay", "cosine"),
+    ("a run without a budget has no end", _set("spec.budget", {}), "spec.budget", "budget"),
+    ("a gate must read a defined suite", _add_gate, "spec", "evaluation.suites"),
+    ("source names are unique", _second_source_same_name, "spec.data", "unique"),
+    ("a mixture without domain data is refused", _only_replay, "spec.data", "domain"),
+    ("a schedule needs the curriculum strategy", _schedule_without_curriculum, "spec.data",
+     "curriculum"),
+    ("a relative gate threshold is a fraction", _relative_gate_too_big, "spec.gates[0]",
+     "fraction"),
+    ("minLr above lr is refused", _set("spec.schedule.minLr", 1.0), "spec", "minLr"),
+    ("a bad run name is refused", _set("metadata.name", "Bad_Name"), "metadata.name", "pattern"),
+    ("the wrong kind is refused", _set("kind", "Job"), "kind", "CptRun"),
+]
+
+
+@pytest.mark.parametrize("mutate,path,hint", [b[1:] for b in BAD_SPECS], ids=[b[0] for b in BAD_SPECS])
+def test_bad_spec_error_names_the_field(mutate: Callable[[dict[str, Any]], None], path: str,
+                                        hint: str) -> None:
+    doc = copy.deepcopy(valid_doc())
+    mutate(doc)
+    with pytest.raises(InvalidSpec) as info:
+        parse_run(doc)
+    messages = [str(e) for e in info.value.errors]
+    assert any(e.path == path and hint in str(e) for e in info.value.errors), messages
+
+
+def test_the_example_is_valid_and_fills_defaults() -> None:
+    run = parse_run(valid_doc())
+    assert isinstance(run, CptRun)
+    assert run.spec.optimizer.betas == (0.9, 0.95)
+    assert run.spec.resources.procs_per_node == 1
+
+
+def test_every_error_is_reported_at_once() -> None:
+    doc = valid_doc()
+    _set("spec.data.sources.0.role", "x")(doc)
+    _set("spec.packing.boundary", "none")(doc)
+    with pytest.raises(InvalidSpec) as info:
+        parse_run(doc)
+    assert {e.path for e in info.value.errors} >= {"spec.data.sources[0].role", "spec.packing.boundary"}
+
+
+def test_cptctl_validate_prints_paths_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = valid_doc()
+    doc["spec"]["packing"]["boundary"] = "cross"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.packing.boundary" in err and "'eos' or 'documentMask'" in err
+    assert main(["validate", str(EXAMPLE)]) == 0
+    assert "is valid" in capsys.readouterr().out
+
+
+def test_wire_form_round_trips() -> None:
+    run = parse_run(valid_doc())
+    again = parse_run({"apiVersion": run.api_version, "kind": run.kind,
+                       "metadata": run.metadata.dump(), "spec": run.spec.dump()})
+    assert again.spec == run.spec

@@ -1,0 +1,85 @@
+"""The pipeline's interface and exact resumption (single rank and two ranks)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_trainer.data import Batch, DataPipeline
+
+from .conftest import make_config
+
+
+def _same(a: Batch, b: Batch) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f))
+               for f in ("input_ids", "labels", "position_ids", "source_ids"))
+
+
+def test_batches_have_the_documented_shape(tmp_path, tokenizer, two_sources):
+    pipe = DataPipeline(make_config(tmp_path, two_sources, seq_len=48), tokenizer, 0, 1)
+    batch = pipe.next_batch(3)
+    for name in ("input_ids", "labels", "position_ids", "source_ids"):
+        tensor = getattr(batch, name)
+        assert tensor.shape == (3, 48) and tensor.dtype == torch.long, name
+    assert batch.num_tokens == int((batch.labels != -100).sum())
+    assert pipe.source_names == ["licenses", "stdlib"] and pipe.roles == ["domain", "replay"]
+    assert pipe.tokens_seen == 3 * 48
+    assert len(pipe.data_version) == 64
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["one rank", "two ranks"])
+def test_resume_from_a_json_state_continues_the_exact_batch_sequence(
+        tmp_path, tokenizer, two_sources, world_size):
+    cfg = make_config(tmp_path, two_sources, seq_len=96)
+    for rank in range(world_size):
+        uninterrupted = DataPipeline(cfg, tokenizer, rank, world_size)
+        interrupted = DataPipeline(cfg, tokenizer, rank, world_size)
+        for _ in range(7):
+            uninterrupted.next_batch(4)
+            interrupted.next_batch(4)
+        state = json.loads(json.dumps(interrupted.state_dict()))
+        resumed = DataPipeline(cfg, tokenizer, rank, world_size)
+        resumed.load_state_dict(state)
+        for _ in range(12):  # long enough to pass split documents and the end of an epoch
+            assert _same(uninterrupted.next_batch(4), resumed.next_batch(4))
+        assert resumed.realised_proportions() == uninterrupted.realised_proportions()
+
+
+def test_sources_are_re_read_when_exhausted(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("one small document that is read again and again\n")
+    cfg = make_config(tmp_path, [{"name": "a", "role": "domain", "uri": str(tmp_path / "a.txt")}],
+                      seq_len=32)
+    pipe = DataPipeline(cfg, tokenizer, 0, 1)
+    for _ in range(5):
+        pipe.next_batch(2)
+    assert pipe.state_dict()["streams"]["a"]["epoch"] > 1
+
+
+def test_loading_a_state_of_other_data_is_refused(tmp_path, tokenizer, two_sources):
+    pipe = DataPipeline(make_config(tmp_path, two_sources), tokenizer, 0, 1)
+    state = pipe.state_dict()
+    other = DataPipeline(make_config(tmp_path, two_sources, seed=1), tokenizer, 0, 1)
+    with pytest.raises(ValueError, match="data version"):
+        other.load_state_dict(state)
+    two_rank = DataPipeline(make_config(tmp_path, two_sources), tokenizer, 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        two_rank.load_state_dict(state)
+
+
+def test_ranks_read_disjoint_documents(tmp_path, tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"document number {i} " * 5)
+    cfg = make_config(tmp_path, [{"name": "d", "role": "domain", "uri": str(docs / "*.txt")}],
+                      seq_len=16)
+    seen = []
+    for rank in range(2):
+        pipe = DataPipeline(cfg, tokenizer, rank, 2)
+        stream = pipe._streams[0]  # the store is the shard; its documents name their files
+        seen.append({Path(d.origin.file).name for d in stream.store.docs})
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == {f"{i}.txt" for i in range(6)}
+    assert seen[0] == {"0.txt", "2.txt", "4.txt"}

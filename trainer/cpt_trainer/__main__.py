@@ -1,0 +1,27 @@
+"""`python -m cpt_trainer --config trainer-config.json` (what torchrun starts on every rank)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cpt_operator.api.trainer_config import TrainerConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpt_trainer", description=__doc__)
+    parser.add_argument("--config", required=True, help="resolved trainer config (JSON)")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    with open(args.config, encoding="utf-8") as f:
+        cfg = TrainerConfig.model_validate_json(f.read())
+    from .loop import run_attempt  # torch loads after the config is known to parse
+
+    return run_attempt(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

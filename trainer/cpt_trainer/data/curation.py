@@ -1,0 +1,118 @@
+"""Load-time curation: the checks that keep dirty documents out of training batches.
+
+Filters run in this order, cheapest first, and a document stops at the first that drops it:
+`too_short` / `too_long` (characters), `non_printable` (share of characters that are neither
+printable nor whitespace), `repeated_lines` (share of non-blank lines that repeat an earlier
+line: templated boilerplate), `contamination` (shares an n-gram with an evaluation set),
+`exact_duplicate` (same text as a kept document, by sha256) and `near_duplicate` (MinHash, see
+`minhash.py`). Deduplication is within a source on one rank: sources are curated (and cached)
+independently, and ranks hold disjoint shards. Every drop is counted in the report with an
+example (source, file, line, reason).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+
+from cpt_operator.api.spec import CurationSpec
+
+from .decontamination import Decontaminator
+from .minhash import NearDuplicateIndex
+from .report import CurationReport
+from .sources import Document
+
+_WHITESPACE = set("\n\r\t\f\v")
+
+
+def non_printable_share(text: str) -> float:
+    bad = sum(1 for c in text if not c.isprintable() and c not in _WHITESPACE)
+    return bad / max(len(text), 1)
+
+
+def repeated_line_share(text: str) -> float:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
+
+
+def eval_digest(eval_texts: Sequence[str]) -> str:
+    """Identity of the eval texts (decontamination makes the kept documents depend on them)."""
+    digest = hashlib.sha256()
+    for text in eval_texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def curation_key(spec: CurationSpec, eval_texts: Sequence[str]) -> str:
+    """Everything curation depends on besides the documents themselves."""
+    parts = {"spec": spec.dump(), "eval": eval_digest(eval_texts) if spec.decontaminate else ""}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+Check = Callable[[Document], "tuple[str, str] | None"]
+
+
+class Curator:
+    """Applies the curation spec to one source's documents at a time."""
+
+    def __init__(self, spec: CurationSpec, eval_texts: Sequence[str]):
+        self.spec = spec
+        self.decontaminator = Decontaminator(eval_texts, spec.decontamination_ngram) \
+            if spec.decontaminate else None
+
+    def curate(self, docs: Sequence[Document], report: CurationReport) -> list[Document]:
+        seen: dict[str, Document] = {}
+        near = NearDuplicateIndex(self.spec.near_threshold) if self.spec.dedupe == "near" else None
+        checks: list[Check] = [self._length, self._charset, self._template, self._contamination]
+        kept = []
+        for doc in docs:
+            verdict = next((v for v in (check(doc) for check in checks) if v), None)
+            verdict = verdict or self._duplicate(doc, seen, near)
+            if verdict:
+                report.drop(verdict[0], doc.origin, verdict[1])
+            else:
+                kept.append(doc)
+        return kept
+
+    def _length(self, doc: Document) -> tuple[str, str] | None:
+        n = len(doc.full_text)
+        if n < self.spec.min_chars:
+            return "too_short", f"{n} chars < minChars {self.spec.min_chars}"
+        if n > self.spec.max_chars:
+            return "too_long", f"{n} chars > maxChars {self.spec.max_chars}"
+        return None
+
+    def _charset(self, doc: Document) -> tuple[str, str] | None:
+        share = non_printable_share(doc.full_text)
+        if share > self.spec.max_non_printable:
+            return "non_printable", f"{share:.1%} non-printable > {self.spec.max_non_printable:.1%}"
+        return None
+
+    def _template(self, doc: Document) -> tuple[str, str] | None:
+        share = repeated_line_share(doc.full_text)
+        if share > self.spec.max_repeated_line_ratio:
+            limit = self.spec.max_repeated_line_ratio
+            return "repeated_lines", f"{share:.0%} of lines repeat > {limit:.0%}"
+        return None
+
+    def _contamination(self, doc: Document) -> tuple[str, str] | None:
+        if not self.decontaminator:
+            return None
+        gram = self.decontaminator.shared_ngram(doc.full_text)
+        return ("contamination", f"shares eval {self.spec.decontamination_ngram}-gram "
+                                 f"{gram!r}") if gram else None
+
+    def _duplicate(self, doc: Document, seen: dict[str, Document],
+                   near: NearDuplicateIndex | None) -> tuple[str, str] | None:
+        if self.spec.dedupe == "none":
+            return None
+        key = hashlib.sha256(doc.full_text.encode()).hexdigest()
+        if key in seen:
+            first = seen[key].origin
+            return "exact_duplicate", f"same text as {first.file}:{first.line}"
+        match = near.match(key, doc.full_text) if near else None
+        if match:
+            first = seen[match[0]].origin
+            return "near_duplicate", f"Jaccard ~{match[1]:.2f} with {first.file}:{first.line}"
+        seen[key] = doc
+        return None

@@ -1,0 +1,69 @@
+"""Process-group setup for torchrun (or a plain single process) and the few collectives the
+loop needs. gloo on CPU, NCCL on GPU; without torchrun's environment nothing is initialised and
+every collective is the identity, so the same loop runs under `python -m cpt_trainer`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup(use_cuda: bool) -> Dist:
+    """Join the process group torchrun describes in the environment (if any)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
+        # A step that stalls for this long means a peer is gone; fail instead of hanging.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
+                                device_id=device if use_cuda else None)
+    return Dist(rank, world, local, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

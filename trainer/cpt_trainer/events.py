@@ -1,0 +1,37 @@
+"""Rank 0's event stream: one `cpt_operator.api.events` model a line in `<runDir>/events.jsonl`.
+
+Each line is flushed as soon as it is written: the local runner tails this file, and a trainer
+that is SIGKILLed must not take its last events with it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, IO
+
+from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+
+EventModel = type[Started] | type[Progress] | type[Anomaly] | type[Evaluated] | \
+    type[CheckpointSaved] | type[Finished]
+
+
+class EventLog:
+    """Appends events; on ranks other than 0 it is a no-op so the loop needs no rank checks."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self._file: IO[str] | None = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self._file = open(os.path.join(run_dir, "events.jsonl"), "a", encoding="utf-8")
+
+    def emit(self, kind: EventModel, **fields: Any) -> None:
+        if self._file is None:
+            return
+        event = kind(time=time.time(), **fields)
+        self._file.write(event.model_dump_json(by_alias=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,528 @@
+"""One trainer attempt: restore, then step / evaluate / checkpoint until the budget is spent.
+
+Every rank runs this loop on its own shard of the data; DDP averages gradients. The loss is
+token-weighted over the whole global batch (all micro-batches of all ranks), so gradient
+accumulation and the world size change the throughput, never the objective.
+
+What makes a resumed run continue exactly: the checkpoint holds weights, AdamW state, the step
+and token counters, the anomaly window, every rank's data position and RNG state; the LR is a
+pure function of the step. A SIGTERM (Ctrl-C in `cptctl run`, a pod eviction) is agreed on by
+all ranks at a step boundary, and the attempt ends with a checkpoint at that step.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
+
+from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+from cpt_operator.api.manifest import Lineage, checkpoint_name
+from cpt_operator.api.spec import ModelFormat, NonFiniteAction, Precision, RestoreMode, SourceRole
+from cpt_operator.api.trainer_config import TrainerConfig
+
+from . import checkpoint, distributed
+from .anomaly import AnomalyDetector, Verdict
+from .data import Batch, DataPipeline, tokenizer_hash
+from .errors import Refused
+from .events import EventLog
+from .metrics import Metrics
+from .model import digest, load_model, load_tokenizer, local_copy
+from .perf import flops_per_token, peak_flops
+from .schedule import build_schedule, total_steps
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+EXIT_REFUSED = 2
+EXIT_ANOMALY = 3
+
+
+@dataclass
+class StartPoint:
+    """Where this attempt's weights (and maybe state) come from."""
+
+    uri: str | None
+    """Checkpoint URI, or None for the base model."""
+    mode: RestoreMode
+    directory: str
+    """Local directory (or GGUF file's directory) to load the model from."""
+    gguf_file: str | None = None
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    tokens: int
+    verdict: Verdict | None
+    source_losses: dict[str, float] = field(default_factory=dict)
+
+
+class Attempt:
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg, self.spec = cfg, cfg.spec
+        use_cuda = torch.cuda.is_available()
+        self.dist = distributed.setup(use_cuda)
+        self.device = self.dist.device
+        precision = self.spec.training.precision
+        self.autocast_dtype = torch.bfloat16 if (
+            precision == Precision.bf16 or (precision == Precision.auto and use_cuda)) else None
+        self.events = EventLog(cfg.run_dir, enabled=self.dist.is_main)
+        self.metrics = Metrics(cfg, serve=self.dist.is_main)
+        self.stop_requested = False
+        self.step = 0
+        self.tokens = 0
+        self.unstable = False
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: str | None = None
+        self.last_evals: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ setup
+    def _start_point(self) -> StartPoint:
+        base = self.spec.base_model
+        mode = self.cfg.restore_mode or base.restore_mode
+        uri = self.cfg.restore_from
+        if uri is None and base.format == ModelFormat.checkpoint:
+            uri = base.uri
+        if uri is None:
+            path = local_copy(base.uri)
+            if base.format == ModelFormat.gguf:
+                return StartPoint(None, RestoreMode.weights_only, str(_parent(path)), _name(path))
+            return StartPoint(None, RestoreMode.weights_only, path)
+        manifest, problems = checkpoint.problems_of(uri)
+        if manifest is None or problems:
+            raise Refused(f"cannot restore from {uri}: {'; '.join(problems)}")
+        self.restored_manifest = manifest
+        return StartPoint(uri, mode, local_copy(uri))
+
+    def setup(self) -> None:
+        spec, cfg = self.spec, self.cfg
+        torch.manual_seed(spec.training.seed)
+        self.start = self._start_point()
+        self.base_path = local_copy(spec.base_model.uri)
+        # Hashing a large base takes a while: rank 0 does it, the others take its answer.
+        self.base_sha = distributed.broadcast_object(
+            digest(self.base_path) if self.dist.is_main else None)
+        if spec.base_model.sha256 and spec.base_model.sha256 != self.base_sha:
+            raise Refused(f"base model {spec.base_model.uri} has sha256 {self.base_sha}, the spec "
+                          f"says {spec.base_model.sha256}")
+        self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
+        self.tok_hash = tokenizer_hash(self.tokenizer)
+        if self.start.uri is not None:
+            self._check_lineage()
+        attention = spec.training.attention
+        self.model: PreTrainedModel = load_model(self.start.directory, attention=attention,
+                                                 gguf_file=self.start.gguf_file).to(self.device)
+        self.model.config.use_cache = False
+        self.model.train()
+        self.reference = self._reference_model() if self._needs_reference() else None
+        self.evaluator = self._evaluator()
+        eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
+        self.data = DataPipeline(cfg, self.tokenizer, self.dist.rank, self.dist.world_size,
+                                 eval_texts=eval_texts, report_dir=cfg.run_dir)
+        self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
+        self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
+        self.optimizer = self._optimizer()
+        self.anomaly = AnomalyDetector(spec.gradient.anomaly)
+        t = spec.training
+        self.tokens_per_step = t.micro_batch_size * t.grad_accumulation * spec.packing.seq_len * \
+            self.dist.world_size
+        self.total = total_steps(spec, self.tokens_per_step)
+        self.schedule = build_schedule(spec, self.total, cfg.overrides.lr_scale)
+        if self.start.uri is not None and self.start.mode == RestoreMode.full_state:
+            self._load_full_state(self.start.directory)
+        self.config_hash = hashlib.sha256(cfg.spec.model_dump_json(by_alias=True).encode()
+                                          + cfg.overrides.model_dump_json().encode()).hexdigest()
+        self.flops_token = flops_per_token(self.model, spec.packing.seq_len)
+        self.peak = peak_flops(self.device) if self.device.type == "cuda" else None
+
+    def _check_lineage(self) -> None:
+        """Refuse a checkpoint that another tokenizer, base or data stream produced."""
+        lineage = self.restored_manifest.lineage
+        if lineage.tokenizer_hash != self.tok_hash:
+            source = self.spec.tokenizer.uri or f"the base model {self.spec.base_model.uri}"
+            raise Refused(f"tokenizer mismatch: checkpoint {self.start.uri} was trained with tokenizer "
+                          f"{lineage.tokenizer_hash} (its manifest), but this run's tokenizer from "
+                          f"{source} has hash {self.tok_hash}")
+        if lineage.base_sha256 and lineage.base_sha256 != self.base_sha \
+                and self.spec.base_model.format != ModelFormat.checkpoint:
+            raise Refused(f"checkpoint {self.start.uri} descends from base {lineage.base_uri} "
+                          f"(sha256 {lineage.base_sha256}), this run's base {self.spec.base_model.uri} "
+                          f"has sha256 {self.base_sha}")
+
+    def _needs_reference(self) -> bool:
+        from_evals = False
+        if self.spec.evaluation is not None:
+            from .evals import Evaluator
+            from_evals = Evaluator.needs_reference(self.spec.evaluation)
+        return self.spec.regularization.ref_kl.beta > 0 or from_evals
+
+    def _reference_model(self) -> PreTrainedModel:
+        """The frozen base for KL terms: always the immutable base, never the restore point."""
+        base = self.spec.base_model
+        if base.format == ModelFormat.gguf:
+            ref = load_model(str(_parent(self.base_path)), gguf_file=_name(self.base_path))
+        else:
+            ref = load_model(self.base_path)
+        ref.to(self.device).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _evaluator(self) -> Any:
+        if self.spec.evaluation is None:
+            return None
+        from .evals import Evaluator
+
+        return Evaluator(self.spec.evaluation, self.tokenizer, device=self.device,
+                         seq_len=self.spec.packing.seq_len, autocast_dtype=self.autocast_dtype,
+                         reference=self.reference)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with no weight decay on biases and norm gains (1-D tensors), as usual."""
+        opt = self.spec.optimizer
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+    # --------------------------------------------------------------------------- restore
+    def _load_full_state(self, directory: str) -> None:
+        uri = self.start.uri
+        state = json.loads(open(f"{directory}/{checkpoint.TRAIN_STATE}").read())
+        if state["worldSize"] != self.dist.world_size:
+            raise Refused(f"fullState restore of {uri} needs world size {state['worldSize']} (it "
+                          f"holds that many data positions); this attempt has {self.dist.world_size}. "
+                          "Use restoreMode weightsOnly to change the world size.")
+        data_state = json.loads(open(f"{directory}/{checkpoint.data_file(self.dist.rank)}").read())
+        if data_state.get("data_version") != self.data.data_version:
+            raise Refused(f"data version mismatch: checkpoint {uri} was trained on data version "
+                          f"{data_state.get('data_version')}, the data sources of this run now give "
+                          f"{self.data.data_version}. Use restoreMode weightsOnly to start a new "
+                          "data stream from these weights.")
+        self.data.load_state_dict(data_state)
+        self.optimizer.load_state_dict(torch.load(f"{directory}/{checkpoint.OPTIMIZER}",
+                                                  map_location=self.device, weights_only=True))
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.anomaly.load_state_dict(state["anomaly"])
+        rng = torch.load(f"{directory}/{checkpoint.rng_file(self.dist.rank)}", weights_only=False)
+        _set_rng(rng)
+        self.last_saved_step = self.step
+        self.last_checkpoint = uri
+
+    def _restore_stable(self) -> str:
+        """Anomaly recovery: weights and optimizer of the last stable checkpoint of this attempt
+        (or of its start point); the data stream moves on, past the slice that hurt."""
+        found = checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True)
+        uri = found and checkpoint.join(self.cfg.checkpoint_uri, found[0])
+        source = uri or self.start.uri
+        if source is None:
+            directory, gguf = self.start.directory, self.start.gguf_file
+            fresh = load_model(directory, gguf_file=gguf)
+        else:
+            directory = local_copy(source)
+            fresh = load_model(directory)
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), fresh.parameters()):
+                p.copy_(q.to(p.device))
+        if source is not None and uri is not None:
+            self.optimizer.load_state_dict(torch.load(f"{directory}/{checkpoint.OPTIMIZER}",
+                                                      map_location=self.device, weights_only=True))
+        else:
+            self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        return source or f"base {self.spec.base_model.uri}"
+
+    # ------------------------------------------------------------------------------ step
+    def _forward_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token NLL [B, T-1], its mask, and the KL-to-base term (summed)."""
+        net = self.ddp or self.model
+        ids = batch.input_ids.to(self.device)
+        positions = batch.position_ids.to(self.device)
+        labels = batch.labels.to(self.device)[:, 1:]
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
+            if self.autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = net(input_ids=ids, position_ids=positions).logits[:, :-1]
+        logits = logits.float()
+        mask = labels != IGNORE
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1),
+                              reduction="none").view_as(labels) * mask
+        kl = torch.zeros((), device=self.device)
+        beta = self.spec.regularization.ref_kl.beta
+        if beta > 0 and self.reference is not None and self.replay_ids:
+            replay = torch.isin(batch.source_ids.to(self.device)[:, 1:],
+                                torch.tensor(self.replay_ids, device=self.device)) & mask
+            if replay.any():
+                with torch.no_grad(), autocast:
+                    ref = self.reference(input_ids=ids, position_ids=positions).logits[:, :-1]
+                ref_logp = F.log_softmax(ref.float()[replay], dim=-1)
+                logp = F.log_softmax(logits[replay], dim=-1)
+                # KL(p_base || p_theta) per replay token, summed: anchors replay predictions.
+                kl = beta * (ref_logp.exp() * (ref_logp - logp)).sum()
+        return nll, mask, kl
+
+    def train_step(self) -> StepOutcome:
+        t = self.spec.training
+        micro = [self.data.next_batch(t.micro_batch_size) for _ in range(t.grad_accumulation)]
+        counts = torch.tensor([float(sum(b.num_tokens for b in micro))], device=self.device)
+        n_global = max(1.0, distributed.all_reduce_sum(counts).item())
+        # DDP averages gradients over ranks; scaling by world size makes that a global token mean.
+        scale = self.dist.world_size / n_global
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(2 + 2 * len(self.data.source_names), device=self.device)
+        n_sources = len(self.data.source_names)
+        for i, batch in enumerate(micro):
+            sync = self.ddp is None or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+                nll, mask, kl = self._forward_losses(batch)
+                ((nll.sum() + kl) * scale).backward()
+            with torch.no_grad():
+                totals[0] += nll.sum().detach()
+                totals[1] += kl.detach()
+                src = batch.source_ids.to(self.device)[:, 1:]
+                for s in range(n_sources):
+                    sel = (src == s) & mask
+                    totals[2 + s] += nll[sel].sum()
+                    totals[2 + n_sources + s] += sel.sum()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         self.spec.gradient.clip))
+        distributed.all_reduce_sum(totals)
+        loss = float(totals[0]) / n_global
+        verdict = self.anomaly.observe(loss, grad_norm)
+        if verdict is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        source_losses = {name: float(totals[2 + s] / totals[2 + n_sources + s])
+                         for s, name in enumerate(self.data.source_names)
+                         if totals[2 + n_sources + s] > 0}
+        return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses)
+
+    # ------------------------------------------------------------------- evals, checkpoints
+    def evaluate(self, is_base: bool = False) -> dict[str, float]:
+        results: dict[str, float] = {}
+        if self.evaluator is not None and self.dist.is_main:
+            results = self.evaluator.evaluate(self.model)
+        results = distributed.broadcast_object(results)  # type: ignore[assignment]
+        self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
+        return results
+
+    def save(self, evals: dict[str, float], train_loss: float | None) -> str:
+        start = time.monotonic()
+        cfg, rank = self.cfg, self.dist.rank
+        mode = self.start.mode.value if self.start.uri else RestoreMode.weights_only.value
+        lineage = Lineage(run=cfg.run, attempt=cfg.attempt,
+                          parent=self.last_checkpoint or self.start.uri,
+                          base_uri=self.spec.base_model.uri, base_sha256=self.base_sha,
+                          restore_mode=mode, data_version=self.data.data_version,
+                          tokenizer_hash=self.tok_hash, config_hash=self.config_hash,
+                          overrides={"lrScale": cfg.overrides.lr_scale,
+                                     "replayDelta": cfg.overrides.replay_delta})
+        train_state = {"step": self.step, "tokens": self.tokens, "worldSize": self.dist.world_size,
+                       "anomaly": self.anomaly.state_dict(), "schedule": self.schedule.as_dict()}
+
+        def shared(directory: str) -> None:
+            self.model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+            torch.save(self.optimizer.state_dict(), f"{directory}/{checkpoint.OPTIMIZER}")
+            checkpoint.write_json(directory, checkpoint.TRAIN_STATE, train_state)
+            with open(f"{directory}/{checkpoint.CONFIG}", "w") as f:
+                f.write(cfg.dump_json())
+
+        def per_rank(directory: str) -> None:
+            torch.save(_get_rng(), f"{directory}/{checkpoint.rng_file(rank)}")
+            checkpoint.write_json(directory, checkpoint.data_file(rank), self.data.state_dict())
+
+        uri = checkpoint.save(cfg.checkpoint_uri, self.step, self.tokens, rank=rank, shared=shared,
+                              per_rank=per_rank, lineage=lineage, evals=evals,
+                              train_loss=train_loss, stable=not self.unstable)
+        if self.dist.is_main:
+            protect = {checkpoint_name(self.step)}
+            checkpoint.prune(cfg.checkpoint_uri, self.spec.checkpoint.keep, protect)
+        distributed.barrier()
+        seconds = time.monotonic() - start
+        self.unstable = False
+        self.last_saved_step, self.last_checkpoint = self.step, uri
+        self.metrics.checkpoint(self.step, seconds)
+        self.events.emit(CheckpointSaved, step=self.step, tokens=self.tokens,
+                         name=checkpoint_name(self.step), uri=uri, seconds=seconds)
+        return uri
+
+    def _checkpoint_due(self) -> bool:
+        return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
+
+    def _eval_due(self) -> bool:
+        ev = self.spec.evaluation
+        return ev is not None and (self.step % ev.every == 0 or self._checkpoint_due())
+
+    def _boundary(self, train_loss: float | None) -> None:
+        """Evaluate and/or checkpoint after a step, as the spec says."""
+        evals = self.evaluate() if self._eval_due() else None
+        name = None
+        if self._checkpoint_due() or self.stop_requested:
+            self.save(evals or {}, train_loss)
+            name = checkpoint_name(self.step)
+        if evals is not None:
+            self.events.emit(Evaluated, step=self.step, tokens=self.tokens, metrics=evals,
+                             checkpoint=name)
+
+    # ------------------------------------------------------------------------------- run
+    def _agree_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        self.stop_requested = distributed.all_reduce_sum(flag).item() > 0
+        return self.stop_requested
+
+    def run(self) -> int:
+        self.setup()
+        cfg = self.cfg
+        self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
+                         restore_from=self.start.uri, world_size=self.dist.world_size,
+                         metrics_url=self.metrics.url)
+        self.metrics.up(True)
+        self.metrics.gates(self.spec, {})
+        if self.evaluator is not None and self.start.uri is None and self.step == 0:
+            base = self.evaluate(is_base=True)
+            self.metrics.gates(self.spec, base)
+            self.events.emit(Evaluated, step=0, tokens=0, metrics=base, is_base=True)
+        last_loss: float | None = None
+        while self.step < self.total:
+            if self._agree_stop():
+                break
+            began = time.perf_counter()
+            out = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - began
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            tps = self.tokens_per_step / seconds
+            mfu = self.flops_token * tps / (self.peak * self.dist.world_size) if self.peak else None
+            skipped = out.verdict is not None
+            self.metrics.step(step=self.step, tokens=self.tokens, loss=out.loss,
+                              lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
+                              tokens_per_s=tps, skipped=skipped, mfu=mfu)
+            self.metrics.anomaly_band(self.anomaly)
+            if out.verdict is not None:
+                code = self._on_anomaly(out)
+                if code is not None:
+                    return code
+            else:
+                last_loss = out.loss
+            self.data.report_losses(out.source_losses)
+            self.metrics.mixture(dict(zip(self.data.source_names, self.data.roles)),
+                                 self.data.current_weights(), self.data.realised_proportions())
+            if self.step % self.spec.training.log_every == 0 or self.step == self.total:
+                self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=out.loss,
+                                 lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
+                                 tokens_per_s=tps, skipped=skipped)
+            self._agree_stop()
+            self._boundary(last_loss)
+        if self.stop_requested:
+            if self.last_saved_step != self.step:
+                self.save({}, last_loss)
+            self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted",
+                             message="stopped on request after a checkpoint")
+            return 0
+        if self.last_saved_step != self.step:
+            self._boundary(last_loss)
+        self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="budget",
+                         message=f"budget reached: {self.step} steps, {self.tokens:,} tokens")
+        return 0
+
+    def _on_anomaly(self, out: StepOutcome) -> int | None:
+        verdict = out.verdict
+        assert verdict is not None
+        self.unstable = True
+        self.metrics.anomaly(verdict.kind)
+        self.events.emit(Anomaly, step=self.step, kind=verdict.kind, value=_finite(verdict.value),
+                         threshold=verdict.threshold, message=verdict.message)
+        log.warning("step %d skipped: %s", self.step, verdict.message)
+        action = self.spec.gradient.anomaly.on_non_finite
+        if verdict.kind == "non_finite" and action == NonFiniteAction.stop:
+            self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="anomaly",
+                             message=verdict.message)
+            return EXIT_ANOMALY
+        if self.anomaly.needs_restore or (verdict.kind == "non_finite"
+                                          and action == NonFiniteAction.rollback):
+            source = self._restore_stable()
+            self.anomaly.consecutive = 0
+            self.metrics.anomaly("restored")
+            self.events.emit(Anomaly, step=self.step, kind="restored",
+                             message=f"restored weights and optimizer from {source} after "
+                                     f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps")
+        return None
+
+    def close(self) -> None:
+        self.metrics.up(False)
+        self.metrics.close()
+        self.events.close()
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _get_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_attempt(cfg: TrainerConfig) -> int:
+    """Run one attempt; returns the process exit code."""
+    attempt = Attempt(cfg)
+    stop = lambda *_: setattr(attempt, "stop_requested", True)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return attempt.run()
+    except Refused as exc:
+        log.error("refused: %s", exc)
+        attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="error",
+                            message=f"refused: {exc}")
+        return EXIT_REFUSED
+    except Exception as exc:
+        attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="error",
+                            message=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    finally:
+        attempt.close()
+        distributed.teardown()
+
+
+__all__ = ["Attempt", "run_attempt"]
