@@ -38,6 +38,9 @@ class AttemptState:
     message: str = ""
     step: int = 0
     tokens: int = 0
+    refused: bool = False
+    """The trainer refused its configuration (bad data path, tokenizer mismatch...): the same
+    attempt would fail again, so no restart is spent on it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +237,8 @@ def _running(p: _Planner) -> None:
     elif attempt.state == "stopped":
         p.status.phase, p.status.message = Phase.stopped, "interrupted; run again to resume"
         set_condition(p.status, ConditionType.progressing, False, "Interrupted", p.status.message, p.obs.now)
+    elif attempt.refused:
+        p.finish(Phase.failed, "Refused", f"attempt {attempt.number}: {attempt.message}")
     else:  # failed, or gone without a trace (node loss, deleted Job)
         _restart_after_failure(p, attempt.message or f"attempt {attempt.number} is {attempt.state}")
 

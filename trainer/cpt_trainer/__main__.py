@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     with open(args.config, encoding="utf-8") as f:
         cfg = TrainerConfig.model_validate_json(f.read())
+    from transformers.utils import logging as hf_logging
+
     from .loop import run_attempt  # torch loads after the config is known to parse
+
+    hf_logging.disable_progress_bar()  # per-save bars would flood the trainer log
 
     return run_attempt(cfg)
 

@@ -131,8 +131,12 @@ class Attempt:
         self.reference = self._reference_model() if self._needs_reference() else None
         self.evaluator = self._evaluator()
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
-        self.data = DataPipeline(cfg, self.tokenizer, self.dist.rank, self.dist.world_size,
-                                 eval_texts=eval_texts, report_dir=cfg.run_dir)
+        try:
+            self.data = DataPipeline(cfg, self.tokenizer, self.dist.rank, self.dist.world_size,
+                                     eval_texts=eval_texts, report_dir=cfg.run_dir)
+        except (ValueError, FileNotFoundError) as exc:
+            # Sources that do not exist or curate to nothing: fixing the spec is the only cure.
+            raise Refused(f"data: {exc}") from exc
         self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
         self.optimizer = self._optimizer()

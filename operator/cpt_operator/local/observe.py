@@ -80,7 +80,9 @@ class LocalObserver:
         if log.finished and log.finished.reason == "interrupted":
             return AttemptState(number=number, state="stopped", step=log.finished.step, tokens=log.finished.tokens)
         message = log.finished.message if log.finished else self._crash_message(number, proc)
-        return AttemptState(number=number, state="failed", message=message, step=step, tokens=tokens)
+        refused = bool(log.finished and log.finished.message.startswith("refused:"))
+        return AttemptState(number=number, state="failed", message=message, step=step, tokens=tokens,
+                            refused=refused)
 
     def _crash_message(self, number: int, proc: TrainerProcess | None) -> str:
         code = proc.poll() if proc else None
