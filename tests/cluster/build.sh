@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Builds (or installs) every binary the e2e test cluster needs, into
+#   ${CPT_CACHE_DIR:-$HOME/.cache/cpt-operator}/bin/<component>-<version>/
+#
+# Idempotent: a component whose binaries are all present is reused as is, so
+# a warm run takes seconds. Go module and build caches live under the same
+# cache dir (gomod/, gocache/) so a rebuild after a version bump only compiles
+# what changed. Each component is built into a temporary dir and moved into
+# place when complete, so an interrupted build never leaves a half-filled dir.
+#
+# Usage: build.sh [--force] [component ...]
+#   components: kubernetes etcd kwok helm versitygw prometheus (default: all)
+#   --force      rebuild even when the binaries are present
+# Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache=${CPT_CACHE_DIR:-$HOME/.cache/cpt-operator}
+bin_root=$cache/bin
+log_dir=$cache/logs
+go=${GO:-go}
+parallelism=${BUILD_PARALLELISM:-2}
+mkdir -p "$bin_root" "$log_dir"
+
+export GOMODCACHE=$cache/gomod
+export GOCACHE=$cache/gocache
+export CGO_ENABLED=0
+# Never fetch another Go toolchain behind our back: the versions above are
+# chosen to build with the installed one (Kubernetes 1.36 needs Go >= 1.26).
+export GOTOOLCHAIN=local
+
+force=0
+selected=()
+for arg in "$@"; do
+  case $arg in
+    --force) force=1 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    kubernetes | etcd | kwok | helm | versitygw | prometheus) selected+=("$arg") ;;
+    *) echo "build.sh: unknown component '$arg'" >&2; exit 2 ;;
+  esac
+done
+[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw prometheus)
+
+say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# have DIR NAME... : true when every NAME is an executable file in DIR.
+have() {
+  local dir=$1; shift
+  local name
+  for name in "$@"; do [[ -x $dir/$name ]] || return 1; done
+}
+
+failed=()
+
+# component NAME VERSION BUILD_FUNCTION BINARY...
+# Runs BUILD_FUNCTION TMPDIR unless the binaries are cached, times it, and
+# moves TMPDIR into place on success.
+component() {
+  local name=$1 version=$2 fn=$3; shift 3
+  local dir=$bin_root/$name-$version
+  local log=$log_dir/$name-$version.log
+  if [[ $force == 0 ]] && have "$dir" "$@"; then
+    say "$name $version: cached in $dir"
+    return 0
+  fi
+  local tmp=$dir.tmp.$$
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  say "$name $version: building $* (log: $log)"
+  local start=$SECONDS
+  # A subshell, so that cd and errexit in the build function stay in there.
+  if (set -e; "$fn" "$tmp") >"$log" 2>&1 && have "$tmp" "$@"; then
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+    say "$name $version: done in $((SECONDS - start)) s -> $dir"
+  else
+    say "$name $version: FAILED after $((SECONDS - start)) s; last lines of $log:"
+    tail -n 25 "$log" | sed 's/^/    /'
+    rm -rf "$tmp"
+    failed+=("$name")
+  fi
+}
+
+# --- Kubernetes control plane and kubectl -----------------------------------
+# k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the staging
+# modules with local paths); tools/k8s/go.mod repeats those replace lines
+# against the published tags (regenerate with tools/k8s/gen.sh on a bump).
+build_kubernetes() {
+  local out=$1 minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  local ldflags="-s -w" pkg
+  # Without these the binaries report v0.0.0 and clients (kubectl, helm)
+  # refuse or warn about version skew.
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  cd "$here/tools/k8s"
+  GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath -ldflags "$ldflags" -o "$out/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+# --- etcd: a tools module of its own (Debian's 3.4.23 lacks RequestWatchProgress)
+build_etcd() {
+  local out=$1
+  cd "$here/tools/etcd"
+  GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath \
+    -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
+}
+
+# go_install OUT MODULE_PATH@VERSION: modules without replace lines install
+# straight from the proxy, checked against their own go.sum.
+go_install() {
+  GOBIN=$1 "$go" install -p "$parallelism" -trimpath -ldflags "-s -w" "$2"
+}
+build_kwok() { go_install "$1" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
+build_helm() {
+  # helm prints its version from ldflags too.
+  GOBIN=$1 "$go" install -p "$parallelism" -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+# S3: versitygw rather than minio: about a third of minio's dependencies
+# (81 vs 261 modules in go.mod), tagged releases (minio is source-only
+# pseudo-versions now), and a plain `posix DIR` backend for a temp dir.
+build_versitygw() { go_install "$1" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"; }
+
+# --- Prometheus and Alertmanager from Debian ---------------------------------
+# Built from Go modules Prometheus has no web UI and needs exclude/replace
+# lines; Debian's packages are fine. The tests start their own instances, so
+# the packaged services are stopped and disabled. The cache dir gets symlinks
+# so that every component is found the same way.
+build_prometheus() {
+  local out=$1 sudo=""
+  if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+    [[ $(id -u) == 0 ]] || sudo=sudo
+    command -v apt-get >/dev/null || { echo "no apt-get: install prometheus and prometheus-alertmanager yourself"; return 1; }
+    # policy-rc.d 101: do not start the packaged daemons during the install.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+      $sudo chmod +x "$policy"
+      made_policy=1
+    fi
+    local rc=0
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+      prometheus prometheus-alertmanager || {
+      $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+        --no-install-recommends prometheus prometheus-alertmanager
+    } || rc=$?
+    [[ $made_policy == 0 ]] || $sudo rm -f "$policy"
+    [[ $rc == 0 ]] || return $rc
+  fi
+  if [[ -d /run/systemd/system ]]; then
+    $sudo systemctl disable --now prometheus prometheus-alertmanager prometheus-node-exporter 2>/dev/null || true
+  fi
+  ln -s "$(command -v prometheus)" "$out/prometheus"
+  ln -s "$(command -v promtool)" "$out/promtool"
+  ln -s "$(command -v prometheus-alertmanager)" "$out/alertmanager"
+  ln -s "$(command -v amtool)" "$out/amtool"
+  prometheus --version
+}
+
+command -v "$go" >/dev/null || { echo "build.sh: go not found (need Go >= 1.26)" >&2; exit 1; }
+say "cache: $cache ($("$go" version))"
+total_start=$SECONDS
+for c in "${selected[@]}"; do
+  case $c in
+    kubernetes) component kubernetes "$KUBERNETES_VERSION" build_kubernetes \
+      kube-apiserver kube-controller-manager kube-scheduler kubectl ;;
+    etcd) component etcd "$ETCD_VERSION" build_etcd etcd ;;
+    kwok) component kwok "$KWOK_VERSION" build_kwok kwok ;;
+    helm) component helm "$HELM_VERSION" build_helm helm ;;
+    versitygw) component versitygw "$VERSITYGW_VERSION" build_versitygw versitygw ;;
+    prometheus) component prometheus "$PROMETHEUS_VERSION" build_prometheus \
+      prometheus promtool alertmanager amtool ;;
+  esac
+done
+if [[ ${#failed[@]} -gt 0 ]]; then
+  say "FAILED: ${failed[*]} (see $log_dir)"
+  exit 1
+fi
+say "all done in $((SECONDS - total_start)) s"

@@ -1,0 +1,145 @@
+"""Fixtures for tests against the real test cluster (tests/cluster/).
+
+Everything here is lazy: a component starts the first time a test asks for
+its fixture and stops at the end of the session. Missing binaries are built
+by tests/cluster/build.sh (set CPT_NO_BUILD=1 to fail instead). Logs of every
+component stay under the session's temp dir; a failing readiness wait quotes
+the last lines.
+
+Session fixtures:  kube_cluster, prometheus, alertmanager, s3_server, helm_bin
+Function fixtures: namespace, s3_bucket
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_CLUSTER_PY = Path(__file__).resolve().parents[1] / "cluster" / "cluster.py"
+
+
+def _load_cluster_module():  # type: ignore[no-untyped-def]
+    """tests.cluster.cluster, whether or not ``tests`` is importable as a package."""
+    try:
+        from tests.cluster import cluster
+        return cluster
+    except ImportError:
+        name = "cpt_test_cluster"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, _CLUSTER_PY)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+cluster = _load_cluster_module()
+
+
+def _ensure(components: list[str]) -> None:
+    try:
+        cluster.ensure_binaries(components)
+    except cluster.MissingBinaryError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.KubeCluster]:
+    """A running control plane with kwok nodes (2 × pool=h100 with 8 GPUs, 1 × pool=cpu).
+
+    Attributes: ``kubeconfig`` (Path), ``server`` (URL), ``bin`` (dict of
+    binary paths), ``env`` (os.environ + KUBECONFIG); methods ``kubectl(*args,
+    input=None)`` -> stdout, ``kubectl_result``, ``kubectl_json``, ``apply``,
+    ``wait_for``, ``pods``, ``annotate_pods``.
+    """
+    _ensure(["kubernetes", "etcd", "kwok"])
+    kube = cluster.KubeCluster(tmp_path_factory.mktemp("kube"))
+    try:
+        kube.start()
+    except cluster.ComponentError as exc:
+        kube.stop()
+        pytest.fail(f"test cluster did not start: {exc}", pytrace=False)
+    try:
+        yield kube
+    finally:
+        kube.stop()
+
+
+@pytest.fixture
+def namespace(kube_cluster: cluster.KubeCluster) -> Iterator[str]:
+    """A fresh namespace (with its default ServiceAccount), deleted after the test."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube_cluster.kubectl("create", "namespace", name)
+    kube_cluster.wait_for_default_service_account(name)
+    try:
+        yield name
+    finally:
+        kube_cluster.kubectl_result("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Alertmanager]:
+    _ensure(["prometheus"])
+    am = cluster.Alertmanager(tmp_path_factory.mktemp("alertmanager"))
+    try:
+        yield am.start()
+    finally:
+        am.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Prometheus]:
+    """Prometheus scraping every second whatever ``add_target(addr, labels)`` lists.
+
+    ``url``, ``query(promql)`` -> result list, ``wait_for(promql, timeout)``,
+    ``add_rules(name, yaml)``, ``reload()``, ``targets()``, ``remove_target``.
+    Session-wide: use distinct labels per test, or ``clear_targets()``.
+    """
+    _ensure(["prometheus"])
+    prom = cluster.Prometheus(tmp_path_factory.mktemp("prometheus"))
+    try:
+        yield prom.start()
+    finally:
+        prom.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.S3Server]:
+    """An S3 server: ``endpoint``, ``key``, ``secret``, ``env`` (AWS_* variables),
+    ``client()`` (boto3), ``filesystem()`` (s3fs), ``create_bucket()``."""
+    _ensure(["versitygw"])
+    s3 = cluster.S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield s3.start()
+    finally:
+        s3.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: cluster.S3Server) -> Iterator[str]:
+    """A fresh, empty bucket; emptied and deleted after the test."""
+    name = s3_server.create_bucket()
+    try:
+        yield name
+    finally:
+        try:
+            s3_server.delete_bucket(name)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the test's outcome
+            pass
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    """Path of the helm binary (``helm --kubeconfig kube_cluster.kubeconfig ...``)."""
+    _ensure(["helm"])
+    path = cluster.binary("helm")
+    subprocess.run([str(path), "version", "--short"], check=True, capture_output=True)
+    return path

@@ -1,0 +1,114 @@
+"""A regression gate end to end through `cptctl run`: forgetting is detected, the run rolls back
+to the last good checkpoint with a lower LR and more replay, and still ends with a choice.
+
+The base is a tiny Llama first taught Python source (its "general" ability); the CPT run then
+trains it on license text with a far too high LR, the classic way to make it forget.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cpt_operator.store import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def python_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)
+
+
+def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
+    """Give the random model a general ability worth protecting: next-token skill on Python."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok("\n".join(p.read_text() for p in python_files()[:40]))["input_ids"]
+    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (16,), generator=gen)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_gate_breach_rolls_back_with_adjusted_settings_and_loses_nothing(tmp_path, tiny_model_dir, corpora):
+    base = pretrain_on_code(tiny_model_dir, tmp_path / "base")
+    files = python_files()
+    code_train = jsonl(tmp_path / "code-train.jsonl", [p.read_text() for p in files[:40]])
+    code_eval = jsonl(tmp_path / "code-eval.jsonl", [p.read_text()[:1500] for p in files[40:48]])
+    legal_eval = jsonl(tmp_path / "legal-eval.jsonl",
+                       [p.read_text()[:1500] for p in sorted(Path(corpora["domain"]).glob("*.txt"))[:4]])
+    spec = {
+        "baseModel": {"uri": str(base), "format": "hf"},
+        "data": {"sources": [
+            {"name": "legal", "role": "domain", "uri": f"{corpora['domain']}/*.txt", "weight": 0.9},
+            {"name": "code", "role": "replay", "uri": str(code_train), "format": "jsonl", "weight": 0.1},
+        ], "curation": {"decontaminate": False}},
+        "packing": {"seqLen": 64, "boundary": "documentMask"},
+        "optimizer": {"lr": 3e-2, "weightDecay": 0.0},
+        "schedule": {"warmupSteps": 1, "decay": "constant"},
+        "budget": {"steps": 12},
+        "training": {"microBatchSize": 4},
+        "checkpoint": {"every": 2, "keep": 10},
+        "evaluation": {"every": 2, "suites": [
+            {"name": "legal", "kind": "domain", "uri": str(legal_eval), "maxSamples": 4},
+            {"name": "general", "kind": "general", "uri": str(code_eval), "maxSamples": 8},
+        ]},
+        "gates": [{"name": "forgetting", "suite": "general", "baseline": "base", "threshold": 0.25,
+                   "relative": True, "action": "rollback", "rollbackTo": "lastGood",
+                   "tune": {"lrFactor": 0.02, "replayDelta": 0.3}}],
+        "stopPolicy": {"maxRollbacks": 3},
+    }
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump({"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun",
+                                    "metadata": {"name": "gated"}, "spec": spec}))
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "1",
+                           "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    run_dir = tmp_path / "runs" / "gated"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["rollbacks"] >= 1, done.stdout + done.stderr
+    assert done.returncode == 0 and status["phase"] == "Succeeded", done.stdout + done.stderr
+
+    record = status["history"][0]
+    assert record["gate"] == "forgetting" and record["value"] > record["baseline"] * 1.25
+    second = json.loads((run_dir / "attempt-002" / "trainer-config.json").read_text())
+    assert second["overrides"]["lrScale"] == pytest.approx(0.02)
+    assert second["overrides"]["replayDelta"] == pytest.approx(0.3)
+    if record["target"] == "base":
+        assert "restoreFrom" not in second
+    else:
+        assert second["restoreFrom"].endswith(record["target"])
+        assert second["restoreMode"] == "fullState"
+        good = next(c for c in status["checkpoints"] if c["name"] == record["target"])
+        assert good["passedGates"]
+    assert any(c["type"] == "RolledBack" for c in status["conditions"]) or record["target"]
+
+    # Nothing is lost: every checkpoint written, on both sides of the rollback, still verifies.
+    refs, problems = list_checkpoints(str(run_dir / "checkpoints"))
+    assert problems == []
+    assert {r.attempt for r in refs} >= {1, 2}
+    assert status["bestCheckpoint"] in status["frontier"]
+    chosen = next(c for c in status["checkpoints"] if c["name"] == status["bestCheckpoint"])
+    assert chosen["passedGates"]
+    shown = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "checkpoints", str(run_dir)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and status["bestCheckpoint"] in shown.stdout
