@@ -64,7 +64,9 @@ def show_checkpoints(run: str, *, plot: str | None = None, as_json: bool = False
     if as_json:
         print(json.dumps([c.dump() for c in status.checkpoints], indent=2))
         return 0
+    from ..api import load_run
     from ..checkpoint_report import render_report  # matplotlib only when asked for
 
-    print(render_report(status, plot=plot))
+    spec = load_run(rd.spec_file).spec if rd.spec_file.exists() else None
+    print(render_report(status, plot=plot, spec=spec))
     return 0

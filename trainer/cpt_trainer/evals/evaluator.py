@@ -1,0 +1,132 @@
+"""The evaluator the training loop calls: every suite of the spec, one `suite.metric` each.
+
+Samples are read, checked and tokenised once, when the evaluator is built (a broken suite stops
+the run before the first step, not at the first evaluation); `evaluate` then only runs the model.
+The drift suites' base responses are generated once, on first use, from the reference model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cpt_operator.api.evaluation import EvaluationSpec, Metric, SuiteSpec
+from cpt_operator.policy.metrics import metric_key
+
+from ..errors import Refused
+from .data import Sample, load_samples
+from .drift import kl_sum
+from .generation import decode, greedy, prompt_rows, unwrap
+from .perplexity import document_ids, token_nll
+from .runtime import inference
+from .scoring import follows_format, has_json_object, load_classifier, rate
+
+_TEXT_METRICS = {Metric.perplexity, Metric.nll}
+
+
+class Evaluator:
+    def __init__(self, spec: EvaluationSpec, tokenizer: PreTrainedTokenizerBase, *,
+                 device: torch.device, seq_len: int, autocast_dtype: torch.dtype | None = None,
+                 reference: torch.nn.Module | None = None):
+        if self.needs_reference(spec) and reference is None:
+            raise Refused("a kl_to_base evaluation suite needs the base model as reference")
+        self.spec, self.tokenizer, self.device = spec, tokenizer, device
+        self.seq_len, self.autocast_dtype, self.reference = seq_len, autocast_dtype, reference
+        self.samples: dict[str, list[Sample]] = {s.name: load_samples(s) for s in spec.suites}
+        self._classifiers: dict[str, Callable[[str], bool]] = {
+            s.name: load_classifier(s.refusal_classifier)
+            for s in spec.suites if s.metric == Metric.refusal_rate}
+        self._docs = {s.name: document_ids(tokenizer, [x.text for x in self.samples[s.name]])
+                      for s in spec.suites if s.metric in _TEXT_METRICS}
+        self._prompts = {s.name: prompt_rows(tokenizer, [x.text for x in self.samples[s.name]],
+                                             seq_len=seq_len, max_new_tokens=s.max_new_tokens)
+                         for s in spec.suites if s.metric not in _TEXT_METRICS}
+        self._drift_rows: dict[str, list[tuple[list[int], int]]] = {}
+        self.last_generations: dict[str, list[str]] = {}
+        """Decoded outputs of the latest `evaluate`, per generation suite (for logs and
+        debugging a surprising rate)."""
+
+    @staticmethod
+    def needs_reference(spec: EvaluationSpec | None) -> bool:
+        return spec is not None and any(s.metric == Metric.kl_to_base for s in spec.suites)
+
+    def texts(self) -> list[str]:
+        """Every evaluation text, prompt and given response (training data is decontaminated
+        against these)."""
+        out = []
+        for suite in self.spec.suites:
+            for sample in self.samples[suite.name]:
+                out.append(sample.text)
+                if sample.response:
+                    out.append(sample.response)
+        return out
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        # The bare module: a DDP wrapper's forward would start collectives that the other
+        # ranks (not evaluating) never join.
+        model = unwrap(model)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(inference(model, self.device, self.autocast_dtype))
+            if self.reference is not None:
+                stack.enter_context(inference(self.reference, self.device, self.autocast_dtype))
+            return {metric_key(s): self._suite(s, model) for s in self.spec.suites}
+
+    def _suite(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
+        if suite.metric in _TEXT_METRICS:
+            result = token_nll(model, self._docs[suite.name], seq_len=self.seq_len,
+                               device=self.device, pad_id=self._pad_id())
+            return result.perplexity if suite.metric == Metric.perplexity else result.nll
+        if suite.metric == Metric.kl_to_base:
+            total, count = kl_sum(model, self._reference(), self._drift(suite), seq_len=self.seq_len,
+                                  device=self.device, pad_id=self._pad_id())
+            return total / count if count else math.nan
+        outputs = self._generate(model, self._prompts[suite.name], suite.max_new_tokens)
+        texts = [decode(self.tokenizer, ids) for ids in outputs]
+        self.last_generations[suite.name] = texts
+        return rate(self._score(suite, texts))
+
+    def _score(self, suite: SuiteSpec, outputs: list[str]) -> list[bool]:
+        if suite.metric == Metric.json_valid:
+            return [has_json_object(t) for t in outputs]
+        if suite.metric == Metric.format_follow:
+            samples = self.samples[suite.name]
+            return [follows_format(t, s.pattern or "") for t, s in zip(outputs, samples)]
+        classify = self._classifiers[suite.name]
+        return [bool(classify(t)) for t in outputs]
+
+    def _drift(self, suite: SuiteSpec) -> list[tuple[list[int], int]]:
+        """(prompt + response ids, prompt length) per sample; base responses generated once."""
+        if suite.name not in self._drift_rows:
+            samples, prompts = self.samples[suite.name], self._prompts[suite.name]
+            missing = [i for i, s in enumerate(samples) if not s.response]
+            generated = dict(zip(missing, self._generate(self._reference(),
+                                                         [prompts[i] for i in missing],
+                                                         suite.max_new_tokens)))
+            rows = []
+            for i, (sample, prompt) in enumerate(zip(samples, prompts)):
+                response = generated.get(i) or self._encode(sample.response or "")
+                ids = (prompt + response)[-self.seq_len:]
+                rows.append((ids, max(1, len(ids) - len(response))))
+            self._drift_rows[suite.name] = rows
+        return self._drift_rows[suite.name]
+
+    def _generate(self, model: torch.nn.Module, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        if not rows:
+            return []
+        return greedy(model, self.tokenizer, rows, max_new_tokens=max_new_tokens,
+                      device=self.device, seq_len=self.seq_len)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _reference(self) -> torch.nn.Module:
+        assert self.reference is not None  # guaranteed by __init__ for drift suites
+        return self.reference
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad or 0)

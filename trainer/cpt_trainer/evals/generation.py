@@ -1,0 +1,90 @@
+"""Greedy generation for behaviour, safety and drift suites.
+
+Prompts go through the tokenizer's chat template when it has one (with the generation prompt
+appended), since that is how a chat model is served; otherwise they are encoded as the tokenizer
+encodes any text for inference. A prompt longer than `seq_len − max_new_tokens` keeps its end.
+Prompts are left-padded into batches in their fixed order and decoded greedily (no sampling,
+one beam), so the same weights give the same outputs on every call.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .runtime import batch_rows, vocab_size
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP / FSDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def prompt_rows(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, seq_len: int,
+                max_new_tokens: int) -> list[list[int]]:
+    keep = max(1, seq_len - max_new_tokens)
+    return [render_prompt(tokenizer, p)[-keep:] for p in prompts]
+
+
+def stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS of the tokenizer plus any the model's generation config adds (chat end markers)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids.update([extra] if isinstance(extra, int) else list(extra or []))
+    return sorted(ids)
+
+
+def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], *,
+           max_new_tokens: int, device: torch.device, seq_len: int) -> list[list[int]]:
+    """New token ids for each prompt row, up to and including the first stop token."""
+    model = unwrap(model)
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              num_beams=1, pad_token_id=pad, eos_token_id=stops or None)
+    per_batch = batch_rows(seq_len, vocab_size(model), limit=16)
+    out: list[list[int]] = []
+    for start in range(0, len(rows), per_batch):
+        ids, mask = _pad_left(rows[start:start + per_batch], pad, device)
+        generated = getattr(model, "generate")(input_ids=ids, attention_mask=mask,
+                                               generation_config=config)
+        for row in generated[:, ids.shape[1]:].tolist():
+            out.append(_until_stop(row, stops))
+    return out
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _until_stop(row: list[int], stops: list[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[:i + 1]
+    return row
+
+
+def _pad_left(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
