@@ -30,12 +30,13 @@ from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.manifest import Lineage, checkpoint_name
-from cpt_operator.api.spec import ModelFormat, NonFiniteAction, Precision, RestoreMode, SourceRole
+from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
+                                   SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
 
 from . import checkpoint, distributed
 from .anomaly import AnomalyDetector, Verdict
-from .data import Batch, DataPipeline, tokenizer_hash
+from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
@@ -126,8 +127,12 @@ class Attempt:
         attention = spec.training.attention
         self.model: PreTrainedModel = load_model(self.start.directory, attention=attention,
                                                  gguf_file=self.start.gguf_file).to(self.device)
-        self.model.config.use_cache = False
         self.model.train()
+        # Flash-attention honours per-document positions only in a single packed row.
+        self.flatten = attention == "flash_attention_2"
+        if spec.packing.boundary == Boundary.document_mask:
+            # Milliseconds, and it turns a silent cross-document leak into a clear error.
+            check_document_isolation(self.model, flatten=self.flatten)
         self.reference = self._reference_model() if self._needs_reference() else None
         self.evaluator = self._evaluator()
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
@@ -256,13 +261,13 @@ class Attempt:
     def _forward_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token NLL [B, T-1], its mask, and the KL-to-base term (summed)."""
         net = self.ddp or self.model
-        ids = batch.input_ids.to(self.device)
-        positions = batch.position_ids.to(self.device)
-        labels = batch.labels.to(self.device)[:, 1:]
+        batch = batch.to(self.device)
+        labels = batch.labels[:, 1:]
+        inputs = batch.model_inputs(flatten=self.flatten)
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
             if self.autocast_dtype else contextlib.nullcontext()
         with autocast:
-            logits = net(input_ids=ids, position_ids=positions).logits[:, :-1]
+            logits = net(**inputs).logits.view(*batch.input_ids.shape, -1)[:, :-1]
         logits = logits.float()
         mask = labels != IGNORE
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1),
@@ -270,11 +275,11 @@ class Attempt:
         kl = torch.zeros((), device=self.device)
         beta = self.spec.regularization.ref_kl.beta
         if beta > 0 and self.reference is not None and self.replay_ids:
-            replay = torch.isin(batch.source_ids.to(self.device)[:, 1:],
+            replay = torch.isin(batch.source_ids[:, 1:],
                                 torch.tensor(self.replay_ids, device=self.device)) & mask
             if replay.any():
                 with torch.no_grad(), autocast:
-                    ref = self.reference(input_ids=ids, position_ids=positions).logits[:, :-1]
+                    ref = self.reference(**inputs).logits.view(*batch.input_ids.shape, -1)[:, :-1]
                 ref_logp = F.log_softmax(ref.float()[replay], dim=-1)
                 logp = F.log_softmax(logits[replay], dim=-1)
                 # KL(p_base || p_theta) per replay token, summed: anchors replay predictions.
@@ -301,7 +306,7 @@ class Attempt:
             with torch.no_grad():
                 totals[0] += nll.sum().detach()
                 totals[1] += kl.detach()
-                src = batch.source_ids.to(self.device)[:, 1:]
+                src = batch.source_ids[:, 1:].to(self.device)
                 for s in range(n_sources):
                     sel = (src == s) & mask
                     totals[2 + s] += nll[sel].sum()

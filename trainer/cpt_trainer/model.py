@@ -105,6 +105,15 @@ def load_model(directory: str, *, dtype: torch.dtype = torch.float32, attention:
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
                                                  attn_implementation=attention, **extra)
+    if gguf_file:
+        # The GGUF tensors are dequantised on load: what we train and save is a plain model, but
+        # transformers keeps the GGUF quantizer attached and would refuse save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    # Training never uses a KV cache, and with one transformers would not derive the
+    # per-document attention mask from packed position ids.
+    model.config.use_cache = False
     return model
 
 

@@ -68,10 +68,13 @@ class TokenCache:
     def _load_array(self, name: str) -> np.ndarray:
         path = self._file(f"{name}.npy")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        array: np.ndarray
         if "file" in protocols:
-            return np.load(path, mmap_mode="r")  # local: map, do not read
-        with self.fs.open(path, "rb") as f:
-            return np.load(io.BytesIO(f.read()))
+            array = np.load(path, mmap_mode="r")  # local: map, do not read
+        else:
+            with self.fs.open(path, "rb") as f:
+                array = np.load(io.BytesIO(f.read()))
+        return array
 
     def save(self, store: TokenStore, report: dict[str, Any]) -> None:
         self.fs.makedirs(self.path, exist_ok=True)

@@ -23,9 +23,14 @@ from .report import CurationReport
 from .sources import Document
 
 _WHITESPACE = set("\n\r\t\f\v")
+_DROP_WHITESPACE = str.maketrans("", "", "\n\r\t\f\v")
 
 
 def non_printable_share(text: str) -> float:
+    # Nearly every document is clean: one C-level isprintable() pass decides that, and only
+    # the rest pay for the per-character count (a Python loop, 25% of pipeline time otherwise).
+    if text.translate(_DROP_WHITESPACE).isprintable():
+        return 0.0
     bad = sum(1 for c in text if not c.isprintable() and c not in _WHITESPACE)
     return bad / max(len(text), 1)
 
@@ -63,7 +68,12 @@ class Curator:
     def curate(self, docs: Sequence[Document], report: CurationReport) -> list[Document]:
         seen: dict[str, Document] = {}
         near = NearDuplicateIndex(self.spec.near_threshold) if self.spec.dedupe == "near" else None
-        checks: list[Check] = [self._length, self._charset, self._template, self._contamination]
+        checks: list[Check] = [self._length, self._contamination]
+        # A share is at most 1 (and a repeated-line share below 1): a limit of 1 cannot fire.
+        if self.spec.max_non_printable < 1.0:
+            checks.insert(1, self._charset)
+        if self.spec.max_repeated_line_ratio < 1.0:
+            checks.insert(-1, self._template)
         kept = []
         for doc in docs:
             verdict = next((v for v in (check(doc) for check in checks) if v), None)

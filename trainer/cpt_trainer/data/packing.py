@@ -14,16 +14,21 @@ Boundaries (`packing.boundary`):
 
 The model contract (`Batch.model_inputs`). The block-diagonal mask is not a tensor we build:
 transformers 5.x derives it from the position ids (`masking_utils.find_packed_sequence_indices`
-splits a row wherever the position does not grow by one) for the sdpa, eager and flex backends,
-and flash-attention turns the same position ids into varlen sequence offsets. It does so only
-when the forward gets `attention_mask=None` *and no KV cache*. Llama-style models create a
-`DynamicCache` whenever `use_cache` is on, which is the config default even in train mode,
-and with a cache present the packed-sequence check is skipped: every token then attends to
-every earlier token of the window, across documents, silently (measured on transformers 5.23;
-the cross-document contamination test in tests/unit/data/test_packing.py guards it). So the
-model must be called with exactly `model(**batch.model_inputs())`: input ids, position ids and
-`use_cache=False`, no attention mask. `check_document_isolation(model)` runs the same check
-against a live model in a few milliseconds, for a trainer to assert at start-up.
+splits a row wherever the position does not grow by one) for the sdpa, eager and flex
+backends. It does so only when the forward gets `attention_mask=None` *and no KV cache*.
+Llama-style models create a `DynamicCache` whenever `use_cache` is on, which is the config
+default even in train mode, and with a cache present the packed-sequence check is skipped:
+every token then attends to every earlier token of the window, across documents, silently
+(measured on transformers 5.23; the cross-document contamination test in
+tests/unit/data/test_packing.py guards it). So the model must be called with exactly
+`model(**batch.model_inputs())`: input ids, position ids and `use_cache=False`, no attention
+mask. The flash-attention backends turn position-id restarts into varlen offsets only for a
+batch of ONE row (`modeling_flash_attention_utils._is_packed_sequence`); for them use
+`model_inputs(flatten=True)`, which lays the B windows end to end in one row (safe, because
+every window starts a segment at position 0) and reshape the logits back to [B, T, V].
+Flattening under sdpa / eager would build a (B·T)² mask, hence not the default.
+`check_document_isolation(model, flatten=...)` runs the contamination check against a live
+model in milliseconds, for a trainer to assert at start-up with its real attention backend.
 
 Labels follow the Hugging Face convention (aligned with input_ids; the model shifts them).
 A label is -100 where no loss is taken: the first token of every segment (predicting it would
@@ -38,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from .stream import SourceStream
 
@@ -53,15 +59,18 @@ class Batch:
     """-100 where no loss: prompts, segment starts (never across a document boundary)."""
     position_ids: torch.Tensor
     source_ids: torch.Tensor
-    """Index into DataPipeline.source_names per token; -1 for padding."""
+    """Index into DataPipeline.source_names per token (windows are never padded)."""
     num_tokens: int
     """Tokens that count in the loss (labels != -100)."""
 
-    def model_inputs(self) -> dict[str, Any]:
+    def model_inputs(self, *, flatten: bool = False) -> dict[str, Any]:
         """Keyword arguments for the model's forward (see the module docstring for why
-        `use_cache=False` and no attention mask: that is what keeps documents apart)."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "use_cache": False}
+        `use_cache=False` and no attention mask: that is what keeps documents apart).
+        flatten: one [1, B*T] row, for flash-attention backends."""
+        ids, positions = self.input_ids, self.position_ids
+        if flatten:
+            ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+        return {"input_ids": ids, "position_ids": positions, "use_cache": False}
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device),
@@ -108,31 +117,38 @@ def collate(windows: list[Window]) -> Batch:
     )
 
 
-def check_document_isolation(model: torch.nn.Module, *, atol: float | None = None) -> None:
-    """Raise if `model`, called as `Batch.model_inputs` calls it, lets one packed document
-    see another: the logits of a second segment must not depend on the first one.
+def check_document_isolation(model: PreTrainedModel, *, flatten: bool = False,
+                             atol: float | None = None) -> None:
+    """Raise if `model`, called as `Batch.model_inputs(flatten=flatten)` calls it, lets one
+    packed document see another: the logits of a second segment must not depend on the first.
 
-    The default tolerance allows kernel rounding (a shorter first segment changes the tiling),
-    not leakage: leaked attention moves logits by whole units even in a random model."""
+    Two rows per batch, as in training (some backends honour packing only for one row). The
+    default tolerance allows kernel rounding (a shorter first segment changes the tiling), not
+    leakage: leaked attention moves logits by whole units even in a random model."""
     param = next(model.parameters())
-    device = param.device
     if atol is None:
         atol = 1e-4 if param.dtype == torch.float32 else 5e-2
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    vocab = int(weight.shape[0])
     gen = torch.Generator().manual_seed(0)
     target = torch.randint(0, vocab, (6,), generator=gen)
     logits = []
     for first_len in (5, 9):
         first = torch.randint(0, vocab, (first_len,), generator=gen)
-        ids = torch.cat([first, target])[None].to(device)
-        positions = torch.cat([torch.arange(first_len), torch.arange(len(target))])[None].to(device)
-        batch = Batch(ids, ids, positions, torch.zeros_like(ids), 0)
+        length = first_len + len(target)
+        ids = torch.stack([torch.cat([first, target]),
+                           torch.randint(0, vocab, (length,), generator=gen)])
+        positions = torch.stack([torch.cat([torch.arange(first_len), torch.arange(len(target))]),
+                                 torch.arange(length)])
+        batch = Batch(ids, ids, positions, torch.zeros_like(ids), 0).to(param.device)
         with torch.no_grad():
-            logits.append(model(**batch.model_inputs()).logits[0, -len(target):].float())
+            out = model(**batch.model_inputs(flatten=flatten)).logits
+        logits.append(out.reshape(2, length, -1)[0, -len(target):].float())
     drift = float((logits[0] - logits[1]).abs().max())
     if drift > atol:
         raise RuntimeError(
             f"packed documents attend to each other (logits moved by {drift:.3g} when the "
             f"previous document changed): this model / transformers / attention backend does "
-            f"not derive the block-diagonal mask from position ids; use boundary: eos or fix "
-            f"the attention implementation")
+            f"not derive the block-diagonal mask from position ids with flatten={flatten}; "
+            f"use boundary: eos or another attention implementation")

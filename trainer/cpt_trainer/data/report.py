@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ class CurationReport:
 
     def bad_input(self, origin: Origin, reason: str) -> None:
         """An unreadable file or record: counted, logged, skipped; the run goes on."""
-        log.warning("skipping %s:%d (source %s): %s", origin.file, origin.line, origin.source, reason)
+        log.warning("skipping %s:%d (source %s): %s",
+                    origin.file, origin.line, origin.source, reason)
         self.drop("bad_input", origin, reason)
 
     def merge(self, other: dict[str, Any]) -> None:
@@ -72,7 +74,11 @@ class CurationReport:
         }
 
     def write(self, path: str) -> None:
-        import fsspec
+        from .sources import open_fs  # sources imports this module
 
-        with fsspec.open(path, "w") as f:
+        fs, local = open_fs(path)
+        parent = posixpath.dirname(local)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(local, "w") as f:
             json.dump(self.to_dict(), f, indent=2)

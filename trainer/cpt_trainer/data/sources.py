@@ -17,9 +17,12 @@ but decode only their own records, so a malformed line is reported once, by its 
 Unreadable input (binary files, invalid UTF-8, empty files, malformed or field-less JSON lines,
 null Parquet cells) is reported with file and line and skipped: one bad file does not stop a run.
 
-S3: s3fs / botocore read AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY themselves; the endpoint
-comes from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), passed explicitly because not every
-s3fs / aiobotocore pairing honours the variable.
+S3: the spec holds only `s3://bucket/key` URIs; endpoint and credentials come from the
+standard AWS environment (AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), which a pod gets from a Secret. s3fs 2026.9 with
+aiobotocore 3.10 / botocore 1.43 honours all of them by itself (checked against versitygw in
+tests/e2e/test_data_s3.py); the endpoint is still passed explicitly because older s3fs /
+aiobotocore pairings ignore AWS_ENDPOINT_URL and would silently talk to AWS instead.
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ def storage_options(uri: str) -> dict[str, Any]:
 
 
 def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(uri, **storage_options(uri))
+    fs, path = url_to_fs(uri, **storage_options(uri))
+    return fs, str(path)
 
 
 def list_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[SourceFile]]:
@@ -144,7 +148,7 @@ class SourceReader:
 
     def _read_bytes(self, file: SourceFile) -> bytes:
         with self.fs.open(file.path, "rb") as f:
-            return f.read()
+            return bytes(f.read())
 
     def _text_file(self, index: int, file: SourceFile) -> Iterator[Document]:
         if not self._mine(index):

@@ -127,5 +127,6 @@ class SourceStream:
         return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.doc, self.offset = int(state["epoch"]), int(state["doc"]), int(state["offset"])
+        self.epoch, self.doc = int(state["epoch"]), int(state["doc"])
+        self.offset = int(state["offset"])
         self._order, self._ahead = self._order_of(self.epoch), {}

@@ -1,7 +1,8 @@
 """Batched tokenisation of documents into the form packing consumes.
 
 A document becomes `ids = tokens(prompt) + tokens(text) + [eos]` (no BOS: every document is
-closed by EOS, which is what separates documents in a packed window) and `prompt_len`, the
+closed by EOS, which is what separates documents in a packed window, and that EOS is the only
+special token a document ever holds) and `prompt_len`, the
 number of leading tokens that never count in the loss. Prompt and text are tokenised apart so
 the prompt / response boundary is a token boundary. Fast tokenizers encode a whole chunk of
 documents in one call (Rust, parallel); slow ones go through the tokenizer's own batch call.
@@ -31,12 +32,22 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens."""
+    """Token ids of each text, without special tokens.
+
+    A special token's *text* inside a document ("<|endoftext|>" in a scraped chat log or in
+    tokenizer code) is encoded as ordinary text: otherwise it would become a real EOS in the
+    middle of a document, a boundary the packer does not know about (inconsistent EOS)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if backend is None:
+        return list(tokenizer(list(texts), add_special_tokens=False,
+                              split_special_tokens=True)["input_ids"])
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
         # encode_batch_fast skips offsets, which packing never needs.
         return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
-    return list(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    finally:
+        backend.encode_special_tokens = previous
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase,
