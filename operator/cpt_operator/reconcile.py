@@ -79,6 +79,10 @@ class StartAttempt:
 class StopAttempt:
     number: int
     reason: str
+    checkpoint: bool = True
+    """Let the trainer write a final checkpoint first. False for a rollback: what the attempt
+    learnt since its last good checkpoint is being thrown away, so waiting for a save of it
+    only delays the next attempt."""
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,9 @@ class _Planner:
         set_condition(st, ConditionType.progressing, True, "AttemptRunning",
                       f"attempt {st.attempt} running from {origin}", self.obs.now)
 
-    def stop_attempt(self, reason: str) -> None:
+    def stop_attempt(self, reason: str, checkpoint: bool = True) -> None:
         if self.obs.attempt.state == "running":
-            self.actions.append(StopAttempt(self.status.attempt, reason))
+            self.actions.append(StopAttempt(self.status.attempt, reason, checkpoint))
 
     def finish(self, phase: Phase, reason: str, message: str) -> None:
         st = self.status
@@ -191,7 +195,7 @@ def _record_rollback(p: _Planner, decision: Decision) -> None:
     set_condition(st, ConditionType.rolled_back, True, "RolledBack",
                   f"attempt {st.attempt} -> {target} (lr x{decision.overrides.lr_scale:g}, "
                   f"replay +{decision.overrides.replay_delta:g})", p.obs.now)
-    p.stop_attempt(f"rollback to {target}")
+    p.stop_attempt(f"rollback to {target}", checkpoint=False)
     p.emit("Warning", "RollingBack", st.message)
 
 
@@ -318,7 +322,7 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     elif st.phase == Phase.rolling_back:
         # level-triggered: a stop lost between recording the rollback and carrying it out
         # (a crash, a restart) is issued again rather than waited on forever
-        p.stop_attempt(f"rollback to {st.restore_from or BASE}")
+        p.stop_attempt(f"rollback to {st.restore_from or BASE}", checkpoint=False)
     elif st.phase == Phase.running and obs.alerts and obs.attempt.state == "running":
         # an alert about an attempt that already ended is dropped: the next one is judged afresh
         _external_breach(p, obs.alerts)

@@ -58,7 +58,7 @@ class LocalRun:
         for action in plan.actions:
             if isinstance(action, StopAttempt) and self.proc is not None:
                 self.progress.note(f"stopping attempt {action.number}: {action.reason}")
-                self.proc.stop()
+                self.proc.stop(grace_s=120.0 if action.checkpoint else 0.0)
                 self.proc = None
             elif isinstance(action, StartAttempt):
                 self.start(action)
