@@ -48,22 +48,52 @@ def cmd_run(args: argparse.Namespace) -> int:
                      progress=not args.no_progress)
 
 
+def _on_cluster(args: argparse.Namespace) -> bool:
+    """A cluster run when asked for one, or when there is no local run directory of that name."""
+    if args.namespace or args.kubeconfig:
+        return True
+    from .local.rundir import RunDir
+
+    try:
+        RunDir.find(args.run)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        from .kube import commands as kube
+
+        return kube.show_status(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig, as_json=args.json)
     from .local.commands import show_status
 
     return show_status(args.run, as_json=args.json)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        from .kube import commands as kube
+
+        return kube.request_stop(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig)
     from .local.commands import request_stop
 
     return request_stop(args.run)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        from .kube import commands as kube
+
+        return kube.request_rollback(args.run, args.to, namespace=args.namespace, kubeconfig=args.kubeconfig)
     from .local.commands import request_rollback
 
     return request_rollback(args.run, args.to)
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", help="the CptRun's namespace on a cluster (default: the context's)")
+    p.add_argument("--kubeconfig", help="kubeconfig of the cluster (default: $KUBECONFIG, ~/.kube/config)")
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -100,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("status", cmd_status, "phase, step, checkpoints and decisions"),
                               ("stop", cmd_stop, "stop a run after a consistent checkpoint")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("run", help="run directory or name under ./runs")
+        p.add_argument("run", help="run directory or name under ./runs, or a CptRun's name on a cluster")
         if name == "status":
             p.add_argument("--json", action="store_true")
+        _cluster_options(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("rollback", help="roll a run back to a checkpoint (or 'base')")
     p.add_argument("run")
     p.add_argument("--to", required=True, help="checkpoint name (attempt-NNN/step-XXXXXXXX) or 'base'")
+    _cluster_options(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("checkpoints", help="metrics per checkpoint, Pareto frontier and choice")

@@ -857,16 +857,20 @@ class Prometheus:
 
 
 class Alertmanager:
-    """Alertmanager with a receiver-less route (alerts are kept, not sent)."""
+    """Alertmanager; by default with a receiver-less route (alerts are kept, not sent)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, receivers: Sequence[dict[str, Any]] = ()) -> None:
+        """``receivers``: Alertmanager receiver configs; alerts go to the first one (default: a
+        receiver that sends nothing)."""
         self.wd = Workdir(root, "alertmanager")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_file = self.wd / "alertmanager.yml"
+        receivers = list(receivers) or [{"name": "null"}]
         self.config_file.write_text(json.dumps({
-            "route": {"receiver": "null", "group_wait": "0s", "group_interval": "1s"},
-            "receivers": [{"name": "null"}],
+            "route": {"receiver": receivers[0]["name"], "group_wait": "0s", "group_interval": "1s",
+                      "repeat_interval": "1m"},
+            "receivers": receivers,
         }))
         self.process = Process("alertmanager", [
             binary("alertmanager"), f"--config.file={self.config_file}",

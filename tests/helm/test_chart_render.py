@@ -106,7 +106,7 @@ NAMESPACED_GRANTS = {
     "batch/jobs": {"create", "get", "list", "watch", "delete"},
     "core/configmaps": {"create", "get", "list", "watch", "delete"},
     "core/services": {"create", "get", "list", "watch", "delete"},
-    "core/pods": {"get", "list", "watch"},
+    "core/pods": {"get", "list", "watch", "deletecollection"},
     "core/events": {"create", "patch"},
     "events.k8s.io/events": {"create", "patch"},
 }

@@ -70,6 +70,10 @@ class Metrics:
         self.anomaly_k = g("cpt_anomaly_k", "k of the grad-norm anomaly rule (mean + k*std)")
         self.ckpt_time = g("cpt_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
         self.up_g = g("cpt_trainer_up", "1 while the training loop runs")
+        self.new_token_loss = g("cpt_new_token_loss", "Mean loss where a token added by tokenizer "
+                                "extension is the target, since the last checkpoint", "token")
+        self.new_token_seen = c("cpt_new_token_seen", "Times a token added by tokenizer extension "
+                                "was a training target", "token")
 
     def _serve(self, cfg: TrainerConfig) -> None:
         self._server, _ = start_http_server(cfg.metrics_port, registry=self.registry)
@@ -117,14 +121,15 @@ class Metrics:
     def evals(self, results: Mapping[str, float], *, step: int = 0, tokens: int = 0,
               base: bool = False) -> None:
         """An evaluation's results; the base model's go to their own series (the reference
-        every regression is measured against) as well as to the current values."""
+        every regression is measured against) as well as to the current values. The step goes
+        first, so a scrape between the writes never pairs new values with an old step."""
+        self.eval_step.labels(**self._labels).set(step)
+        self.eval_tokens.labels(**self._labels).set(tokens)
         for key, value in results.items():
             suite, _, metric = key.partition(".")
             self.eval_metric.labels(suite=suite, metric=metric, **self._labels).set(value)
             if base:
                 self.eval_base.labels(suite=suite, metric=metric, **self._labels).set(value)
-        self.eval_step.labels(**self._labels).set(step)
-        self.eval_tokens.labels(**self._labels).set(tokens)
 
     def gates(self, spec: CptRunSpec, base: Mapping[str, float]) -> None:
         """Each base-baseline gate's limit as an absolute value, so dashboards can draw it."""
@@ -148,6 +153,12 @@ class Metrics:
             self.grad_mean.labels(**self._labels).set(mean)
             self.grad_std.labels(**self._labels).set(std)
         self.anomaly_k.labels(**self._labels).set(detector.spec.k)
+
+    def new_token(self, token: str, *, loss: float, seen: int) -> None:
+        """An added token's interval loss and the targets of it just trained on (the label is
+        the term, readable, rather than its byte-level vocabulary entry)."""
+        self.new_token_loss.labels(token=token, **self._labels).set(loss)
+        self.new_token_seen.labels(token=token, **self._labels).inc(seen)
 
     def up(self, running: bool) -> None:
         self.up_g.labels(**self._labels).set(1 if running else 0)

@@ -1,0 +1,113 @@
+"""Pure builders: (CptRun, attempt, settings) in, Kubernetes objects (plain dicts) out.
+
+Nothing here talks to a cluster, so every object the operator creates can be checked by a unit
+test. Names are deterministic: a second reconcile pass, or a restarted operator, builds the same
+names and finds what the first one created instead of creating it twice.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..api.spec import API_VERSION, KIND, CptRunSpec
+from ..api.trainer_config import TrainerConfig
+from ..reconcile import StartAttempt
+from ..store import attempt_dir
+from .settings import Settings
+
+CONFIG_DIR = "/etc/cpt"
+CONFIG_FILE = "trainer-config.json"
+WORK_DIR = "/var/run/cpt"
+LABEL_RUN = "cpt.mlops.dev/run"
+LABEL_ATTEMPT = "cpt.mlops.dev/attempt"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+MAX_JOB_NAME = 56
+"""An Indexed Job's pod hostname is `<job>-<index>` and must fit a 63-character DNS label;
+56 leaves room for indices up to 9999 (resources.nodes is at most 1024)."""
+
+Object = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRef:
+    """The CptRun that owns an attempt's objects."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+class SpecProblem(ValueError):
+    """The spec is valid on its own but cannot run on a cluster."""
+
+
+def _short(name: str, limit: int) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{name[:limit - 7].rstrip('-')}-{digest}"
+
+
+def attempt_name(run: str, attempt: int) -> str:
+    """`<run>-a<attempt>`, shortened with a digest when long; a Service name must start with a
+    letter, so a run named like `7b-domain` gets an `r` in front."""
+    suffix = f"-a{attempt}"
+    stem = run if run[:1].isalpha() else f"r{run}"
+    return _short(stem, MAX_JOB_NAME - len(suffix)) + suffix
+
+
+def run_label(run: str) -> str:
+    return _short(run, 63)
+
+
+def labels(run: RunRef, attempt: int) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "cpt-trainer", "app.kubernetes.io/managed-by": "cpt-operator",
+            LABEL_RUN: run_label(run.name), LABEL_ATTEMPT: str(attempt)}
+
+
+def selector(run: RunRef, attempt: int) -> str:
+    return f"{LABEL_RUN}={run_label(run.name)},{LABEL_ATTEMPT}={attempt}"
+
+
+def owner_reference(run: RunRef) -> Object:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": run.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def metadata(run: RunRef, attempt: int, name: str | None = None) -> Object:
+    return {"name": name or attempt_name(run.name, attempt), "namespace": run.namespace,
+            "labels": labels(run, attempt), "ownerReferences": [owner_reference(run)]}
+
+
+def checkpoint_root(spec: CptRunSpec) -> str:
+    if not spec.checkpoint.uri:
+        raise SpecProblem("checkpoint.uri is required on a cluster: pods share no run directory, "
+                          "so checkpoints must go to object storage (e.g. s3://bucket/runs/NAME)")
+    return spec.checkpoint.uri.rstrip("/")
+
+
+def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings: Settings) -> TrainerConfig:
+    """What the attempt's trainer runs with; mirrors the local runner's `trainer_config`."""
+    root = checkpoint_root(spec)
+    restore = f"{root}/{action.restore_from}" if action.restore_from else None
+    return TrainerConfig(run=run.name, namespace=run.namespace, attempt=action.number, spec=spec,
+                         run_dir=f"{WORK_DIR}/attempt-{action.number:03d}",
+                         checkpoint_uri=attempt_dir(root, action.number), restore_from=restore,
+                         restore_mode=action.restore_mode, overrides=action.overrides,
+                         metrics_port=settings.trainer_metrics_port)
+
+
+def config_map(run: RunRef, attempt: int, config: TrainerConfig) -> Object:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(run, attempt),
+            "data": {CONFIG_FILE: config.dump_json()}}
+
+
+def headless_service(run: RunRef, attempt: int, settings: Settings) -> Object:
+    """Gives each pod a stable DNS name (`<job>-<index>.<service>`) for the c10d rendezvous.
+    Addresses are published before readiness: rendezvous happens before anything is ready."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(run, attempt),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL_RUN: run_label(run.name), LABEL_ATTEMPT: str(attempt)},
+                     "ports": [{"name": "c10d", "port": settings.rdzv_port,
+                                "targetPort": settings.rdzv_port, "protocol": "TCP"}]}}

@@ -1,0 +1,181 @@
+# mypy: disable-error-code="no-untyped-call"
+# (the kubernetes client has no type annotations)
+"""The one module that talks to the Kubernetes API (besides kopf's own watching and events).
+
+Every write is safe to repeat: creates with deterministic names treat AlreadyExists as found
+(and adopt the object when it is ours), deletes treat NotFound as done, and the status patch
+carries the resourceVersion it was computed from, so a concurrent writer causes a re-read
+instead of a lost update.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Mapping, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from ..api.spec import GROUP, PLURAL, VERSION
+from .builders import LABEL_RUN, Object, RunRef, run_label
+
+log = logging.getLogger(__name__)
+
+
+class Conflict(RuntimeError):
+    """Someone else changed what this pass was computed from; compute it again."""
+
+
+class NotOurs(RuntimeError):
+    """An object with our deterministic name belongs to another owner."""
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 patch turning `old` into `new` (None removes a key; lists are replaced)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    return patch
+
+
+def _raw(response: Any) -> dict[str, Any]:
+    """The JSON of a response read without the client's models: building typed objects and
+    turning them back into dicts costs more than the request itself."""
+    data: dict[str, Any] = json.loads(response.data)
+    return data
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+class KubeClient:
+    def __init__(self, api_client: client.ApiClient | None = None):
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    # -- children ---------------------------------------------------------------------------
+    def _creator(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        methods: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {"ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+                "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+                "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job)}
+        return methods[kind]
+
+    def ensure(self, obj: Object, owner: RunRef) -> bool:
+        """Create `obj`; True if created, False if it was already there and ours."""
+        create, read = self._creator(obj["kind"])
+        meta = obj["metadata"]
+        try:
+            create(meta["namespace"], obj)
+            return True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.api.sanitize_for_serialization(read(meta["name"], meta["namespace"]))
+        if not _owned_by(existing, owner.uid):
+            raise NotOurs(f"{obj['kind']} {meta['name']} exists and is not owned by CptRun {owner.name} "
+                          f"({owner.uid})")
+        return False
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        pods = _raw(self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False))
+        return list(pods.get("items") or [])
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        """Delete a Job; its pods go in the background (each gets its grace period to checkpoint)."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def delete_pods(self, namespace: str, label_selector: str, grace_s: int) -> None:
+        """Delete pods with a shorter grace than their own (the Job's deletion alone would give
+        each its full terminationGracePeriodSeconds)."""
+        self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector,
+                                                   grace_period_seconds=grace_s)
+
+    def run_jobs(self, run: RunRef) -> list[str]:
+        listed = _raw(self.batch.list_namespaced_job(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
+                                                     _preload_content=False)).get("items") or []
+        return [str(j["metadata"]["name"]) for j in listed if _owned_by(j, run.uid)]
+
+    # -- the CptRun itself ------------------------------------------------------------------
+    def read_run(self, namespace: str, name: str) -> dict[str, Any]:
+        found = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return dict(cast(Mapping[str, Any], found))
+
+    def patch_status(self, run: RunRef, resource_version: str, based_on: Mapping[str, Any],
+                     new: Mapping[str, Any], attempts: int = 3) -> None:
+        """Write the status computed from `based_on`. On a 409 the object is read again: if only
+        its metadata or spec moved the patch is retried; if its status moved, this pass was
+        computed from stale state and `Conflict` is raised."""
+        for _ in range(attempts):
+            patch = merge_patch(dict(based_on), dict(new))
+            if not patch:
+                return
+            body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+            try:
+                self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, run.namespace, PLURAL,
+                                                                  run.name, body)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            fresh = self.read_run(run.namespace, run.name)
+            if (fresh.get("status") or {}) != dict(based_on):
+                raise Conflict(f"status of {run.namespace}/{run.name} changed while reconciling")
+            resource_version = fresh["metadata"]["resourceVersion"]
+        raise Conflict(f"status of {run.namespace}/{run.name}: still conflicting after {attempts} tries")
+
+    def patch_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None],
+                          resource_version: str | None = None) -> str:
+        """Set (None: remove) annotations; returns the new resourceVersion."""
+        meta: dict[str, Any] = {"annotations": dict(annotations)}
+        if resource_version:
+            meta["resourceVersion"] = resource_version
+        done = self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                          {"metadata": meta})
+        return str(cast(Mapping[str, Any], done)["metadata"]["resourceVersion"])
+
+    def add_alert(self, namespace: str, name: str, gate: str, key: str, attempts: int = 5) -> None:
+        """Add a gate to the run's alert annotation; read-modify-write guarded by resourceVersion."""
+        for _ in range(attempts):
+            run = self.read_run(namespace, name)
+            current = (run["metadata"].get("annotations") or {}).get(key, "")
+            gates = sorted({*(g for g in current.split(",") if g), gate})
+            try:
+                self.patch_annotations(namespace, name, {key: ",".join(gates)}, run["metadata"]["resourceVersion"])
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise Conflict(f"{namespace}/{name}: could not record the alert after {attempts} tries")
+

@@ -1,0 +1,94 @@
+# mypy: disable-error-code="no-untyped-call"
+"""`cptctl status | stop | rollback` against a CptRun on a cluster.
+
+Requests are annotations the operator acts on (`cpt.mlops.dev/stop`, `cpt.mlops.dev/rollback-to`),
+so they need nothing but permission to patch the CptRun.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..api.status import CptRunStatus
+from .settings import ANNOTATION_ROLLBACK, ANNOTATION_STOP
+
+
+def _client(kubeconfig: str | None, namespace: str | None):  # type: ignore[no-untyped-def]
+    from kubernetes import config
+
+    from .client import KubeClient
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_kube_config()
+        except config.ConfigException:
+            config.load_incluster_config()
+    if namespace is None:
+        try:
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            namespace = active.get("context", {}).get("namespace") or "default"
+        except config.ConfigException:
+            namespace = "default"
+    return KubeClient(), namespace
+
+
+def _fail(run: str, namespace: str, exc: Exception) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException) and exc.status == 404:
+        print(f"error: no CptRun {run!r} in namespace {namespace!r}", file=sys.stderr)
+    else:
+        print(f"error: {namespace}/{run}: {exc}", file=sys.stderr)
+    return 2
+
+
+def show_status(run: str, *, namespace: str | None, kubeconfig: str | None, as_json: bool = False) -> int:
+    kube, ns = _client(kubeconfig, namespace)
+    try:
+        body = kube.read_run(ns, run)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised, like the local command
+        return _fail(run, ns, exc)
+    raw = body.get("status") or {}
+    known = {f.alias or n for n, f in CptRunStatus.model_fields.items()}
+    status = CptRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    if as_json:
+        print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+        return 0
+    o = status.overrides
+    print(f"run:         {ns}/{run}")
+    print(f"phase:       {status.phase.value}  {status.message}")
+    print(f"attempt:     {status.attempt} (from {status.restore_from or 'base'}; lr x{o.lr_scale:g}, "
+          f"replay +{o.replay_delta:g})")
+    print(f"progress:    step {status.step}, {status.tokens:,} tokens")
+    print(f"checkpoints: last {status.last_checkpoint or '-'}, last good {status.last_good_checkpoint or '-'}, "
+          f"chosen {status.best_checkpoint or '-'}")
+    print(f"rollbacks:   {status.rollbacks}, restarts: {status.restarts}")
+    for rec in status.history:
+        print(f"  - attempt {rec.attempt}: {rec.gate} -> {rec.target}; {rec.reason}")
+    for cond in status.conditions:
+        print(f"  {cond.type}={cond.status} ({cond.reason}) {cond.message}")
+    return 0
+
+
+def _annotate(run: str, namespace: str | None, kubeconfig: str | None, key: str, value: str) -> tuple[int, str]:
+    kube, ns = _client(kubeconfig, namespace)
+    try:
+        kube.patch_annotations(ns, run, {key: value})
+    except Exception as exc:  # noqa: BLE001
+        return _fail(run, ns, exc), ns
+    return 0, ns
+
+
+def request_stop(run: str, *, namespace: str | None, kubeconfig: str | None) -> int:
+    code, ns = _annotate(run, namespace, kubeconfig, ANNOTATION_STOP, "true")
+    if code == 0:
+        print(f"stop requested for {ns}/{run}; the operator deletes its Job (trainers checkpoint on SIGTERM)")
+    return code
+
+
+def request_rollback(run: str, to: str, *, namespace: str | None, kubeconfig: str | None) -> int:
+    code, ns = _annotate(run, namespace, kubeconfig, ANNOTATION_ROLLBACK, to)
+    if code == 0:
+        print(f"rollback to {to} requested for {ns}/{run}")
+    return code

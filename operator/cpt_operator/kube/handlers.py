@@ -1,0 +1,290 @@
+"""kopf handlers: thin, over the pure reconcile core.
+
+Every trigger (create, resume, change, a timer every few seconds) runs the same pass for one
+CptRun: read it fresh -> observe (Job and pods, Prometheus, checkpoint manifests) -> `reconcile`
+-> carry out the plan -> patch status. The order of writes is what makes a crash at any point
+safe: a new attempt's objects are created before the status that names it (a repeat finds and
+adopts them), while a stop is recorded in status before the Job is deleted (a repeat issues the
+stop again, see `reconcile`), so no decision is lost and nothing is created twice.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, cast
+
+import fsspec
+import kopf
+from pydantic import ValidationError
+
+from ..api.load import errors_from
+from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
+from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase
+from ..policy.types import EvalPoint
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
+from ..store import CheckpointRef, list_checkpoints, pin
+from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
+from .client import Conflict, KubeClient, NotOurs, load_config
+from .launcher import IndexedJobLauncher, Launcher
+from .metrics import OperatorMetrics
+from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
+from .prometheus import PrometheusError, PrometheusReader, TrainerSeries
+from .settings import ANNOTATION_ALERT, FINALIZER, Settings
+from .webhook import Breach
+
+SETTINGS = Settings.from_env()
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: clients, caches and one lock per run (a timer and a change
+    handler of the same run must not interleave their passes)."""
+
+    settings: Settings
+    kube: KubeClient
+    launcher: Launcher
+    prometheus: PrometheusReader | None
+    metrics: OperatorMetrics
+    caches: dict[str, PointCache] = field(default_factory=dict)
+    pinned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, key: str) -> threading.Lock:
+        with self.guard:
+            return self.locks.setdefault(key, threading.Lock())
+
+    def record_alert(self, breach: Breach) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.kube.add_alert(breach.namespace, breach.run, breach.gate, ANNOTATION_ALERT)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    load_config()
+    reader = PrometheusReader(settings.prometheus_url) if settings.prometheus_url else None
+    return Runtime(settings=settings, kube=KubeClient(), launcher=IndexedJobLauncher(settings),
+                   prometheus=reader, metrics=OperatorMetrics())
+
+
+# -- observing -------------------------------------------------------------------------------
+def _load_status(raw: Mapping[str, Any]) -> CptRunStatus:
+    known = {f.alias or name for name, f in CptRunStatus.model_fields.items()}
+    return CptRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
+
+
+def _checkpoints(root: str) -> list[CheckpointRef]:
+    fs, _ = fsspec.core.url_to_fs(root)
+    fs.invalidate_cache()  # object-store listings are cached per filesystem; the trainer writes behind our back
+    refs, problems = list_checkpoints(root)
+    for p in problems:
+        log.debug("checkpoint %s skipped: %s", p.checkpoint, p.reason)
+    return refs
+
+
+def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any],
+            attempt: int) -> tuple[TrainerSeries | None, list[EvalPoint]]:
+    cache = rt.caches.setdefault(run.uid, PointCache())
+    if rt.prometheus is None:
+        return None, list(cache.points.values())
+    now = time.time()
+    window = cache.window(parse_time(body["metadata"].get("creationTimestamp")), now)
+    try:
+        series = rt.prometheus.read(run.name, run.namespace, attempt, window)
+    except PrometheusError as exc:
+        # without metrics no gate can fire, but failed pods are still restarted: go on
+        log.warning("%s/%s: Prometheus unavailable: %s", run.namespace, run.name, exc)
+        return None, [cache.points[k] for k in sorted(cache.points)]
+    return series, cache.update(series.points, now)
+
+
+# -- acting ----------------------------------------------------------------------------------
+def _start(rt: Runtime, run: RunRef, spec: CptRunSpec, action: StartAttempt) -> None:
+    config = trainer_config(run, spec, action, rt.settings)
+    for obj in rt.launcher.build(run, spec, config):
+        rt.kube.ensure(obj, run)
+
+
+def _count_decisions(rt: Runtime, run: RunRef, before: CptRunStatus, after: CptRunStatus) -> None:
+    for record in after.history[len(before.history):]:
+        rt.metrics.gate_breaches.labels(run.namespace, run.name, record.gate).inc()
+    if after.rollbacks > before.rollbacks:
+        target = after.history[-1].target if after.history else "base"
+        rt.metrics.rollbacks.labels(run.namespace, run.name, target).inc()
+
+
+def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, Any], plan: Plan,
+               asks: Requests, before: CptRunStatus) -> None:
+    for action in plan.actions:
+        if isinstance(action, StartAttempt):
+            _start(rt, run, spec, action)
+    version = body["metadata"]["resourceVersion"]
+    if asks.one_shot:
+        # cleared before the decision is recorded: a crash in between loses the request (the user
+        # can repeat it) rather than rolling back twice
+        version = rt.kube.patch_annotations(run.namespace, run.name, {k: None for k in asks.one_shot})
+    rt.kube.patch_status(run, version, body.get("status") or {}, plan.status.dump())
+    _count_decisions(rt, run, before, plan.status)
+    for action in plan.actions:
+        if isinstance(action, StopAttempt):
+            rt.kube.delete_job(run.namespace, attempt_name(run.name, action.number))
+            if not action.checkpoint:
+                rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
+        elif isinstance(action, Pin) and action.names and rt.pinned.get(run.uid) != action.names:
+            try:
+                pin(checkpoint_root(spec), list(action.names))
+                rt.pinned[run.uid] = action.names
+            except OSError as exc:
+                log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
+        elif isinstance(action, Emit):
+            kopf.event(_as_body(body), type=action.type, reason=action.reason, message=action.message[:1000])
+
+
+def _as_body(body: Mapping[str, Any]) -> kopf.Body:
+    return kopf.Body(cast(kopf.RawBody, dict(body)))
+
+
+def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str) -> None:
+    st = status.model_copy(deep=True)
+    st.observed_generation = body["metadata"].get("generation")
+    set_condition(st, ConditionType.spec_valid, False, "InvalidSpec", message, now_rfc3339())
+    st.message = f"invalid spec: {message}"
+    old = body.get("status") or {}
+    if st.dump() != old:
+        rt.kube.patch_status(run, body["metadata"]["resourceVersion"], old, st.dump())
+        kopf.event(_as_body(body), type="Warning", reason="InvalidSpec", message=message[:1000])
+
+
+def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
+    holding = plan.status.phase in (Phase.running, Phase.rolling_back) and (
+        state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
+    return spec.resources.nodes * spec.resources.gpus_per_node if holding else 0
+
+
+# -- one pass --------------------------------------------------------------------------------
+def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
+    with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
+        body = rt.kube.read_run(namespace, name)
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return None
+        run = RunRef(name=name, namespace=namespace, uid=meta["uid"])
+        status = _load_status(body.get("status") or {})
+        try:
+            spec = CptRunSpec.model_validate(body.get("spec") or {})
+            root = checkpoint_root(spec)
+        except ValidationError as exc:
+            _report_invalid(rt, run, body, status, "; ".join(str(e) for e in errors_from(exc, "spec")))
+            return None
+        except SpecProblem as exc:
+            _report_invalid(rt, run, body, status, str(exc))
+            return None
+        number = status.attempt
+        job = rt.kube.read_job(namespace, attempt_name(name, number)) if number else None
+        pods = rt.kube.pods(namespace, selector(run, number)) if number else []
+        state = rt.launcher.attempt_state(number, job, pods)
+        if status.phase in TERMINAL_PHASES:  # nothing left to decide from metrics
+            series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()
+        else:
+            series, points = _series(rt, run, body, number)
+            refs = _checkpoints(root)
+        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs)
+        plan = reconcile(spec, status, obs)
+        _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status)
+        rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
+                               _gpus(spec, plan, state.state))
+        return plan
+
+
+def _pass(memo: kopf.Memo, namespace: str | None, name: str | None,
+          logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    assert namespace and name, "CptRun is namespaced"
+    try:
+        reconcile_run(memo.runtime, namespace, name)
+    except Conflict as exc:
+        raise kopf.TemporaryError(str(exc), delay=1) from exc
+    except NotOurs as exc:
+        logger.error("%s", exc)
+        raise kopf.TemporaryError(str(exc), delay=30) from exc
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # deleted meanwhile
+        raise kopf.TemporaryError(f"Kubernetes API: {exc.status} {exc.reason}", delay=5) from exc
+    except OSError as exc:  # the checkpoint store
+        raise kopf.TemporaryError(f"checkpoint store: {exc}", delay=10) from exc
+
+
+# -- kopf wiring -----------------------------------------------------------------------------
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    from prometheus_client import start_http_server
+
+    from .webhook import make_app, serve
+
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="cpt.mlops.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="cpt.mlops.dev", key="last-handled-configuration")
+    # kopf's watches can stall silently without timeouts (kopf #585, #1120)
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 32
+    runtime = build_runtime(SETTINGS)
+    memo.runtime = runtime
+    start_http_server(SETTINGS.metrics_port, registry=runtime.metrics.registry)
+    memo.webhook = await serve(make_app(SETTINGS.webhook_token, runtime.record_alert), SETTINGS.webhook_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "webhook", None) is not None:
+        await memo.webhook.cleanup()
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_change(*, namespace: str | None, name: str | None, memo: kopf.Memo,
+              logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    _pass(memo, namespace, name, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False)
+def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
+             logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    _pass(memo, namespace, name, logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def on_job_event(*, body: kopf.Body, namespace: str | None, memo: kopf.Memo,
+                 logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    """A Job of a run changed (finished, failed, deleted): decide now rather than at the next tick."""
+    owner = next((ref for ref in body.get("metadata", {}).get("ownerReferences") or []
+                  if ref.get("kind") == "CptRun" and ref.get("apiVersion", "").startswith(f"{GROUP}/")), None)
+    if owner is not None and getattr(memo, "runtime", None) is not None:
+        _pass(memo, namespace, owner["name"], logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """The finalizer: stop every attempt; checkpoints stay where they are."""
+    assert namespace, "CptRun is namespaced"
+    rt: Runtime = memo.runtime
+    run = RunRef(name=name, namespace=namespace, uid=body["metadata"]["uid"])
+    stopped = [job for job in rt.kube.run_jobs(run) if rt.kube.delete_job(namespace, job)]
+    log.info("%s/%s deleted: stopped %s; checkpoints are kept", namespace, name, ", ".join(stopped) or "nothing")
+    rt.metrics.forget_run(run.uid, namespace, name)
+    rt.caches.pop(run.uid, None)
+    rt.pinned.pop(run.uid, None)

@@ -1,0 +1,49 @@
+"""The operator's own metrics: decisions (breaches, rollbacks), runs by phase, GPUs held."""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..api.status import Phase
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.gate_breaches = Counter("cpt_gate_breaches_total", "Gates (and alerts, anomaly rules) that fired",
+                                     ["namespace", "run", "gate"], registry=r)
+        self.rollbacks = Counter("cpt_rollbacks_total", "Rollbacks and tune restarts, by restore target",
+                                 ["namespace", "run", "target"], registry=r)
+        self.runs = Gauge("cpt_runs", "CptRuns by phase", ["phase"], registry=r)
+        self.attempt = Gauge("cpt_run_attempt", "Current attempt of a run", ["namespace", "run"], registry=r)
+        self.gpus = Gauge("cpt_run_gpus", "GPUs held by a run's running attempt", ["namespace", "run"], registry=r)
+        self.reconcile_seconds = Histogram("cpt_reconcile_seconds", "Time of one reconcile pass",
+                                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                           registry=r)
+        self._phases: dict[str, str] = {}
+        self._lock = threading.Lock()
+        for phase in Phase:
+            self.runs.labels(phase.value).set(0)
+
+    def observe_run(self, key: str, namespace: str, run: str, phase: str, attempt: int, gpus: int) -> None:
+        self.attempt.labels(namespace, run).set(attempt)
+        self.gpus.labels(namespace, run).set(gpus)
+        with self._lock:
+            self._phases[key] = phase
+            self._count()
+
+    def forget_run(self, key: str, namespace: str, run: str) -> None:
+        for gauge in (self.attempt, self.gpus):
+            try:
+                gauge.remove(namespace, run)
+            except KeyError:
+                pass
+        with self._lock:
+            self._phases.pop(key, None)
+            self._count()
+
+    def _count(self) -> None:
+        for phase in Phase:
+            self.runs.labels(phase.value).set(sum(1 for p in self._phases.values() if p == phase.value))

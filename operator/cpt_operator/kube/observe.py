@@ -1,0 +1,106 @@
+"""Turn what the cluster, Prometheus and the checkpoint store say into the core's `Observed`.
+
+The checkpoint manifests are the ground truth for which checkpoint exists and how it evaluated:
+an evaluation seen in Prometheus at the step of a checkpoint is replaced by the manifest's,
+which also names the checkpoint (only such points can be rollback targets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..policy.types import CheckpointEvals, EvalPoint
+from ..reconcile import AttemptState, Observed
+from ..store import CheckpointRef
+from .prometheus import TrainerSeries
+from .settings import ANNOTATION_ALERT, ANNOTATION_ROLLBACK, ANNOTATION_STOP
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def checkpoint_evals(refs: Sequence[CheckpointRef]) -> list[CheckpointEvals]:
+    return [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
+                            evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
+
+
+def merge_points(series: Iterable[EvalPoint], refs: Sequence[CheckpointRef]) -> list[EvalPoint]:
+    """Prometheus evaluations plus the manifests' (which win at the same attempt and step)."""
+    merged = {(p.attempt, p.step): p for p in series}
+    for ref in refs:
+        m = ref.manifest
+        if not m.evals:
+            continue
+        merged[(ref.attempt, m.step)] = EvalPoint(attempt=ref.attempt, step=m.step, tokens=m.tokens,
+                                                  metrics=dict(m.evals), checkpoint=ref.name,
+                                                  stable=m.stable)
+    return [merged[k] for k in sorted(merged)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requests:
+    """What people (annotations set by `cptctl`) and alerts (the webhook) ask of a run."""
+
+    stop: bool = False
+    rollback_to: str | None = None
+    alerts: tuple[str, ...] = ()
+
+    @property
+    def one_shot(self) -> list[str]:
+        """Annotations to clear once acted on (a stop stays: it is a state, not an event)."""
+        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alerts)) if v]
+
+
+def requests(annotations: Mapping[str, str] | None) -> Requests:
+    annotations = annotations or {}
+    stop = annotations.get(ANNOTATION_STOP, "").strip().lower() in ("true", "1", "yes")
+    rollback = annotations.get(ANNOTATION_ROLLBACK, "").strip() or None
+    alerts = tuple(sorted({g.strip() for g in annotations.get(ANNOTATION_ALERT, "").split(",") if g.strip()}))
+    return Requests(stop=stop, rollback_to=rollback, alerts=alerts)
+
+
+@dataclass
+class PointCache:
+    """Evaluations already read for one run, so each pass asks Prometheus only for the recent
+    window rather than the run's whole life."""
+
+    points: dict[tuple[int, int], EvalPoint] = field(default_factory=dict)
+    read_at: float | None = None
+
+    def window(self, created_at: float | None, now: float, overlap_s: float = 60.0) -> int:
+        start = self.read_at - overlap_s if self.read_at else (created_at or now - 3600) - overlap_s
+        return max(int(now - start), 1)
+
+    def update(self, points: Iterable[EvalPoint], now: float) -> list[EvalPoint]:
+        points = list(points)
+        # the oldest evaluation of each attempt in a window may be cut off by the window's start
+        # (and with it the samples that tell a torn scrape apart): what was read whole wins
+        first = {p.attempt: p.step for p in sorted(points, key=lambda p: (p.attempt, -p.step))}
+        for p in points:
+            old = self.points.get((p.attempt, p.step))
+            if old is not None and first[p.attempt] == p.step:
+                continue
+            metrics = {**(old.metrics if old else {}), **p.metrics}
+            self.points[(p.attempt, p.step)] = replace(p, metrics=metrics)
+        self.read_at = now
+        return [self.points[k] for k in sorted(self.points)]
+
+
+def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerSeries | None,
+             points: Sequence[EvalPoint], refs: Sequence[CheckpointRef]) -> Observed:
+    asks = requests(body.get("metadata", {}).get("annotations"))
+    if series is not None and attempt.state != "absent":
+        attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens)
+    return Observed(attempt=attempt, now=now_rfc3339(), base=dict(series.base) if series else {},
+                    points=merge_points(points, refs), anomalies=dict(series.anomalies) if series else {},
+                    checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
+                    rollback_to=asks.rollback_to, alerts=asks.alerts,
+                    generation=body.get("metadata", {}).get("generation"))

@@ -1,0 +1,202 @@
+"""Read the trainer's series from Prometheus (HTTP API) into the reconcile core's terms.
+
+Rank 0 of every attempt exports, each with labels run, namespace, attempt:
+  cpt_eval_metric{suite,metric}       latest evaluation value
+  cpt_eval_step, cpt_eval_tokens      where that evaluation happened
+  cpt_eval_base_metric{suite,metric}  the base model's reference values (set once)
+  cpt_step, cpt_tokens_total, cpt_train_loss, cpt_anomalies_total{kind}, cpt_last_checkpoint_step
+
+Gauges only hold the latest evaluation, so earlier ones are recovered from the raw samples of a
+range vector (`metric[window]`): every sample of one scrape carries the same timestamp, so each
+eval-metric sample is attributed to the `cpt_eval_step` seen at its timestamp.
+
+The trainer sets several gauges one after another, so a scrape can fall in the middle of an
+update and pair a step with a value of the evaluation before or after it. Such a torn value is
+the value its metric has in a neighbouring evaluation; when an evaluation saw several values of
+a metric, values that also belong to a neighbour are dropped, and of the rest the one seen in
+most scrapes (then the latest) wins. Whichever order the trainer sets its gauges in, a torn
+scrape cannot move a value to the wrong step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from bisect import bisect_right
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..policy.types import EvalPoint
+
+Series = Mapping[str, Any]
+"""One element of a Prometheus `result`: {"metric": labels, "values": [[t, "v"], ...]} for a
+matrix, {"metric": labels, "value": [t, "v"]} for a vector."""
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+def selector(run: str, namespace: str, attempt: int | None = None, **extra: str) -> str:
+    labels = {"run": run, "namespace": namespace, **extra}
+    if attempt is not None:
+        labels["attempt"] = str(attempt)
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _names(run: str, namespace: str, attempt: int | None, *names: str) -> str:
+    return selector(run, namespace, attempt, __name__="|".join(names)).replace('__name__="', '__name__=~"')
+
+
+def by_name(series: Sequence[Series]) -> dict[str, list[Series]]:
+    out: dict[str, list[Series]] = defaultdict(list)
+    for s in series:
+        out[s["metric"].get("__name__", "")].append(s)
+    return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _attempt(series: Series) -> int | None:
+    try:
+        return int(series["metric"].get("attempt", ""))
+    except ValueError:
+        return None
+
+
+def _samples(series: Series) -> list[tuple[float, float]]:
+    return [(float(t), float(v)) for t, v in series.get("values", [])]
+
+
+def _timeline(matrix: Sequence[Series]) -> dict[int, tuple[list[float], list[float]]]:
+    """attempt -> (sorted timestamps, values) of a per-attempt gauge such as cpt_eval_step."""
+    out: dict[int, list[tuple[float, float]]] = {}
+    for series in matrix:
+        attempt = _attempt(series)
+        if attempt is not None:
+            out.setdefault(attempt, []).extend(_samples(series))
+    return {a: ([t for t, _ in sorted(s)], [v for _, v in sorted(s)]) for a, s in out.items()}
+
+
+def _at(timeline: tuple[list[float], list[float]], ts: float) -> float | None:
+    """The value of a gauge at `ts`: its last sample at or before it."""
+    times, values = timeline
+    index = bisect_right(times, ts) - 1
+    return values[index] if index >= 0 else None
+
+
+def _settle(seen: list[tuple[float, float]], neighbours: set[float]) -> float:
+    """One value from the (timestamp, value) samples of a metric within one evaluation."""
+    values = {v for _, v in seen}
+    if len(values) > 1:
+        own = [(t, v) for t, v in seen if v not in neighbours]
+        seen = own or seen
+    counts: dict[float, tuple[int, float]] = {}
+    for t, v in seen:
+        n, last = counts.get(v, (0, t))
+        counts[v] = (n + 1, max(last, t))
+    return max(counts.items(), key=lambda item: item[1])[0]
+
+
+def eval_points(metrics: Sequence[Series], steps: Sequence[Series],
+                tokens: Sequence[Series] = ()) -> list[EvalPoint]:
+    """Distinct evaluations (one point per attempt and eval step) from range-vector samples."""
+    step_at, tokens_at = _timeline(steps), _timeline(tokens)
+    samples: dict[tuple[int, int], dict[str, list[tuple[float, float]]]] = {}
+    token_of: dict[tuple[int, int], int] = {}
+    for series in metrics:
+        attempt, labels = _attempt(series), series["metric"]
+        if attempt is None or attempt not in step_at or "suite" not in labels or "metric" not in labels:
+            continue
+        key = f"{labels['suite']}.{labels['metric']}"
+        for ts, value in _samples(series):
+            step = _at(step_at[attempt], ts)
+            if step is None or not math.isfinite(step):
+                continue
+            point = (attempt, int(step))
+            samples.setdefault(point, {}).setdefault(key, []).append((ts, value))
+            if attempt in tokens_at:
+                count = _at(tokens_at[attempt], ts)
+                if count is not None and math.isfinite(count):
+                    token_of[point] = int(count)
+    order = sorted(samples)
+    points = []
+    for i, (attempt, step) in enumerate(order):
+        adjacent = [order[j] for j in (i - 1, i + 1) if 0 <= j < len(order) and order[j][0] == attempt]
+        metrics_out = {}
+        for key, seen in sorted(samples[(attempt, step)].items()):
+            neighbours = {v for n in adjacent for _, v in samples[n].get(key, [])}
+            metrics_out[key] = _settle(seen, neighbours)
+        points.append(EvalPoint(attempt=attempt, step=step, tokens=token_of.get((attempt, step), 0),
+                                metrics=metrics_out))
+    return points
+
+
+def labelled_values(vector: Sequence[Series], *labels: str) -> dict[str, float]:
+    """Instant-vector samples keyed by the given labels joined with '.', e.g. suite.metric."""
+    out: dict[str, float] = {}
+    for series in vector:
+        names = series["metric"]
+        if all(label in names for label in labels):
+            out[".".join(names[label] for label in labels)] = float(series["value"][1])
+    return out
+
+
+def scalar(vector: Sequence[Series]) -> float | None:
+    values = [float(s["value"][1]) for s in vector]
+    return max(values) if values else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSeries:
+    """What Prometheus knows of one run."""
+
+    points: list[EvalPoint] = field(default_factory=list)
+    base: dict[str, float] = field(default_factory=dict)
+    anomalies: dict[str, int] = field(default_factory=dict)
+    step: int = 0
+    tokens: int = 0
+
+
+class PrometheusReader:
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def query(self, promql: str) -> list[Series]:
+        query = urllib.parse.urlencode({"query": promql})
+        request = urllib.request.Request(f"{self.url}/api/v1/query", data=query.encode(),
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            raise PrometheusError(f"{promql}: HTTP {exc.code} {detail}") from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise PrometheusError(f"{promql}: {exc}") from exc
+        if body.get("status") != "success":
+            raise PrometheusError(f"{promql}: {body.get('error', body)}")
+        return list(body["data"]["result"])
+
+    def read(self, run: str, namespace: str, attempt: int, window_s: int) -> TrainerSeries:
+        """Evaluations of every attempt within the window, and the current attempt's progress."""
+        window = f"[{max(int(window_s), 1)}s]"
+        # one query per shape rather than per series: a pass runs for every run every few seconds
+        evals = by_name(self.query(_names(run, namespace, None, "cpt_eval_metric", "cpt_eval_step",
+                                          "cpt_eval_tokens") + window))
+        points = eval_points(evals["cpt_eval_metric"], evals["cpt_eval_step"], evals["cpt_eval_tokens"])
+        base = labelled_values(self.query(f"last_over_time(cpt_eval_base_metric{selector(run, namespace)}{window})"),
+                               "suite", "metric")
+        now = by_name(self.query(_names(run, namespace, attempt, "cpt_step", "cpt_tokens_total",
+                                        "cpt_anomalies_total")))
+        anomalies = {k: int(v) for k, v in labelled_values(now["cpt_anomalies_total"], "kind").items()
+                     if math.isfinite(v)}
+        step, tokens = scalar(now["cpt_step"]), scalar(now["cpt_tokens_total"])
+        return TrainerSeries(points=points, base=base, anomalies=anomalies,
+                             step=int(step) if step is not None and math.isfinite(step) else 0,
+                             tokens=int(tokens) if tokens is not None and math.isfinite(tokens) else 0)

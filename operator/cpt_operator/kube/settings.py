@@ -1,0 +1,50 @@
+"""Operator settings, read once from the environment (the Helm chart sets these names)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+ANNOTATION_STOP = "cpt.mlops.dev/stop"
+ANNOTATION_ROLLBACK = "cpt.mlops.dev/rollback-to"
+ANNOTATION_ALERT = "cpt.mlops.dev/gate-alert"
+"""Gates an alert reported as breached (comma-separated), written by the webhook."""
+FINALIZER = "cpt.mlops.dev/finalizer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    trainer_image: str = "ghcr.io/cpt-operator/trainer:latest"
+    prometheus_url: str = ""
+    """Empty: no metrics are read (gates cannot fire; Jobs still run and finish)."""
+    webhook_token: str = ""
+    """Empty: the webhook refuses every request."""
+    peering: str = ""
+    namespaces: tuple[str, ...] = ()
+    metrics_port: int = 8080
+    webhook_port: int = 8081
+    health_port: int = 8082
+    interval_s: float = 5.0
+    """How often each run is reconciled (observe -> decide -> act)."""
+    trainer_metrics_port: int = 9400
+    rdzv_port: int = 29500
+    run_as_user: int = 1000
+    rollback_grace_s: int = 15
+    """Grace of a rolled-back attempt's pods: its progress is being discarded, so it only needs
+    time to exit, not to save (a stop or finish keeps the pods' full grace to checkpoint)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        namespaces = tuple(n.strip() for n in env.get("CPT_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            trainer_image=env.get("CPT_TRAINER_IMAGE") or cls.trainer_image,
+            prometheus_url=env.get("PROMETHEUS_URL", "").rstrip("/"),
+            webhook_token=env.get("CPT_WEBHOOK_TOKEN", ""),
+            peering=env.get("CPT_PEERING_NAME", ""),
+            namespaces=namespaces,
+            metrics_port=int(env.get("CPT_METRICS_PORT") or 8080),
+            webhook_port=int(env.get("CPT_WEBHOOK_PORT") or 8081),
+            health_port=int(env.get("CPT_HEALTH_PORT") or 8082),
+            interval_s=float(env.get("CPT_RECONCILE_INTERVAL") or 5.0),
+        )

@@ -1,0 +1,503 @@
+"""The operator against the real control plane, Prometheus and S3 of tests/cluster.
+
+The operator runs as its own process (`python -m cpt_operator.kube`), exactly as in the chart's
+Deployment, with a one-second reconcile interval. Pods are simulated by kwok (nothing runs in
+them), so the trainer's side is played by the test: it serves the trainer's metric series with
+prometheus_client for the real Prometheus to scrape, and writes checkpoint manifests into the
+real S3 bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(180)]
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "e2e-webhook-token"
+GOOD = "attempt-001/step-00000010"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """`python -m cpt_operator.kube` with the test cluster's kubeconfig; restartable."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.env, self.log_path = env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def port(self, name: str) -> int:
+        return int(self.env[name])
+
+    def start(self) -> "OperatorProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cpt_operator.kube"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"operator exited:\n{self.tail()}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port('CPT_HEALTH_PORT')}/healthz", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"operator not healthy after 60 s:\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.port('CPT_METRICS_PORT')}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def post_alert(self, payload: dict[str, Any], token: str = TOKEN) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port('CPT_WEBHOOK_PORT')}/alerts",
+                                     data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def crd(kube_cluster: Any) -> None:
+    kube_cluster.kubectl("apply", "-f", str(ROOT / "crds" / "cptrun.yaml"))
+    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/cptruns.cpt.mlops.dev")
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster: Any, crd: None, prometheus: Any, s3_server: Any,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    env = {**os.environ, **s3_server.env, "KUBECONFIG": str(kube_cluster.kubeconfig),
+           "PROMETHEUS_URL": prometheus.url, "CPT_WEBHOOK_TOKEN": TOKEN,
+           "CPT_TRAINER_IMAGE": "registry.invalid/cpt-trainer:e2e", "CPT_RECONCILE_INTERVAL": "1",
+           "CPT_METRICS_PORT": str(free_port()), "CPT_WEBHOOK_PORT": str(free_port()),
+           "CPT_HEALTH_PORT": str(free_port()), "CPT_PEERING_NAME": "", "CPT_NAMESPACES": ""}
+    op = OperatorProcess(env, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (tail) ---\n{op.tail(200)}")
+
+
+def cptrun(name: str, bucket: str, *, nodes: int = 1, gpus: int = 1, **spec: Any) -> dict[str, Any]:
+    doc = {
+        "baseModel": {"uri": f"s3://{bucket}/models/base", "format": "hf"},
+        "data": {"sources": [{"name": "legal", "role": "domain", "uri": f"s3://{bucket}/data/legal/*.jsonl", "weight": 0.8},
+                             {"name": "web", "role": "replay", "uri": f"s3://{bucket}/data/web/*.jsonl", "weight": 0.2}]},
+        "budget": {"steps": 100}, "schedule": {"warmupSteps": 5},
+        "checkpoint": {"uri": f"s3://{bucket}/runs/{name}", "every": 10},
+        "evaluation": {"every": 10, "suites": [
+            {"name": "legal", "kind": "domain", "uri": f"s3://{bucket}/eval/legal.jsonl"},
+            {"name": "general", "kind": "general", "uri": f"s3://{bucket}/eval/general.jsonl"}]},
+        "gates": [{"name": "general-regression", "suite": "general", "threshold": 0.1,
+                   "action": "rollback", "rollbackTo": "lastGood", "tune": {"lrFactor": 0.5, "replayDelta": 0.1}}],
+        "resources": {"nodes": nodes, "gpusPerNode": gpus, "nodeSelector": {"pool": "h100"}},
+    } | spec
+    return {"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun", "metadata": {"name": name}, "spec": doc}
+
+
+def get_run(kube: Any, ns: str, name: str) -> dict[str, Any]:
+    return kube.kubectl_json("get", "cptrun", name, "-n", ns)
+
+
+def status_of(kube: Any, ns: str, name: str) -> dict[str, Any]:
+    return get_run(kube, ns, name).get("status") or {}
+
+
+def job_names(kube: Any, ns: str, run: str) -> list[str]:
+    jobs = kube.kubectl_json("get", "jobs", "-n", ns, "-l", f"cpt.mlops.dev/run={run}")["items"]
+    return sorted(j["metadata"]["name"] for j in jobs if not j["metadata"].get("deletionTimestamp"))
+
+
+def trainer_config(kube: Any, ns: str, name: str) -> dict[str, Any]:
+    cm = kube.kubectl_json("get", "configmap", name, "-n", ns)
+    return json.loads(cm["data"]["trainer-config.json"])
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def events(kube: Any, ns: str, name: str) -> list[dict[str, Any]]:
+    return kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
+                             f"involvedObject.name={name},involvedObject.kind=CptRun")["items"]
+
+
+def write_checkpoint(s3: Any, bucket: str, run: str, attempt: int, step: int, evals: dict[str, float]) -> str:
+    """A checkpoint as the trainer commits it: state files first, the manifest last."""
+    fs = s3.filesystem()
+    name = f"attempt-{attempt:03d}/step-{step:08d}"
+    root = f"{bucket}/runs/{run}/{name}"
+    payload = os.urandom(2048)
+    with fs.open(f"{root}/model.safetensors", "wb") as f:
+        f.write(payload)
+    import hashlib
+
+    manifest = Manifest(step=step, tokens=step * 4096, created_at="2026-11-23T12:00:00Z",
+                        lineage=Lineage(run=run, attempt=attempt, parent=None, base_uri=f"s3://{bucket}/models/base",
+                                        restore_mode="weightsOnly", data_version="d1", tokenizer_hash="t1",
+                                        config_hash="c1"),
+                        files={"model.safetensors": FileEntry(size=len(payload),
+                                                              sha256=hashlib.sha256(payload).hexdigest())},
+                        evals=evals)
+    with fs.open(f"{root}/manifest.json", "w") as f:
+        f.write(manifest.model_dump_json(by_alias=True))
+    return name
+
+
+class TrainerMetrics:
+    """Rank 0's exporter as the trainer runs it, for one attempt, scraped by the real Prometheus."""
+
+    def __init__(self, prometheus: Any, run: str, namespace: str, attempt: int):
+        from prometheus_client import CollectorRegistry, Gauge
+        from prometheus_client.exposition import MetricsHandler
+
+        self.registry = CollectorRegistry()
+        labels = {"run": run, "namespace": namespace, "attempt": str(attempt)}
+        self.labels = labels
+        g = lambda name, extra=(): Gauge(name, name, [*labels, *extra], registry=self.registry)  # noqa: E731
+        self.metric, self.base = g("cpt_eval_metric", ("suite", "metric")), g("cpt_eval_base_metric", ("suite", "metric"))
+        self.step, self.tokens, self.train_step = g("cpt_eval_step"), g("cpt_eval_tokens"), g("cpt_step")
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(self.registry))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.prometheus = prometheus
+        prometheus.add_target(self.address, {"job_kind": "trainer"})
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        self.step.labels(**self.labels).set(step)
+        self.tokens.labels(**self.labels).set(step * 4096)
+        self.train_step.labels(**self.labels).set(step)
+        for key, value in metrics.items():
+            suite, metric = key.split(".")
+            self.metric.labels(**self.labels, suite=suite, metric=metric).set(value)
+
+    def set_base(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            suite, metric = key.split(".")
+            self.base.labels(**self.labels, suite=suite, metric=metric).set(value)
+
+    def close(self) -> None:
+        self.prometheus.remove_target(self.address)
+        self.server.shutdown()
+
+
+BASE = {"general.perplexity": 10.0, "legal.perplexity": 30.0}
+
+
+def start_with_a_good_checkpoint(kube: Any, prometheus: Any, s3_server: Any, namespace: str, bucket: str,
+                                 run: str) -> TrainerMetrics:
+    """Attempt 1 running, its trainer exporting the base evaluation and a good one at step 10,
+    whose checkpoint is in the bucket: the run has a last good checkpoint to return to."""
+    kube.apply(cptrun(run, bucket), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, run) == [f"{run}-a1"], f"job {run}-a1", timeout=30)
+    write_checkpoint(s3_server, bucket, run, 1, 10, {"general.perplexity": 10.2, "legal.perplexity": 25.0})
+    trainer = TrainerMetrics(prometheus, run, namespace, 1)
+    trainer.set_base(BASE)
+    trainer.evaluated(10, {"general.perplexity": 10.2, "legal.perplexity": 25.0})
+    kube.wait_for(lambda: status_of(kube, namespace, run).get("lastGoodCheckpoint") == GOOD,
+                  "last good checkpoint in status", timeout=30)
+    assert status_of(kube, namespace, run)["phase"] == "Running"
+    return trainer
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_a_cptrun_becomes_an_indexed_job_on_the_gpu_pool_and_succeeds(kube_cluster: Any, operator: OperatorProcess,
+                                                                         namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("legal", s3_bucket, nodes=2, gpus=4), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "legal") == ["legal-a1"], "job legal-a1", timeout=30)
+    run = get_run(kube, namespace, "legal")
+    owner = {"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun", "name": "legal",
+             "uid": run["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    service = kube.kubectl_json("get", "service", "legal-a1", "-n", namespace)
+    job = kube.kubectl_json("get", "job", "legal-a1", "-n", namespace)
+    config = trainer_config(kube, namespace, "legal-a1")
+    for obj in (service, job, kube.kubectl_json("get", "configmap", "legal-a1", "-n", namespace)):
+        assert obj["metadata"]["ownerReferences"] == [owner]
+    assert service["spec"]["clusterIP"] == "None"
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 2, 2)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in args
+    assert args[args.index("--rdzv-endpoint") + 1] == "legal-a1-0.legal-a1:29500"
+    assert args[args.index("--nnodes") + 1] == "2" and args[args.index("--nproc-per-node") + 1] == "4"
+    assert config["attempt"] == 1 and "restoreFrom" not in config
+    assert config["checkpointUri"] == f"s3://{s3_bucket}/runs/legal/attempt-001"
+
+    def running_pods() -> list[dict[str, Any]] | None:
+        pods = [p for p in kube.pods(namespace, "cpt.mlops.dev/run=legal") if p["status"].get("phase") == "Running"]
+        return pods if len(pods) == 2 else None
+
+    pods = kube.wait_for(running_pods, "2 trainer pods running", timeout=30)
+    assert {p["spec"]["nodeName"] for p in pods} <= {"gpu-h100-0", "gpu-h100-1"}
+    # the Job controller gives each pod its index and the stable hostname the rendezvous uses
+    assert sorted(p["spec"]["hostname"] for p in pods) == ["legal-a1-0", "legal-a1-1"]
+    assert all(p["spec"]["subdomain"] == "legal-a1" for p in pods)
+    status = status_of(kube, namespace, "legal")
+    assert status["phase"] == "Running" and status["attempt"] == 1 and status["observedGeneration"] == 1
+    assert condition(status, "Progressing")["status"] == "True"
+    assert 'cpt_run_gpus{namespace="%s",run="legal"} 8.0' % namespace in operator.metrics()
+
+    # the trainers finish their budget: the Job completes and the run succeeds
+    kube.annotate_pods(namespace, "cpt.mlops.dev/run=legal", "cpt-test/complete=true")
+    kube.wait_for(lambda: status_of(kube, namespace, "legal").get("phase") == "Succeeded", "run Succeeded", timeout=30)
+    status = status_of(kube, namespace, "legal")
+    assert condition(status, "Succeeded")["status"] == "True" and condition(status, "Ready")["status"] == "True"
+    reasons = {e["reason"] for e in events(kube, namespace, "legal")}
+    assert {"AttemptStarted", "Completed"} <= reasons
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schedule": {"warmupSteps": 100}}, "schedule.warmupSteps must be below budget.steps"),
+    ({"optimizer": {"lr": -1}}, "spec.optimizer.lr"),
+    ({"gates": [{"name": "g", "suite": "nope", "threshold": 0.1}]}, "every gate must read a suite"),
+    ({"resources": {"nodes": 0}}, "spec.resources.nodes"),
+], ids=["warmup not below the budget (CEL)", "a negative learning rate (schema)",
+        "a gate on an undefined suite (CEL)", "zero nodes (schema)"])
+def test_invalid_manifests_are_rejected_by_the_api_server(kube_cluster: Any, crd: None, namespace: str,
+                                                          change: dict[str, Any], message: str) -> None:
+    bad = cptrun("bad", "bucket")
+    bad["spec"] |= change
+    result = kube_cluster.kubectl_result("apply", "-n", namespace, "-f", "-", input=json.dumps(bad))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_a_spec_the_cluster_cannot_run_is_reported_in_status(kube_cluster: Any, operator: OperatorProcess,
+                                                             namespace: str) -> None:
+    doc = cptrun("nowhere", "bucket")
+    del doc["spec"]["checkpoint"]  # valid for a local run, impossible on a cluster
+    kube_cluster.apply(doc, namespace=namespace)
+
+    def invalid() -> dict[str, Any] | None:
+        cond = condition(status_of(kube_cluster, namespace, "nowhere"), "SpecValid")
+        return cond if cond.get("status") == "False" else None
+
+    cond = kube_cluster.wait_for(invalid, "SpecValid=False", timeout=30)
+    assert cond["reason"] == "InvalidSpec" and "checkpoint.uri is required" in cond["message"]
+    assert job_names(kube_cluster, namespace, "nowhere") == []
+    assert "InvalidSpec" in {e["reason"] for e in events(kube_cluster, namespace, "nowhere")}
+
+
+def test_a_gate_breach_in_prometheus_rolls_back_to_the_last_good_checkpoint(
+        kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any,
+        namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    trainer = start_with_a_good_checkpoint(kube, prometheus, s3_server, namespace, s3_bucket, "gated")
+    try:
+        # general perplexity 30% above the base's: the gate allows 10%
+        trainer.evaluated(20, {"general.perplexity": 13.0, "legal.perplexity": 22.0})
+        kube.wait_for(lambda: job_names(kube, namespace, "gated") == ["gated-a2"], "attempt 2 replaces attempt 1",
+                      timeout=30)
+    finally:
+        trainer.close()
+    config = trainer_config(kube, namespace, "gated-a2")
+    assert config["restoreFrom"] == f"s3://{s3_bucket}/runs/gated/{GOOD}"
+    assert config["restoreMode"] == "fullState"
+    assert config["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1}
+    status = status_of(kube, namespace, "gated")
+    assert status["attempt"] == 2 and status["rollbacks"] == 1 and status["restoreFrom"] == GOOD
+    record = status["history"][0]
+    assert (record["gate"], record["metric"], record["target"]) == ("general-regression", "general.perplexity", GOOD)
+    assert record["value"] == pytest.approx(13.0) and record["baseline"] == pytest.approx(10.0)
+    assert condition(status, "GateBreached")["status"] == "True"
+    assert status["baseMetrics"] == BASE
+    assert {"RollingBack", "AttemptStarted"} <= {e["reason"] for e in events(kube, namespace, "gated")}
+    metrics = operator.metrics()
+    assert f'cpt_gate_breaches_total{{gate="general-regression",namespace="{namespace}",run="gated"}} 1.0' in metrics
+    assert f'cpt_rollbacks_total{{namespace="{namespace}",run="gated",target="{GOOD}"}} 1.0' in metrics
+
+
+def test_an_alert_through_the_webhook_takes_the_same_rollback_path(
+        kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any, namespace: str,
+        s3_bucket: str) -> None:
+    kube = kube_cluster
+    trainer = start_with_a_good_checkpoint(kube, prometheus, s3_server, namespace, s3_bucket, "alerted")
+    trainer.close()
+    alert = {"status": "firing", "alerts": [{"status": "firing", "labels": {
+        "alertname": "CptGeneralRegression", "run": "alerted", "namespace": namespace, "gate": "general-regression"}}]}
+    assert operator.post_alert(alert, token="wrong")[0] == 401
+    assert status_of(kube, namespace, "alerted").get("rollbacks", 0) == 0
+    code, body = operator.post_alert(alert)
+    assert code == 202 and body["recorded"][0]["run"] == "alerted"
+    kube.wait_for(lambda: job_names(kube, namespace, "alerted") == ["alerted-a2"], "attempt 2 after the alert",
+                  timeout=30)
+    assert trainer_config(kube, namespace, "alerted-a2")["restoreFrom"].endswith(GOOD)
+    run = get_run(kube, namespace, "alerted")
+    assert "cpt.mlops.dev/gate-alert" not in (run["metadata"].get("annotations") or {})
+    assert run["status"]["history"][0]["gate"] == "general-regression"
+
+
+def test_an_operator_restart_mid_run_and_mid_rollback_creates_nothing_twice(
+        kube_cluster: Any, operator: OperatorProcess, namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("steady", s3_bucket), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "steady") == ["steady-a1"], "job steady-a1", timeout=30)
+    uid = kube.kubectl_json("get", "job", "steady-a1", "-n", namespace)["metadata"]["uid"]
+    before = status_of(kube, namespace, "steady")
+
+    operator.stop(signal.SIGKILL)  # no goodbye: as if the node running it vanished
+    operator.start()
+    time.sleep(4)  # a few passes at one per second
+    assert job_names(kube, namespace, "steady") == ["steady-a1"]
+    assert kube.kubectl_json("get", "job", "steady-a1", "-n", namespace)["metadata"]["uid"] == uid
+    after = status_of(kube, namespace, "steady")
+    assert (after["phase"], after["attempt"], after["restarts"]) == (before["phase"], 1, 0)
+
+    # killed after recording a rollback but before deleting the Job: the next operator finishes it
+    operator.stop(signal.SIGKILL)
+    patch = {"status": {"phase": "RollingBack", "rollbacks": 1, "restoreFrom": None,
+                        "history": [{"attempt": 1, "gate": "manual", "target": "base"}]}}
+    kube.kubectl("patch", "cptrun", "steady", "-n", namespace, "--subresource=status", "--type=merge",
+                 "-p", json.dumps(patch))
+    operator.start()
+    kube.wait_for(lambda: job_names(kube, namespace, "steady") == ["steady-a2"], "attempt 2 after the restart",
+                  timeout=30)
+    time.sleep(3)
+    assert job_names(kube, namespace, "steady") == ["steady-a2"]
+    status = status_of(kube, namespace, "steady")
+    assert (status["phase"], status["attempt"], status["rollbacks"], len(status["history"])) == ("Running", 2, 1, 1)
+    assert "restoreFrom" not in trainer_config(kube, namespace, "steady-a2")
+
+
+def test_deleting_a_cptrun_stops_its_job_and_keeps_its_checkpoints(
+        kube_cluster: Any, operator: OperatorProcess, s3_server: Any, namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("doomed", s3_bucket), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "doomed") == ["doomed-a1"], "job doomed-a1", timeout=30)
+    name = write_checkpoint(s3_server, s3_bucket, "doomed", 1, 10, {"general.perplexity": 10.0})
+    assert "cpt.mlops.dev/finalizer" in get_run(kube, namespace, "doomed")["metadata"]["finalizers"]
+    kube.kubectl("delete", "cptrun", "doomed", "-n", namespace, "--timeout=30s")
+    assert kube.kubectl_result("get", "cptrun", "doomed", "-n", namespace).returncode != 0
+    kube.wait_for(lambda: not job_names(kube, namespace, "doomed"), "job deleted", timeout=30)
+    fs = s3_server.filesystem()
+    assert fs.exists(f"{s3_bucket}/runs/doomed/{name}/manifest.json")
+    assert fs.exists(f"{s3_bucket}/runs/doomed/{name}/model.safetensors")
+
+
+def test_cptctl_steers_a_run_on_the_cluster(kube_cluster: Any, operator: OperatorProcess, s3_server: Any,
+                                           namespace: str, s3_bucket: str, tmp_path: Path) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("steered", s3_bucket), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "steered") == ["steered-a1"], "job steered-a1", timeout=30)
+    write_checkpoint(s3_server, s3_bucket, "steered", 1, 10, {"general.perplexity": 10.0})
+    kube.wait_for(lambda: status_of(kube, namespace, "steered").get("lastCheckpoint") == GOOD,
+                  "checkpoint listed in status", timeout=30)
+
+    def cptctl(*args: str) -> subprocess.CompletedProcess[str]:
+        # run from an empty directory: no local run directory can shadow the cluster's run
+        return subprocess.run([sys.executable, "-m", "cpt_operator.cli", *args, "-n", namespace,
+                               "--kubeconfig", str(kube.kubeconfig)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)
+
+    assert cptctl("rollback", "steered", "--to", GOOD).returncode == 0
+    kube.wait_for(lambda: job_names(kube, namespace, "steered") == ["steered-a2"], "attempt 2 after cptctl rollback",
+                  timeout=30)
+    assert trainer_config(kube, namespace, "steered-a2")["restoreFrom"].endswith(GOOD)
+    assert status_of(kube, namespace, "steered")["history"][0]["gate"] == "manual"
+
+    assert cptctl("stop", "steered").returncode == 0
+    kube.wait_for(lambda: status_of(kube, namespace, "steered").get("phase") == "Stopped", "run Stopped", timeout=30)
+    kube.wait_for(lambda: not job_names(kube, namespace, "steered"), "job deleted after stop", timeout=30)
+    shown = cptctl("status", "steered")
+    assert shown.returncode == 0 and "phase:       Stopped" in shown.stdout
+    assert "rollbacks:   1" in shown.stdout
+    missing = cptctl("status", "no-such-run")
+    assert missing.returncode == 2 and "no CptRun 'no-such-run'" in missing.stderr
+
+
+def test_failed_pods_restart_from_the_last_checkpoint_a_bounded_number_of_times(
+        kube_cluster: Any, operator: OperatorProcess, s3_server: Any, namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("flaky", s3_bucket, stopPolicy={"maxAttemptRestarts": 1}), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "flaky") == ["flaky-a1"], "job flaky-a1", timeout=30)
+    kube.wait_for(lambda: [p for p in kube.pods(namespace, "cpt.mlops.dev/attempt=1")
+                           if p["status"].get("phase") == "Running"], "pod of attempt 1 running", timeout=30)
+    name = write_checkpoint(s3_server, s3_bucket, "flaky", 1, 10, {"general.perplexity": 10.0})
+    kube.wait_for(lambda: status_of(kube, namespace, "flaky").get("lastCheckpoint") == name,
+                  "checkpoint listed in status", timeout=30)
+
+    kube.annotate_pods(namespace, "cpt.mlops.dev/attempt=1", "cpt-test/fail=true")  # the node died mid-step
+    kube.wait_for(lambda: "flaky-a2" in job_names(kube, namespace, "flaky"), "attempt 2 after the failure", timeout=30)
+    assert trainer_config(kube, namespace, "flaky-a2")["restoreFrom"].endswith(name)
+    status = status_of(kube, namespace, "flaky")
+    assert (status["attempt"], status["restarts"], status["rollbacks"]) == (2, 1, 0)
+    assert condition(status, "Degraded")["reason"] == "AttemptFailed"
+    assert "exited with code 1" in condition(status, "Degraded")["message"]
+
+    kube.wait_for(lambda: [p for p in kube.pods(namespace, "cpt.mlops.dev/attempt=2")
+                           if p["status"].get("phase") == "Running"], "pod of attempt 2 running", timeout=30)
+    kube.annotate_pods(namespace, "cpt.mlops.dev/attempt=2", "cpt-test/fail=true")
+    kube.wait_for(lambda: status_of(kube, namespace, "flaky").get("phase") == "Failed", "run Failed", timeout=30)
+    status = status_of(kube, namespace, "flaky")
+    assert status["attempt"] == 2 and "1 restarts used of 1" in status["message"]
+    assert condition(status, "Failed")["status"] == "True"
+
+
+def test_a_prometheus_alert_rule_rolls_back_through_alertmanager_and_the_webhook(
+        kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any, namespace: str,
+        s3_bucket: str, tmp_path: Path) -> None:
+    """The whole alerting path with real servers: a rule in Prometheus fires, Alertmanager posts
+    to the operator's webhook with the bearer token, the operator rolls the run back."""
+    components = sys.modules[type(kube_cluster).__module__]  # tests/cluster/cluster.py, as conftest loaded it
+    Alertmanager, Prometheus, running = components.Alertmanager, components.Prometheus, components.running
+    receiver = {"name": "cpt-operator", "webhook_configs": [{
+        "url": f"http://127.0.0.1:{operator.port('CPT_WEBHOOK_PORT')}/alerts", "send_resolved": False,
+        "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}}}]}
+    kube = kube_cluster
+    trainer = start_with_a_good_checkpoint(kube, prometheus, s3_server, namespace, s3_bucket, "ruled")
+    try:
+        with running(Alertmanager(tmp_path / "am", receivers=[receiver])) as am, \
+                running(Prometheus(tmp_path / "prom", alertmanager_url=am.url)) as rules_prom:
+            rules_prom.add_target(trainer.address)
+            rules_prom.add_rules("cpt", f"""
+groups:
+- name: cpt
+  rules:
+  - alert: CptGeneralPerplexityHigh
+    expr: cpt_eval_metric{{suite="general",namespace="{namespace}"}} > 12
+    labels: {{gate: general-regression}}
+""")
+            trainer.evaluated(20, {"general.perplexity": 12.5, "legal.perplexity": 24.0})  # +25%
+            kube.wait_for(lambda: job_names(kube, namespace, "ruled") == ["ruled-a2"], "attempt 2 after the alert",
+                          timeout=45)
+    finally:
+        trainer.close()
+    status = status_of(kube, namespace, "ruled")
+    assert status["history"][0]["gate"] == "general-regression" and status["restoreFrom"] == GOOD
+    assert trainer_config(kube, namespace, "ruled-a2")["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1}
