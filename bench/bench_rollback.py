@@ -38,13 +38,15 @@ def scenario(tmp: Path, every: int) -> Path:
     spec = {
         "baseModel": {"uri": str(base), "format": "hf"},
         "data": {"sources": [
-            {"name": "legal", "role": "domain", "uri": "/usr/share/common-licenses/*", "weight": 0.9},
-            {"name": "code", "role": "replay", "format": "jsonl", "weight": 0.1,
+            # cache: the next attempt loads tokens instead of tokenising the corpus again
+            {"name": "legal", "role": "domain", "uri": "/usr/share/common-licenses/*", "weight": 0.9,
+             "cache": True},
+            {"name": "code", "role": "replay", "format": "jsonl", "weight": 0.1, "cache": True,
              "uri": str(jsonl(tmp / "code.jsonl", [p.read_text() for p in files[:40]]))},
         ], "curation": {"decontaminate": False}},
         "packing": {"seqLen": 128, "boundary": "documentMask"},
-        "optimizer": {"lr": 3e-2, "weightDecay": 0.0},
-        "schedule": {"warmupSteps": 1, "decay": "constant"},
+        "optimizer": {"lr": 1e-2, "weightDecay": 0.0},
+        "schedule": {"warmupSteps": every, "decay": "constant"},
         "budget": {"steps": 6 * every},
         "training": {"microBatchSize": 8},
         "checkpoint": {"every": every, "keep": 10},
@@ -87,8 +89,8 @@ def main() -> int:
             return 1
         first, second = events(run_dir, 1), events(run_dir, 2)
         record = status["history"][0]
-        breach = next(e for e in first if e.event == "evaluated" and not e.is_base
-                      and e.step == record["step"])
+        breach = next(e for e in reversed(first) if e.event == "evaluated" and not e.is_base
+                      and e.metrics.get(record["metric"]) == record["value"])
         progress = [e for e in second if e.event == "progress"]
         step_s = (progress[1].time - progress[0].time) if len(progress) > 1 else 0.0
         overhead = progress[0].time - breach.time - step_s
@@ -105,7 +107,8 @@ def main() -> int:
         "overhead_s": overhead, "checkpoint_interval_s": interval, "total_run_s": total,
         "overhead_per_checkpoint_interval": overhead / interval,
         "overhead_share_of_run": overhead / total,
-        "rollbacks": status["rollbacks"], "phase": status["phase"],
+        "rollback_target": record["target"], "rollbacks": status["rollbacks"],
+        "phase": status["phase"],
     }
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _ATTEMPT = re.compile(r"attempt-(\d+)")
 _AXES = ("domain", "general", "behavior", "safety", "drift", "custom")
+NEW_TOKEN_PREFIXES = ("new_token.", "new_tokens.")
 LEGEND = ("o on the Pareto frontier over (domain, general, safety) gains; * chosen: highest J "
           "on the frontier among checkpoints that pass every gate")
 
@@ -85,11 +86,40 @@ def metric_of(key: str) -> Metric | None:
         return None
 
 
+def is_new_token_key(key: str) -> bool:
+    """Training counters of tokens added by tokenizer extension (`new_token.<term>.loss|seen`,
+    `new_tokens.*`): shown in their own section, not as metric columns."""
+    return key.startswith(NEW_TOKEN_PREFIXES)
+
+
 def metric_keys(status: CptRunStatus, spec: CptRunSpec | None) -> list[str]:
     keys = set(status.base_metrics)
     for c in status.checkpoints:
         keys.update(c.metrics)
+    keys = {k for k in keys if not is_new_token_key(k)}
     return sorted(keys, key=lambda k: (_AXES.index(axis_of(k, spec)), k))
+
+
+def new_token_lines(rows: Sequence[Row]) -> list[str]:
+    """Per added token at the latest checkpoint that has them: targets seen so far and the mean
+    loss since the previous checkpoint (under-trained rows show as few targets, high loss)."""
+    latest = next((r for r in reversed(rows) if "new_tokens.seen" in r.metrics), None)
+    if latest is None:
+        return []
+    m = latest.metrics
+    total = f"{_fmt(m.get('new_tokens.loss'))} mean loss, {int(m['new_tokens.seen'])} targets, " \
+        f"{int(m.get('new_tokens.unseen', 0))} tokens never seen"
+    lines = [f"new tokens at {latest.name}: {total}"]
+    terms = sorted({k[len("new_token."):].rsplit(".", 1)[0] for k in m
+                    if k.startswith("new_token.")})
+    width = max([len("token")] + [len(t) for t in terms])
+    if terms:
+        lines.append(f"  {'token':<{width}}  {'seen':>8}  loss")
+    for term in sorted(terms, key=lambda t: (m.get(f"new_token.{t}.seen", 0), t)):
+        seen = m.get(f"new_token.{term}.seen")
+        lines.append(f"  {term:<{width}}  {int(seen) if seen is not None else '-':>8}  "
+                     f"{_fmt(m.get(f'new_token.{term}.loss'))}")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
@@ -142,6 +172,7 @@ def render_report(status: CptRunStatus, plot: str | None = None, *,
     lines.append(f"chosen: {chosen.name} (J = {_fmt(chosen.score)})" if chosen else
                  "chosen: none (no checkpoint has every metric selection needs)")
     lines += stability_gaps(status, rows, keys, spec)
+    lines += new_token_lines(rows)
     for rec in status.history:
         value = f" {rec.metric}={_fmt(rec.value)} vs {_fmt(rec.baseline)}" if rec.metric else ""
         lines.append(f"rollback after attempt {rec.attempt}: {rec.gate}{value} -> {rec.target}")

@@ -34,7 +34,7 @@ from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Preci
                                    SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, surgery
 from .anomaly import AnomalyDetector, Verdict
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
@@ -121,12 +121,19 @@ class Attempt:
             raise Refused(f"base model {spec.base_model.uri} has sha256 {self.base_sha}, the spec "
                           f"says {spec.base_model.sha256}")
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
+        self.extension = surgery.build(cfg, self.tokenizer, is_main=self.dist.is_main)
+        if self.extension is not None:
+            self.tokenizer = self.extension.tokenizer
         self.tok_hash = tokenizer_hash(self.tokenizer)
         if self.start.uri is not None:
             self._check_lineage()
         attention = spec.training.attention
         self.model: PreTrainedModel = load_model(self.start.directory, attention=attention,
                                                  gguf_file=self.start.gguf_file).to(self.device)
+        if self.extension is not None:
+            self.extension.fit(self.model)  # a no-op for weights that already carry it
+            if self.dist.is_main:
+                self.extension.save(cfg.checkpoint_uri)
         self.model.train()
         # Flash-attention honours per-document positions only in a single packed row.
         self.flatten = attention == "flash_attention_2"
@@ -142,6 +149,8 @@ class Attempt:
         except (ValueError, FileNotFoundError) as exc:
             # Sources that do not exist or curate to nothing: fixing the spec is the only cure.
             raise Refused(f"data: {exc}") from exc
+        if self.extension is not None:
+            self.data = self.extension.oversample(self.data, cfg, self.dist.rank)
         self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
         self.optimizer = self._optimizer()
@@ -161,8 +170,12 @@ class Attempt:
     def _check_lineage(self) -> None:
         """Refuse a checkpoint that another tokenizer, base or data stream produced."""
         lineage = self.restored_manifest.lineage
-        if lineage.tokenizer_hash != self.tok_hash:
+        extends = self.extension is not None and \
+            self.extension.accepts(lineage.tokenizer_hash, self.start.mode)
+        if lineage.tokenizer_hash != self.tok_hash and not extends:
             source = self.spec.tokenizer.uri or f"the base model {self.spec.base_model.uri}"
+            if self.extension is not None:
+                source = self.extension.describe(source)
             raise Refused(f"tokenizer mismatch: checkpoint {self.start.uri} was trained with tokenizer "
                           f"{lineage.tokenizer_hash} (its manifest), but this run's tokenizer from "
                           f"{source} has hash {self.tok_hash}")
@@ -186,6 +199,8 @@ class Attempt:
             ref = load_model(str(_parent(self.base_path)), gguf_file=_name(self.base_path))
         else:
             ref = load_model(self.base_path)
+        if self.extension is not None:
+            self.extension.fit(ref)  # the run's vocabulary, so KL terms line up
         ref.to(self.device).eval()
         ref.requires_grad_(False)
         return ref
@@ -246,6 +261,8 @@ class Attempt:
         else:
             directory = local_copy(source)
             fresh = load_model(directory)
+        if self.extension is not None:
+            self.extension.fit(fresh)
         with torch.no_grad():
             for p, q in zip(self.model.parameters(), fresh.parameters()):
                 p.copy_(q.to(p.device))
@@ -306,6 +323,8 @@ class Attempt:
             with torch.no_grad():
                 totals[0] += nll.sum().detach()
                 totals[1] += kl.detach()
+                if self.extension is not None:
+                    self.data.observe(batch, nll.detach())
                 src = batch.source_ids[:, 1:].to(self.device)
                 for s in range(n_sources):
                     sel = (src == s) & mask
@@ -314,6 +333,8 @@ class Attempt:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                          self.spec.gradient.clip))
         distributed.all_reduce_sum(totals)
+        if self.extension is not None:
+            self.data.end_step(self.metrics)
         loss = float(totals[0]) / n_global
         verdict = self.anomaly.observe(loss, grad_norm)
         if verdict is None:
@@ -329,6 +350,8 @@ class Attempt:
         results: dict[str, float] = {}
         if self.evaluator is not None and self.dist.is_main:
             results = self.evaluator.evaluate(self.model)
+            if self.extension is not None:
+                results.update(self.extension.evaluate(self.model, self.evaluator))
         results = distributed.broadcast_object(results)  # type: ignore[assignment]
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
@@ -360,7 +383,9 @@ class Attempt:
             checkpoint.write_json(directory, checkpoint.data_file(rank), self.data.state_dict())
 
         uri = checkpoint.save(cfg.checkpoint_uri, self.step, self.tokens, rank=rank, shared=shared,
-                              per_rank=per_rank, lineage=lineage, evals=evals,
+                              per_rank=per_rank, lineage=lineage,
+                              evals={**evals, **self.data.checkpoint_metrics()}
+                              if self.extension is not None else evals,
                               train_loss=train_loss, stable=not self.unstable)
         if self.dist.is_main:
             protect = {checkpoint_name(self.step)}
