@@ -2,8 +2,9 @@
 
 Both train the same model (same weights, AdamW settings, clipping) on the same token batches.
 The plain loop gets its batches ready-made; ours pays for everything a real run does per step
-(mixture sampling and packing, per-source losses, anomaly checks, metrics, event log). Rounds
-alternate between the two so machine noise hits both alike; the figure is the ratio of medians.
+(mixture sampling and packing, per-source losses, anomaly checks, metrics, event log). The two
+take turns step by step in one process, so machine noise hits both alike; the figure is the
+ratio of total tokens/s over the timed steps.
 
     python bench/bench_trainer.py                      # small random Llama on CPU
     python bench/bench_trainer.py --base demo-data/models/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from cpt_operator.api import TrainerConfig  # noqa: E402
-from cpt_operator.api.events import parse_event  # noqa: E402
 from cpt_trainer.loop import Attempt  # noqa: E402
 
 
@@ -61,21 +60,8 @@ def write_corpus(root: Path) -> Path:
     return root
 
 
-def ours(cfg: TrainerConfig, warmup: int) -> float:
-    """Tokens/s of the real loop over the steps after `warmup`, from its own event log."""
-    attempt = Attempt(cfg)
-    try:
-        assert attempt.run() == 0
-    finally:
-        attempt.close()
-    events = [parse_event(line) for line in Path(cfg.run_dir, "events.jsonl").read_text().splitlines()]
-    progress = [e for e in events if e.event == "progress"]
-    first, last = progress[warmup - 1], progress[-1]
-    return (last.tokens - first.tokens) / (last.time - first.time)
-
-
 def batches_like(cfg: TrainerConfig, n: int) -> list:
-    """The same batches the trainer drew, rebuilt from a fresh pipeline (same seed)."""
+    """The same batches the trainer draws, from a second pipeline with the same seed."""
     from cpt_trainer.data import DataPipeline
     from cpt_trainer.model import load_tokenizer
 
@@ -84,34 +70,37 @@ def batches_like(cfg: TrainerConfig, n: int) -> list:
     return [data.next_batch(cfg.spec.training.micro_batch_size) for _ in range(n)]
 
 
-def plain(base_dir: str, gguf: str | None, batches: list, warmup: int, device: torch.device,
-          bf16: bool) -> float:
+class Plain:
     """The loop everyone writes first: HF loss, backward, clip, AdamW."""
-    extra = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa", **extra).to(device)
-    model.config.use_cache = False
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens, start = 0, 0.0
-    for i, b in enumerate(batches):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+
+    def __init__(self, base_dir: str, gguf: str | None, device: torch.device, bf16: bool):
+        extra = {"gguf_file": gguf} if gguf else {}
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                          attn_implementation="sdpa", **extra).to(device)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                     weight_decay=0.1)
+        self.device, self.bf16 = device, bf16
+
+    def step(self, b) -> None:
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 \
+            else torch.autocast("cpu", enabled=False)
         with ctx:
-            out = model(input_ids=b.input_ids.to(device), position_ids=b.position_ids.to(device),
-                        labels=b.labels.to(device))
+            out = self.model(input_ids=b.input_ids.to(self.device),
+                             position_ids=b.position_ids.to(self.device),
+                             labels=b.labels.to(self.device), use_cache=False)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            tokens += b.input_ids.numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -120,9 +109,8 @@ def main() -> int:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer.json"))
     args = p.parse_args()
 
@@ -137,26 +125,32 @@ def main() -> int:
         else:
             base, label = str(Path(args.base).resolve()), Path(args.base).name
         base_dir, gguf = (str(Path(base).parent), Path(base).name) if args.format == "gguf" else (base, None)
-        spec = spec_for(base, args.format, corpus, args.seq_len, args.batch, args.steps)
+        spec = spec_for(base, args.format, corpus, args.seq_len, args.batch, args.steps + 1)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         bf16 = device.type == "cuda"
-        ours_tps, plain_tps = [], []
-        for r in range(args.rounds):
-            cfg = TrainerConfig.model_validate({
-                "run": "bench", "attempt": r + 1, "spec": spec, "runDir": str(tmpdir / f"run-{r}"),
-                "checkpointUri": str(tmpdir / f"ckpt-{r}")})
-            ours_tps.append(ours(cfg, args.warmup))
-            plain_tps.append(plain(base_dir, gguf, batches_like(cfg, args.steps), args.warmup,
-                                   device, bf16))
-            print(f"round {r + 1}: ours {ours_tps[-1]:,.0f} tok/s, plain {plain_tps[-1]:,.0f} tok/s",
-                  flush=True)
+        cfg = TrainerConfig.model_validate({
+            "run": "bench", "spec": spec, "runDir": str(tmpdir / "run"),
+            "checkpointUri": str(tmpdir / "ckpt")})
+        batches = batches_like(cfg, args.steps)
+        attempt = Attempt(cfg)
+        attempt.begin()
+        plain = Plain(base_dir, gguf, device, bf16)
+        ours_s = plain_s = 0.0
+        tokens = attempt.tokens_per_step
+        for i in range(args.steps):
+            t_ours = timed(attempt.advance)
+            t_plain = timed(plain.step, batches[i])
+            if i >= args.warmup:
+                ours_s, plain_s = ours_s + t_ours, plain_s + t_plain
+        attempt.close()
+        timed_steps = args.steps - args.warmup
+        ours_tps, plain_tps = tokens * timed_steps / ours_s, tokens * timed_steps / plain_s
     result = {
         "benchmark": "trainer throughput vs a plain transformers loop",
         "model": label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "seq_len": args.seq_len, "batch": args.batch,
-        "steps_timed": args.steps - args.warmup, "rounds": args.rounds,
-        "ours_tokens_per_s": statistics.median(ours_tps),
-        "plain_tokens_per_s": statistics.median(plain_tps),
+        "steps_timed": args.steps - args.warmup,
+        "ours_tokens_per_s": ours_tps, "plain_tokens_per_s": plain_tps,
     }
     result["ratio"] = result["ours_tokens_per_s"] / result["plain_tokens_per_s"]
     print(json.dumps(result, indent=2))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from chartlib import CHART, FULL_VALUES, RULES, find, run, template
+from tests.helm.chartlib import CHART, FULL_VALUES, RULES, find, run, template
 
 pytestmark = pytest.mark.helm
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chartlib import (DASHBOARDS, FULL_VALUES, RULE_TESTS, RULES, as_rule_file, dashboard_queries,
+from tests.helm.chartlib import (DASHBOARDS, FULL_VALUES, RULE_TESTS, RULES, as_rule_file, dashboard_queries,
                       find, run, substitute, template)
 
 pytestmark = pytest.mark.prometheus

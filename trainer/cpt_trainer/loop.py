@@ -89,7 +89,7 @@ class Attempt:
         self.unstable = False
         self.last_saved_step: int | None = None
         self.last_checkpoint: str | None = None
-        self.last_evals: dict[str, float] = {}
+        self.last_loss: float | None = None
 
     # ------------------------------------------------------------------------------ setup
     def _start_point(self) -> StartPoint:
@@ -424,6 +424,17 @@ class Attempt:
         return self.stop_requested
 
     def run(self) -> int:
+        self.begin()
+        while self.step < self.total:
+            if self._agree_stop():
+                break
+            code = self.advance()
+            if code is not None:
+                return code
+        return self.finish()
+
+    def begin(self) -> None:
+        """Set up, announce the attempt, and measure the base once when starting from it."""
         self.setup()
         cfg = self.cfg
         self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
@@ -435,47 +446,50 @@ class Attempt:
             base = self.evaluate(is_base=True)
             self.metrics.gates(self.spec, base)
             self.events.emit(Evaluated, step=0, tokens=0, metrics=base, is_base=True)
-        last_loss: float | None = None
-        while self.step < self.total:
-            if self._agree_stop():
-                break
-            began = time.perf_counter()
-            out = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - began
-            self.step += 1
-            self.tokens += self.tokens_per_step
-            tps = self.tokens_per_step / seconds
-            mfu = self.flops_token * tps / (self.peak * self.dist.world_size) if self.peak else None
-            skipped = out.verdict is not None
-            self.metrics.step(step=self.step, tokens=self.tokens, loss=out.loss,
-                              lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
-                              tokens_per_s=tps, skipped=skipped, mfu=mfu)
-            self.metrics.anomaly_band(self.anomaly)
-            if out.verdict is not None:
-                code = self._on_anomaly(out)
-                if code is not None:
-                    return code
-            else:
-                last_loss = out.loss
-            self.data.report_losses(out.source_losses)
-            self.metrics.mixture(dict(zip(self.data.source_names, self.data.roles)),
-                                 self.data.current_weights(), self.data.realised_proportions())
-            if self.step % self.spec.training.log_every == 0 or self.step == self.total:
-                self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=out.loss,
-                                 lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
-                                 tokens_per_s=tps, skipped=skipped)
-            self._agree_stop()
-            self._boundary(last_loss)
+
+    def advance(self) -> int | None:
+        """One optimizer step and everything a step owes: metrics, events, anomaly handling,
+        evaluation and checkpoint when due. Returns an exit code when the attempt must end."""
+        began = time.perf_counter()
+        out = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        tps = self.tokens_per_step / seconds
+        mfu = self.flops_token * tps / (self.peak * self.dist.world_size) if self.peak else None
+        skipped = out.verdict is not None
+        self.metrics.step(step=self.step, tokens=self.tokens, loss=out.loss,
+                          lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
+                          tokens_per_s=tps, skipped=skipped, mfu=mfu)
+        self.metrics.anomaly_band(self.anomaly)
+        if out.verdict is not None:
+            code = self._on_anomaly(out)
+            if code is not None:
+                return code
+        else:
+            self.last_loss = out.loss
+        self.data.report_losses(out.source_losses)
+        self.metrics.mixture(dict(zip(self.data.source_names, self.data.roles)),
+                             self.data.current_weights(), self.data.realised_proportions())
+        if self.step % self.spec.training.log_every == 0 or self.step == self.total:
+            self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=out.loss,
+                             lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
+                             tokens_per_s=tps, skipped=skipped)
+        self._agree_stop()
+        self._boundary(self.last_loss)
+        return None
+
+    def finish(self) -> int:
         if self.stop_requested:
             if self.last_saved_step != self.step:
-                self.save({}, last_loss)
+                self.save({}, self.last_loss)
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted",
                              message="stopped on request after a checkpoint")
             return 0
         if self.last_saved_step != self.step:
-            self._boundary(last_loss)
+            self._boundary(self.last_loss)
         self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="budget",
                          message=f"budget reached: {self.step} steps, {self.tokens:,} tokens")
         return 0

@@ -8,8 +8,8 @@ import pytest
 
 from cpt_operator.api.status import Overrides, Phase
 from cpt_operator.policy import BASE, Action, Observations, decide
-from policy_cases import BASE as BASE_EVALS
-from policy_cases import build_spec, general, point
+from tests.unit.policy.policy_cases import BASE as BASE_EVALS
+from tests.unit.policy.policy_cases import build_spec, general, point
 
 GATE = {"name": "general-ppl", "suite": "general", "threshold": 0.05}
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cpt_operator.policy import EvalPoint, judge_gates, passes_all
-from policy_cases import BASE, build_spec, general, point
+from tests.unit.policy.policy_cases import BASE, build_spec, general, point
 
 
 def gate(**kw: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from cpt_operator.policy import CheckpointEvals, pareto_front, select_checkpoint
-from policy_cases import BASE, build_spec
+from tests.unit.policy.policy_cases import BASE, build_spec
 
 
 def brute_force(vectors: list[tuple[float, ...]]) -> list[int]:

@@ -8,8 +8,8 @@ import pytest
 from cpt_operator.api.evaluation import TuneSpec
 from cpt_operator.api.status import Overrides
 from cpt_operator.policy import BASE, adjust, last_good
-from policy_cases import BASE as BASE_EVALS
-from policy_cases import build_spec, general, point
+from tests.unit.policy.policy_cases import BASE as BASE_EVALS
+from tests.unit.policy.policy_cases import build_spec, general, point
 
 GATE = {"name": "general-ppl", "suite": "general", "threshold": 0.05}
 

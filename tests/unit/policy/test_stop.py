@@ -5,7 +5,7 @@ import pytest
 
 from cpt_operator.policy import plateau_reason
 from cpt_operator.policy.stop import rollbacks_exhausted
-from policy_cases import build_spec, point
+from tests.unit.policy.policy_cases import build_spec, point
 
 PLATEAU = {"stopPolicy": {"plateau": {"suite": "domain", "epsilon": 0.01, "evals": 3}}}
 
