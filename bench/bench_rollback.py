@@ -10,6 +10,11 @@ the run's own event logs:
 
 and compares it with a checkpoint interval of attempt 1 (time between two CheckpointSaved) and
 with the whole run. Usage: python bench/bench_rollback.py [--steps-per-checkpoint N]
+
+`--demo` measures the same path on the demo model (SmolLM2-135M, examples/demo/cptrun.yaml after
+`python examples/demo/prepare.py`): once the first checkpoint exists, a rollback to it is
+requested (`cptctl rollback`, the path a gate takes), and the time from the request to the next
+attempt's first step is compared with the demo's checkpoint interval.
 """
 from __future__ import annotations
 
@@ -71,11 +76,71 @@ def events(run_dir: Path, attempt: int) -> list:
     return [parse_event(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def wait_for(predicate, timeout: float = 1800.0, poll: float = 0.2) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the demo run did not get there in time")
+        time.sleep(poll)
+
+
+def demo(out: str) -> int:
+    """Rollback overhead on the demo model through a requested rollback."""
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="bench-rollback-demo-") as tmp:
+        doc = yaml.safe_load((ROOT / "examples" / "demo" / "cptrun.yaml").read_text())
+        for source in doc["spec"]["data"]["sources"]:
+            source["cache"] = True
+        doc["spec"]["budget"] = {"steps": 2 * doc["spec"]["checkpoint"]["every"]}
+        file = Path(tmp) / "demo.yaml"
+        file.write_text(yaml.safe_dump(doc))
+        run_dir = Path(tmp) / "run"
+        cli = [sys.executable, "-m", "cpt_operator.cli"]
+        proc = subprocess.Popen([*cli, "run", str(file), "--run-dir", str(run_dir), "--nproc", "1",
+                                 "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        every = doc["spec"]["checkpoint"]["every"]
+        first = f"attempt-001/step-{every:08d}"
+        wait_for(lambda: (run_dir / "checkpoints" / first / "manifest.json").exists())
+        requested = time.time()
+        subprocess.run([*cli, "rollback", str(run_dir), "--to", first], cwd=ROOT, check=True,
+                       capture_output=True)
+        log2 = run_dir / "attempt-002" / "events.jsonl"
+        wait_for(lambda: log2.exists() and '"progress"' in log2.read_text())
+        subprocess.run([*cli, "stop", str(run_dir)], cwd=ROOT, capture_output=True)
+        proc.wait(timeout=600)
+        one = events(run_dir, 1)
+        resumed = next(e for e in events(run_dir, 2) if e.event == "progress")
+        progress = [e for e in one if e.event == "progress"]
+        step_s = sum(1 / e.tokens_per_s for e in progress) / len(progress) * progress[0].tokens
+        saved = next(e for e in one if e.event == "checkpoint")
+        # One interval: every step from the first to the checkpoint, its evaluation and save.
+        interval = saved.time - progress[0].time + step_s
+        overhead = resumed.time - requested - step_s
+    result = {"benchmark": "rollback overhead, demo model (requested rollback -> first step)",
+              "model": "SmolLM2-135M-Instruct (GGUF), CPU", "steps_per_checkpoint": every,
+              "overhead_s": overhead, "checkpoint_interval_s": interval,
+              "overhead_per_checkpoint_interval": overhead / interval, "step_s": step_s}
+    print(json.dumps(result, indent=2))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"rollback overhead {overhead:.1f} s = {overhead / interval:.0%} of a demo checkpoint "
+          f"interval ({interval:.0f} s); written to {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps-per-checkpoint", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollback.json"))
+    p.add_argument("--demo", action="store_true", help="measure on the demo model instead")
+    p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.demo:
+        return demo(args.out or str(ROOT / "bench" / "results" / "rollback-demo.json"))
+    args.out = args.out or str(ROOT / "bench" / "results" / "rollback.json")
     with tempfile.TemporaryDirectory(prefix="bench-rollback-") as tmp:
         tmpdir = Path(tmp)
         file = scenario(tmpdir, args.steps_per_checkpoint)

@@ -53,7 +53,7 @@ def test_ctrl_c_stops_after_a_checkpoint_and_the_same_command_resumes(tmp_path, 
     assert stopped["phase"] == "Stopped"
     stopped_at = stopped["step"]
     events = [json.loads(line) for line in (run_dir / "attempt-001" / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "finished" and events[-1]["reason"] == "interrupted"
+    assert events[-1]["event"] == "finished" and events[-1]["reason"] == "interrupted", events[-1]
     # The interrupted attempt ended with a checkpoint at the step it stopped at.
     last = max(ckpts.glob("step-*"))
     manifest = json.loads((last / "manifest.json").read_text())

@@ -555,8 +555,11 @@ def run_attempt(cfg: TrainerConfig) -> int:
     """Run one attempt; returns the process exit code."""
     attempt = Attempt(cfg)
     stop = lambda *_: setattr(attempt, "stop_requested", True)  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+        # Restart interrupted system calls: C++ transports (gloo) treat EINTR as a failure, and
+        # a stop request must end the attempt with a checkpoint, not an error.
+        signal.siginterrupt(sig, False)
     try:
         return attempt.run()
     except Refused as exc:

@@ -18,7 +18,7 @@ from ..api import CptRun, InvalidSpec, TrainerConfig, load_run
 from ..api.status import TERMINAL_PHASES, Phase
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile
 from ..store import attempt_dir, pin
-from .launcher import TrainerProcess, torchrun_command
+from .launcher import TrainerProcess, trainer_command
 from .observe import LocalObserver
 from .progress import Progress
 from .rundir import RunDir
@@ -52,7 +52,7 @@ class LocalRun:
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "trainer-config.json"
         config.write_text(self.trainer_config(action).dump_json())
-        self.proc = TrainerProcess(torchrun_command(config, self.nproc), folder / "trainer.log")
+        self.proc = TrainerProcess(trainer_command(config, self.nproc), folder / "trainer.log")
 
     def carry_out(self, plan: Plan) -> None:
         for action in plan.actions:
