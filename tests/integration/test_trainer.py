@@ -145,3 +145,36 @@ def test_partial_and_corrupt_checkpoints_are_ignored_reported_and_refused(tmp_pa
     assert "cannot restore" in message and "model.safetensors" in message
     # The good checkpoints are untouched by the refused attempt.
     assert checkpoint.problems_of(str(good))[1] == []
+
+
+def test_anomalies_are_skipped_then_restored_or_stop_the_attempt(tmp_path, tiny_model_dir, corpora):
+    # A base whose final norm is NaN: every step's loss is non-finite, deterministically.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "broken-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
+    spec = tiny_spec(broken, corpora, budget={"steps": 5},
+                     schedule={"warmupSteps": 1, "decay": "constant"},
+                     gradient={"anomaly": {"maxConsecutive": 2, "onNonFinite": "skip"}})
+    skipping = write_config(tmp_path / "skip", spec)
+    assert run(skipping) == 0, log_tail(skipping)
+    evs = events(skipping)
+    kinds = [e.kind for e in of("anomaly", evs)]
+    # skip, skip -> restore the start point, and again: the loop never applies a NaN update
+    assert kinds[:3] == ["non_finite", "non_finite", "restored"], kinds
+    assert all(e.skipped for e in of("progress", evs))
+    assert of("finished", evs)[-1].reason == "budget"
+    manifest = manifest_of(tmp_path / "skip" / "checkpoints" / "attempt-001" / checkpoint_name(5))
+    assert manifest["stable"] is False  # never a target for the next anomaly restore
+
+    spec["gradient"]["anomaly"]["onNonFinite"] = "stop"
+    stopping = write_config(tmp_path / "stop", spec)
+    assert run(stopping) == 3, log_tail(stopping)
+    evs = events(stopping)
+    assert [e.kind for e in of("anomaly", evs)] == ["non_finite"]
+    finished = of("finished", evs)[-1]
+    assert finished.reason == "anomaly" and "not finite" in finished.message

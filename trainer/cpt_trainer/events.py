@@ -24,7 +24,7 @@ class EventLog:
             os.makedirs(run_dir, exist_ok=True)
             self._file = open(os.path.join(run_dir, "events.jsonl"), "a", encoding="utf-8")
 
-    def emit(self, kind: EventModel, **fields: Any) -> None:
+    def emit(self, kind: EventModel, /, **fields: Any) -> None:
         if self._file is None:
             return
         event = kind(time=time.time(), **fields)

@@ -474,8 +474,8 @@ class Attempt:
         self.metrics.mixture(dict(zip(self.data.source_names, self.data.roles)),
                              self.data.current_weights(), self.data.realised_proportions())
         if self.step % self.spec.training.log_every == 0 or self.step == self.total:
-            self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=out.loss,
-                             lr=self.schedule(self.step - 1), grad_norm=out.grad_norm,
+            self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=_finite(out.loss),
+                             lr=self.schedule(self.step - 1), grad_norm=_finite(out.grad_norm),
                              tokens_per_s=tps, skipped=skipped)
         self._agree_stop()
         self._boundary(self.last_loss)

@@ -27,9 +27,10 @@ class Progress(SpecModel):
     event: Literal["progress"] = "progress"
     step: int
     tokens: int
-    loss: float
+    loss: float | None
+    """None when the step's loss was not finite (JSON has no NaN)."""
     lr: float
-    grad_norm: float
+    grad_norm: float | None
     tokens_per_s: float
     skipped: bool = False
     time: float

@@ -39,7 +39,7 @@ class Progress:
         progress = log.last_progress if log else None
         if progress is None:
             return
-        postfix = {"attempt": status.attempt, "loss": f"{progress.loss:.3f}",
+        postfix = {"attempt": status.attempt, "loss": "nan" if progress.loss is None else f"{progress.loss:.3f}",
                    "tok/s": f"{progress.tokens_per_s:,.0f}", "lr": f"{progress.lr:.2e}"}
         if self.bar is not None:
             self.bar.n = min(progress.step, self.total)
