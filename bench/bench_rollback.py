@@ -35,7 +35,7 @@ from cpt_operator.api.events import parse_event  # noqa: E402
 
 def scenario(tmp: Path, every: int) -> Path:
     from tests.conftest import build_tiny_model
-    from tests.integration.test_gate_rollback import jsonl, pretrain_on_code, python_files
+    from tests.integration.harness import jsonl, pretrain_on_code, python_files
 
     base = pretrain_on_code(build_tiny_model(tmp / "random", hidden=128, layers=4), tmp / "base")
     files = python_files()

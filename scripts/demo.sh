@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 python examples/demo/prepare.py --out demo-data
 cptctl validate examples/demo/cptrun.yaml
-cptctl run examples/demo/cptrun.yaml "$@"
+# --fresh: running the demo again starts over (the previous run directory is moved aside)
+cptctl run examples/demo/cptrun.yaml --fresh "$@"
 cptctl checkpoints runs/demo-legal --plot runs/demo-legal/curves.png

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,73 +22,12 @@ from typing import Any, Iterator
 import pytest
 
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
+from tests.e2e.operator_harness import (ROOT, TOKEN, OperatorProcess, condition, events, free_port,
+                                        get_run, job_names, status_of, trainer_config)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(180)]
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "e2e-webhook-token"
 GOOD = "attempt-001/step-00000010"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OperatorProcess:
-    """`python -m cpt_operator.kube` with the test cluster's kubeconfig; restartable."""
-
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log_path = env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def port(self, name: str) -> int:
-        return int(self.env[name])
-
-    def start(self) -> "OperatorProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cpt_operator.kube"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"operator exited:\n{self.tail()}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port('CPT_HEALTH_PORT')}/healthz", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"operator not healthy after 60 s:\n{self.tail()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.port('CPT_METRICS_PORT')}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
-
-    def post_alert(self, payload: dict[str, Any], token: str = TOKEN) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port('CPT_WEBHOOK_PORT')}/alerts",
-                                     data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
 
 
 @pytest.fixture(scope="module")
@@ -130,33 +67,6 @@ def cptrun(name: str, bucket: str, *, nodes: int = 1, gpus: int = 1, **spec: Any
         "resources": {"nodes": nodes, "gpusPerNode": gpus, "nodeSelector": {"pool": "h100"}},
     } | spec
     return {"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun", "metadata": {"name": name}, "spec": doc}
-
-
-def get_run(kube: Any, ns: str, name: str) -> dict[str, Any]:
-    return kube.kubectl_json("get", "cptrun", name, "-n", ns)
-
-
-def status_of(kube: Any, ns: str, name: str) -> dict[str, Any]:
-    return get_run(kube, ns, name).get("status") or {}
-
-
-def job_names(kube: Any, ns: str, run: str) -> list[str]:
-    jobs = kube.kubectl_json("get", "jobs", "-n", ns, "-l", f"cpt.mlops.dev/run={run}")["items"]
-    return sorted(j["metadata"]["name"] for j in jobs if not j["metadata"].get("deletionTimestamp"))
-
-
-def trainer_config(kube: Any, ns: str, name: str) -> dict[str, Any]:
-    cm = kube.kubectl_json("get", "configmap", name, "-n", ns)
-    return json.loads(cm["data"]["trainer-config.json"])
-
-
-def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
-def events(kube: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    return kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
-                             f"involvedObject.name={name},involvedObject.kind=CptRun")["items"]
 
 
 def write_checkpoint(s3: Any, bucket: str, run: str, attempt: int, step: int, evals: dict[str, float]) -> str:

@@ -33,9 +33,9 @@ import pytest
 
 from cpt_operator.api.events import Evaluated, Finished, Started, parse_event
 from cpt_operator.store import CheckpointRef, list_checkpoints
-from tests.e2e.test_operator import (ROOT, TOKEN, OperatorProcess, condition, events, free_port, job_names,
+from tests.e2e.operator_harness import (ROOT, TOKEN, OperatorProcess, condition, events, free_port, job_names,
                                      status_of, trainer_config)
-from tests.integration.test_gate_rollback import jsonl, pretrain_on_code, python_files
+from tests.integration.harness import jsonl, pretrain_on_code, python_files
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.slow,
               pytest.mark.timeout(420)]

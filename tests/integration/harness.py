@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,34 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 def manifest_of(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())
+
+
+def python_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)
+
+
+def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
+    """Give the random model a general ability worth protecting: next-token skill on Python."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok("\n".join(p.read_text() for p in python_files()[:40]))["input_ids"]
+    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (16,), generator=gen)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path

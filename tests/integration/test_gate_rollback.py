@@ -9,45 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_operator.store import list_checkpoints
+from tests.integration.harness import jsonl, pretrain_on_code, python_files
 
 pytestmark = pytest.mark.slow
-
-
-def python_files() -> list[Path]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)
-
-
-def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
-    """Give the random model a general ability worth protecting: next-token skill on Python."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok("\n".join(p.read_text() for p in python_files()[:40]))["input_ids"]
-    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = data[torch.randint(len(data), (16,), generator=gen)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 def test_gate_breach_rolls_back_with_adjusted_settings_and_loses_nothing(tmp_path, tiny_model_dir, corpora):
