@@ -239,6 +239,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # kopf's watches can stall silently without timeouts (kopf #585, #1120)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # Namespaced installs get no cluster-wide RBAC: serve the named namespaces and the CRDs
+    # found at start-up instead of watching namespaces and CRDs (which would only log denials).
+    settings.scanning.disabled = bool(SETTINGS.namespaces)
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 32
     runtime = build_runtime(SETTINGS)
