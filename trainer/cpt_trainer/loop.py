@@ -253,20 +253,21 @@ class Attempt:
         """Anomaly recovery: weights and optimizer of the last stable checkpoint of this attempt
         (or of its start point); the data stream moves on, past the slice that hurt."""
         found = checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True)
-        uri = found and checkpoint.join(self.cfg.checkpoint_uri, found[0])
-        source = uri or self.start.uri
+        own = checkpoint.join(self.cfg.checkpoint_uri, found[0]) if found else None
+        source = own or self.start.uri
         if source is None:
             directory, gguf = self.start.directory, self.start.gguf_file
-            fresh = load_model(directory, gguf_file=gguf)
         else:
-            directory = local_copy(source)
-            fresh = load_model(directory)
+            directory, gguf = local_copy(source), None
+        fresh = load_model(directory, attention=self.spec.training.attention, gguf_file=gguf)
         if self.extension is not None:
             self.extension.fit(fresh)
         with torch.no_grad():
             for p, q in zip(self.model.parameters(), fresh.parameters()):
                 p.copy_(q.to(p.device))
-        if source is not None and uri is not None:
+        # Optimizer moments belong to the weights they were taken with: keep them only when the
+        # source carries them for this run (our own checkpoint, or a fullState start).
+        if own is not None or (source is not None and self.start.mode == RestoreMode.full_state):
             self.optimizer.load_state_dict(torch.load(f"{directory}/{checkpoint.OPTIMIZER}",
                                                       map_location=self.device, weights_only=True))
         else:
