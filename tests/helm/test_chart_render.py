@@ -157,6 +157,13 @@ def test_peering_follows_the_replica_count(helm_bin: Path, args: list[str], peer
         assert "kopf.dev/clusterkopfpeerings" not in rules_by_resource(role)
 
 
+def test_each_replica_gets_its_pod_name_for_a_peering_priority_of_its_own(helm_bin: Path) -> None:
+    # kopf pauses every replica of the same priority, and all replicas share this env otherwise
+    e = env(template(helm_bin, "--set", "operator.replicas=2", "--set", "operator.peering.lifetime=20"))
+    assert e["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert e["CPT_PEERING_LIFETIME"] == "20"
+
+
 def test_namespaced_peering_has_a_peering_object_and_role_rule_per_namespace(helm_bin: Path) -> None:
     objects = template(helm_bin, values=[FULL_VALUES])
     peers = find(objects, "KopfPeering")
@@ -225,6 +232,7 @@ def test_dashboards_ship_as_labelled_configmaps_holding_the_repo_json(
     ["--set", "operator.replica=2"],
     ["--set", "operator.replicas=two"],
     ["--set", "operator.replicas=-1"],
+    ["--set", "operator.peering.lifetime=5"],
     ["--set", "operator.namespaces={Team_A}"],
     ["--set", "operator.prometheusUrl=prometheus:9090"],
     ["--set", "operator.ports.metrics=70000"],

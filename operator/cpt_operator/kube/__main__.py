@@ -15,9 +15,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every successful timer run at INFO: one line per run every few seconds
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf_settings = kopf.OperatorSettings()
+    kopf_settings.peering.lifetime = settings.peering_lifetime_s
     kopf.run(
+        settings=kopf_settings,
         standalone=not settings.peering,
         peering_name=settings.peering or None,
+        priority=settings.peering_priority,
         namespaces=list(settings.namespaces),
         clusterwide=not settings.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",

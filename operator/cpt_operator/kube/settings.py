@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,6 +22,12 @@ class Settings:
     webhook_token: str = ""
     """Empty: the webhook refuses every request."""
     peering: str = ""
+    peering_priority: int = 0
+    """kopf pauses every replica that sees a live peer of the same or a higher priority, so each
+    replica needs its own: the one with the highest handles CptRuns, the others stand by."""
+    peering_lifetime_s: int = 60
+    """How long a replica's keep-alive counts: a replica killed without a goodbye is replaced by a
+    standby this long after its last keep-alive at the latest."""
     namespaces: tuple[str, ...] = ()
     metrics_port: int = 8080
     webhook_port: int = 8081
@@ -42,9 +50,25 @@ class Settings:
             prometheus_url=env.get("PROMETHEUS_URL", "").rstrip("/"),
             webhook_token=env.get("CPT_WEBHOOK_TOKEN", ""),
             peering=env.get("CPT_PEERING_NAME", ""),
+            peering_priority=peering_priority(env),
+            peering_lifetime_s=int(env.get("CPT_PEERING_LIFETIME") or 60),
             namespaces=namespaces,
             metrics_port=int(env.get("CPT_METRICS_PORT") or 8080),
             webhook_port=int(env.get("CPT_WEBHOOK_PORT") or 8081),
             health_port=int(env.get("CPT_HEALTH_PORT") or 8082),
             interval_s=float(env.get("CPT_RECONCILE_INTERVAL") or 5.0),
         )
+
+
+def peering_priority(env: Mapping[str, str]) -> int:
+    """CPT_PEERING_PRIORITY if set, else one derived from the pod's name (POD_NAME), else random.
+
+    The Deployment gives every replica the same environment, and kopf pauses all replicas of one
+    priority ("Pausing all operators, including self"), so a shared default would leave no replica
+    working. A pod name is unique among live pods and keeps its priority across container restarts.
+    """
+    if explicit := env.get("CPT_PEERING_PRIORITY"):
+        return int(explicit)
+    if pod := env.get("POD_NAME"):
+        return zlib.crc32(pod.encode()) & 0x7FFFFFFF
+    return random.getrandbits(31)

@@ -37,3 +37,13 @@ def test_runs_are_counted_by_phase_and_forgotten_when_deleted():
     metrics.forget_run("u1", "ml", "a")
     assert value(metrics, "cpt_runs", phase="Running") == 0
     assert value(metrics, "cpt_run_gpus", namespace="ml", run="a") is None
+
+
+def test_peering_priority_is_explicit_or_unique_per_pod_and_stable() -> None:
+    from cpt_operator.kube.settings import peering_priority
+
+    assert peering_priority({"CPT_PEERING_PRIORITY": "7", "POD_NAME": "op-a"}) == 7
+    a = peering_priority({"POD_NAME": "cpt-operator-5d9f-abcde"})
+    assert a == peering_priority({"POD_NAME": "cpt-operator-5d9f-abcde"})  # survives restarts
+    assert a != peering_priority({"POD_NAME": "cpt-operator-5d9f-fghij"})  # replicas differ
+    assert 0 <= a < 2**31
