@@ -179,3 +179,21 @@ def test_anomalies_are_skipped_then_restored_or_stop_the_attempt(tmp_path, tiny_
     assert [e.kind for e in of("anomaly", evs)] == ["non_finite"]
     finished = of("finished", evs)[-1]
     assert finished.reason == "anomaly" and "not finite" in finished.message
+
+
+def test_tokenizer_version_pins_the_tokenizer(tmp_path, tiny_model_dir, corpora):
+    from transformers import AutoTokenizer
+
+    from cpt_trainer.data import tokenizer_hash
+
+    actual = tokenizer_hash(AutoTokenizer.from_pretrained(tiny_model_dir))
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 3},
+                     tokenizer={"version": actual[:16]})
+    pinned = write_config(tmp_path / "ok", spec)
+    assert run(pinned) == 0, log_tail(pinned)
+
+    spec["tokenizer"] = {"version": "0" * 64}
+    wrong = write_config(tmp_path / "wrong", spec)
+    assert run(wrong) == 2
+    message = of("finished", events(wrong))[-1].message
+    assert "tokenizer version mismatch" in message and actual in message

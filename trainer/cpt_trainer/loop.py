@@ -121,6 +121,8 @@ class Attempt:
             raise Refused(f"base model {spec.base_model.uri} has sha256 {self.base_sha}, the spec "
                           f"says {spec.base_model.sha256}")
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
+        _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
+                                 spec.tokenizer.uri or spec.base_model.uri)
         self.extension = surgery.build(cfg, self.tokenizer, is_main=self.dist.is_main)
         if self.extension is not None:
             self.tokenizer = self.extension.tokenizer
@@ -522,6 +524,18 @@ class Attempt:
         self.metrics.up(False)
         self.metrics.close()
         self.events.close()
+
+
+def _check_tokenizer_version(expected: str | None, actual: str, source: str) -> None:
+    """`tokenizer.version` pins the tokenizer a run was planned with (its hash, or a prefix of
+    at least 12 hex digits): a silently changed tokenizer would change every token id."""
+    if expected is None:
+        return
+    want = expected.lower()
+    if len(want) < 12 or not actual.startswith(want):
+        raise Refused(f"tokenizer version mismatch: tokenizer.version in the spec is {expected}, the "
+                      f"tokenizer from {source} has hash {actual} (a version is that hash, or a "
+                      "prefix of at least 12 of its hex digits)")
 
 
 def _parent(path: str) -> str:
