@@ -588,17 +588,26 @@ class KubeCluster:
         proc.wait_until(lambda: _http_ok(f"https://127.0.0.1:{port}/healthz", ctx),
                         "healthy (/healthz)", timeout)
 
-    def _start_controller_manager(self) -> None:
-        # Its own identity, as kubeadm does; each controller then uses its own
-        # service account (--use-service-account-credentials), so RBAC is real.
-        kc = self._component_kubeconfig("controller-manager", "system:kube-controller-manager")
+    def _start_component(self, name: str, user: str, flags: list[str]) -> None:
+        """A control-plane component with its own identity (as kubeadm does), serving /healthz
+        on a free loopback port."""
+        kc = self._component_kubeconfig(name.removeprefix("kube-"), user)
         port = free_port()
-        wd = Workdir(self.root, "kube-controller-manager")
-        proc = Process("kube-controller-manager", [
-            self.bin["kube-controller-manager"], f"--kubeconfig={kc}",
+        wd = Workdir(self.root, name)
+        proc = Process(name, [
+            self.bin[name], f"--kubeconfig={kc}",
             f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
             "--bind-address=127.0.0.1", f"--secure-port={port}", f"--cert-dir={wd / 'certs'}",
-            "--leader-elect=false", "--controllers=*",
+            "--leader-elect=false", "--v=1", *flags,
+        ], wd / f"{name}.log")
+        self._track(proc.start())
+        self._wait_healthz(proc, port)
+
+    def _start_controller_manager(self) -> None:
+        # Each controller uses its own service account (--use-service-account-credentials),
+        # so RBAC is real.
+        self._start_component("kube-controller-manager", "system:kube-controller-manager", [
+            "--controllers=*",
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={self.pki.sa_key}",
             f"--root-ca-file={self.pki.ca_cert}",
@@ -606,23 +615,10 @@ class KubeCluster:
             "--allocate-node-cidrs=false",
             # Quick reactions in tests (defaults are tuned for large clusters).
             "--concurrent-gc-syncs=5", "--node-monitor-grace-period=40s",
-            "--v=1",
-        ], wd / "kube-controller-manager.log")
-        self._track(proc.start())
-        self._wait_healthz(proc, port)
+        ])
 
     def _start_scheduler(self) -> None:
-        kc = self._component_kubeconfig("scheduler", "system:kube-scheduler")
-        port = free_port()
-        wd = Workdir(self.root, "kube-scheduler")
-        proc = Process("kube-scheduler", [
-            self.bin["kube-scheduler"], f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={port}", f"--cert-dir={wd / 'certs'}",
-            "--leader-elect=false", "--v=1",
-        ], wd / "kube-scheduler.log")
-        self._track(proc.start())
-        self._wait_healthz(proc, port)
+        self._start_component("kube-scheduler", "system:kube-scheduler", [])
 
     def _start_kwok(self) -> None:
         wd = Workdir(self.root, "kwok")

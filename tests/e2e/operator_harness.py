@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +103,27 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 def events(kube: Any, ns: str, name: str) -> list[dict[str, Any]]:
     return kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
                              f"involvedObject.name={name},involvedObject.kind=CptRun")["items"]
+
+
+def install_crd(kube: Any) -> None:
+    kube.kubectl("apply", "-f", str(ROOT / "crds" / "cptrun.yaml"))
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/cptruns.cpt.mlops.dev")
+
+
+def operator_env(kube: Any, prometheus: Any, s3_server: Any) -> dict[str, str]:
+    """The chart's environment for one standalone operator on this host (own free ports)."""
+    return {**os.environ, **s3_server.env, "KUBECONFIG": str(kube.kubeconfig),
+            "PROMETHEUS_URL": prometheus.url, "CPT_WEBHOOK_TOKEN": TOKEN,
+            "CPT_TRAINER_IMAGE": "registry.invalid/cpt-trainer:e2e", "CPT_RECONCILE_INTERVAL": "1",
+            "CPT_METRICS_PORT": str(free_port()), "CPT_WEBHOOK_PORT": str(free_port()),
+            "CPT_HEALTH_PORT": str(free_port()), "CPT_PEERING_NAME": "", "CPT_NAMESPACES": ""}
+
+
+def running_operator(kube: Any, prometheus: Any, s3_server: Any, log: Path) -> Iterator[OperatorProcess]:
+    """A started operator for a fixture to yield; its log tail is printed when it stops."""
+    op = OperatorProcess(operator_env(kube, prometheus, s3_server), log).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (tail) ---\n{op.tail(200)}")

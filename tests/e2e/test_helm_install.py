@@ -6,11 +6,9 @@ pods the API server admits and the scheduler places, `helm test` runs its hook, 
 kwok plays the kubelet: the operator pods become Running without a container being run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -18,22 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.helm import chartlib
 
 pytestmark = [pytest.mark.cluster, pytest.mark.helm, pytest.mark.timeout(300)]
 
-
-def _chartlib():  # type: ignore[no-untyped-def]
-    name = "cpt_chart_testlib"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "helm" / "chartlib.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-chartlib = _chartlib()
 ROOT = chartlib.ROOT
 CHART = chartlib.CHART
 MONITORING_CRDS = Path(__file__).resolve().parents[1] / "helm" / "monitoring-crds.yaml"

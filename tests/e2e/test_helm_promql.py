@@ -7,9 +7,7 @@ trainer/cpt_trainer/metrics.py and the operator's exporter; Prometheus adds `ins
 as it does in a cluster, so label matching is exercised as it runs there."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import threading
 import time
 import uuid
@@ -21,21 +19,10 @@ from typing import Any
 
 import pytest
 
+from tests.helm import chartlib
+
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(180)]
 
-
-def _chartlib():  # type: ignore[no-untyped-def]
-    name = "cpt_chart_testlib"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "helm" / "chartlib.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-chartlib = _chartlib()
 BASE = ("run", "namespace", "attempt")
 
 

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import pytest
 
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
-from tests.e2e.operator_harness import (ROOT, TOKEN, OperatorProcess, condition, events, free_port,
-                                        get_run, job_names, status_of, trainer_config)
+from tests.e2e.operator_harness import (TOKEN, OperatorProcess, condition, events, get_run, install_crd,
+                                        job_names, running_operator, status_of, trainer_config)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(180)]
 
@@ -32,24 +32,14 @@ GOOD = "attempt-001/step-00000010"
 
 @pytest.fixture(scope="module")
 def crd(kube_cluster: Any) -> None:
-    kube_cluster.kubectl("apply", "-f", str(ROOT / "crds" / "cptrun.yaml"))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/cptruns.cpt.mlops.dev")
+    install_crd(kube_cluster)
 
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: Any, crd: None, prometheus: Any, s3_server: Any,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    env = {**os.environ, **s3_server.env, "KUBECONFIG": str(kube_cluster.kubeconfig),
-           "PROMETHEUS_URL": prometheus.url, "CPT_WEBHOOK_TOKEN": TOKEN,
-           "CPT_TRAINER_IMAGE": "registry.invalid/cpt-trainer:e2e", "CPT_RECONCILE_INTERVAL": "1",
-           "CPT_METRICS_PORT": str(free_port()), "CPT_WEBHOOK_PORT": str(free_port()),
-           "CPT_HEALTH_PORT": str(free_port()), "CPT_PEERING_NAME": "", "CPT_NAMESPACES": ""}
-    op = OperatorProcess(env, tmp_path_factory.mktemp("operator") / "operator.log").start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(f"--- operator log (tail) ---\n{op.tail(200)}")
+    yield from running_operator(kube_cluster, prometheus, s3_server,
+                                tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 def cptrun(name: str, bucket: str, *, nodes: int = 1, gpus: int = 1, **spec: Any) -> dict[str, Any]:

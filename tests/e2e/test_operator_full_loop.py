@@ -33,9 +33,9 @@ import pytest
 
 from cpt_operator.api.events import Evaluated, Finished, Started, parse_event
 from cpt_operator.store import CheckpointRef, list_checkpoints
-from tests.e2e.operator_harness import (ROOT, TOKEN, OperatorProcess, condition, events, free_port, job_names,
-                                     status_of, trainer_config)
-from tests.integration.harness import jsonl, pretrain_on_code, python_files
+from tests.e2e.operator_harness import (OperatorProcess, condition, events, free_port, install_crd,
+                                        job_names, running_operator, status_of, trainer_config)
+from tests.integration.harness import forgetting_files, pretrain_on_code
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.slow,
               pytest.mark.timeout(420)]
@@ -203,19 +203,9 @@ class Kubelet:
 @pytest.fixture(scope="module")
 def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    kube_cluster.kubectl("apply", "-f", str(ROOT / "crds" / "cptrun.yaml"))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/cptruns.cpt.mlops.dev")
-    env = {**os.environ, **s3_server.env, "KUBECONFIG": str(kube_cluster.kubeconfig),
-           "PROMETHEUS_URL": prometheus.url, "CPT_WEBHOOK_TOKEN": TOKEN,
-           "CPT_TRAINER_IMAGE": "registry.invalid/cpt-trainer:e2e", "CPT_RECONCILE_INTERVAL": "1",
-           "CPT_METRICS_PORT": str(free_port()), "CPT_WEBHOOK_PORT": str(free_port()),
-           "CPT_HEALTH_PORT": str(free_port()), "CPT_PEERING_NAME": "", "CPT_NAMESPACES": ""}
-    op = OperatorProcess(env, tmp_path_factory.mktemp("operator") / "operator.log").start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(f"--- operator log (tail) ---\n{op.tail(200)}")
+    install_crd(kube_cluster)
+    yield from running_operator(kube_cluster, prometheus, s3_server,
+                                tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 def forgetful_run(bucket: str, tmp: Path, tiny_model_dir: Path, corpora: dict[str, Path]) -> dict[str, Any]:
@@ -224,11 +214,8 @@ def forgetful_run(bucket: str, tmp: Path, tiny_model_dir: Path, corpora: dict[st
     far above it; at a tenth of the LR with 32 % replay, attempt 2 stays within it. The budget
     leaves attempt 1 training for many steps after its breach: the operator has to stop it."""
     base = pretrain_on_code(tiny_model_dir, tmp / "base")
-    files = python_files()
-    code_train = jsonl(tmp / "code-train.jsonl", [p.read_text() for p in files[:40]])
-    code_eval = jsonl(tmp / "code-eval.jsonl", [p.read_text()[:1500] for p in files[40:48]])
-    legal_eval = jsonl(tmp / "legal-eval.jsonl",
-                       [p.read_text()[:1500] for p in sorted(Path(corpora["domain"]).glob("*.txt"))[:4]])
+    files = forgetting_files(tmp, sorted(Path(corpora["domain"]).glob("*.txt")))
+    code_train, code_eval, legal_eval = files["code_train"], files["code_eval"], files["legal_eval"]
     spec = {
         "baseModel": {"uri": str(base), "format": "hf"},
         "data": {"sources": [

@@ -10,11 +10,9 @@ a reconcile pass.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 
 from cpt_operator.kube.settings import Settings
 from tests.e2e.operator_harness import TOKEN, OperatorProcess, free_port, job_names, status_of
+from tests.helm import chartlib
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.helm,
               pytest.mark.timeout(150)]
@@ -34,19 +33,6 @@ LIFETIME_S = 10
 unnoticed (60 s by default would dominate the test's runtime)."""
 RELEASE, RELEASE_NAMESPACE = "cpt", "cpt-system"
 
-
-def _chartlib():  # type: ignore[no-untyped-def]
-    name = "cpt_chart_testlib"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "helm" / "chartlib.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-chartlib = _chartlib()
 
 
 def render(helm_bin: Path, values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:

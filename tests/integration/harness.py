@@ -136,3 +136,14 @@ def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
 def jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def forgetting_files(tmp: Path, domain_texts: list[Path]) -> dict[str, Path]:
+    """The files of the forgetting scenario: Python to replay (`code_train`), held-out Python
+    (`code_eval`, the general ability a gate protects) and legal passages (`legal_eval`)."""
+    files = python_files()
+    return {
+        "code_train": jsonl(tmp / "code-train.jsonl", [p.read_text() for p in files[:40]]),
+        "code_eval": jsonl(tmp / "code-eval.jsonl", [p.read_text()[:1500] for p in files[40:48]]),
+        "legal_eval": jsonl(tmp / "legal-eval.jsonl", [p.read_text()[:1500] for p in domain_texts[:4]]),
+    }

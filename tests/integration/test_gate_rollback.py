@@ -15,18 +15,15 @@ import pytest
 import yaml
 
 from cpt_operator.store import list_checkpoints
-from tests.integration.harness import jsonl, pretrain_on_code, python_files
+from tests.integration.harness import forgetting_files, pretrain_on_code
 
 pytestmark = pytest.mark.slow
 
 
 def test_gate_breach_rolls_back_with_adjusted_settings_and_loses_nothing(tmp_path, tiny_model_dir, corpora):
     base = pretrain_on_code(tiny_model_dir, tmp_path / "base")
-    files = python_files()
-    code_train = jsonl(tmp_path / "code-train.jsonl", [p.read_text() for p in files[:40]])
-    code_eval = jsonl(tmp_path / "code-eval.jsonl", [p.read_text()[:1500] for p in files[40:48]])
-    legal_eval = jsonl(tmp_path / "legal-eval.jsonl",
-                       [p.read_text()[:1500] for p in sorted(Path(corpora["domain"]).glob("*.txt"))[:4]])
+    files = forgetting_files(tmp_path, sorted(Path(corpora["domain"]).glob("*.txt")))
+    code_train, code_eval, legal_eval = files["code_train"], files["code_eval"], files["legal_eval"]
     spec = {
         "baseModel": {"uri": str(base), "format": "hf"},
         "data": {"sources": [

@@ -40,7 +40,7 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import digest, load_model, load_tokenizer, local_copy
+from .model import check_digest, digest, load_model, load_tokenizer, local_copy, model_source
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule, total_steps
 
@@ -99,10 +99,8 @@ class Attempt:
         if uri is None and base.format == ModelFormat.checkpoint:
             uri = base.uri
         if uri is None:
-            path = local_copy(base.uri)
-            if base.format == ModelFormat.gguf:
-                return StartPoint(None, RestoreMode.weights_only, str(_parent(path)), _name(path))
-            return StartPoint(None, RestoreMode.weights_only, path)
+            directory, gguf = model_source(base, local_copy(base.uri))
+            return StartPoint(None, RestoreMode.weights_only, directory, gguf)
         manifest, problems = checkpoint.problems_of(uri)
         if manifest is None or problems:
             raise Refused(f"cannot restore from {uri}: {'; '.join(problems)}")
@@ -117,9 +115,7 @@ class Attempt:
         # Hashing a large base takes a while: rank 0 does it, the others take its answer.
         self.base_sha = distributed.broadcast_object(
             digest(self.base_path) if self.dist.is_main else None)
-        if spec.base_model.sha256 and spec.base_model.sha256 != self.base_sha:
-            raise Refused(f"base model {spec.base_model.uri} has sha256 {self.base_sha}, the spec "
-                          f"says {spec.base_model.sha256}")
+        check_digest(spec.base_model, self.base_sha)
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
         _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
                                  spec.tokenizer.uri or spec.base_model.uri)
@@ -196,11 +192,8 @@ class Attempt:
 
     def _reference_model(self) -> PreTrainedModel:
         """The frozen base for KL terms: always the immutable base, never the restore point."""
-        base = self.spec.base_model
-        if base.format == ModelFormat.gguf:
-            ref = load_model(str(_parent(self.base_path)), gguf_file=_name(self.base_path))
-        else:
-            ref = load_model(self.base_path)
+        directory, gguf = model_source(self.spec.base_model, self.base_path)
+        ref = load_model(directory, gguf_file=gguf)
         if self.extension is not None:
             self.extension.fit(ref)  # the run's vocabulary, so KL terms line up
         ref.to(self.device).eval()
@@ -316,36 +309,34 @@ class Attempt:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals = torch.zeros(2 + 2 * len(self.data.source_names), device=self.device)
-        n_sources = len(self.data.source_names)
+        names = self.data.source_names
+        # Per source: summed NLL and counted tokens; their sums are the step's loss, and one
+        # all-reduce carries both.
+        totals = torch.zeros(2, len(names), device=self.device)
         for i, batch in enumerate(micro):
             sync = self.ddp is None or i == len(micro) - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 nll, mask, kl = self._forward_losses(batch)
                 ((nll.sum() + kl) * scale).backward()
             with torch.no_grad():
-                totals[0] += nll.sum().detach()
-                totals[1] += kl.detach()
                 if self.extension is not None:
                     self.data.observe(batch, nll.detach())
-                src = batch.source_ids[:, 1:].to(self.device)
-                for s in range(n_sources):
-                    sel = (src == s) & mask
-                    totals[2 + s] += nll[sel].sum()
-                    totals[2 + n_sources + s] += sel.sum()
+                src = batch.source_ids[:, 1:].to(self.device)[mask]
+                totals[0].index_add_(0, src, nll.detach()[mask])
+                totals[1].index_add_(0, src, torch.ones_like(src, dtype=totals.dtype))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                          self.spec.gradient.clip))
         distributed.all_reduce_sum(totals)
         if self.extension is not None:
             self.data.end_step(self.metrics)
-        loss = float(totals[0]) / n_global
+        nll_sums, counts = totals.tolist()
+        loss = sum(nll_sums) / n_global
         verdict = self.anomaly.observe(loss, grad_norm)
         if verdict is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        source_losses = {name: float(totals[2 + s] / totals[2 + n_sources + s])
-                         for s, name in enumerate(self.data.source_names)
-                         if totals[2 + n_sources + s] > 0}
+        source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
+                         if count > 0}
         return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses)
 
     # ------------------------------------------------------------------- evals, checkpoints
@@ -536,14 +527,6 @@ def _check_tokenizer_version(expected: str | None, actual: str, source: str) -> 
         raise Refused(f"tokenizer version mismatch: tokenizer.version in the spec is {expected}, the "
                       f"tokenizer from {source} has hash {actual} (a version is that hash, or a "
                       "prefix of at least 12 of its hex digits)")
-
-
-def _parent(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else "."
-
-
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
 
 
 def _finite(value: float) -> float | None:

@@ -64,25 +64,23 @@ def digest(path: str) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def check_digest(base: BaseModelSpec, path: str) -> str:
-    """The base's digest; refuses a base whose bytes differ from the spec's sha256."""
-    actual = digest(path)
+def check_digest(base: BaseModelSpec, actual: str) -> None:
+    """Refuse a base whose bytes differ from the spec's sha256."""
     if base.sha256 and base.sha256 != actual:
         raise Refused(f"base model {base.uri} has sha256 {actual}, but baseModel.sha256 in the spec "
                       f"is {base.sha256}: refusing to train a different model than the one named")
-    return actual
 
 
-def _model_source(base: BaseModelSpec, path: str) -> tuple[str, dict[str, str]]:
-    """(directory, extra from_pretrained kwargs) for a local base path."""
+def model_source(base: BaseModelSpec, path: str) -> tuple[str, str | None]:
+    """(directory to load from, GGUF file name in it or None) for a local base path."""
     if base.format == ModelFormat.gguf:
         p = Path(path)
         if not p.is_file():
             raise Refused(f"baseModel.uri {base.uri} must be a .gguf file for format gguf")
-        return str(p.parent), {"gguf_file": p.name}
+        return str(p.parent), p.name
     if not Path(path, "config.json").is_file():
         raise Refused(f"baseModel.uri {base.uri} is not a model directory (no config.json)")
-    return path, {}
+    return path, None
 
 
 def load_tokenizer(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None,
@@ -91,8 +89,8 @@ def load_tokenizer(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None,
     if tokenizer is not None and tokenizer.uri:
         tok = AutoTokenizer.from_pretrained(local_copy(tokenizer.uri))
     else:
-        directory, extra = _model_source(base, base_path or local_copy(base.uri))
-        tok = AutoTokenizer.from_pretrained(directory, **extra)
+        directory, gguf = model_source(base, base_path or local_copy(base.uri))
+        tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     if tok.eos_token is None:
         raise Refused("the tokenizer has no EOS token: packing needs one between documents")
     if tok.pad_token is None:
@@ -121,26 +119,17 @@ def load_base(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None, *,
               dtype: torch.dtype = torch.float32, attention: str = "sdpa",
               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model and tokenizer named by the spec (the base is only read, never written)."""
-    model, tok, _ = load_base_with_digest(base, tokenizer, dtype=dtype, attention=attention,
-                                          verify=False)
-    return model, tok
-
-
-def load_base_with_digest(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None, *,
-                          dtype: torch.dtype = torch.float32, attention: str = "sdpa",
-                          verify: bool = True,
-                          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str | None]:
     path = local_copy(base.uri)
     if not os.path.exists(path):
         raise Refused(f"baseModel.uri {base.uri} does not exist")
-    sha = check_digest(base, path) if verify or base.sha256 else None
+    if base.sha256:
+        check_digest(base, digest(path))
     if base.format == ModelFormat.checkpoint:
         from .checkpoint import problems_of
 
         _, problems = problems_of(path)
         if problems:
             raise Refused(f"base checkpoint {base.uri} is not usable: {'; '.join(problems)}")
-    directory, extra = _model_source(base, path)
-    model = load_model(directory, dtype=dtype, attention=attention, gguf_file=extra.get("gguf_file"))
-    tok = load_tokenizer(base, tokenizer, path)
-    return model, tok, sha
+    directory, gguf = model_source(base, path)
+    model = load_model(directory, dtype=dtype, attention=attention, gguf_file=gguf)
+    return model, load_tokenizer(base, tokenizer, path)
