@@ -61,6 +61,13 @@ RULES: tuple[CelRule, ...] = (
     CelRule(("spec", "gates", "[]"), f"!(has(self.relative) ? self.relative : {str(_RELATIVE).lower()}) "
             "|| self.threshold <= 1.0",
             "a relative threshold is a fraction: at most 1 (100% worse)"),
+    CelRule(("spec",), "!has(self.training) || !has(self.training.parallelism) || "
+            "!has(self.training.parallelism.strategy) || self.training.parallelism.strategy != 'hsdp' || "
+            "(has(self.resources) && has(self.resources.nodes) && self.resources.nodes >= 2)",
+            "training.parallelism.strategy hsdp replicates across nodes: it needs resources.nodes >= 2"),
+    CelRule(("spec", "training", "parallelism"), "!has(self.cpuOffload) || !self.cpuOffload || "
+            "!has(self.strategy) || self.strategy != 'ddp'",
+            "cpuOffload needs strategy fsdp or hsdp (ddp keeps full replicas)"),
     CelRule(("spec", "evaluation"), "self.suites.all(s, self.suites.exists_one(t, t.name == s.name))",
             "evaluation suite names must be unique"),
 )

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import SpecModel
+from .quantity import QUANTITY_PATTERN
 from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec
 
 
@@ -246,6 +247,43 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Sharding(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    hsdp = "hsdp"
+
+
+class ActivationCheckpointing(str, Enum):
+    none = "none"
+    full = "full"
+    selective = "selective"
+
+
+class ParallelismSpec(SpecModel):
+    strategy: Sharding = Sharding.auto
+    """How model state is spread over the ranks. ddp: every rank holds all parameters, gradients
+    and optimizer state (about 16 bytes a parameter in fp32 AdamW). fsdp: FSDP2 shards them over
+    all ranks (each decoder block and the root are `fully_shard`ed), so per-rank state shrinks with
+    the world size. hsdp: shard within a node, replicate across nodes (a 2-D mesh), which keeps the
+    all-gathers on the fast intra-node links. auto: fsdp when the run has more than one rank (a
+    7B+ base does not fit replicated), a plain single process otherwise."""
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    """Recompute activations in the backward pass instead of keeping them: full wraps every
+    decoder block, selective every other one (about half the activation memory for a third of
+    the recompute)."""
+    cpu_offload: bool = False
+    """fsdp/hsdp only: keep the sharded parameters, gradients and optimizer state in host memory
+    (FSDP2 CPUOffloadPolicy; the AdamW step runs on the CPU). Frees most GPU memory for
+    activations, at the cost of host-device traffic every step."""
+
+    @model_validator(mode="after")
+    def _offload_needs_sharding(self) -> "ParallelismSpec":
+        if self.cpu_offload and self.strategy == Sharding.ddp:
+            raise ValueError("cpuOffload needs strategy fsdp or hsdp (ddp keeps full replicas)")
+        return self
+
+
 class TrainingSpec(SpecModel):
     micro_batch_size: int = Field(default=4, ge=1)
     """Sequences per device per forward pass."""
@@ -255,6 +293,7 @@ class TrainingSpec(SpecModel):
     seed: int = 0
     log_every: int = Field(default=1, ge=1)
     attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
 
 
 class CheckpointSpec(SpecModel):
@@ -287,6 +326,10 @@ class ResourcesSpec(SpecModel):
     cpu: str | None = None
     memory: str | None = None
     shared_memory: str = "8Gi"
+    gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Memory of one GPU of the pool (a quantity such as `80Gi`). When set, the run is planned
+    before it starts (`cptctl plan`, the same check in the operator) and refused if a rank's
+    parameters, gradients, optimizer state and activations cannot fit."""
     s3_secret_ref: str | None = None
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
     queue: str | None = None
@@ -336,6 +379,9 @@ class CptRunSpec(SpecModel):
             s.role == SourceRole.replay for s in self.data.sources
         ):
             raise ValueError("regularization.refKL.beta > 0 needs a replay source")
+        if self.training.parallelism.strategy == Sharding.hsdp and self.resources.nodes < 2:
+            raise ValueError("training.parallelism.strategy hsdp replicates across nodes: it needs "
+                             "resources.nodes >= 2 (use fsdp on one node)")
         return self
 
 

@@ -72,6 +72,13 @@ BAD_SPECS = [
     ("a relative gate threshold is a fraction", _relative_gate_too_big, "spec.gates[0]",
      "fraction"),
     ("minLr above lr is refused", _set("spec.schedule.minLr", 1.0), "spec", "minLr"),
+    ("hybrid sharding needs more than one node", _set("spec.training.parallelism", {"strategy": "hsdp"}),
+     "spec", "hsdp"),
+    ("CPU offload needs a sharded strategy",
+     _set("spec.training.parallelism", {"strategy": "ddp", "cpuOffload": True}),
+     "spec.training.parallelism", "cpuOffload"),
+    ("a GPU memory that is not a quantity is refused", _set("spec.resources", {"gpuMemory": "80 gigs"}),
+     "spec.resources.gpuMemory", "pattern"),
     ("a bad run name is refused", _set("metadata.name", "Bad_Name"), "metadata.name", "pattern"),
     ("the wrong kind is refused", _set("kind", "Job"), "kind", "CptRun"),
 ]
