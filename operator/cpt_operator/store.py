@@ -61,7 +61,7 @@ def _check(fs: fsspec.AbstractFileSystem, path: str, uri: str, name: str) -> Che
         want = manifest.files.get(rel)
         if want is not None:
             observed[rel] = FileEntry(size=entry.size, sha256=want.sha256)
-    problems = verify(manifest, observed)
+    problems = verify(manifest.files, observed)
     if problems:
         return Problem(name, "; ".join(problems))
     return CheckpointRef(name, uri, manifest)

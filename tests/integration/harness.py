@@ -107,6 +107,18 @@ def manifest_of(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())
 
 
+def optimizer_steps(checkpoint: Path) -> dict[str, float]:
+    """AdamW's step count per parameter, read from a checkpoint's sharded optimizer state."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    directory = checkpoint / "optimizer"
+    keys = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    steps = {k: torch.zeros(()) for k in keys if k.endswith(".step")}
+    dcp.load(steps, checkpoint_id=directory, no_dist=True)
+    return {k: float(v) for k, v in steps.items()}
+
+
 def python_files() -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)

@@ -13,8 +13,8 @@ import torch
 from cpt_operator.api.manifest import checkpoint_name
 from cpt_trainer import checkpoint
 
-from tests.integration.harness import (events, log_tail, manifest_of, of, run, start, tiny_spec,
-                                       wait_for, write_config)
+from tests.integration.harness import (events, log_tail, manifest_of, of, optimizer_steps, run,
+                                       start, tiny_spec, wait_for, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,9 @@ def test_restore_modes_and_lineage(tmp_path, tiny_model_dir, corpora):
     m = manifest_of(step3)
     assert m["step"] == 3 and m["lineage"]["parent"] is None
     assert m["lineage"]["restoreMode"] == "weightsOnly" and len(m["lineage"]["tokenizerHash"]) == 64
-    assert set(m["files"]) >= {"model.safetensors", "optimizer.pt", "train-state.json",
-                               "rng-rank00000.pt", "data-rank00000.json", "trainer-config.json"}
+    assert set(m["files"]) >= {"config.json", "model/.metadata", "model/__0_0.distcp",
+                               "optimizer/.metadata", "optimizer/__0_0.distcp", "train-state.json",
+                               "rng-rank00000.json", "data-rank00000.json", "trainer-config.json"}
 
     full = write_config(tmp_path, spec, attempt=2, restore_from=str(step3), restore_mode="fullState")
     assert run(full) == 0, log_tail(full)
@@ -86,8 +87,7 @@ def test_restore_modes_and_lineage(tmp_path, tiny_model_dir, corpora):
     ckpt = tmp_path / "checkpoints" / "attempt-003" / checkpoint_name(3)
     assert manifest_of(ckpt)["lineage"]["restoreMode"] == "weightsOnly"
     # A fresh optimizer: three AdamW steps since the restore, not six.
-    state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
-    assert {float(s["step"]) for s in state.values()} == {3.0}
+    assert set(optimizer_steps(ckpt).values()) == {3.0}
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, tiny_model_dir, corpora):
@@ -126,7 +126,7 @@ def test_partial_and_corrupt_checkpoints_are_ignored_reported_and_refused(tmp_pa
     manifest = json.loads((corrupt / "manifest.json").read_text())
     manifest["step"] = 8
     (corrupt / "manifest.json").write_text(json.dumps(manifest))
-    with open(corrupt / "model.safetensors", "r+b") as f:
+    with open(corrupt / "model" / "__0_0.distcp", "r+b") as f:
         f.seek(200)
         byte = f.read(1)
         f.seek(200)
@@ -136,14 +136,14 @@ def test_partial_and_corrupt_checkpoints_are_ignored_reported_and_refused(tmp_pa
     assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6)]
     reasons = {p.checkpoint: p.reason for p in problems}
     assert "no manifest" in reasons[checkpoint_name(7)]
-    assert "model.safetensors" in reasons[checkpoint_name(8)] and "sha256" in reasons[checkpoint_name(8)]
+    assert "model/__0_0.distcp" in reasons[checkpoint_name(8)] and "sha256" in reasons[checkpoint_name(8)]
     assert checkpoint.latest_valid(str(root))[0] == checkpoint_name(6)
 
     refused = write_config(tmp_path, spec, attempt=2, restore_from=str(corrupt),
                            restore_mode="fullState")
     assert run(refused) == 2
     message = of("finished", events(refused))[-1].message
-    assert "cannot restore" in message and "model.safetensors" in message
+    assert "cannot restore" in message and "model/__0_0.distcp" in message
     # The good checkpoints are untouched by the refused attempt.
     assert checkpoint.problems_of(str(good))[1] == []
 

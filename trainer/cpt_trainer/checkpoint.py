@@ -1,57 +1,43 @@
-"""Checkpoint I/O for the format in `cpt_operator.api.manifest`, through fsspec.
+"""Checkpoint storage for the format in `cpt_operator.api.manifest`, through fsspec: listing,
+verifying, fetching, committing and pruning. What goes into a checkpoint is `checkpointer.py`.
 
-Layout of `<checkpoint_uri>/step-XXXXXXXX/` (the model files sit at the top, so the directory is
-also an ordinary transformers model directory that `from_pretrained` loads):
-    config.json, generation_config.json, model.safetensors   model (save_pretrained)
-    tokenizer.json, tokenizer_config.json, ...               tokenizer
-    optimizer.pt                                             AdamW state (rank 0; DDP replicates it)
-    train-state.json                                         step, tokens, schedule, anomaly window
-    rng-rank00000.pt, data-rank00000.json, ...               per-rank RNG and data position
-    trainer-config.json                                      the resolved config of the attempt
-    manifest.json                                            written LAST: sizes + sha256 of all
+Layout of `<checkpoint_uri>/step-XXXXXXXX/`:
+    config.json, generation_config.json                 the model's architecture
+    tokenizer.json, tokenizer_config.json, ...          tokenizer
+    model/.metadata, model/__<rank>_0.distcp            weights, sharded (torch.distributed.checkpoint)
+    optimizer/.metadata, optimizer/__<rank>_0.distcp    AdamW state, sharded and flattened by name
+    train-state.json                                    step, tokens, schedule, anomaly window
+    rng-rank00000.json, data-rank00000.json, ...        per-rank RNG and data position
+    trainer-config.json                                 the resolved config of the attempt
+    manifest.json                                       written LAST: sizes + sha256 of all
 
-Commit protocol. Rank 0 clears the directory (a stale manifest first), every rank writes its
-files, all ranks meet at a barrier, then rank 0 hashes what is actually stored and writes the
-manifest (local: temporary name + fsync + rename; object stores: one PUT). A crash at any point
-leaves either no manifest or a manifest whose checksums match: never a checkpoint that looks
-valid and is not. Retention runs only after the new manifest exists and deletes a checkpoint
-manifest-first, so an interrupted delete leaves an (ignored, reported) incomplete directory.
+Commit protocol. Rank 0 clears the directory (a stale manifest first); every rank writes and
+seals its own files (fsync in place, or upload from a local staging directory) and hashes them
+as it does; rank 0 gathers the hashes and writes the manifest (local: temporary name + fsync +
+rename; object stores: one PUT). A crash at any point leaves either no manifest or a manifest
+whose checksums match: never a checkpoint that looks valid and is not. Retention runs only
+after the new manifest exists and deletes a checkpoint manifest-first, so an interrupted delete
+leaves an (ignored, reported) incomplete directory.
 """
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import fsspec
-import torch
 
-from cpt_operator.api.manifest import (MANIFEST, FileEntry, Lineage, Manifest, Problem,
-                                       checkpoint_name, step_of, verify)
-
-from . import distributed
+from cpt_operator.api.manifest import (MANIFEST, PINNED, FileEntry, Lineage, Manifest, Problem,
+                                       checkpoint_name, step_of, verify, writer_rank)
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER = "optimizer.pt"
-TRAIN_STATE = "train-state.json"
-CONFIG = "trainer-config.json"
-PINNED = "pinned.json"
 _CHUNK = 8 << 20
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
-
-
-def data_file(rank: int) -> str:
-    return f"data-rank{rank:05d}.json"
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -99,7 +85,7 @@ def problems_of(uri: str, deep: bool = True) -> tuple[Manifest | None, list[str]
         if fs.exists(full):
             observed[rel] = digest(fs, full) if deep else \
                 FileEntry(size=fs.size(full), sha256=want.sha256)
-    problems = verify(manifest, observed)
+    problems = verify(manifest.files, observed)
     if step_of(path) is not None and step_of(path) != manifest.step:
         problems.append(f"manifest says step {manifest.step}, the directory name differs")
     return manifest, problems
@@ -134,36 +120,19 @@ def read_json(uri: str, name: str) -> Any:
     return json.loads(fs.cat_file(f"{path}/{name}"))
 
 
-def read_torch(uri: str, name: str, weights_only: bool = True) -> Any:
-    fs, path = _fs(uri)
-    return torch.load(io.BytesIO(fs.cat_file(f"{path}/{name}")), map_location="cpu",
-                      weights_only=weights_only)
-
-
-def read_bytes(uri: str, name: str) -> bytes:
-    fs, path = _fs(uri)
-    return fs.cat_file(f"{path}/{name}")
-
-
 # ---------------------------------------------------------------------------------- writing
 
-@contextmanager
-def _staging(fs: fsspec.AbstractFileSystem, target: str) -> Iterator[str]:
-    """A local directory to write into: the target itself when it is local, else a temporary
-    directory whose files are uploaded when the block ends."""
-    if _is_local(fs):
-        yield target
-        return
-    with tempfile.TemporaryDirectory(prefix="cpt-ckpt-") as tmp:
-        yield tmp
-        for name in os.listdir(tmp):
-            fs.put_file(os.path.join(tmp, name), f"{target}/{name}")
+def is_local(uri: str) -> bool:
+    return _is_local(_fs(uri)[0])
 
 
-def _fsync_dir_files(directory: str, names: list[str]) -> None:
-    for name in names:
-        with open(os.path.join(directory, name), "rb") as f:
-            os.fsync(f.fileno())
+def prepare(uri: str, step: int) -> str:
+    """Make an empty directory for checkpoint `step` (rank 0, before any rank writes)."""
+    fs, root = _fs(uri)
+    target = f"{root}/{checkpoint_name(step)}"
+    _clear(fs, target)
+    fs.makedirs(target, exist_ok=True)
+    return target
 
 
 def _clear(fs: fsspec.AbstractFileSystem, target: str) -> None:
@@ -182,38 +151,42 @@ def write_json(directory: str, name: str, obj: Any) -> str:
     return name
 
 
-def save(uri: str, step: int, tokens: int, *, rank: int, shared: Callable[[str], None],
-         per_rank: Callable[[str], None], lineage: Lineage, evals: dict[str, float],
-         train_loss: float | None, stable: bool) -> str:
-    """Write checkpoint `step` (collective: every rank calls it). `shared(dir)` writes rank 0's
-    files into a local directory, `per_rank(dir)` this rank's own. Returns the checkpoint URI."""
+def own_files(directory: str, rank: int) -> list[str]:
+    """Relative paths under a local directory that `rank` wrote (see `writer_rank`)."""
+    found = []
+    for here, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(here, name), directory).replace(os.sep, "/")
+            if rel != MANIFEST and not rel.endswith(".tmp") and writer_rank(rel) == rank:
+                found.append(rel)
+    return sorted(found)
+
+
+def seal(directory: str, rel_paths: list[str], target_uri: str | None = None) -> dict[str, FileEntry]:
+    """Make this rank's files durable and describe them: fsync in place, or upload to
+    `target_uri` (an object store) from the local staging directory. Hashing happens here,
+    on the local bytes, so nobody downloads a shard again to hash it."""
+    entries = {}
+    fs, target = _fs(target_uri) if target_uri else (None, "")
+    for rel in rel_paths:
+        local = os.path.join(directory, rel)
+        with open(local, "rb") as f:
+            os.fsync(f.fileno())
+        entries[rel] = digest(_LOCAL, local)
+        if fs is not None:
+            fs.put_file(local, f"{target}/{rel}")
+    return entries
+
+
+_LOCAL = fsspec.filesystem("file")
+
+
+def commit(uri: str, step: int, tokens: int, files: dict[str, FileEntry], lineage: Lineage,
+           evals: dict[str, float], train_loss: float | None, stable: bool) -> None:
+    """Write the manifest of checkpoint `step`: the commit point (rank 0, after every rank's
+    files are durable). Local: temporary name + fsync + rename; object stores: one PUT."""
     fs, root = _fs(uri)
     target = f"{root}/{checkpoint_name(step)}"
-    if rank == 0:
-        _clear(fs, target)
-        fs.makedirs(target, exist_ok=True)
-    distributed.barrier()
-    with _staging(fs, target) as directory:
-        before = set(os.listdir(directory)) if rank != 0 else set()
-        (shared if rank == 0 else (lambda d: None))(directory)
-        per_rank(directory)
-        if _is_local(fs):
-            mine = os.listdir(directory) if rank == 0 else sorted(set(os.listdir(directory)) - before)
-            _fsync_dir_files(directory, [n for n in mine if os.path.isfile(os.path.join(directory, n))])
-    distributed.barrier()
-    if rank == 0:
-        _commit(fs, target, step, tokens, lineage, evals, train_loss, stable)
-    distributed.barrier()
-    return join(uri, checkpoint_name(step))
-
-
-def _commit(fs: fsspec.AbstractFileSystem, target: str, step: int, tokens: int, lineage: Lineage,
-            evals: dict[str, float], train_loss: float | None, stable: bool) -> None:
-    files = {}
-    for full in sorted(fs.find(target)):
-        rel = full[len(target) + 1:]
-        if rel != MANIFEST and not rel.endswith(".tmp"):
-            files[rel] = digest(fs, full)
     manifest = Manifest(step=step, tokens=tokens, lineage=lineage, files=files, evals=evals,
                         train_loss=train_loss, stable=stable,
                         created_at=dt.datetime.now(dt.timezone.utc).isoformat())
@@ -227,6 +200,67 @@ def _commit(fs: fsspec.AbstractFileSystem, target: str, step: int, tokens: int, 
         os.replace(tmp, os.path.join(target, MANIFEST))
     else:
         fs.pipe_file(f"{target}/{MANIFEST}", data)
+
+
+# ---------------------------------------------------------------------------------- restoring
+
+def local_path(uri: str) -> str:
+    """Where `fetch` puts a verified copy of `uri` on this node (the path itself when local)."""
+    fs, path = _fs(uri)
+    return path if _is_local(fs) else _cache_dir(uri)
+
+
+def fetch(uri: str, parts: tuple[str, ...] | None = None) -> list[str]:
+    """Make `local_path(uri)` a verified copy of checkpoint `uri` (or of its top-level files
+    plus the sub-directories in `parts`); returns why it is unusable (empty: usable).
+
+    One process per node calls this (local rank 0) while the others wait: a remote checkpoint is
+    downloaded once per node into a cache, under a file lock, and every byte that is loaded is
+    a byte that was hashed. A local checkpoint is verified in place."""
+    manifest, problems = problems_of(uri, deep=False)
+    if manifest is None or problems:
+        return problems
+    wanted = {rel: e for rel, e in manifest.files.items()
+              if parts is None or "/" not in rel or rel.split("/", 1)[0] in parts}
+    fs, path = _fs(uri)
+    if _is_local(fs):
+        return _verify(fs, path, wanted)
+    local = _cache_dir(uri)
+    with _locked(local + ".lock"):
+        done = local + ".verified.json"
+        have = set(json.loads(open(done).read())) if os.path.exists(done) else set()
+        missing = {rel: e for rel, e in wanted.items() if rel not in have}
+        for rel in missing:
+            os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+            fs.get_file(f"{path}/{rel}", os.path.join(local, rel))
+        problems = _verify(_LOCAL, local, missing)
+        if not problems:
+            with open(done, "w") as f:
+                json.dump(sorted(have | set(missing)), f)
+    return problems
+
+
+def _verify(fs: fsspec.AbstractFileSystem, root: str, files: dict[str, FileEntry]) -> list[str]:
+    observed = {rel: digest(fs, f"{root}/{rel}") for rel in files if fs.exists(f"{root}/{rel}")}
+    return verify(files, observed)
+
+
+def _cache_dir(uri: str) -> str:
+    root = os.environ.get("CPT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "cpt-operator"))
+    return os.path.join(root, "checkpoints", hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock among the processes of this node (a lock file next to the copy, so
+    the copy's own files are only the checkpoint's)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------- retention

@@ -67,3 +67,13 @@ def broadcast_object(obj: object) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_problems(problems: list[str]) -> list[str]:
+    """Every rank's list of problems, merged (in rank order, without repeats), on every rank:
+    one rank that cannot go on stops them all with its reason."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return problems
+    lists: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, problems)
+    return list(dict.fromkeys(p for part in lists for p in part or ()))

@@ -1,13 +1,16 @@
 """One trainer attempt: restore, then step / evaluate / checkpoint until the budget is spent.
 
-Every rank runs this loop on its own shard of the data; DDP averages gradients. The loss is
-token-weighted over the whole global batch (all micro-batches of all ranks), so gradient
+Every rank runs this loop on its own shard of the data; the model is a plain module, DDP
+replicas or FSDP2 shards (`parallel.py`), and gradients are averaged over ranks either way. The
+loss is token-weighted over the whole global batch (all micro-batches of all ranks), so gradient
 accumulation and the world size change the throughput, never the objective.
 
 What makes a resumed run continue exactly: the checkpoint holds weights, AdamW state, the step
 and token counters, the anomaly window, every rank's data position and RNG state; the LR is a
-pure function of the step. A SIGTERM (Ctrl-C in `cptctl run`, a pod eviction) is agreed on by
-all ranks at a step boundary, and the attempt ends with a checkpoint at that step.
+pure function of the step. Weights and AdamW state are sharded (`checkpointer.py`), so a run
+may resume on another world size: the data positions of all old ranks are re-dealt to the new
+ones. A SIGTERM (Ctrl-C in `cptctl run`, a pod eviction) is agreed on by all ranks at a step
+boundary, and the attempt ends with a committed checkpoint at that step.
 """
 from __future__ import annotations
 
@@ -16,31 +19,34 @@ import hashlib
 import json
 import logging
 import math
-import random
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
-from cpt_operator.api.manifest import Lineage, checkpoint_name
+from cpt_operator.api.manifest import (MODEL_DIR, TRAIN_STATE, Lineage, checkpoint_name,
+                                       data_file, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
 
 from . import checkpoint, distributed, surgery
 from .anomaly import AnomalyDetector, Verdict
+from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import check_digest, digest, load_model, load_tokenizer, local_copy, model_source
+from .model import (check_digest, digest, load_checkpoint_model, load_model, load_tokenizer,
+                    local_copy, model_source, skeleton)
+from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule, total_steps
 
@@ -101,15 +107,24 @@ class Attempt:
         if uri is None:
             directory, gguf = model_source(base, local_copy(base.uri))
             return StartPoint(None, RestoreMode.weights_only, directory, gguf)
-        manifest, problems = checkpoint.problems_of(uri)
-        if manifest is None or problems:
+        directory = self._fetch(uri, None if mode == RestoreMode.full_state else (MODEL_DIR,))
+        self.restored_manifest = checkpoint.read_manifest(uri)
+        return StartPoint(uri, mode, directory)
+
+    def _fetch(self, uri: str, parts: tuple[str, ...] | None) -> str:
+        """A verified local copy of checkpoint `uri`: one process per node downloads and hashes,
+        the others wait and load the same verified bytes."""
+        problems = checkpoint.fetch(uri, parts) if self.dist.local_rank == 0 else []
+        problems = distributed.gather_problems(problems)
+        if problems:
             raise Refused(f"cannot restore from {uri}: {'; '.join(problems)}")
-        self.restored_manifest = manifest
-        return StartPoint(uri, mode, local_copy(uri))
+        return checkpoint.local_path(uri)
 
     def setup(self) -> None:
         spec, cfg = self.spec, self.cfg
         torch.manual_seed(spec.training.seed)
+        self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
+                                         async_save=spec.checkpoint.asynchronous)
         self.start = self._start_point()
         self.base_path = local_copy(spec.base_model.uri)
         # Hashing a large base takes a while: rank 0 does it, the others take its answer.
@@ -125,19 +140,17 @@ class Attempt:
         self.tok_hash = tokenizer_hash(self.tokenizer)
         if self.start.uri is not None:
             self._check_lineage()
-        attention = spec.training.attention
-        self.model: PreTrainedModel = load_model(self.start.directory, attention=attention,
-                                                 gguf_file=self.start.gguf_file).to(self.device)
-        if self.extension is not None:
-            self.extension.fit(self.model)  # a no-op for weights that already carry it
-            if self.dist.is_main:
-                self.extension.save(cfg.checkpoint_uri)
+        self.parallel = self._build_model()
+        self.model: PreTrainedModel = self.parallel.model  # type: ignore[assignment]
+        if self.extension is not None and self.dist.is_main:
+            self.extension.save(cfg.checkpoint_uri)
         self.model.train()
         # Flash-attention honours per-document positions only in a single packed row.
-        self.flatten = attention == "flash_attention_2"
+        self.flatten = spec.training.attention == "flash_attention_2"
         if spec.packing.boundary == Boundary.document_mask:
             # Milliseconds, and it turns a silent cross-document leak into a clear error.
             check_document_isolation(self.model, flatten=self.flatten)
+            self.parallel.reshard()
         self.reference = self._reference_model() if self._needs_reference() else None
         self.evaluator = self._evaluator()
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
@@ -150,7 +163,6 @@ class Attempt:
         if self.extension is not None:
             self.data = self.extension.oversample(self.data, cfg, self.dist.rank)
         self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
-        self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
         self.optimizer = self._optimizer()
         self.anomaly = AnomalyDetector(spec.gradient.anomaly)
         t = spec.training
@@ -164,6 +176,28 @@ class Attempt:
                                           + cfg.overrides.model_dump_json().encode()).hexdigest()
         self.flops_token = flops_per_token(self.model, spec.packing.seq_len)
         self.peak = peak_flops(self.device) if self.device.type == "cuda" else None
+
+    def _build_model(self) -> Parallel:
+        """The model, wrapped for the run's strategy, with the start point's weights. A
+        checkpoint's weights go straight into each rank's shards; a base (HF / GGUF) or a
+        checkpoint that still needs the tokenizer surgery is loaded whole first."""
+        attention = self.spec.training.attention
+        if self.start.uri is None:
+            model = load_model(self.start.directory, attention=attention,
+                               gguf_file=self.start.gguf_file)
+        else:
+            model = skeleton(self.start.directory, attention=attention)
+            if self.extension is not None and not self.extension.carried_by(model):
+                model = load_checkpoint_model(self.start.directory, attention=attention)
+        if self.extension is not None:
+            self.extension.fit(model)  # a no-op for weights that already carry it
+        loaded = not any(p.is_meta for p in model.parameters())
+        parallel = parallelize(model, self.spec.training.parallelism, self.dist,
+                               procs_per_node=self.spec.resources.procs_per_node,
+                               compute_dtype=self.autocast_dtype)
+        if not loaded:
+            self.checkpointer.load_model(parallel.model, self.start.directory)
+        return parallel
 
     def _check_lineage(self) -> None:
         """Refuse a checkpoint that another tokenizer, base or data stream produced."""
@@ -190,15 +224,18 @@ class Attempt:
             from_evals = Evaluator.needs_reference(self.spec.evaluation)
         return self.spec.regularization.ref_kl.beta > 0 or from_evals
 
-    def _reference_model(self) -> PreTrainedModel:
-        """The frozen base for KL terms: always the immutable base, never the restore point."""
-        directory, gguf = model_source(self.spec.base_model, self.base_path)
-        ref = load_model(directory, gguf_file=gguf)
+    def _reference_model(self) -> torch.nn.Module:
+        """The frozen base for KL terms: always the immutable base, never the restore point;
+        sharded like the trained model and in bf16 on GPU."""
+        base = self.spec.base_model
+        if base.format == ModelFormat.checkpoint:
+            ref = load_checkpoint_model(self._fetch(base.uri, (MODEL_DIR,)))
+        else:
+            directory, gguf = model_source(base, self.base_path)
+            ref = load_model(directory, gguf_file=gguf)
         if self.extension is not None:
             self.extension.fit(ref)  # the run's vocabulary, so KL terms line up
-        ref.to(self.device).eval()
-        ref.requires_grad_(False)
-        return ref
+        return shard_frozen(ref, self.parallel, self.dist, self.autocast_dtype)
 
     def _evaluator(self) -> Any:
         if self.spec.evaluation is None:
@@ -222,58 +259,63 @@ class Attempt:
 
     # --------------------------------------------------------------------------- restore
     def _load_full_state(self, directory: str) -> None:
+        """Optimizer, counters, anomaly window, data positions and RNG of a fullState start.
+        Another world size is fine: shards are re-cut by DCP, data positions re-dealt."""
         uri = self.start.uri
-        state = json.loads(open(f"{directory}/{checkpoint.TRAIN_STATE}").read())
-        if state["worldSize"] != self.dist.world_size:
-            raise Refused(f"fullState restore of {uri} needs world size {state['worldSize']} (it "
-                          f"holds that many data positions); this attempt has {self.dist.world_size}. "
-                          "Use restoreMode weightsOnly to change the world size.")
-        data_state = json.loads(open(f"{directory}/{checkpoint.data_file(self.dist.rank)}").read())
-        if data_state.get("data_version") != self.data.data_version:
+        state = _read_json(directory, TRAIN_STATE)
+        saved_world = int(state["worldSize"])
+        data_states = [_read_json(directory, data_file(r)) for r in range(saved_world)]
+        if data_states[0].get("data_version") != self.data.data_version:
             raise Refused(f"data version mismatch: checkpoint {uri} was trained on data version "
-                          f"{data_state.get('data_version')}, the data sources of this run now give "
-                          f"{self.data.data_version}. Use restoreMode weightsOnly to start a new "
-                          "data stream from these weights.")
-        self.data.load_state_dict(data_state)
-        self.optimizer.load_state_dict(torch.load(f"{directory}/{checkpoint.OPTIMIZER}",
-                                                  map_location=self.device, weights_only=True))
+                          f"{data_states[0].get('data_version')}, the data sources of this run now "
+                          f"give {self.data.data_version}. Use restoreMode weightsOnly to start a "
+                          "new data stream from these weights.")
+        self.data.load_state_dicts(data_states)
+        self.checkpointer.load_optimizer(self.model, self.optimizer, directory)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.anomaly.load_state_dict(state["anomaly"])
-        rng = torch.load(f"{directory}/{checkpoint.rng_file(self.dist.rank)}", weights_only=False)
-        _set_rng(rng)
+        if saved_world == self.dist.world_size:
+            set_rng_state(_read_json(directory, rng_file(self.dist.rank)))
+        else:  # no rank's stream continues: derive a fresh, reproducible one
+            torch.manual_seed(self.spec.training.seed + 1_000_003 * self.step + self.dist.rank)
         self.last_saved_step = self.step
         self.last_checkpoint = uri
 
     def _restore_stable(self) -> str:
         """Anomaly recovery: weights and optimizer of the last stable checkpoint of this attempt
         (or of its start point); the data stream moves on, past the slice that hurt."""
-        found = checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True)
-        own = checkpoint.join(self.cfg.checkpoint_uri, found[0]) if found else None
+        self.checkpointer.wait()
+        found = distributed.broadcast_object(
+            checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True)
+            if self.dist.is_main else None)
+        own = checkpoint.join(self.cfg.checkpoint_uri, found[0]) if found else None  # type: ignore[index]
         source = own or self.start.uri
         if source is None:
-            directory, gguf = self.start.directory, self.start.gguf_file
+            self._reload_base()
         else:
-            directory, gguf = local_copy(source), None
-        fresh = load_model(directory, attention=self.spec.training.attention, gguf_file=gguf)
-        if self.extension is not None:
-            self.extension.fit(fresh)
-        with torch.no_grad():
-            for p, q in zip(self.model.parameters(), fresh.parameters()):
-                p.copy_(q.to(p.device))
+            directory = self._fetch(source, None)
+            self.checkpointer.load_model(self.model, directory)
         # Optimizer moments belong to the weights they were taken with: keep them only when the
         # source carries them for this run (our own checkpoint, or a fullState start).
-        if own is not None or (source is not None and self.start.mode == RestoreMode.full_state):
-            self.optimizer.load_state_dict(torch.load(f"{directory}/{checkpoint.OPTIMIZER}",
-                                                      map_location=self.device, weights_only=True))
+        if source is not None and (own is not None or self.start.mode == RestoreMode.full_state):
+            self.checkpointer.load_optimizer(self.model, self.optimizer, directory)
         else:
             self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         return source or f"base {self.spec.base_model.uri}"
 
+    def _reload_base(self) -> None:
+        fresh = load_model(self.start.directory, attention=self.spec.training.attention,
+                           gguf_file=self.start.gguf_file)
+        if self.extension is not None:
+            self.extension.fit(fresh)
+        set_model_state_dict(self.model, fresh.state_dict(),
+                             options=StateDictOptions(full_state_dict=True))
+
     # ------------------------------------------------------------------------------ step
     def _forward_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token NLL [B, T-1], its mask, and the KL-to-base term (summed)."""
-        net = self.ddp or self.model
+        net = self.parallel.forward
         batch = batch.to(self.device)
         labels = batch.labels[:, 1:]
         inputs = batch.model_inputs(flatten=self.flatten)
@@ -314,8 +356,7 @@ class Attempt:
         # all-reduce carries both.
         totals = torch.zeros(2, len(names), device=self.device)
         for i, batch in enumerate(micro):
-            sync = self.ddp is None or i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+            with self.parallel.accumulating(last=i == len(micro) - 1):
                 nll, mask, kl = self._forward_losses(batch)
                 ((nll.sum() + kl) * scale).backward()
             with torch.no_grad():
@@ -324,8 +365,7 @@ class Attempt:
                 src = batch.source_ids[:, 1:].to(self.device)[mask]
                 totals[0].index_add_(0, src, nll.detach()[mask])
                 totals[1].index_add_(0, src, torch.ones_like(src, dtype=totals.dtype))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                         self.spec.gradient.clip))
+        grad_norm = self.parallel.clip(self.spec.gradient.clip)
         distributed.all_reduce_sum(totals)
         if self.extension is not None:
             self.data.end_step(self.metrics)
@@ -341,18 +381,20 @@ class Attempt:
 
     # ------------------------------------------------------------------- evals, checkpoints
     def evaluate(self, is_base: bool = False) -> dict[str, float]:
+        # A sharded model's forward is a collective: every rank evaluates the same samples in
+        # step; replicas leave it to rank 0.
         results: dict[str, float] = {}
-        if self.evaluator is not None and self.dist.is_main:
+        if self.evaluator is not None and (self.dist.is_main or self.parallel.sharded):
             results = self.evaluator.evaluate(self.model)
             if self.extension is not None:
                 results.update(self.extension.evaluate(self.model, self.evaluator))
+            self.parallel.reshard()
         results = distributed.broadcast_object(results)  # type: ignore[assignment]
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
 
     def save(self, evals: dict[str, float], train_loss: float | None) -> str:
-        start = time.monotonic()
-        cfg, rank = self.cfg, self.dist.rank
+        cfg = self.cfg
         mode = self.start.mode.value if self.start.uri else RestoreMode.weights_only.value
         lineage = Lineage(run=cfg.run, attempt=cfg.attempt,
                           parent=self.last_checkpoint or self.start.uri,
@@ -364,34 +406,33 @@ class Attempt:
         train_state = {"step": self.step, "tokens": self.tokens, "worldSize": self.dist.world_size,
                        "anomaly": self.anomaly.state_dict(), "schedule": self.schedule.as_dict()}
 
-        def shared(directory: str) -> None:
-            self.model.save_pretrained(directory, safe_serialization=True)
+        def model_files(directory: str) -> None:
+            self.model.config.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
-            torch.save(self.optimizer.state_dict(), f"{directory}/{checkpoint.OPTIMIZER}")
-            checkpoint.write_json(directory, checkpoint.TRAIN_STATE, train_state)
-            with open(f"{directory}/{checkpoint.CONFIG}", "w") as f:
-                f.write(cfg.dump_json())
 
-        def per_rank(directory: str) -> None:
-            torch.save(_get_rng(), f"{directory}/{checkpoint.rng_file(rank)}")
-            checkpoint.write_json(directory, checkpoint.data_file(rank), self.data.state_dict())
-
-        uri = checkpoint.save(cfg.checkpoint_uri, self.step, self.tokens, rank=rank, shared=shared,
-                              per_rank=per_rank, lineage=lineage,
-                              evals={**evals, **self.data.checkpoint_metrics()}
-                              if self.extension is not None else evals,
-                              train_loss=train_loss, stable=not self.unstable)
-        if self.dist.is_main:
-            protect = {checkpoint_name(self.step)}
-            checkpoint.prune(cfg.checkpoint_uri, self.spec.checkpoint.keep, protect)
-        distributed.barrier()
-        seconds = time.monotonic() - start
+        snap = Snapshot(step=self.step, tokens=self.tokens, train_state=train_state,
+                        data_state=self.data.state_dict(), lineage=lineage,
+                        evals={**evals, **self.data.checkpoint_metrics()}
+                        if self.extension is not None else evals,
+                        train_loss=train_loss, stable=not self.unstable,
+                        config_json=cfg.dump_json(), write_model_files=model_files)
+        uri = self.checkpointer.save(self.model, self.optimizer, snap)
         self.unstable = False
         self.last_saved_step, self.last_checkpoint = self.step, uri
-        self.metrics.checkpoint(self.step, seconds)
-        self.events.emit(CheckpointSaved, step=self.step, tokens=self.tokens,
-                         name=checkpoint_name(self.step), uri=uri, seconds=seconds)
+        self._report_saves()
         return uri
+
+    def _report_saves(self, wait: bool = False) -> None:
+        """Metrics and events for checkpoints committed in the background (main thread)."""
+        if wait:
+            self.checkpointer.wait()
+        for saved in self.checkpointer.completed():
+            self._announce(saved)
+
+    def _announce(self, saved: Saved) -> None:
+        self.metrics.checkpoint(saved.step, saved.seconds, stall=saved.stall_seconds)
+        self.events.emit(CheckpointSaved, step=saved.step, tokens=saved.tokens,
+                         name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds)
 
     def _checkpoint_due(self) -> bool:
         return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
@@ -473,17 +514,20 @@ class Attempt:
                              tokens_per_s=tps, skipped=skipped)
         self._agree_stop()
         self._boundary(self.last_loss)
+        self._report_saves()
         return None
 
     def finish(self) -> int:
         if self.stop_requested:
             if self.last_saved_step != self.step:
                 self.save({}, self.last_loss)
+            self._report_saves(wait=True)
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted",
                              message="stopped on request after a checkpoint")
             return 0
         if self.last_saved_step != self.step:
             self._boundary(self.last_loss)
+        self._report_saves(wait=True)
         self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="budget",
                          message=f"budget reached: {self.step} steps, {self.tokens:,} tokens")
         return 0
@@ -512,6 +556,9 @@ class Attempt:
         return None
 
     def close(self) -> None:
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.close()
         self.metrics.up(False)
         self.metrics.close()
         self.events.close()
@@ -533,20 +580,9 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _get_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _read_json(directory: str, name: str) -> dict[str, Any]:
+    with open(os.path.join(directory, name), encoding="utf-8") as f:
+        return json.load(f)  # type: ignore[no-any-return]
 
 
 def run_attempt(cfg: TrainerConfig) -> int:

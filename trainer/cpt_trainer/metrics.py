@@ -52,7 +52,10 @@ class Metrics:
         self.skipped = c("cpt_skipped_steps", "Steps whose update was skipped as anomalous")
         self.anomalies = c("cpt_anomalies", "Anomalies by kind", "kind")
         self.saves = c("cpt_checkpoint_saves", "Checkpoints written")
-        self.ckpt_seconds = g("cpt_checkpoint_seconds", "Duration of the last checkpoint save")
+        self.ckpt_seconds = g("cpt_checkpoint_seconds", "Duration of the last checkpoint save, "
+                              "start to committed manifest")
+        self.ckpt_stall = g("cpt_checkpoint_stall_seconds", "Training time the last checkpoint save "
+                            "blocked (host copy; the rest is written in the background)")
         self.ckpt_step = g("cpt_last_checkpoint_step", "Step of the last checkpoint")
         self.mix_weight = g("cpt_mixture_weight", "Target sampling weight", "source", "role")
         self.mix_real = g("cpt_mixture_realised", "Realised token share", "source", "role")
@@ -104,9 +107,10 @@ class Metrics:
     def anomaly(self, kind: str) -> None:
         self.anomalies.labels(kind=kind, **self._labels).inc()
 
-    def checkpoint(self, step: int, seconds: float) -> None:
+    def checkpoint(self, step: int, seconds: float, stall: float) -> None:
         self.saves.labels(**self._labels).inc()
         self.ckpt_seconds.labels(**self._labels).set(seconds)
+        self.ckpt_stall.labels(**self._labels).set(stall)
         self.ckpt_step.labels(**self._labels).set(step)
         self.ckpt_time.labels(**self._labels).set(time.time())
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import fsspec
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
+from cpt_operator.api.manifest import MODEL_DIR
 from cpt_operator.api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
 
 from .errors import Refused
@@ -115,21 +117,74 @@ def load_model(directory: str, *, dtype: torch.dtype = torch.float32, attention:
     return model
 
 
+def skeleton(directory: str, *, attention: str = "sdpa",
+             dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The architecture in `directory/config.json` with its parameters on the meta device (no
+    memory, no random init): the weights come later, straight into each rank's shards. Buffers
+    (rotary frequencies) are real: `materialize` keeps them."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    model.tie_weights()  # built empty, the head is a separate tensor until tied
+    model.config.use_cache = False
+    return model
+
+
+def is_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def materialize(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Allocate a skeleton's tensors on `device` (uninitialised; a checkpoint load fills them)
+    without losing the buffers its modules computed when they were built."""
+    buffers = [(m, name, b.detach().clone()) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None and not b.is_meta]
+    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((m, name))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module, name, value in buffers:
+            module._buffers[name].copy_(value)  # type: ignore[union-attr]
+    # to_empty gives every holder of a tied parameter (embedding and head) its own tensor
+    for (first, first_name), *others in holders.values():
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
+
+
+def load_checkpoint_model(directory: str, *, attention: str = "sdpa",
+                          dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The whole model of a (verified, local) checkpoint directory in this one process: for
+    tools and frozen copies; training ranks load only their shards (`Checkpointer.load_model`)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = skeleton(directory, attention=attention, dtype=dtype)
+    materialize(model, "cpu")
+    dcp.load(model.state_dict(), checkpoint_id=os.path.join(directory, MODEL_DIR), no_dist=True)
+    return model
+
+
 def load_base(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None, *,
               dtype: torch.dtype = torch.float32, attention: str = "sdpa",
               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model and tokenizer named by the spec (the base is only read, never written)."""
+    if base.format == ModelFormat.checkpoint:
+        from .checkpoint import fetch, local_path
+
+        problems, path = fetch(base.uri, (MODEL_DIR,)), local_path(base.uri)
+        if problems:
+            raise Refused(f"base checkpoint {base.uri} is not usable: {'; '.join(problems)}")
+        return (load_checkpoint_model(path, attention=attention, dtype=dtype),
+                load_tokenizer(base, tokenizer, path))
     path = local_copy(base.uri)
     if not os.path.exists(path):
         raise Refused(f"baseModel.uri {base.uri} does not exist")
     if base.sha256:
         check_digest(base, digest(path))
-    if base.format == ModelFormat.checkpoint:
-        from .checkpoint import problems_of
-
-        _, problems = problems_of(path)
-        if problems:
-            raise Refused(f"base checkpoint {base.uri} is not usable: {'; '.join(problems)}")
     directory, gguf = model_source(base, path)
     model = load_model(directory, dtype=dtype, attention=attention, gguf_file=gguf)
     return model, load_tokenizer(base, tokenizer, path)

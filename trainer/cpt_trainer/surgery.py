@@ -241,6 +241,10 @@ class Extension:
         return (f"{base} extended with {len(self.tokens)} terms by tokenizer.extend (base "
                 f"tokenizer hash {self.base_hash})")
 
+    def carried_by(self, model: PreTrainedModel) -> bool:
+        """The weights (or a skeleton's config) already have this extension's rows."""
+        return getattr(model.config, CONFIG_KEY, None) == self.hash
+
     def fit(self, model: PreTrainedModel) -> PreTrainedModel:
         """Give `model` the new rows unless its weights already carry this extension."""
         carried = getattr(model.config, CONFIG_KEY, None)

@@ -18,8 +18,45 @@ from pydantic import Field
 from .base import SpecModel
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: model and optimizer as torch.distributed.checkpoint shards (any world size can load
+them); 1 (consolidated safetensors + optimizer.pt) is no longer written or read."""
 _NAME = re.compile(r"^step-(\d{8})$")
+
+MODEL_DIR = "model"
+"""Sharded model weights (DCP: `.metadata` + one `__<rank>_0.distcp` per writing rank)."""
+OPTIMIZER_DIR = "optimizer"
+"""Sharded AdamW state, flattened per parameter name so another world size can load it."""
+TRAIN_STATE = "train-state.json"
+"""step, tokens, world size, schedule, anomaly window (rank 0)."""
+CONFIG = "trainer-config.json"
+"""The resolved config of the attempt that wrote the checkpoint."""
+PINNED = "pinned.json"
+"""At the checkpoint root: names the control plane forbids pruning."""
+MODEL_FILES = ("config.json", "generation_config.json")
+"""The model's architecture at the top (with the tokenizer files), so a checkpoint says what
+it holds without loading it."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.json"
+
+
+def data_file(rank: int) -> str:
+    return f"data-rank{rank:05d}.json"
+
+
+_RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|[a-z]+-rank(\d{5})\.json)$")
+
+
+def writer_rank(path: str) -> int:
+    """The rank that writes a checkpoint file: its own shards and state files, rank 0 the rest
+    (DCP metadata, config, tokenizer). Each rank hashes what it wrote; rank 0 never re-reads
+    another rank's bytes to build the manifest."""
+    match = _RANK_FILE.search(path)
+    if match is None:
+        return 0
+    return int(match.group(1) or match.group(2))
 
 
 def checkpoint_name(step: int) -> str:
@@ -73,10 +110,10 @@ class Problem:
     reason: str
 
 
-def verify(manifest: Manifest, observed: dict[str, FileEntry]) -> list[str]:
-    """Why the files on disk do not match the manifest (empty list: they do)."""
+def verify(files: dict[str, FileEntry], observed: dict[str, FileEntry]) -> list[str]:
+    """Why the files on disk do not match a manifest's entries (empty list: they do)."""
     problems = []
-    for path, want in sorted(manifest.files.items()):
+    for path, want in sorted(files.items()):
         got = observed.get(path)
         if got is None:
             problems.append(f"{path} is missing")

@@ -303,6 +303,10 @@ class CheckpointSpec(SpecModel):
     """Save every N optimizer steps (and at the end)."""
     keep: int = Field(default=5, ge=1)
     """Newest checkpoints kept; frontier and last-good checkpoints are never pruned."""
+    asynchronous: bool = True
+    """Write checkpoint shards in the background while training goes on (the step stalls only
+    for a copy to host memory); the manifest still commits a checkpoint only when every rank's
+    shards are durable. false: every save blocks until committed."""
 
 
 class Toleration(SpecModel):

@@ -140,6 +140,13 @@ class DataPipeline:
             if stream.name in state["streams"]:
                 stream.load_state_dict(state["streams"][stream.name])
 
+    def load_state_dicts(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Continue from the states of every rank of the run that saved (index = its rank)."""
+        if len(states) != self.world_size:
+            raise ValueError(f"data positions were saved by {len(states)} ranks; this pipeline "
+                             f"has {self.world_size} and cannot re-deal them")
+        self.load_state_dict(states[self.rank])
+
     def _check_compatible(self, state: Mapping[str, Any]) -> None:
         problems = []
         if state.get("format") != STATE_FORMAT:

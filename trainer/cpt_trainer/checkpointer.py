@@ -1,0 +1,229 @@
+"""The one owner of checkpoint save, load and retention over a run's stateful parts.
+
+Parts: the model and the AdamW state (sharded through torch.distributed.checkpoint, so any
+world size can load what any other wrote), and small JSON files: the train state (rank 0) and,
+per rank, the data position and RNG. The loop hands over a `Snapshot` of the JSON parts and the
+live model / optimizer; this module decides where bytes go and when a checkpoint exists.
+
+Asynchronous saves. `save` copies the tensors to host memory (the only part that stalls
+training), writes the small files, and returns; one background thread then writes the shards,
+seals them (fsync or upload, hashing on the way), gathers every rank's hashes to rank 0, which
+writes the manifest (the commit point) and applies retention. The background thread talks over
+its own gloo process group, so its collectives never interleave with the training step's. At
+most one save is in flight: the next `save` (or `close`) waits for the previous one.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from cpt_operator.api.manifest import (CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
+                                       FileEntry, Lineage, checkpoint_name, data_file, rng_file)
+
+from . import checkpoint, distributed
+from .distributed import Dist
+
+log = logging.getLogger(__name__)
+
+# Optimizer state keyed by parameter name (not by position), so that another sharding, another
+# world size or another wrapping loads it.
+_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint records besides tensors (all JSON-serialisable)."""
+
+    step: int
+    tokens: int
+    train_state: dict[str, Any]
+    data_state: dict[str, Any]
+    lineage: Lineage
+    evals: dict[str, float]
+    train_loss: float | None
+    stable: bool
+    config_json: str
+    write_model_files: Callable[[str], None]
+    """Writes config.json and the tokenizer into a directory (rank 0)."""
+
+
+@dataclass
+class Saved:
+    """A committed checkpoint, reported back to the loop on the main thread."""
+
+    step: int
+    tokens: int
+    uri: str
+    seconds: float
+    """From the start of the save to the manifest (the training stall is `stall_seconds`)."""
+    stall_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpointer:
+    def __init__(self, uri: str, dist_info: Dist, *, keep: int, async_save: bool = True):
+        self.uri, self.dist, self.keep, self.async_save = uri, dist_info, keep, async_save
+        # Background collectives get their own group: the training step's collectives on the
+        # default group would otherwise interleave with them in another order on each rank.
+        self._group = dist.new_group(backend="gloo") if dist_info.enabled else None
+        cuda = dist_info.device.type == "cuda"
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=False,
+                                                    use_non_blocking_copy=False))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Saved] | None = None
+        self._done: list[Saved] = []
+
+    # ------------------------------------------------------------------------------ saving
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: Snapshot) -> str:
+        """Start checkpoint `snap.step` (collective). Returns its URI; it exists once committed
+        (see `completed`)."""
+        self.wait()
+        began = time.monotonic()
+        target_uri = checkpoint.join(self.uri, checkpoint_name(snap.step))
+        if self.dist.is_main:
+            checkpoint.prepare(self.uri, snap.step)
+        distributed.barrier()
+        staging = target_uri if checkpoint.is_local(self.uri) else tempfile.mkdtemp(prefix="cpt-ckpt-")
+        self._write_small(staging, snap)
+        staged = self._stager.stage({
+            MODEL_DIR: get_model_state_dict(model),
+            OPTIMIZER_DIR: get_optimizer_state_dict(model, optimizer, options=_OPTIM)})
+        stall = time.monotonic() - began
+        self._pending = self._pool.submit(self._finish, staging, target_uri, staged, snap, began, stall)
+        if not self.async_save:
+            self.wait()
+        return target_uri
+
+    def _write_small(self, directory: str, snap: Snapshot) -> None:
+        rank = self.dist.rank
+        os.makedirs(directory, exist_ok=True)
+        if rank == 0:
+            snap.write_model_files(directory)
+            checkpoint.write_json(directory, TRAIN_STATE, snap.train_state)
+            with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
+                f.write(snap.config_json)
+        checkpoint.write_json(directory, data_file(rank), snap.data_state)
+        checkpoint.write_json(directory, rng_file(rank), rng_state())
+
+    def _finish(self, staging: str, target_uri: str, staged: dict[str, Any], snap: Snapshot,
+                began: float, stall: float) -> Saved:
+        for part in (MODEL_DIR, OPTIMIZER_DIR):
+            dcp.save(staged[part], storage_writer=dcp.FileSystemWriter(os.path.join(staging, part)),
+                     process_group=self._group)
+        remote = None if staging == target_uri else target_uri
+        mine = checkpoint.seal(staging, checkpoint.own_files(staging, self.dist.rank), remote)
+        files = self._gather(mine)
+        if self.dist.is_main:
+            checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
+                              snap.train_loss, snap.stable)
+            checkpoint.prune(self.uri, self.keep, {checkpoint_name(snap.step)})
+        if remote is not None:
+            _remove_tree(staging)
+        return Saved(snap.step, snap.tokens, target_uri, time.monotonic() - began, stall)
+
+    def _gather(self, mine: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        if self._group is None:
+            return mine
+        parts: list[Any] = [None] * self.dist.world_size if self.dist.is_main else []
+        dist.gather_object(mine, parts if self.dist.is_main else None, dst=0, group=self._group)
+        return {rel: entry for part in parts for rel, entry in (part or {}).items()}
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raises its failure."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._done.append(pending.result())
+
+    def completed(self) -> list[Saved]:
+        """Saves committed since the last call (non-blocking)."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._stager.close()
+
+    # ----------------------------------------------------------------------------- loading
+    def load_model(self, model: torch.nn.Module, directory: str) -> None:
+        """Weights from a verified local checkpoint directory into `model`, whatever its
+        sharding (each rank reads only the slices it holds)."""
+        state = get_model_state_dict(model)
+        dcp.load(state, checkpoint_id=os.path.join(directory, MODEL_DIR), process_group=self._group)
+        set_model_state_dict(model, state)
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       directory: str) -> None:
+        state = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
+        dcp.load(state, checkpoint_id=os.path.join(directory, OPTIMIZER_DIR),
+                 process_group=self._group)
+        set_optimizer_state_dict(model, optimizer, state, options=_OPTIM)
+
+
+def _remove_tree(directory: str) -> None:
+    for here, dirs, names in os.walk(directory, topdown=False):
+        for name in names:
+            os.unlink(os.path.join(here, name))
+        for name in dirs:
+            os.rmdir(os.path.join(here, name))
+    os.rmdir(directory)
+
+
+# ---------------------------------------------------------------------------------- RNG
+# JSON, not pickle: loading a checkpoint must never execute code from it.
+
+def _tensor_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _b64_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    bitgen = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": _tensor_b64(torch.get_rng_state()),
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": bitgen["bit_generator"],
+                  "key": bitgen["state"]["key"].tolist(), "pos": int(bitgen["state"]["pos"]),
+                  "has_gauss": int(bitgen["has_gauss"]), "gauss": float(bitgen["gauss"])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_tensor_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_b64_tensor(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_b64_tensor(s) for s in state["cuda"]])
