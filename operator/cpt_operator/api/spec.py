@@ -358,6 +358,13 @@ class CptRunSpec(SpecModel):
     stop_policy: StopPolicySpec = Field(default_factory=StopPolicySpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the trainer loads the frozen base beside the model: for the KL-to-base term
+        or for a drift suite. The trainer and the memory planner both ask this."""
+        drift = self.evaluation is not None and self.evaluation.needs_reference
+        return self.regularization.ref_kl.beta > 0 or drift
+
     @model_validator(mode="after")
     def _cross_field(self) -> "CptRunSpec":
         steps = self.budget.steps
