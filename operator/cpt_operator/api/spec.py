@@ -312,8 +312,11 @@ class Toleration(SpecModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+MAX_NODES = 1024
+
+
 class ResourcesSpec(SpecModel):
-    nodes: int = Field(default=1, ge=1, le=1024)
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
     gpus_per_node: int = Field(default=0, ge=0, le=16)
     """0 runs on CPU (gloo); >0 one process per GPU (NCCL)."""
     nproc_per_node: int | None = Field(default=None, ge=1, le=256)
