@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.quantity import format_bytes
+from ..api.quantity import format_bytes, parse_quantity
 from ..api.spec import CptRunSpec, Precision, Sharding
 from .activations import Dtypes, activation_bytes, logit_bytes
 from .model_shape import ModelShape
@@ -153,3 +153,8 @@ def _reference(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layou
 
 def _buffers(subtotal: int, gpu: bool) -> int:
     return (FIXED_GPU_BYTES if gpu else FIXED_CPU_BYTES) + int(FRAGMENTATION * subtotal)
+
+
+def memory_limit(spec: CptRunSpec) -> int | None:
+    """`resources.gpuMemory` in bytes, or None when the spec does not say."""
+    return parse_quantity(spec.resources.gpu_memory) if spec.resources.gpu_memory else None

@@ -146,3 +146,15 @@ def test_nothing_fits_in_a_gigabyte() -> None:
 
 def test_a_run_that_fits_has_no_message() -> None:
     assert wont_fit(spec(), TINY, parse_quantity("80Gi")) is None
+
+
+def test_llama_3_8b_on_eight_80gi_gpus_needs_fsdp() -> None:
+    """seqLen 4096, micro-batch 1: replicated fp32 AdamW state alone (16 B × 8.03 B = 120 GiB)
+    exceeds a GPU; sharded over 8 ranks, activations and the gathered working copies dominate."""
+    limit = parse_quantity("80Gi")
+    ddp = estimate(spec(), LLAMA3_8B)
+    fsdp = estimate(spec(training={"parallelism": {"strategy": "fsdp"}}), LLAMA3_8B)
+    assert not ddp.fits(limit) and fsdp.fits(limit)
+    assert [p.split()[0] for p in ddp.largest()] == ["optimizer", "parameters"]
+    assert [p.split()[0] for p in fsdp.largest()] == ["activations", "gradients"]
+    assert 150 * GIB < ddp.total < 200 * GIB and 45 * GIB < fsdp.total < 70 * GIB
