@@ -16,7 +16,7 @@ with `a` the bytes of a matmul input (2 in bf16, 4 in fp32) and `r` those of the
 For GPT-2-shaped blocks at 16 bits this gives the same order as the paper's 34·h (more, because
 SwiGLU keeps four intermediate-sized tensors where GELU keeps two). Outside the blocks: the
 token ids (int64) and the final norm. Measured against a real model in
-tests/unit/policy/test_memory_measured.py.
+tests/unit/trainer/test_memory_measured.py.
 
 Activation checkpointing keeps only a checkpointed block's input (r·h per token) and recomputes
 one block at a time in the backward pass, so one full block is added back.
