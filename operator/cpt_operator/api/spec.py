@@ -331,8 +331,11 @@ class ResourcesSpec(SpecModel):
     shared_memory: str = "8Gi"
     gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """Memory of one GPU of the pool (a quantity such as `80Gi`). When set, the run is planned
-    before it starts (`cptctl plan`, the same check in the operator) and refused if a rank's
-    parameters, gradients, optimizer state and activations cannot fit."""
+    before each attempt starts (`cptctl plan`, the same check in the operator and `cptctl run`)
+    from the base's config.json or GGUF header, and refused (SpecValid=False, reason WontFit,
+    naming the smallest change that fits) if a rank's parameters, gradients, optimizer state,
+    activations, logits and reference model cannot fit. A base whose shape cannot be read is not
+    refused (condition MemoryPlanned=False, reason PlanUnavailable)."""
     s3_secret_ref: str | None = None
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
     queue: str | None = None
