@@ -180,9 +180,10 @@ def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
     whose shape cannot be read is not a reason to refuse: it is only reported."""
     if memory_limit(spec) is None:
         return None
-    procs = {"gpus_per_node" if spec.resources.gpus_per_node else "nproc_per_node": nproc} if nproc else {}
+    gpus = spec.resources.gpus_per_node > 0
     try:
-        return refusal(resized(spec, nodes=1, **procs))
+        return refusal(resized(spec, nodes=1, gpus_per_node=nproc if gpus else None,
+                               nproc_per_node=None if gpus else nproc))
     except (ShapeUnavailable, ValueError) as exc:
         print(f"warning: memory not planned: {exc}", file=sys.stderr)
         return None
