@@ -31,7 +31,7 @@ def read_shape(base: BaseModelSpec) -> ModelShape:
         return _gguf_shape(base.uri) if base.format == ModelFormat.gguf else _hf_shape(where)
     except ShapeUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 - object stores raise their own error types; all mean "no plan"
+    except Exception as exc:  # object stores raise their own error types; each means "no plan"
         raise ShapeUnavailable(f"cannot read {where}: {exc}") from exc
 
 
