@@ -15,6 +15,7 @@ import fsspec
 from pydantic import ValidationError
 
 from .api.manifest import MANIFEST, FileEntry, Manifest, Problem, step_of, verify
+from .api.storage import storage_options
 
 PINNED = "pinned.json"
 
@@ -36,7 +37,7 @@ class CheckpointRef:
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
     return fs, path
 
 

@@ -151,7 +151,7 @@ class Attempt:
             # Milliseconds, and it turns a silent cross-document leak into a clear error.
             check_document_isolation(self.model, flatten=self.flatten)
             self.parallel.reshard()
-        self.reference = self._reference_model() if self._needs_reference() else None
+        self.reference = self._reference_model() if spec.needs_reference else None
         self.evaluator = self._evaluator()
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
         try:
@@ -216,13 +216,6 @@ class Attempt:
             raise Refused(f"checkpoint {self.start.uri} descends from base {lineage.base_uri} "
                           f"(sha256 {lineage.base_sha256}), this run's base {self.spec.base_model.uri} "
                           f"has sha256 {self.base_sha}")
-
-    def _needs_reference(self) -> bool:
-        from_evals = False
-        if self.spec.evaluation is not None:
-            from .evals import Evaluator
-            from_evals = Evaluator.needs_reference(self.spec.evaluation)
-        return self.spec.regularization.ref_kl.beta > 0 or from_evals
 
     def _reference_model(self) -> torch.nn.Module:
         """The frozen base for KL terms: always the immutable base, never the restore point;

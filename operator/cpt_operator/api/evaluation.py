@@ -78,6 +78,11 @@ class EvaluationSpec(SpecModel):
             raise ValueError("evaluation suite names must be unique")
         return self
 
+    @property
+    def needs_reference(self) -> bool:
+        """A drift suite (kl_to_base) compares against the frozen base, so it must be loaded."""
+        return any(s.metric == Metric.kl_to_base for s in self.suites)
+
 
 class Baseline(str, Enum):
     base = "base"

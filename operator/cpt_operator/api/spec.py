@@ -316,8 +316,11 @@ class Toleration(SpecModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+MAX_NODES = 1024
+
+
 class ResourcesSpec(SpecModel):
-    nodes: int = Field(default=1, ge=1, le=1024)
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
     gpus_per_node: int = Field(default=0, ge=0, le=16)
     """0 runs on CPU (gloo); >0 one process per GPU (NCCL)."""
     nproc_per_node: int | None = Field(default=None, ge=1, le=256)
@@ -332,8 +335,11 @@ class ResourcesSpec(SpecModel):
     shared_memory: str = "8Gi"
     gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """Memory of one GPU of the pool (a quantity such as `80Gi`). When set, the run is planned
-    before it starts (`cptctl plan`, the same check in the operator) and refused if a rank's
-    parameters, gradients, optimizer state and activations cannot fit."""
+    before each attempt starts (`cptctl plan`, the same check in the operator and `cptctl run`)
+    from the base's config.json or GGUF header, and refused (SpecValid=False, reason WontFit,
+    naming the smallest change that fits) if a rank's parameters, gradients, optimizer state,
+    activations, logits and reference model cannot fit. A base whose shape cannot be read is not
+    refused (condition MemoryPlanned=False, reason PlanUnavailable)."""
     s3_secret_ref: str | None = None
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
     queue: str | None = None
@@ -361,6 +367,13 @@ class CptRunSpec(SpecModel):
     gates: list[GateSpec] = Field(default_factory=list, max_length=64)
     stop_policy: StopPolicySpec = Field(default_factory=StopPolicySpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the trainer loads the frozen base beside the model: for the KL-to-base term
+        or for a drift suite. The trainer and the memory planner both ask this."""
+        drift = self.evaluation is not None and self.evaluation.needs_reference
+        return self.regularization.ref_kl.beta > 0 or drift
 
     @model_validator(mode="after")
     def _cross_field(self) -> "CptRunSpec":

@@ -34,6 +34,19 @@ class ConditionType(str, Enum):
     succeeded = "Succeeded"
     failed = "Failed"
     spec_valid = "SpecValid"
+    memory_planned = "MemoryPlanned"
+    """True when the memory planner checked the run against `resources.gpuMemory` and it fits;
+    False (reason PlanUnavailable) when the base's shape could not be read: the run goes on."""
+
+
+class Reason(str, Enum):
+    """Condition and event reasons that people and scripts match on: a contract, kept here."""
+
+    invalid_spec = "InvalidSpec"
+    wont_fit = "WontFit"
+    """The planned per-GPU memory exceeds `resources.gpuMemory`; the message names the fix."""
+    fits = "Fits"
+    plan_unavailable = "PlanUnavailable"
 
 
 class Condition(SpecModel):

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, cast
+from typing import Any, Callable, Mapping, cast
 
 import fsspec
 import kopf
@@ -21,7 +21,11 @@ from pydantic import ValidationError
 
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
-from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase
+from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
+from ..base_shape import ShapeUnavailable, read_shape
+from ..policy.memory import estimate, memory_limit
+from ..policy.memory_fix import usage, wont_fit
+from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
 from ..store import CheckpointRef, list_checkpoints, pin
@@ -36,6 +40,12 @@ from .webhook import Breach
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger(__name__)
+Emitter = Callable[[Mapping[str, Any], str, str, str], None]
+"""(object body, type, reason, message): posts a Kubernetes event about the object."""
+
+
+def kopf_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(_as_body(body), type=type_, reason=reason, message=message[:1000])
 
 
 @dataclass
@@ -50,6 +60,9 @@ class Runtime:
     metrics: OperatorMetrics
     caches: dict[str, PointCache] = field(default_factory=dict)
     pinned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    shapes: dict[str, tuple[tuple[int | None, str], ModelShape | str]] = field(default_factory=dict)
+    """Per run: ((generation, base uri), the base's shape or why it could not be read)."""
+    emit: Emitter = kopf_event
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -146,22 +159,60 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
             except OSError as exc:
                 log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
         elif isinstance(action, Emit):
-            kopf.event(_as_body(body), type=action.type, reason=action.reason, message=action.message[:1000])
+            rt.emit(body, action.type, action.reason, action.message)
 
 
 def _as_body(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, dict(body)))
 
 
-def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str) -> None:
+_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started"}
+
+
+def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
+                    reason: Reason = Reason.invalid_spec) -> None:
+    """SpecValid=False with `reason`, once: a repeat of the same verdict patches and emits nothing."""
     st = status.model_copy(deep=True)
     st.observed_generation = body["metadata"].get("generation")
-    set_condition(st, ConditionType.spec_valid, False, "InvalidSpec", message, now_rfc3339())
-    st.message = f"invalid spec: {message}"
+    set_condition(st, ConditionType.spec_valid, False, reason.value, message, now_rfc3339())
+    st.message = f"{_REFUSED[reason]}: {message}"
     old = body.get("status") or {}
     if st.dump() != old:
         rt.kube.patch_status(run, body["metadata"]["resourceVersion"], old, st.dump())
-        kopf.event(_as_body(body), type="Warning", reason="InvalidSpec", message=message[:1000])
+        rt.emit(body, "Warning", reason.value, message)
+
+
+# -- the memory check, before an attempt's Job is created -------------------------------------
+def _shape(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec) -> ModelShape | str:
+    """The base's shape, read once per spec generation (config.json may sit on S3)."""
+    key = (body["metadata"].get("generation"), spec.base_model.uri)
+    cached = rt.shapes.get(run.uid)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        found: ModelShape | str = read_shape(spec.base_model)
+    except ShapeUnavailable as exc:
+        found = f"memory not planned: {exc}"
+        rt.emit(body, "Warning", Reason.plan_unavailable.value, found)
+    rt.shapes[run.uid] = (key, found)
+    return found
+
+
+def _wont_fit(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, plan: Plan) -> str | None:
+    """Why the attempt `plan` starts cannot fit `resources.gpuMemory` (None: go on). A base whose
+    shape cannot be read does not block the run; the MemoryPlanned condition says so."""
+    limit = memory_limit(spec)
+    if limit is None or not any(isinstance(a, StartAttempt) for a in plan.actions):
+        return None
+    shape, now = _shape(rt, run, body, spec), now_rfc3339()
+    if isinstance(shape, str):
+        set_condition(plan.status, ConditionType.memory_planned, False, Reason.plan_unavailable.value, shape, now)
+        return None
+    problem = wont_fit(spec, shape, limit)
+    if problem is None:
+        fits = usage(estimate(spec, shape), limit)
+        set_condition(plan.status, ConditionType.memory_planned, True, Reason.fits.value, fits, now)
+    return problem
 
 
 def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
@@ -199,6 +250,10 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             refs = _checkpoints(root)
         obs = observed(body=body, attempt=state, series=series, points=points, refs=refs)
         plan = reconcile(spec, status, obs)
+        problem = _wont_fit(rt, run, body, spec, plan)
+        if problem is not None:
+            _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
+            return None
         _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
                                _gpus(spec, plan, state.state))
@@ -291,3 +346,4 @@ def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.M
     rt.metrics.forget_run(run.uid, namespace, name)
     rt.caches.pop(run.uid, None)
     rt.pinned.pop(run.uid, None)
+    rt.shapes.pop(run.uid, None)

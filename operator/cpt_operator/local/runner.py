@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 
-from ..api import CptRun, InvalidSpec, TrainerConfig, load_run
+from ..api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
 from ..api.status import TERMINAL_PHASES, Phase
+from ..base_shape import ShapeUnavailable
+from ..planning import refusal, resized
+from ..policy.memory import memory_limit
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile
 from ..store import attempt_dir, pin
 from .launcher import TrainerProcess, trainer_command
@@ -145,6 +148,10 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     except InvalidSpec as exc:
         print(f"{file}: invalid CptRun:\n  " + "\n  ".join(str(e) for e in exc.errors), file=sys.stderr)
         return 2
+    problem = _wont_fit(run.spec, nproc)
+    if problem is not None:
+        print(f"{file}: not started: {problem}", file=sys.stderr)
+        return 2
     try:
         rd, resumed = _prepare_dir(run, file, run_dir, fresh)
         _lock(rd)
@@ -166,6 +173,20 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
         rd.lock_file.unlink(missing_ok=True)
     display.close()
     return _report(rd, phase)
+
+
+def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
+    """The operator's memory check, on this machine's layout (one node, `nproc` processes). A base
+    whose shape cannot be read is not a reason to refuse: it is only reported."""
+    if memory_limit(spec) is None:
+        return None
+    gpus = spec.resources.gpus_per_node > 0
+    try:
+        return refusal(resized(spec, nodes=1, gpus_per_node=nproc if gpus else None,
+                               nproc_per_node=None if gpus else nproc))
+    except (ShapeUnavailable, ValueError) as exc:
+        print(f"warning: memory not planned: {exc}", file=sys.stderr)
+        return None
 
 
 def _report(rd: RunDir, phase: Phase) -> int:

@@ -61,7 +61,6 @@ def test_perturbed_weights_drift_and_the_value_matches_a_hand_computation(
 
 def test_a_drift_suite_needs_the_reference(tiny, chat_suite) -> None:  # type: ignore[no-untyped-def]
     _, tokenizer = tiny
-    assert Evaluator.needs_reference(chat_suite)
-    assert not Evaluator.needs_reference(None)
+    assert chat_suite.needs_reference
     with pytest.raises(Refused, match="reference"):
         Evaluator(chat_suite, tokenizer, device=CPU, seq_len=128)

@@ -17,19 +17,14 @@ but decode only their own records, so a malformed line is reported once, by its 
 Unreadable input (binary files, invalid UTF-8, empty files, malformed or field-less JSON lines,
 null Parquet cells) is reported with file and line and skipped: one bad file does not stop a run.
 
-S3: the spec holds only `s3://bucket/key` URIs; endpoint and credentials come from the
-standard AWS environment (AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), which a pod gets from a Secret. s3fs 2026.9 with
-aiobotocore 3.10 / botocore 1.43 honours all of them by itself (checked against versitygw in
-tests/e2e/test_data_s3.py); the endpoint is still passed explicitly because older s3fs /
-aiobotocore pairings ignore AWS_ENDPOINT_URL and would silently talk to AWS instead.
+S3: endpoint and credentials come from the standard AWS environment (see
+`cpt_operator.api.storage`, shared with the operator).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +33,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from cpt_operator.api.spec import DataSource, SourceFormat, SourceRole
+from cpt_operator.api.storage import storage_options
 
 from .report import CurationReport, Origin
 
@@ -65,14 +61,6 @@ class SourceFile:
     size: int
     fingerprint: str
     """ETag where the store gives one, else sha256 of the content."""
-
-
-def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec options for a URI: the S3 endpoint from the environment, nothing else."""
-    if not uri.startswith(("s3://", "s3a://")):
-        return {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
 def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

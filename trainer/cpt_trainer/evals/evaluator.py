@@ -31,7 +31,7 @@ class Evaluator:
     def __init__(self, spec: EvaluationSpec, tokenizer: PreTrainedTokenizerBase, *,
                  device: torch.device, seq_len: int, autocast_dtype: torch.dtype | None = None,
                  reference: torch.nn.Module | None = None):
-        if self.needs_reference(spec) and reference is None:
+        if spec.needs_reference and reference is None:
             raise Refused("a kl_to_base evaluation suite needs the base model as reference")
         self.spec, self.tokenizer, self.device = spec, tokenizer, device
         self.seq_len, self.autocast_dtype, self.reference = seq_len, autocast_dtype, reference
@@ -48,10 +48,6 @@ class Evaluator:
         self.last_generations: dict[str, list[str]] = {}
         """Decoded outputs of the latest `evaluate`, per generation suite (for logs and
         debugging a surprising rate)."""
-
-    @staticmethod
-    def needs_reference(spec: EvaluationSpec | None) -> bool:
-        return spec is not None and any(s.metric == Metric.kl_to_base for s in spec.suites)
 
     def texts(self) -> list[str]:
         """Every evaluation text, prompt and given response (training data is decontaminated

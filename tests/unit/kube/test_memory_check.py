@@ -1,0 +1,118 @@
+"""The operator plans memory before it creates an attempt's Job: a run that cannot fit gets
+SpecValid=False (WontFit) naming the fix and no Job; an unreadable base does not block the run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+
+from cpt_operator.api.status import ConditionType, Reason
+from cpt_operator.kube.builders import Object, RunRef
+from cpt_operator.kube.handlers import Runtime, reconcile_run
+from cpt_operator.kube.launcher import IndexedJobLauncher
+from cpt_operator.kube.metrics import OperatorMetrics
+from cpt_operator.kube.settings import Settings
+from tests.unit.kube.cases import RUN, spec_doc
+from tests.unit.policy.memory_cases import LLAMA3_8B_CONFIG
+
+
+class FakeKube:
+    """The client surface `reconcile_run` uses, over one CptRun held in memory."""
+
+    def __init__(self, body: dict[str, Any]):
+        self.body, self.created = body, list[Object]()
+
+    def read_run(self, namespace: str, name: str) -> dict[str, Any]:
+        return json.loads(json.dumps(self.body))
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return next((o for o in self.created if o["kind"] == "Job" and o["metadata"]["name"] == name), None)
+
+    def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        return []
+
+    def ensure(self, obj: Object, owner: RunRef) -> bool:
+        self.created.append(obj)
+        return True
+
+    def patch_status(self, run: RunRef, version: str, old: Mapping[str, Any], new: dict[str, Any]) -> str:
+        self.body["status"] = new
+        self.body["metadata"]["resourceVersion"] = str(int(version) + 1)
+        return self.body["metadata"]["resourceVersion"]
+
+    def jobs(self) -> list[Object]:
+        return [o for o in self.created if o["kind"] == "Job"]
+
+
+def _body(tmp_path: Path, config: dict[str, Any] | None, **parallelism: Any) -> dict[str, Any]:
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    if config is not None:
+        (base / "config.json").write_text(json.dumps(config))
+    spec = spec_doc(nodes=1, gpuMemory="80Gi")
+    spec["baseModel"]["uri"] = str(base)
+    spec["checkpoint"]["uri"] = str(tmp_path / "checkpoints")
+    spec["packing"] = {"seqLen": 4096}
+    spec["training"] = {"microBatchSize": 1, "parallelism": parallelism}
+    return {"metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "generation": 1,
+                         "resourceVersion": "1"}, "spec": spec}
+
+
+def _runtime(kube: FakeKube, events: list[tuple[str, str, str]]) -> Runtime:
+    settings = Settings()
+    return Runtime(settings=settings, kube=kube, launcher=IndexedJobLauncher(settings),  # type: ignore[arg-type]
+                   prometheus=None, metrics=OperatorMetrics(),
+                   emit=lambda body, type_, reason, message: events.append((type_, reason, message)))
+
+
+def _condition(body: Mapping[str, Any], type_: ConditionType) -> dict[str, Any]:
+    return next(c for c in body["status"]["conditions"] if c["type"] == type_.value)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_fix_and_no_job(tmp_path: Path) -> None:
+    kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="ddp")), []
+    rt = _runtime(kube, events)
+    for _ in range(2):  # a second pass repeats nothing
+        assert reconcile_run(rt, RUN.namespace, RUN.name) is None
+    valid = _condition(kube.body, ConditionType.spec_valid)
+    assert (valid["status"], valid["reason"]) == ("False", Reason.wont_fit.value)
+    assert "smallest fix: set training.parallelism.strategy: fsdp" in valid["message"]
+    assert kube.jobs() == []
+    assert [(t, r) for t, r, _ in events] == [("Warning", "WontFit")]
+
+
+def test_a_run_that_fits_starts_and_records_the_plan(tmp_path: Path) -> None:
+    kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp")), []
+    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is not None
+    assert len(kube.jobs()) == 1
+    planned = _condition(kube.body, ConditionType.memory_planned)
+    assert (planned["status"], planned["reason"]) == ("True", "Fits") and "of 80.0 GiB" in planned["message"]
+
+
+def test_an_unreadable_config_does_not_block_the_run(tmp_path: Path) -> None:
+    kube, events = FakeKube(_body(tmp_path, None, strategy="ddp")), []
+    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is not None
+    assert len(kube.jobs()) == 1
+    planned = _condition(kube.body, ConditionType.memory_planned)
+    assert (planned["status"], planned["reason"]) == ("False", Reason.plan_unavailable.value)
+    assert "config.json" in planned["message"]
+    assert [(t, r) for t, r, _ in events] == [("Warning", "PlanUnavailable"), ("Normal", "AttemptStarted")]
+
+
+def test_config_json_is_read_once_per_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cpt_operator.kube.handlers as handlers
+
+    reads: list[str] = []
+    real = handlers.read_shape
+    monkeypatch.setattr(handlers, "read_shape", lambda base: reads.append(base.uri) or real(base))
+    kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="ddp")), []
+    rt = _runtime(kube, events)
+    for _ in range(3):
+        reconcile_run(rt, RUN.namespace, RUN.name)
+    kube.body["metadata"]["generation"] = 2
+    kube.body["spec"]["training"]["parallelism"]["strategy"] = "fsdp"
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    assert len(reads) == 2
+    assert len(kube.jobs()) == 1  # the fixed spec starts

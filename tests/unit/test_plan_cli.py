@@ -1,0 +1,61 @@
+"""`cptctl plan`: the table by part, and exit codes 0 (fits), 1 (won't fit, fix named), 2 (no plan)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cpt_operator.cli import main
+from tests.unit.policy.memory_cases import LLAMA3_8B_CONFIG
+
+
+def write_run(tmp_path: Path, parallelism: dict[str, Any], resources: dict[str, Any],
+              config: dict[str, Any] | None = LLAMA3_8B_CONFIG) -> str:
+    base = tmp_path / "base"
+    base.mkdir()
+    if config is not None:
+        (base / "config.json").write_text(json.dumps(config))
+    doc = {"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun", "metadata": {"name": "legal-8b"},
+           "spec": {"baseModel": {"uri": str(base)},
+                    "data": {"sources": [{"name": "legal", "role": "domain", "uri": "s3://d/legal"}]},
+                    "budget": {"steps": 1000}, "packing": {"seqLen": 4096},
+                    "training": {"microBatchSize": 1, "parallelism": parallelism},
+                    "resources": {"gpusPerNode": 8, **resources}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+DDP, FSDP = {"strategy": "ddp"}, {"strategy": "fsdp"}
+CASES = [
+    pytest.param(DDP, {"gpuMemory": "80Gi"}, [], 1, "smallest fix: set training.parallelism.strategy: fsdp",
+                 id="ddp of an 8B base on 80Gi GPUs does not fit and names fsdp"),
+    pytest.param(FSDP, {"gpuMemory": "80Gi"}, [], 0, "fits", id="fsdp of the same run fits"),
+    pytest.param(FSDP, {"gpuMemory": "80Gi"}, ["--gpu-memory", "40Gi"], 1, "activationCheckpointing: full",
+                 id="a smaller GPU on the command line overrides the spec's"),
+    pytest.param(FSDP, {}, [], 0, "total", id="without any GPU memory the plan is printed and accepted"),
+    pytest.param(FSDP, {"gpuMemory": "80Gi"}, ["--nodes", "4"], 0, "4 node(s) × 8 GPU(s), fsdp",
+                 id="more nodes on the command line are planned"),
+    pytest.param(FSDP, {}, ["--gpus-per-node", "0"], 0, "CPU run: fp32",
+                 id="a CPU run plans host memory per process in fp32 and says so"),
+]
+
+
+@pytest.mark.parametrize("parallelism, resources, flags, code, needle", CASES)
+def test_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], parallelism: dict[str, Any],
+              resources: dict[str, Any], flags: list[str], code: int, needle: str) -> None:
+    assert main(["plan", write_run(tmp_path, parallelism, resources), *flags]) == code
+    out = capsys.readouterr()
+    assert needle in out.out + out.err
+    for part in ("parameters", "gradients", "optimizer", "activations", "logits", "reference", "buffers"):
+        assert part in out.out
+
+
+def test_an_unreadable_config_cannot_be_planned_and_says_where(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", write_run(tmp_path, FSDP, {"gpuMemory": "80Gi"}, config=None)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot plan" in err and f"{tmp_path / 'base' / 'config.json'}" in err
