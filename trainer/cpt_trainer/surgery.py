@@ -318,8 +318,8 @@ class Extension:
 
 
 def domain_sample(cfg: TrainerConfig) -> tuple[list[str], list[str]]:
-    """(domain, replay) texts for the analysis: whole files in listing order up to
-    SAMPLE_BYTES per role, read with the data pipeline's own reader."""
+    """(domain, replay) texts for the analysis: whole units (files, JSONL ranges, row groups)
+    in listing order up to SAMPLE_BYTES read per role, with the data pipeline's own reader."""
     from .data.report import CurationReport
     from .data.sources import SourceReader
 
@@ -327,15 +327,12 @@ def domain_sample(cfg: TrainerConfig) -> tuple[list[str], list[str]]:
     for role, texts in out.items():
         budget = SAMPLE_BYTES
         for source in (s for s in cfg.spec.data.sources if s.role == role):
-            reader = SourceReader(source, 0, 1, CurationReport())
-            keep = []
-            for f in reader.files:
-                if budget <= 0:
+            reader = SourceReader(source, CurationReport())
+            for unit in reader.units:
+                if reader.bytes_read >= budget:
                     break
-                keep.append(f)
-                budget -= f.size
-            reader.files = keep
-            texts.extend(d.text for d in reader.documents())
+                texts.extend(d.text for d in reader.documents(unit))
+            budget -= reader.bytes_read
     return out[SourceRole.domain], out[SourceRole.replay]
 
 
