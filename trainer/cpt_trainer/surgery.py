@@ -322,8 +322,8 @@ class Extension:
 
 
 def domain_sample(cfg: TrainerConfig) -> tuple[list[str], list[str]]:
-    """(domain, replay) texts for the analysis: whole files in listing order up to
-    SAMPLE_BYTES per role, read with the data pipeline's own reader."""
+    """(domain, replay) texts for the analysis: whole units (files, JSONL ranges, row groups)
+    in listing order up to SAMPLE_BYTES read per role, with the data pipeline's own reader."""
     from .data.report import CurationReport
     from .data.sources import SourceReader
 
@@ -331,15 +331,12 @@ def domain_sample(cfg: TrainerConfig) -> tuple[list[str], list[str]]:
     for role, texts in out.items():
         budget = SAMPLE_BYTES
         for source in (s for s in cfg.spec.data.sources if s.role == role):
-            reader = SourceReader(source, 0, 1, CurationReport())
-            keep = []
-            for f in reader.files:
-                if budget <= 0:
+            reader = SourceReader(source, CurationReport())
+            for unit in reader.units:
+                if reader.bytes_read >= budget:
                     break
-                keep.append(f)
-                budget -= f.size
-            reader.files = keep
-            texts.extend(d.text for d in reader.documents())
+                texts.extend(d.text for d in reader.documents(unit))
+            budget -= reader.bytes_read
     return out[SourceRole.domain], out[SourceRole.replay]
 
 
@@ -460,11 +457,25 @@ class NewTokenData:
                 "newTokens": {"drawn": self.drawn, "draws": self.draws,
                               "seen": self.seen.tolist(), "window": self.window.tolist()}}
 
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        """Every saved rank's state (see DataPipeline.load_state_dicts). On another world size
+        the counters are rank 0's (they are summed over ranks every step) and the draw
+        counters the largest, so no new rank reuses a coin."""
+        if len(states) == self.pipeline.world_size:
+            self.load_state_dict(states[self.pipeline.rank])
+            return
+        self.pipeline.load_state_dicts(states)
+        mine = [s["newTokens"] for s in states if "newTokens" in s]
+        if mine:
+            self._load_counters({**mine[0], "drawn": max(int(m["drawn"]) for m in mine),
+                                 "draws": max(int(m["draws"]) for m in mine)})
+
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         self.pipeline.load_state_dict(state, strict=strict)
-        mine = state.get("newTokens")
-        if mine is None:
-            return
+        if state.get("newTokens") is not None:
+            self._load_counters(state["newTokens"])
+
+    def _load_counters(self, mine: dict[str, Any]) -> None:
         self.drawn, self.draws = int(mine["drawn"]), int(mine["draws"])
         if len(mine["seen"]) == len(self.seen):
             self.seen = np.array(mine["seen"], dtype=np.int64)

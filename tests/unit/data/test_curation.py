@@ -1,4 +1,4 @@
-"""Curation at load time: every filter drops what it should, keeps the rest, and says so in
+"""Curation as documents are read: every filter drops what it should, keeps the rest, and says so in
 curation.json with counts and findable examples; unreadable input is skipped, not fatal."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from cpt_trainer.data import DataPipeline
 from cpt_trainer.data.curation import non_printable_share
 from cpt_trainer.data.decontamination import Decontaminator
+from cpt_trainer.data.sources import Document
 
 from .conftest import make_config
 
@@ -60,7 +61,15 @@ def curated(tmp_path, tokenizer) -> tuple[DataPipeline, dict]:
     report_dir = tmp_path / "run"
     pipe = DataPipeline(cfg, tokenizer, 0, 1, eval_texts=[EVAL_PASSAGE],
                         report_dir=str(report_dir))
+    pipe.next_batch(1)  # documents are read (and curated) as the stream needs them
     return pipe, json.loads((report_dir / "curation.json").read_text())
+
+
+def kept_texts(pipe: DataPipeline) -> list[Document]:
+    """The documents curation keeps in the pipeline's first source, in unit order."""
+    stream = pipe._core.streams[0]
+    return [d for unit in stream.reader.units for d, verdict in
+            stream.curator.curate(stream.reader.documents(unit)) if verdict is None]
 
 
 def test_each_filter_drops_its_document_and_nothing_else(curated):
@@ -72,7 +81,7 @@ def test_each_filter_drops_its_document_and_nothing_else(curated):
         (example,) = report["filters"][name]["examples"]
         assert example["source"] == "mixed" and example["line"] == line, name
         assert example["file"].endswith("mixed.jsonl") and example["reason"], name
-    kept = {doc.text for doc in pipe._streams[0].store.docs}
+    kept = {doc.text for doc in kept_texts(pipe)}
     assert kept == {text for name, text in RECORDS if name is None}
     assert report["read"] == {"mixed": len(RECORDS)} and report["kept"] == {"mixed": 3}
     assert pipe.curation_report()["filters"] == report["filters"]
@@ -98,7 +107,7 @@ def test_exact_dedupe_keeps_an_edited_copy_that_near_dedupe_drops(tmp_path, toke
         cfg = make_config(tmp_path, [{"name": "copies", "role": "domain", "uri": str(path),
                                       "format": "jsonl"}], curation={**STRICT, "dedupe": mode})
         pipe = DataPipeline(cfg, tokenizer, 0, 1)
-        kept[mode] = [d.origin.line for d in pipe._streams[0].store.docs]
+        kept[mode] = [d.origin.line for d in kept_texts(pipe)]
     assert kept == {"exact": [1, 2], "near": [1]}
 
 
@@ -131,7 +140,8 @@ def test_unreadable_input_is_reported_with_file_and_line_and_skipped(tmp_path, t
         {"name": "files", "role": "domain", "uri": str(docs / "*.txt")},
         {"name": "records", "role": "replay", "uri": str(lines), "format": "jsonl"}])
     with caplog.at_level(logging.WARNING, logger="cpt_trainer.data.report"):
-        pipe = DataPipeline(cfg, tokenizer, 0, 1, report_dir=str(tmp_path / "run"))
+        pipe = DataPipeline(cfg, tokenizer, 0, 1, report_dir=str(tmp_path / "run"), workers=0)
+        batch = pipe.next_batch(64)  # enough to read every unit of both sources
     where = {(Path(r.args[0]).name, r.args[1]) for r in caplog.records}
     assert where == {("b-binary.txt", 2), ("c-latin1.txt", 2), ("d-empty.txt", 0),
                      ("records.jsonl", 2), ("records.jsonl", 4), ("records.jsonl", 5),
@@ -140,7 +150,6 @@ def test_unreadable_input_is_reported_with_file_and_line_and_skipped(tmp_path, t
     assert report["filters"]["bad_input"]["dropped"] == 7
     assert report["read"] == {"files": 1, "records": 2}
     # The run goes on with what could be read.
-    batch = pipe.next_batch(4)
     assert batch.num_tokens > 0
 
 

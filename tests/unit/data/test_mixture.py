@@ -113,8 +113,10 @@ def test_adaptive_boosts_the_source_that_learns_slowest_within_the_cap(tmp_path,
     cfg = make_config(tmp_path, two_sources, strategy="adaptive", adaptive_max_boost=1.5)
     pipe = DataPipeline(cfg, tokenizer, 0, 1)
     assert pipe.current_weights() == pytest.approx({"licenses": 0.8, "stdlib": 0.2})
-    # Domain loss falls from 4 to ~2; replay stays at 4: replay is the one to up-weight.
-    for step in range(60):
+    # Domain loss falls from 4 to ~2; replay stays at 4: replay is the one to up-weight. A
+    # report steers the windows from FEEDBACK_LAG on, so batches are drawn in between.
+    for step in range(90):
+        pipe.next_batch(2)
         pipe.report_losses({"licenses": 4.0 - 2.0 * min(step, 30) / 30, "stdlib": 4.0})
     boosted = pipe.current_weights()
     assert boosted["stdlib"] > 0.2
@@ -205,7 +207,7 @@ def test_a_new_replay_override_on_resume_continues_every_source_where_it_stopped
     assert after.current_weights()["stdlib"] == pytest.approx(0.3)
     # The next window of each source is the one the old mixture would have packed next:
     # nothing is skipped or repeated when the weights change.
-    for index, stream in enumerate(after._streams):
+    for index, stream in enumerate(after._core.streams):
         mine = pack_window(stream, 32, True, index)
-        theirs = pack_window(before._streams[index], 32, True, index)
+        theirs = pack_window(before._core.streams[index], 32, True, index)
         assert (mine.input_ids == theirs.input_ids).all()

@@ -54,8 +54,8 @@ class _Pair:
         self.texts = texts
         self.batch = self._pack(texts, "a")
         first = self.batch.input_ids[0, :_segments(self.batch, self.eos)[0][1] - 1].tolist()
-        # The order within an epoch depends on (seed, rank, name, count), never on content,
-        # so swapping the text of the record that came first keeps it first.
+        # A unit's documents come in file order, never by content, so swapping the text of
+        # the record that came first keeps it first.
         self.first = next(i for i, t in enumerate(texts) if _ids(tokenizer, t) == first)
 
     def _pack(self, texts: list[str], tag: str) -> Batch:
@@ -94,7 +94,7 @@ def _replacement(tokenizer, original: str, same_length: bool) -> str:
                          ids=["replacement of equal length", "replacement of other length"])
 def test_document_mask_logits_ignore_the_previous_document(tmp_path, tokenizer, models, impl,
                                                            same_length):
-    pair = _Pair(tmp_path, tokenizer, _paragraphs()[:2], "documentMask")
+    pair = _Pair(tmp_path, tokenizer, _paragraphs()[1::-1], "documentMask")
     swapped = pair.with_first_replaced(
         _replacement(tokenizer, pair.texts[pair.first], same_length))
     before, doc = pair.second_logits(models[impl], pair.batch)
@@ -109,7 +109,7 @@ def test_document_mask_logits_ignore_the_previous_document(tmp_path, tokenizer, 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_eos_boundary_lets_the_previous_document_change_the_logits(tmp_path, tokenizer, models,
                                                                     impl):
-    pair = _Pair(tmp_path, tokenizer, _paragraphs()[:2], "eos")
+    pair = _Pair(tmp_path, tokenizer, _paragraphs()[1::-1], "eos")
     swapped = pair.with_first_replaced(
         _replacement(tokenizer, pair.texts[pair.first], same_length=True))
     before, doc = pair.second_logits(models[impl], pair.batch)

@@ -54,7 +54,8 @@ def test_sources_are_re_read_when_exhausted(tmp_path, tokenizer):
     pipe = DataPipeline(cfg, tokenizer, 0, 1)
     for _ in range(5):
         pipe.next_batch(2)
-    assert pipe.state_dict()["streams"]["a"]["epoch"] > 1
+    # One unit on one rank: position q is epoch q; more than two epochs have been begun.
+    assert pipe.state_dict()["streams"]["a"]["next"] > 2
 
 
 def test_loading_a_state_of_other_data_is_refused(tmp_path, tokenizer, two_sources):
@@ -68,7 +69,7 @@ def test_loading_a_state_of_other_data_is_refused(tmp_path, tokenizer, two_sourc
         two_rank.load_state_dict(state)
 
 
-def test_ranks_read_disjoint_documents(tmp_path, tokenizer):
+def test_ranks_read_disjoint_units(tmp_path, tokenizer):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(6):
@@ -77,9 +78,9 @@ def test_ranks_read_disjoint_documents(tmp_path, tokenizer):
                       seq_len=16)
     seen = []
     for rank in range(2):
-        pipe = DataPipeline(cfg, tokenizer, rank, 2)
-        stream = pipe._streams[0]  # the store is the shard; its documents name their files
-        seen.append({Path(d.origin.file).name for d in stream.store.docs})
+        stream = DataPipeline(cfg, tokenizer, rank, 2, workers=0)._core.streams[0]
+        # Positions r, r + 2, r + 4 of epoch 0: the units (files) this rank reads first.
+        units = [stream.reader.units[stream.unit_index(q)] for q in range(rank, 6, 2)]
+        seen.append({Path(stream.reader.files[u.file].path).name for u in units})
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == {f"{i}.txt" for i in range(6)}
-    assert seen[0] == {"0.txt", "2.txt", "4.txt"}

@@ -1,4 +1,4 @@
-"""Sources: formats, globs, rank shards and the content hash that becomes the data version."""
+"""Sources: formats, globs, units and the content hash that becomes the data version."""
 from __future__ import annotations
 
 import json
@@ -35,9 +35,13 @@ def _write(root: Path, fmt: str, texts: list[str], files: int = 3) -> str:
     return str(root / f"*.{fmt}")
 
 
-def _read(uri: str, fmt: str, rank: int = 0, world: int = 1) -> list[str]:
+def _reader(uri: str, fmt: str, unit_bytes: int = 1 << 20) -> SourceReader:
     source = DataSource(name="s", role="domain", uri=uri, format=fmt, field="body")
-    return [d.text for d in SourceReader(source, rank, world, CurationReport()).documents()]
+    return SourceReader(source, CurationReport(), unit_bytes=unit_bytes)
+
+
+def _read(uri: str, fmt: str) -> list[str]:
+    return [d.text for d in _reader(uri, fmt).documents()]
 
 
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
@@ -46,15 +50,27 @@ def test_every_format_yields_the_same_documents(tmp_path, fmt):
     assert sorted(_read(uri, fmt)) == sorted(TEXTS)
 
 
-@pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
-@pytest.mark.parametrize("world", [2, 3, 5])
-def test_rank_shards_are_disjoint_and_cover_every_document(tmp_path, fmt, world):
-    uri = _write(tmp_path / fmt, fmt, TEXTS)
-    shards = [_read(uri, fmt, rank, world) for rank in range(world)]
-    flat = [t for shard in shards for t in shard]
-    assert len(flat) == len(set(flat)) == len(TEXTS) and set(flat) == set(TEXTS)
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1  # round-robin over records, not over files
+@pytest.mark.parametrize("unit_bytes", [1, 50, 333, 1 << 20],
+                         ids=["a byte", "shorter than a line", "a few lines", "whole files"])
+def test_jsonl_ranges_own_the_lines_that_start_in_them(tmp_path, unit_bytes):
+    uri = _write(tmp_path / "j", "jsonl", TEXTS)
+    reader = _reader(uri, "jsonl", unit_bytes)
+    per_unit = [[d.text for d in reader.documents(u)] for u in reader.units]
+    assert [t for unit in per_unit for t in unit] == _read(uri, "jsonl")
+    assert len(reader.units) >= sum(f.size for f in reader.files) // unit_bytes
+    # A range reads its own bytes, plus at most the line in progress at each of its ends.
+    longest = max(len(line) for f in reader.files for line in open(f.path.removeprefix("file://"), "rb"))
+    total = sum(f.size for f in reader.files)
+    assert reader.bytes_read <= total + 2 * len(reader.units) * longest
+
+
+def test_parquet_units_are_row_groups(tmp_path):
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"body": TEXTS}), path, row_group_size=5)
+    reader = _reader(str(path), "parquet")
+    assert len(reader.units) == 5
+    assert [d.text for u in reader.units for d in reader.documents(u)] == TEXTS
+    assert [d.origin.line for d in reader.documents(reader.units[1])] == list(range(6, 11))
 
 
 def test_globs_and_directories_select_files_in_sorted_order(tmp_path):
@@ -82,7 +98,7 @@ def test_instruction_parquet_keeps_the_prompt_apart(tmp_path):
     pq.write_table(pa.table({"prompt": ["Q: one?\nA:", "Q: two?\nA:"],
                              "response": [" one.", " two."]}), path)
     source = DataSource(name="sft", role="instruction", uri=str(path), format="parquet")
-    docs = SourceReader(source, 0, 1, CurationReport()).documents()
+    docs = SourceReader(source, CurationReport()).documents()
     assert [(d.prompt, d.text) for d in docs] == [("Q: one?\nA:", " one."),
                                                  ("Q: two?\nA:", " two.")]
 

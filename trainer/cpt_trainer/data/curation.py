@@ -1,25 +1,36 @@
-"""Load-time curation: the checks that keep dirty documents out of training batches.
+"""Streaming curation: the checks that keep dirty documents out of training batches.
 
 Filters run in this order, cheapest first, and a document stops at the first that drops it:
 `too_short` / `too_long` (characters), `non_printable` (share of characters that are neither
 printable nor whitespace), `repeated_lines` (share of non-blank lines that repeat an earlier
 line: templated boilerplate), `contamination` (shares an n-gram with an evaluation set),
 `exact_duplicate` (same text as a kept document, by sha256) and `near_duplicate` (MinHash, see
-`minhash.py`). Deduplication is within a source on one rank: sources are curated (and cached)
-independently, and ranks hold disjoint shards. Every drop is counted in the report with an
-example (source, file, line, reason).
+`minhash.py`). Every drop is counted in the report with an example (source, file, line,
+reason).
+
+Curation runs on the rank's stream, one document at a time, as the documents are read. The
+filters and decontamination look at one document. Deduplication looks back, and its scope is
+one unit (a text file, a JSONL byte range, a Parquet row group, see sources.py): `curate` is
+called once per unit with fresh memory. That scope is what keeps resume exact on any world
+size: whether a document is kept depends on its unit alone, never on which rank read which
+units before it, so a resumed or resharded rank that re-reads the start of a unit keeps the
+same documents. Memory is bounded by one unit: exact dedupe keeps an 8-byte hash plus the
+first copy's origin per kept document (~150 bytes; a 64 MiB range of 1 KiB records holds 64 Ki
+documents, ~10 MiB), near dedupe a 128-permutation MinHash signature more (~1 KiB each).
+Duplicates in different units are not found here: corpus-wide dedupe (exact or near) belongs
+in data preparation, before a run, at the 100B-token scale this pipeline is built for.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cpt_operator.api.spec import CurationSpec
 
 from .decontamination import Decontaminator
 from .minhash import NearDuplicateIndex
-from .report import CurationReport
+from .report import Origin
 from .sources import Document
 
 _WHITESPACE = set("\n\r\t\f\v")
@@ -54,7 +65,8 @@ def curation_key(spec: CurationSpec, eval_texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-Check = Callable[[Document], "tuple[str, str] | None"]
+Verdict = tuple[str, str] | None
+Check = Callable[[Document], Verdict]
 
 
 class Curator:
@@ -65,24 +77,24 @@ class Curator:
         self.decontaminator = Decontaminator(eval_texts, spec.decontamination_ngram) \
             if spec.decontaminate else None
 
-    def curate(self, docs: Sequence[Document], report: CurationReport) -> list[Document]:
-        seen: dict[str, Document] = {}
+    def curate(self, docs: Iterable[Document]) -> Iterator[tuple[Document, Verdict]]:
+        """Each document with its verdict: None to keep it, else (filter, reason). One call
+        is one dedupe scope (a unit)."""
+        seen: dict[int, Origin] = {}
         near = NearDuplicateIndex(self.spec.near_threshold) if self.spec.dedupe == "near" else None
+        checks = self._checks()
+        for doc in docs:
+            verdict = next((v for v in (check(doc) for check in checks) if v), None)
+            yield doc, verdict or self._duplicate(doc, seen, near)
+
+    def _checks(self) -> list[Check]:
         checks: list[Check] = [self._length, self._contamination]
         # A share is at most 1 (and a repeated-line share below 1): a limit of 1 cannot fire.
         if self.spec.max_non_printable < 1.0:
             checks.insert(1, self._charset)
         if self.spec.max_repeated_line_ratio < 1.0:
             checks.insert(-1, self._template)
-        kept = []
-        for doc in docs:
-            verdict = next((v for v in (check(doc) for check in checks) if v), None)
-            verdict = verdict or self._duplicate(doc, seen, near)
-            if verdict:
-                report.drop(verdict[0], doc.origin, verdict[1])
-            else:
-                kept.append(doc)
-        return kept
+        return checks
 
     def _length(self, doc: Document) -> tuple[str, str] | None:
         n = len(doc.full_text)
@@ -112,17 +124,21 @@ class Curator:
         return ("contamination", f"shares eval {self.spec.decontamination_ngram}-gram "
                                  f"{gram!r}") if gram else None
 
-    def _duplicate(self, doc: Document, seen: dict[str, Document],
+    def _duplicate(self, doc: Document, seen: dict[int, Origin],
                    near: NearDuplicateIndex | None) -> tuple[str, str] | None:
         if self.spec.dedupe == "none":
             return None
-        key = hashlib.sha256(doc.full_text.encode()).hexdigest()
+        key = text_hash(doc.full_text)
         if key in seen:
-            first = seen[key].origin
-            return "exact_duplicate", f"same text as {first.file}:{first.line}"
-        match = near.match(key, doc.full_text) if near else None
+            return "exact_duplicate", f"same text as {seen[key].where}"
+        match = near.match(str(key), doc.full_text) if near else None
         if match:
-            first = seen[match[0]].origin
-            return "near_duplicate", f"Jaccard ~{match[1]:.2f} with {first.file}:{first.line}"
-        seen[key] = doc
+            first = seen[int(match[0])]
+            return "near_duplicate", f"Jaccard ~{match[1]:.2f} with {first.where}"
+        seen[key] = doc.origin
         return None
+
+
+def text_hash(text: str) -> int:
+    """8 bytes of blake2b: collisions among a unit's documents are out of reach (2^-64 each)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

@@ -1,173 +1,172 @@
-"""DataPipeline: sources -> curation -> tokenisation -> mixture -> packed batches.
+"""DataPipeline: sources -> curation -> tokenisation -> mixture -> packed batches, streaming.
 
-Built once per trainer process. Construction reads this rank's shard of every source, curates
-it (or loads it from the token cache) and writes the curation report; after that,
-`next_batch` only tokenises ahead, samples and packs. Each window comes from one source, picked
-by the mixture (`mixture.py`) and packed from that source's stream (`stream.py`,
-`packing.py`), so every token of a window has the same source id and per-source losses and
-token counts are exact. The curriculum position is the run's training tokens, i.e. this
-rank's tokens times the world size (every rank takes equal batches).
+Built once per trainer process. Construction only lists the sources and cuts them into units
+(`sources.py`; sizes and Parquet footers, the same on every rank) and fixes the data version.
+Documents are read later, as needed, and only the rank's own units (`positions.py`,
+`stream.py`): no rank reads or holds the whole corpus.
 
-The state (`state_dict`) is the mixture's draw counter and adaptive losses, every stream's
-(epoch, document, token offset) and the per-source token counts: small, JSON-serialisable,
-exact. Weights may change between attempts (replay override, curriculum, adaptive): each source
-simply continues from its own position, so no data is skipped or repeated.
+Where the work runs. By default a DataLoader worker process runs the producer
+(`producer.py`: read, curate, tokenise, mix, pack) and keeps up to PREFETCH_WINDOWS windows
+ready, so a training step never waits on tokenisation; `workers=0` runs it in this process.
+Both give the same batches: every window comes with the producer's state after it, and the
+pipeline's state (`state_dict`) is the state after the last window the *trainer consumed*,
+not after what the worker prefetched. Feedback that steers sampling, the adaptive mixture's
+`report_losses`, is applied at a fixed window index (FEEDBACK_LAG windows after the report,
+see `worker.py`), the same in both places, so exact resume holds with the worker. The
+tokenizer extension's oversampling (surgery.py) is a function of the windows and its own draw
+counter, and its `observe` / `end_step` only count: neither needs the worker's help.
+
+Resume. `load_state_dict(state)` continues this rank exactly (same world size);
+`load_state_dicts(states)` takes every saved rank's state and deals the remaining work of
+each source to the current world size (`positions.reshard_pipeline`): every document is
+still trained on exactly once per epoch. Weights may change between attempts (replay
+override, curriculum, adaptive): each source simply continues from its own position.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import Boundary, DataSource, MixtureStrategy
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from .cache import TokenCache, default_root, to_store
-from .curation import Curator, curation_key
-from .mixture import Mixture, SourceWeights
-from .packing import Batch, collate, pack_window
+from . import worker
+from .curation import curation_key
+from .packing import Batch, Window, collate
+from .positions import reshard_pipeline
+from .producer import FEEDBACK_LAG, STATE_FORMAT, Plan, Producer, report_path
 from .report import CurationReport
-from .sources import SourceReader
-from .stream import DocStore, SourceStream, TextStore
-from .tokenizer_hash import tokenizer_hash
+from .sources import UNIT_BYTES, SourceReader
 
-STATE_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class DataPipeline:
     def __init__(self, cfg: TrainerConfig, tokenizer: PreTrainedTokenizerBase, rank: int,
                  world_size: int, eval_texts: Sequence[str] = (), report_dir: str | None = None,
-                 *, cache_root: str | None = None):
+                 *, workers: int = 1, unit_bytes: int = UNIT_BYTES):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        data, packing = cfg.spec.data, cfg.spec.packing
-        self.rank, self.world_size = rank, world_size
+        if workers not in (0, 1):
+            raise ValueError(f"workers must be 0 or 1 (one producer per rank), not {workers}")
+        data = cfg.spec.data
+        self.rank, self.world_size, self.workers = rank, world_size, workers
         self.source_names = [s.name for s in data.sources]
         self.roles = [s.role.value for s in data.sources]
-        self._seq_len = packing.seq_len
-        self._document_mask = packing.boundary == Boundary.document_mask
-        self._tokenizer = tokenizer
-        self._curator = Curator(data.curation, eval_texts)
-        self._curation_key = curation_key(data.curation, eval_texts)
-        self._cache_root = cache_root or default_root(cfg.run_dir)
-        self._report = CurationReport()
-        hashes, self._streams = {}, []
-        for source in data.sources:
-            hashes[source.name], store = self._load_source(source)
-            self._streams.append(SourceStream(source.name, store, seed=data.seed, rank=rank))
-        self.data_version = _data_version(cfg, hashes, self._curation_key)
-        self._mixture = Mixture([_weights(s) for s in data.sources], strategy=data.strategy.value,
-                                seed=data.seed, rank=rank, max_boost=data.adaptive_max_boost,
-                                replay_delta=cfg.overrides.replay_delta)
-        if data.strategy != MixtureStrategy.adaptive:
-            self._mixture.max_boost = 1.0
-        self._tokens = {name: 0 for name in self.source_names}
-        if report_dir is not None:
-            name = "curation.json" if rank == 0 else f"curation-rank{rank}.json"
-            self._report.write(posixpath.join(report_dir, name))
+        readers = [SourceReader(s, CurationReport(), unit_bytes=unit_bytes)
+                   for s in data.sources]
+        key = curation_key(data.curation, eval_texts)
+        hashes = {r.source.name: r.hash for r in readers}
+        self.data_version = _data_version(cfg, hashes, key, unit_bytes)
+        if any(s.cache for s in data.sources):
+            log.warning("source option `cache` is ignored: sources are streamed and tokenised "
+                        "ahead in a worker, there is no token cache any more")
+        plan = Plan(cfg, readers, tokenizer, tuple(eval_texts), rank, world_size,
+                    self.data_version, report_path(report_dir, rank))
+        self._core = Producer(plan)
+        """In-process: the producer itself; with a worker: the state after the last window
+        consumed (it reads nothing)."""
+        self._report = self._core.report.to_dict()
+        if plan.report_path is not None:
+            self._core.report.write(plan.report_path)
+        self._items: Iterator[dict[str, Any]] | None = None
+        self._messages: Any = None
 
-    def _load_source(self, source: DataSource) -> tuple[str, DocStore]:
-        """(content hash, documents of this rank) for one source, curated."""
-        part = CurationReport()
-        reader = SourceReader(source, self.rank, self.world_size, part)
-        cache = TokenCache(self._cache_root, source_hash=reader.hash,
-                           tokenizer_hash=tokenizer_hash(self._tokenizer),
-                           curation_key=self._curation_key, rank=self.rank,
-                           world_size=self.world_size) if source.cache else None
-        cached = cache.load() if cache else None
-        if cached:
-            self._report.merge(cached[1])
-            return reader.hash, cached[0]
-        docs = self._curator.curate(reader.documents(), part)
-        part.kept[source.name] = len(docs)
-        self._report.merge(part.to_dict())
-        store: DocStore = TextStore(docs, self._tokenizer)
-        if cache:
-            store = to_store(store.tokenized(range(len(store))))
-            cache.save(store, part.to_dict())
-        return reader.hash, store
-
+    # ---------------------------------------------------------------- batches
     @property
     def tokens_seen(self) -> int:
-        return sum(self._tokens.values())
-
-    def _run_tokens(self) -> int:
-        return self.tokens_seen * self.world_size
+        return sum(self._core.tokens.values())
 
     def next_batch(self, batch_size: int) -> Batch:
-        windows = []
-        for _ in range(batch_size):
-            name = self._mixture.next_source(self._run_tokens())
-            index = self.source_names.index(name)
-            windows.append(pack_window(self._streams[index], self._seq_len, self._document_mask,
-                                       index))
-            self._tokens[name] += self._seq_len
-        return collate(windows)
+        return collate([self._next_window() for _ in range(batch_size)])
 
+    def _next_window(self) -> Window:
+        if not self.workers:
+            return self._core.next_window()
+        if self._items is None:
+            self._items, self._messages = worker.start(self._core.plan, self.state_dict())
+        self._messages.put(("progress", self._core.windows))
+        item = next(self._items)
+        self._core.load_state_dict({**item["state"], "feedback": self._core.pending})
+        self._core.pending = [p for p in self._core.pending if p[0] >= self._core.windows]
+        if item["report"] is not None:
+            self._report = item["report"]
+        return worker.window_of(item["window"])
+
+    def close(self) -> None:
+        """Stop the worker (it is also stopped when the pipeline is garbage-collected)."""
+        self._items = self._messages = None
+
+    # ---------------------------------------------------------------- feedback, metrics
     def report_losses(self, losses: Mapping[str, float]) -> None:
-        self._mixture.report_losses(losses)
+        apply_at = self._core.windows + FEEDBACK_LAG
+        self._core.feed(apply_at, losses)
+        if self._messages is not None:
+            self._messages.put(("report", apply_at, dict(losses)))
 
     def current_weights(self) -> dict[str, float]:
-        return self._mixture.shares(self._run_tokens())
+        return self._core.mixture.shares(self._core.run_tokens)
 
     def realised_proportions(self) -> dict[str, float]:
-        total = self.tokens_seen
-        return {n: (t / total if total else 0.0) for n, t in self._tokens.items()}
+        """Share of the run's tokens per source (all ranks, resharded runs included)."""
+        ws = self.world_size
+        run = {n: self._core.base[n] + t * ws for n, t in self._core.tokens.items()}
+        total = sum(run.values())
+        return {n: (t / total if total else 0.0) for n, t in run.items()}
 
     def curation_report(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, **self._report.to_dict()}
+        """What this rank's reading has dropped so far (it grows as units are read)."""
+        report = self._core.report.to_dict() if not self.workers else self._report
+        return {"rank": self.rank, "world_size": self.world_size, **report}
 
+    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "data_version": self.data_version,
-            "rank": self.rank, "world_size": self.world_size,
-            "mixture": self._mixture.state_dict(), "tokens": dict(self._tokens),
-            "streams": {s.name: s.state_dict() for s in self._streams},
-        }
+        return self._core.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         """Continue exactly where `state` was taken. strict refuses another data version or
-        another sharding (their positions would point into different documents)."""
+        another rank / world size (use `load_state_dicts` to change the world size)."""
         if strict:
-            self._check_compatible(state)
-        self._mixture.load_state_dict(state["mixture"])
-        self._tokens = {n: int(state["tokens"].get(n, 0)) for n in self.source_names}
-        for stream in self._streams:
-            if stream.name in state["streams"]:
-                stream.load_state_dict(state["streams"][stream.name])
+            self._check(state, same_rank=True)
+        self.close()
+        self._core.load_state_dict(state)
 
     def load_state_dicts(self, states: Sequence[Mapping[str, Any]]) -> None:
-        """Continue from the states of every rank of the run that saved (index = its rank)."""
-        if len(states) != self.world_size:
-            raise ValueError(f"data positions were saved by {len(states)} ranks; this pipeline "
-                             f"has {self.world_size} and cannot re-deal them")
-        self.load_state_dict(states[self.rank])
+        """Continue this rank's share of a run saved by `len(states)` ranks (index = old
+        rank), on this pipeline's world size: the same as `load_state_dict(states[rank])`
+        when the world size is unchanged."""
+        for state in states:
+            self._check(state, same_rank=False)
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        self.close()
+        self._core.load_state_dict(reshard_pipeline([dict(s) for s in states], self.rank,
+                                                    self.world_size))
 
-    def _check_compatible(self, state: Mapping[str, Any]) -> None:
+    def _check(self, state: Mapping[str, Any], *, same_rank: bool) -> None:
         problems = []
         if state.get("format") != STATE_FORMAT:
             problems.append(f"state format {state.get('format')} (expected {STATE_FORMAT})")
         if state.get("data_version") != self.data_version:
             problems.append(f"data version {state.get('data_version')} != {self.data_version}")
-        if (state.get("rank"), state.get("world_size")) != (self.rank, self.world_size):
+        if same_rank and (state.get("rank"), state.get("world_size")) != \
+                (self.rank, self.world_size):
             problems.append(f"rank {state.get('rank')}/{state.get('world_size')} != "
                             f"{self.rank}/{self.world_size}")
         if problems:
             raise ValueError("data state does not fit this pipeline: " + "; ".join(problems))
 
 
-def _weights(source: DataSource) -> SourceWeights:
-    points = tuple((p.tokens, p.weight) for p in source.schedule or ())
-    return SourceWeights(source.name, source.role.value, source.weight, points)
-
-
-def _data_version(cfg: TrainerConfig, hashes: dict[str, str], curation: str) -> str:
-    """sha256 over what fixes the token stream: sources' content, curation, packing, seed."""
+def _data_version(cfg: TrainerConfig, hashes: dict[str, str], curation: str,
+                  unit_bytes: int) -> str:
+    """sha256 over what fixes the token stream: sources' content, curation, packing, seed and
+    the unit size (units are the dedupe scope and what the epoch order permutes)."""
     spec = cfg.spec
     parts = {"sources": [[n, h] for n, h in hashes.items()], "curation": curation,
-             "packing": spec.packing.dump(), "seed": spec.data.seed}
+             "packing": spec.packing.dump(), "seed": spec.data.seed, "unitBytes": unit_bytes}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

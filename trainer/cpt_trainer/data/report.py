@@ -25,7 +25,17 @@ class Origin:
     source: str
     file: str
     line: int
-    """1-based line (text, JSONL) or row number (Parquet); 0 when it names the whole file."""
+    """1-based line (text, JSONL) or row number (Parquet); 0 when it names the whole file or
+    when the line number is unknown (a JSONL range that does not start the file)."""
+    byte: int = -1
+    """Byte offset of a JSONL line; -1 when not applicable."""
+
+    @property
+    def where(self) -> str:
+        """`file:line`, or `file@byte` where only the offset is known."""
+        if self.line == 0 and self.byte >= 0:
+            return f"{self.file}@{self.byte}"
+        return f"{self.file}:{self.line}"
 
 
 @dataclass
@@ -46,8 +56,11 @@ class CurationReport:
         tally = self.filters.setdefault(filter_name, FilterTally())
         tally.dropped += 1
         if len(tally.examples) < MAX_EXAMPLES:
-            tally.examples.append({"source": origin.source, "file": origin.file,
-                                   "line": origin.line, "reason": reason})
+            example = {"source": origin.source, "file": origin.file, "line": origin.line,
+                       "reason": reason}
+            if origin.byte >= 0:
+                example["byte"] = origin.byte
+            tally.examples.append(example)
 
     def bad_input(self, origin: Origin, reason: str) -> None:
         """An unreadable file or record: counted, logged, skipped; the run goes on."""
@@ -55,15 +68,9 @@ class CurationReport:
                     origin.file, origin.line, origin.source, reason)
         self.drop("bad_input", origin, reason)
 
-    def merge(self, other: dict[str, Any]) -> None:
-        """Fold in a stored report (from the token cache) for the sources it covers."""
-        for name, tally in other.get("filters", {}).items():
-            mine = self.filters.setdefault(name, FilterTally())
-            mine.dropped += tally["dropped"]
-            room = MAX_EXAMPLES - len(mine.examples)
-            mine.examples.extend(tally["examples"][:max(room, 0)])
-        self.read.update(other.get("read", {}))
-        self.kept.update(other.get("kept", {}))
+    def tally(self) -> tuple[int, int]:
+        """(documents read, dropped): changes whenever the report does."""
+        return sum(self.read.values()), sum(t.dropped for t in self.filters.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,21 +1,26 @@
-"""Reading sources through fsspec: listing, content hashes, documents, rank shards.
+"""Reading sources through fsspec: listing, content hashes, units of work, documents.
 
 A source URI is a local path, any fsspec URL (`s3://bucket/prefix/`, `memory://...`) or a glob
 of either. A directory means every file below it. The listing is sorted, so every rank sees the
-same order and the same document numbering.
+same files in the same order.
 
-Documents and shards:
-- `text`: one file is one document; document i is file i of the listing.
-- `jsonl`: one line is one record; the text is `record[field]`. Blank lines are not records.
-  Instruction sources may carry `prompt` and `response` fields instead: the prompt is kept apart
-  so packing can mask it out of the loss. A record with only `field` is trainable throughout.
-- `parquet`: one row is one record; the text is column `field` (or `prompt` / `response`).
-Records are numbered across the sorted files; rank r of w owns record i when i % w == r. A text
-source's rank opens only its own files; JSONL / Parquet ranks scan every file (to count records)
-but decode only their own records, so a malformed line is reported once, by its owner.
+Units. A source is cut into units, pieces that can be read independently and in any order:
+- `text`: a unit is one file, and the file is one document;
+- `jsonl`: a unit is a byte range of a file (`unit_bytes`, 64 MiB by default). A range owns
+  the lines that *start* inside it: its reader skips the tail of a line begun before it and
+  reads its own last line to the end, wherever that is. A line is one record, its text
+  `record[field]`; blank lines are not records. Instruction sources may carry `prompt` and
+  `response` fields: the prompt is kept apart so packing can mask it out of the loss;
+- `parquet`: a unit is one row group; a row is one record (column `field` or prompt/response).
+Cutting needs only the listing (sizes) and Parquet footers, so every rank computes the same
+units without reading documents; which rank reads which unit is `positions.py`'s business.
+A unit's documents come out in file order as a stream, one line / row group at a time; the
+reader counts the bytes it pulls (`bytes_read`), so a rank's share of the I/O can be measured.
 
 Unreadable input (binary files, invalid UTF-8, empty files, malformed or field-less JSON lines,
-null Parquet cells) is reported with file and line and skipped: one bad file does not stop a run.
+null Parquet cells, unreadable Parquet files) is reported with file and line and skipped: one
+bad file does not stop a run. A JSONL line is located by its line number when its unit starts
+the file and by its byte offset otherwise (counting lines would mean reading the whole prefix).
 
 S3: endpoint and credentials come from the standard AWS environment (see
 `cpt_operator.api.storage`, shared with the operator).
@@ -23,7 +28,6 @@ S3: endpoint and credentials come from the standard AWS environment (see
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,40 +112,114 @@ def content_hash(source: DataSource, files: list[SourceFile]) -> str:
     return digest.hexdigest()
 
 
-class SourceReader:
-    """Reads the documents of one source that belong to one rank."""
+UNIT_BYTES = 64 << 20
+"""Target size of a JSONL unit: big enough that the per-unit state stays small at 100B+ tokens
+(thousands of units), small enough that hundreds of ranks each get many."""
 
-    def __init__(self, source: DataSource, rank: int, world_size: int, report: CurationReport):
-        self.source, self.rank, self.world_size, self.report = source, rank, world_size, report
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently readable piece of a source."""
+
+    file: int
+    """Index into the source's sorted file listing."""
+    start: int
+    """jsonl: first byte of the range; parquet: row group; text: 0."""
+    end: int
+    """jsonl: end of the range (exclusive); parquet: row group + 1; text: the file's size."""
+
+
+def cut_units(fmt: SourceFormat, files: list[SourceFile], row_groups: list[int],
+              unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    """Every unit of a source, in listing order (a pure function of the listing)."""
+    units = []
+    for i, f in enumerate(files):
+        if fmt == SourceFormat.jsonl:
+            # An empty file is still one unit, so that reading it reports it.
+            bounds = list(range(0, f.size, unit_bytes)) or [0]
+            units += [Unit(i, b, min(b + unit_bytes, f.size)) for b in bounds]
+        elif fmt == SourceFormat.parquet:
+            units += [Unit(i, g, g + 1) for g in range(max(row_groups[i], 1))]
+        else:
+            units.append(Unit(i, 0, f.size))
+    return units
+
+
+class CountingFile:
+    """A read-only file wrapper that counts the bytes handed out (pyarrow reads through it)."""
+
+    def __init__(self, inner: Any, counter: list[int]):
+        self.inner, self.counter = inner, counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.counter[0] += len(data)
+        return bytes(data)
+
+    def readline(self) -> bytes:
+        line = self.inner.readline()
+        self.counter[0] += len(line)
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, size, closed, ...
+        return getattr(self.inner, name)
+
+    def __enter__(self) -> CountingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+
+class SourceReader:
+    """Lists one source, cuts it into units and reads the documents of any unit."""
+
+    def __init__(self, source: DataSource, report: CurationReport, *,
+                 unit_bytes: int = UNIT_BYTES):
+        self.source, self.report = source, report
         self.fs, self.files = list_files(source.uri)
-        self._next_record = 0
+        groups = [self._row_groups(f) for f in self.files] \
+            if source.format == SourceFormat.parquet else []
+        self.units = cut_units(source.format, self.files, groups, unit_bytes)
+        self._bytes = [0]
 
     @property
     def hash(self) -> str:
         return content_hash(self.source, self.files)
 
-    def documents(self) -> list[Document]:
-        self._next_record = 0
-        read = {SourceFormat.text: self._text_file, SourceFormat.jsonl: self._jsonl_file,
-                SourceFormat.parquet: self._parquet_file}[self.source.format]
-        docs = [doc for i, f in enumerate(self.files) for doc in read(i, f)]
-        self.report.read[self.source.name] = len(docs)
-        return docs
+    @property
+    def bytes_read(self) -> int:
+        return self._bytes[0]
 
-    def _mine(self, index: int) -> bool:
-        return index % self.world_size == self.rank
+    def _row_groups(self, file: SourceFile) -> int:
+        """Row groups of a Parquet file from its footer; 0 when unreadable (its one unit
+        reports the problem when read, on whichever rank reads it)."""
+        import pyarrow.parquet as pq
 
-    def _origin(self, file: SourceFile, line: int) -> Origin:
-        return Origin(self.source.name, file.path, line)
+        try:
+            with self.fs.open(file.path, "rb") as f:
+                return int(pq.ParquetFile(f).metadata.num_row_groups)
+        except Exception:  # pyarrow raises several types for a broken file
+            return 0
 
-    def _read_bytes(self, file: SourceFile) -> bytes:
-        with self.fs.open(file.path, "rb") as f:
-            return bytes(f.read())
+    def documents(self, unit: Unit | None = None) -> Iterator[Document]:
+        """The documents of one unit in file order, or of the whole source."""
+        if unit is None:
+            return (d for u in self.units for d in self.documents(u))
+        read = {SourceFormat.text: self._text_unit, SourceFormat.jsonl: self._jsonl_unit,
+                SourceFormat.parquet: self._parquet_unit}[self.source.format]
+        return read(unit, self.files[unit.file])
 
-    def _text_file(self, index: int, file: SourceFile) -> Iterator[Document]:
-        if not self._mine(index):
-            return
-        text = self._decode_whole(file, self._read_bytes(file))
+    def _open(self, file: SourceFile) -> CountingFile:
+        return CountingFile(self.fs.open(file.path, "rb"), self._bytes)
+
+    def _origin(self, file: SourceFile, line: int, byte: int = -1) -> Origin:
+        return Origin(self.source.name, file.path, line, byte)
+
+    def _text_unit(self, unit: Unit, file: SourceFile) -> Iterator[Document]:
+        with self._open(file) as f:
+            data = f.read()
+        text = self._decode_whole(file, data)
         if text is not None:
             yield Document(text, self._origin(file, 1))
 
@@ -158,24 +236,21 @@ class SourceReader:
             self.report.bad_input(self._origin(file, line), _encoding_reason(data, exc))
             return None
 
-    def _jsonl_file(self, index: int, file: SourceFile) -> Iterator[Document]:
-        data = self._read_bytes(file)
-        problem = _binary_or_empty(data)
-        if problem:
-            if self.rank == 0:  # a whole-file problem is reported once, not once per rank
-                self.report.bad_input(self._origin(file, problem[0]), problem[1])
+    def _jsonl_unit(self, unit: Unit, file: SourceFile) -> Iterator[Document]:
+        if file.size == 0:
+            self.report.bad_input(self._origin(file, 0), "empty file")
             return
-        for line_no, raw in enumerate(io.BytesIO(data), start=1):
-            if not raw.strip():
-                continue
-            record_index, self._next_record = self._next_record, self._next_record + 1
-            if self._mine(record_index):
-                doc = self._jsonl_record(file, line_no, raw)
+        with self._open(file) as f:
+            pos = _first_owned_line(f, unit.start)
+            line_no = 1 if unit.start == 0 else 0  # 0: located by byte offset only
+            while pos < unit.end and (raw := f.readline()):
+                origin = self._origin(file, line_no, pos)
+                pos, line_no = pos + len(raw), line_no + 1 if line_no else 0
+                doc = self._jsonl_record(origin, raw) if raw.strip() else None
                 if doc is not None:
                     yield doc
 
-    def _jsonl_record(self, file: SourceFile, line_no: int, raw: bytes) -> Document | None:
-        origin = self._origin(file, line_no)
+    def _jsonl_record(self, origin: Origin, raw: bytes) -> Document | None:
         try:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -201,30 +276,42 @@ class SourceReader:
             return None
         return Document(text, origin)
 
-    def _parquet_file(self, index: int, file: SourceFile) -> Iterator[Document]:
+    def _parquet_unit(self, unit: Unit, file: SourceFile) -> Iterator[Document]:
+        first, rows = self._row_group(unit, file)
+        for row_no, row in enumerate(rows, start=first + 1):
+            doc = self._record_document(row, self._origin(file, row_no))
+            if doc is not None:
+                yield doc
+
+    def _row_group(self, unit: Unit, file: SourceFile) -> tuple[int, list[dict[str, Any]]]:
+        """(rows before this group, so row numbers stay file-wide; the group's rows)."""
         import pyarrow.parquet as pq
 
         try:
-            with self.fs.open(file.path, "rb") as f:
-                table = pq.read_table(f)
+            with self._open(file) as f:
+                parquet = pq.ParquetFile(f)
+                columns = set(parquet.schema_arrow.names)
+                if self.source.field not in columns and not {"prompt", "response"} <= columns:
+                    self.report.bad_input(self._origin(file, 0), f"no column "
+                                          f"{self.source.field!r} (has {sorted(columns)})")
+                    return 0, []
+                wanted = [c for c in (self.source.field, "prompt", "response") if c in columns]
+                first = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
+                return first, parquet.read_row_group(unit.start, columns=wanted).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a broken file
-            if self.rank == 0:
-                self.report.bad_input(self._origin(file, 0), f"not a readable Parquet file: {exc}")
-            return
-        columns = set(table.column_names)
-        wanted = [c for c in (self.source.field, "prompt", "response") if c in columns]
-        if self.source.field not in columns and not {"prompt", "response"} <= columns:
-            if self.rank == 0:
-                self.report.bad_input(self._origin(file, 0),
-                                      f"no column {self.source.field!r} (has {sorted(columns)})")
-            return
-        rows = table.select(wanted).to_pylist()
-        for row_no, row in enumerate(rows, start=1):
-            record_index, self._next_record = self._next_record, self._next_record + 1
-            if self._mine(record_index):
-                doc = self._record_document(row, self._origin(file, row_no))
-                if doc is not None:
-                    yield doc
+            self.report.bad_input(self._origin(file, 0), f"not a readable Parquet file: {exc}")
+            return 0, []
+
+
+def _first_owned_line(f: CountingFile, start: int) -> int:
+    """Seek to the first line that starts at or after `start`; returns its offset. The line
+    in progress at `start` belongs to the previous range (checking byte start-1 tells whether
+    one is in progress)."""
+    if start == 0:
+        f.seek(0)
+        return 0
+    f.seek(start - 1)
+    return start - 1 + len(f.readline())
 
 
 def _binary_or_empty(data: bytes) -> tuple[int, str] | None:

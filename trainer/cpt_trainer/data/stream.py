@@ -1,76 +1,41 @@
-"""One source as an endless, resumable stream of tokens.
+"""One source on one rank as an endless, resumable stream of tokens, read unit by unit.
 
-Each epoch visits this rank's documents in a fresh order, a permutation drawn from
-(seed, rank, source, epoch), so the order is reproducible without storing it. The whole
-position is three integers: (epoch, doc, offset) = "the next token is token `offset` of the
-`doc`-th document of epoch `epoch`'s order". A document split across windows is therefore the
-packer's carry-over, kept as a position rather than as tokens: a resumed stream re-tokenises
-that one document and continues at the same token. Tokenisation runs ahead in chunks of many
-documents, for the speed of batched encoding; the look-ahead is a cache, never state.
+The rank works through the positions `positions.py` gives it: position q is unit
+`order(q // U)[q % U]`, the order being a permutation of the U units drawn from
+(seed, source, epoch), so every rank computes it and nobody stores it. A unit is read as a
+stream (`SourceReader.documents`), curated document by document (`Curator.curate`: filters,
+decontamination and dedupe within the unit), then tokenised in chunks of many documents for
+the speed of batched encoding. Memory is bounded: one open unit and one tokenised chunk per
+source, whatever the size of the corpus.
+
+The whole position is the rank's `SourceState` (queue of `[q, docs, offset]`, next, stride):
+"the next token is token `offset` of document `docs` (counting kept documents) of the unit
+at position q". A document split across windows is therefore the packer's carry-over, kept
+as a position rather than as tokens: a resumed stream re-opens the unit, re-reads and
+re-curates the `docs` documents before it (dedupe is per unit, so the same ones are kept),
+tokenises the current one again and continues at the same token. The look-ahead is a cache,
+never state.
 """
 from __future__ import annotations
 
+import copy
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .sources import Document
+from .curation import Curator
+from .positions import SourceState
+from .report import CurationReport
+from .sources import Document, SourceReader, Unit
 from .tokenization import TokenizedDoc, tokenize_documents
 
 CHUNK_CHARS = 1 << 20
 """Characters tokenised per batched call (bounded so look-ahead memory stays small)."""
 CHUNK_DOCS = 512
-
-
-class DocStore(Protocol):
-    def __len__(self) -> int: ...
-
-    def tokenized(self, indices: Sequence[int]) -> list[TokenizedDoc]: ...
-
-    def chunk_end(self, order: np.ndarray, start: int) -> int:
-        """End (exclusive) of the look-ahead chunk that starts at order[start]."""
-        ...
-
-
-class TextStore:
-    """Documents kept as text, tokenised on demand."""
-
-    def __init__(self, docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase):
-        self.docs, self.tokenizer = list(docs), tokenizer
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def tokenized(self, indices: Sequence[int]) -> list[TokenizedDoc]:
-        return tokenize_documents(self.tokenizer, [self.docs[i] for i in indices])
-
-    def chunk_end(self, order: np.ndarray, start: int) -> int:
-        chars, end = 0, start
-        while end < len(order) and end - start < CHUNK_DOCS and chars < CHUNK_CHARS:
-            chars += len(self.docs[order[end]].full_text)
-            end += 1
-        return end
-
-
-class TokenStore:
-    """Documents already tokenised (the token cache): one flat id array plus offsets."""
-
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray):
-        self.ids, self.offsets, self.prompt_lens = ids, offsets, prompt_lens
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def tokenized(self, indices: Sequence[int]) -> list[TokenizedDoc]:
-        return [TokenizedDoc(self.ids[self.offsets[i]:self.offsets[i + 1]],
-                             int(self.prompt_lens[i])) for i in indices]
-
-    def chunk_end(self, order: np.ndarray, start: int) -> int:
-        return min(len(order), start + CHUNK_DOCS)
 
 
 @dataclass(frozen=True)
@@ -84,49 +49,109 @@ class Piece:
 
 
 class SourceStream:
-    def __init__(self, name: str, store: DocStore, *, seed: int, rank: int):
-        if len(store) == 0:
-            raise ValueError(f"source {name!r} has no documents on rank {rank} after curation "
-                             "(see the curation report)")
-        self.name, self.store = name, store
-        self._key = (seed & 0xFFFFFFFF, rank, zlib.crc32(name.encode()))
-        self.epoch = self.doc = self.offset = 0
-        self._order = self._order_of(0)
-        self._ahead: dict[int, TokenizedDoc] = {}
+    def __init__(self, reader: SourceReader, curator: Curator,
+                 tokenizer: PreTrainedTokenizerBase, report: CurationReport, *, seed: int,
+                 position: SourceState):
+        if not reader.units:
+            raise ValueError(f"source {reader.source.name!r} has no files")
+        self.name, self.reader, self.curator = reader.source.name, reader, curator
+        self.tokenizer, self.report = tokenizer, report
+        self._key = (seed & 0xFFFFFFFF, zlib.crc32(self.name.encode()))
+        self._orders: dict[int, np.ndarray] = {}
+        self._empty: set[int] = set()
+        """Units found to hold no kept document (all of them: the source is unusable)."""
+        self.last_piece: tuple[int, int, int, int, int] | None = None
+        """Provenance of the last piece: (position, document in unit, start, end, document
+        length), so a window's tokens can be traced to their unit and document."""
+        self.load_state_dict(position)
 
-    def _order_of(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([*self._key, epoch]).permutation(len(self.store))
+    @property
+    def unit_count(self) -> int:
+        return len(self.reader.units)
+
+    def unit_index(self, q: int) -> int:
+        """Which unit position q reads."""
+        epoch, index = divmod(q, self.unit_count)
+        if epoch not in self._orders:  # one epoch's order at a time, reused by its positions
+            rng = np.random.default_rng([*self._key, epoch])
+            self._orders = {epoch: rng.permutation(self.unit_count)}
+        return int(self._orders[epoch][index])
 
     def take(self, limit: int) -> Piece:
         """Up to `limit` tokens of the current document; advances the position."""
-        doc = self._current()
-        start, end = self.offset, min(len(doc.ids), self.offset + limit)
+        doc, head = self._current(), self.queue[0]
+        start, end = head[2], min(len(doc.ids), head[2] + limit)
         piece = Piece(doc.ids[start:end], min(max(doc.prompt_len - start, 0), end - start),
                       start == 0)
+        self.last_piece = (head[0], head[1], start, end, len(doc.ids))
         if end == len(doc.ids):
-            self._next_document()
+            head[1], head[2], self._doc = head[1] + 1, 0, None
         else:
-            self.offset = end
+            head[2] = end
         return piece
 
     def _current(self) -> TokenizedDoc:
-        if self.doc not in self._ahead:
-            end = self.store.chunk_end(self._order, self.doc)
-            chunk = self.store.tokenized(self._order[self.doc:end].tolist())
-            self._ahead = dict(zip(range(self.doc, end), chunk))
-        return self._ahead[self.doc]
+        while self._doc is None:
+            if not self.queue:
+                self.queue.append([self.next, 0, 0])
+                self.next += self.stride
+            if self._docs is None:
+                self._docs = self._unit_documents(*self.queue[0][:2])
+            self._doc = next(self._docs, None)
+            if self._doc is None:
+                self._finish_unit()
+        return self._doc
 
-    def _next_document(self) -> None:
-        self._ahead.pop(self.doc, None)
-        self.doc, self.offset = self.doc + 1, 0
-        if self.doc == len(self._order):
-            self.epoch, self.doc = self.epoch + 1, 0
-            self._order, self._ahead = self._order_of(self.epoch), {}
+    def _finish_unit(self) -> None:
+        q, docs, _ = self.queue.pop(0)
+        self._docs = None
+        if docs == 0:
+            self._empty.add(self.unit_index(q))
+            if len(self._empty) == self.unit_count:
+                raise ValueError(f"source {self.name!r} has no documents after curation "
+                                 "(see the curation report)")
+
+    def _unit_documents(self, q: int, skip: int) -> Iterator[TokenizedDoc]:
+        """The kept documents of position q's unit from the `skip`-th on, tokenised in chunks."""
+        chunk: list[Document] = []
+        chars = 0
+        # The report counts the corpus once: what the first epoch's reading finds.
+        report = self.report if q < self.unit_count else CurationReport()
+        for doc in self._kept(self.reader.units[self.unit_index(q)], skip, report):
+            chunk.append(doc)
+            chars += len(doc.full_text)
+            if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+                yield from tokenize_documents(self.tokenizer, chunk)
+                chunk, chars = [], 0
+        if chunk:
+            yield from tokenize_documents(self.tokenizer, chunk)
+
+    def _kept(self, unit: Unit, skip: int, target: CurationReport) -> Iterator[Document]:
+        """Curated documents of a unit, without the first `skip`. Skipped ones were counted in
+        the report when first read, so their verdicts go to a scratch report."""
+        scratch, kept = CurationReport(), 0
+        self.reader.report = target  # where unreadable records of this unit are reported
+        for doc, verdict in self.curator.curate(self.reader.documents(unit)):
+            report = scratch if kept < skip else target
+            report.read[self.name] = report.read.get(self.name, 0) + 1
+            if verdict:
+                report.drop(verdict[0], doc.origin, verdict[1])
+                continue
+            kept += 1
+            if kept > skip:
+                report.kept[self.name] = report.kept.get(self.name, 0) + 1
+                yield doc
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset}
+        return {"queue": copy.deepcopy(self.queue), "next": self.next, "stride": self.stride,
+                "units": self.unit_count}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.doc = int(state["epoch"]), int(state["doc"])
-        self.offset = int(state["offset"])
-        self._order, self._ahead = self._order_of(self.epoch), {}
+    def load_state_dict(self, state: SourceState) -> None:
+        units = state.get("units", self.unit_count)
+        if units != self.unit_count:
+            raise ValueError(f"source {self.name!r}: the state counts {units} units, the source "
+                             f"now has {self.unit_count}")
+        self.queue = [list(map(int, item)) for item in state["queue"]]
+        self.next, self.stride = int(state["next"]), int(state["stride"])
+        self._docs: Iterator[TokenizedDoc] | None = None
+        self._doc: TokenizedDoc | None = None
