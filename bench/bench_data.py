@@ -8,9 +8,7 @@ tokenizer, each timed from the files on disk to packed [seqLen] rows:
 - baseline: the run_clm recipe, `load_dataset` of the same files, `map(tokenize, batched)`
   appending EOS, then `map(group_texts, batched)` into seqLen blocks with labels.
 The process is pinned to one CPU and tokenizers / torch use one thread, as the issue asks.
-Rounds alternate between the two; the figures are medians. A third figure is the pipeline over
-a warm pre-tokenised cache (later epochs, attempts and ranks reading the same data). It also
-prints the pipeline's throughput as a multiple of what one training process consumes (an
+Rounds alternate between the two; the figures are medians. It also prints the pipeline's throughput as a multiple of what one training process consumes (an
 estimate: 6·N FLOPs per token at a stated MFU on an H100, the same rule as the trainer's MFU
 metric).
 
@@ -80,16 +78,16 @@ def train_tokenizer(texts: list[str], out: Path, vocab: int):
     return fast
 
 
-def config(root: Path, seq_len: int, cache: bool = False) -> TrainerConfig:
+def config(root: Path, seq_len: int) -> TrainerConfig:
     return TrainerConfig.model_validate({
         "run": "bench", "runDir": str(root / "run"), "checkpointUri": str(root / "ckpt"),
         "spec": {
             "baseModel": {"uri": "unused"},
             "data": {"sources": [
                 {"name": "domain", "role": "domain", "uri": str(root / "domain" / "*.txt"),
-                 "weight": 0.8, "cache": cache},
+                 "weight": 0.8},
                 {"name": "replay", "role": "replay", "uri": str(root / "replay" / "code.jsonl"),
-                 "format": "jsonl", "weight": 0.2, "cache": cache}],
+                 "format": "jsonl", "weight": 0.2}],
                 # The baseline does no curation; neither do we here, to compare like with like.
                 "curation": {"dedupe": "none", "minChars": 0, "maxNonPrintable": 1.0,
                              "maxRepeatedLineRatio": 1.0, "decontaminate": False}},
@@ -99,11 +97,10 @@ def config(root: Path, seq_len: int, cache: bool = False) -> TrainerConfig:
     })
 
 
-def run_pipeline(root: Path, tokenizer, seq_len: int, tokens: int, batch: int,
-                 cache: bool = False) -> float:
-    """Seconds from the files (or a warm token cache) to `tokens` packed tokens."""
+def run_pipeline(root: Path, tokenizer, seq_len: int, tokens: int, batch: int) -> float:
+    """Seconds from the files to `tokens` packed tokens (in this process: one core)."""
     start = time.perf_counter()
-    pipe = DataPipeline(config(root, seq_len, cache), tokenizer, 0, 1)
+    pipe = DataPipeline(config(root, seq_len), tokenizer, 0, 1, workers=0)
     while pipe.tokens_seen < tokens:
         pipe.next_batch(batch)
     return time.perf_counter() - start
@@ -168,20 +165,14 @@ def main() -> None:
         root = Path(tmp)
         texts = write_corpus(root, args.stdlib_files)
         tokenizer = train_tokenizer(texts["domain"] + texts["replay"], root / "tok", args.vocab)
-        ours, theirs, cached, tokens = [], [], [], 0
+        ours, theirs, tokens = [], [], 0
         for _ in range(args.rounds):
             seconds, tokens = run_datasets(root, tokenizer, args.seq_len)
             theirs.append(tokens / seconds)
             ours.append(tokens / run_pipeline(root, tokenizer, args.seq_len, tokens, args.batch))
-        # Later epochs, attempts and ranks on the same data: the pre-tokenised cache is warm.
-        run_pipeline(root, tokenizer, args.seq_len, 0, args.batch, cache=True)
-        for _ in range(args.rounds):
-            cached.append(tokens / run_pipeline(root, tokenizer, args.seq_len, tokens,
-                                                args.batch, cache=True))
         chars = sum(len(t) for group in texts.values() for t in group)
 
     ours_tps, theirs_tps = statistics.median(ours), statistics.median(theirs)
-    cached_tps = statistics.median(cached)
     consumption = training_consumption(args.params, args.mfu)
     result = {
         "benchmark": "data pipeline: read + mixture + tokenise + pack, one CPU core",
@@ -190,15 +181,12 @@ def main() -> None:
         "pipeline_tokens_per_s": round(ours_tps),
         "datasets_map_group_texts_tokens_per_s": round(theirs_tps),
         "ratio_vs_datasets": round(ours_tps / theirs_tps, 3),
-        "pipeline_warm_cache_tokens_per_s": round(cached_tps),
         "training_consumption_tokens_per_s": round(consumption),
         "training_consumption_basis": f"{args.params:.3g} params, 6N FLOPs/token, "
                                       f"{args.mfu:.0%} MFU of H100 bf16 peak (estimate)",
         "ratio_vs_training_consumption": round(ours_tps / consumption, 3),
-        "ratio_vs_training_consumption_warm_cache": round(cached_tps / consumption, 3),
         "rounds": args.rounds,
         "samples_tokens_per_s": {"pipeline": [round(x) for x in ours],
-                                 "pipeline_warm_cache": [round(x) for x in cached],
                                  "datasets": [round(x) for x in theirs]},
         "host": {"machine": platform.machine(), "python": platform.python_version(),
                  "cpu": platform.processor() or "unknown"},
@@ -206,11 +194,9 @@ def main() -> None:
     print(f"pipeline  {ours_tps:12,.0f} tokens/s (one core)")
     print(f"datasets  {theirs_tps:12,.0f} tokens/s (map + group_texts, one core)")
     print(f"ratio     {ours_tps / theirs_tps:12.2f}  (target >= 1.0)")
-    print(f"cached    {cached_tps:12,.0f} tokens/s (warm pre-tokenised cache)")
     print(f"training  {consumption:12,.0f} tokens/s consumed by one H100 process "
           f"({result['training_consumption_basis']})")
-    print(f"headroom  {ours_tps / consumption:12.2f}x per data-loading core "
-          f"({cached_tps / consumption:.2f}x with a warm cache)")
+    print(f"headroom  {ours_tps / consumption:12.2f}x per data-loading core")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

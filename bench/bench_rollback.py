@@ -43,10 +43,8 @@ def scenario(tmp: Path, every: int) -> Path:
     spec = {
         "baseModel": {"uri": str(base), "format": "hf"},
         "data": {"sources": [
-            # cache: the next attempt loads tokens instead of tokenising the corpus again
-            {"name": "legal", "role": "domain", "uri": "/usr/share/common-licenses/*", "weight": 0.9,
-             "cache": True},
-            {"name": "code", "role": "replay", "format": "jsonl", "weight": 0.1, "cache": True,
+            {"name": "legal", "role": "domain", "uri": "/usr/share/common-licenses/*", "weight": 0.9},
+            {"name": "code", "role": "replay", "format": "jsonl", "weight": 0.1,
              "uri": str(jsonl(tmp / "code.jsonl", [p.read_text() for p in files[:40]]))},
         ], "curation": {"decontaminate": False}},
         "packing": {"seqLen": 128, "boundary": "documentMask"},
@@ -92,8 +90,6 @@ def demo(out: str) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-rollback-demo-") as tmp:
         doc = yaml.safe_load((ROOT / "examples" / "demo" / "cptrun.yaml").read_text())
-        for source in doc["spec"]["data"]["sources"]:
-            source["cache"] = True
         doc["spec"]["budget"] = {"steps": 2 * doc["spec"]["checkpoint"]["every"]}
         file = Path(tmp) / "demo.yaml"
         file.write_text(yaml.safe_dump(doc))

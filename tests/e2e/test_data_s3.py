@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cpt_operator.api.trainer_config import TrainerConfig
-from cpt_trainer.data import DataPipeline, tokenization
+from cpt_trainer.data import DataPipeline
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(180)]
 
@@ -30,7 +30,7 @@ def _config(tmp_path: Path, bucket: str) -> TrainerConfig:
             "baseModel": {"uri": "unused"},
             "data": {"sources": [
                 {"name": "legal", "role": "domain", "format": "jsonl", "weight": 0.8,
-                 "uri": f"s3://{bucket}/corpus/legal/*.jsonl", "cache": True},
+                 "uri": f"s3://{bucket}/corpus/legal/*.jsonl"},
                 {"name": "general", "role": "replay", "format": "jsonl", "weight": 0.2,
                  "uri": f"s3://{bucket}/corpus/general/"}],
                 "curation": {"dedupe": "exact", "minChars": 20, "decontaminate": False}},
@@ -53,6 +53,13 @@ def _put_corpus(client: Any, bucket: str) -> dict[str, list[str]]:
     return texts
 
 
+def _unit_documents(pipe: DataPipeline, source: str, rank: int, world: int) -> list[str]:
+    """The documents of the units rank `rank` of `world` owns in epoch 0 of a source."""
+    reader = pipe._core.plan.readers[pipe.source_names.index(source)]
+    mine = range(rank, len(reader.units), world)
+    return [d.text for q in mine for d in reader.documents(reader.units[q])]
+
+
 def test_pipeline_reads_s3_with_endpoint_and_credentials_from_the_environment(
         s3_server: Any, s3_bucket: str, tmp_path: Path, tiny_model_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,45 +71,31 @@ def test_pipeline_reads_s3_with_endpoint_and_credentials_from_the_environment(
     client = s3_server.client()
     texts = _put_corpus(client, s3_bucket)
     cfg = _config(tmp_path, s3_bucket)
-    cache_root = f"s3://{s3_bucket}/token-cache"
 
-    # Two ranks read disjoint shards that together are the whole corpus.
+    # Byte-range units of the S3 objects: two ranks read disjoint units that together hold the
+    # whole corpus, each object only in the ranges it owns.
     pipes = [DataPipeline(cfg, tokenizer, rank, 2, report_dir=f"s3://{s3_bucket}/runs/r",
-                          cache_root=cache_root) for rank in range(2)]
-    legal = [pipe._streams[pipe.source_names.index("legal")].store for pipe in pipes]
-    cached = sorted(tuple(store.ids[store.offsets[i]:store.offsets[i + 1] - 1].tolist())
-                    for store in legal for i in range(len(store)))  # the cached source: ids
-    assert cached == sorted(tuple(tokenizer(t, add_special_tokens=False)["input_ids"])
-                            for t in texts["legal"])
-    general = [pipe._streams[pipe.source_names.index("general")].store for pipe in pipes]
-    assert sorted(d.text for store in general for d in store.docs) == sorted(texts["general"])
-    assert all(d.origin.file.startswith(f"s3://{s3_bucket}/") for d in general[0].docs)
+                          workers=0, unit_bytes=512) for rank in range(2)]
     assert pipes[0].data_version == pipes[1].data_version
-    report = json.loads(client.get_object(Bucket=s3_bucket, Key="runs/r/curation.json")["Body"]
-                        .read())
-    assert report["read"] == {"legal": 15, "general": 6}
+    for source in ("legal", "general"):
+        shares = [_unit_documents(pipes[0], source, r, 2) for r in range(2)]
+        assert sorted(shares[0] + shares[1]) == sorted(texts[source])
+        assert not set(shares[0]) & set(shares[1])
+    reader = pipes[0]._core.plan.readers[0]
+    assert len(reader.units) > 3 and all(f.path.startswith(f"s3://{s3_bucket}/corpus/legal/")
+                                         and f.path.endswith(".jsonl") for f in reader.files)
 
     batch = pipes[0].next_batch(4)
     assert batch.input_ids.shape == (4, 64) and batch.num_tokens > 0
-
-    # The token cache lives in the bucket too: a new process-equivalent reuses it.
-    assert any(key.endswith("/DONE") for key in _keys(client, s3_bucket, "token-cache/"))
-    encoded: list[int] = []
-    real_encode = tokenization.encode_texts
-    monkeypatch.setattr(tokenization, "encode_texts",
-                        lambda tok, batch: encoded.append(len(batch)) or real_encode(tok, batch))
-    again = DataPipeline(cfg, tokenizer, 0, 2, cache_root=cache_root)
-    assert encoded == []  # construction tokenised nothing: the legal shard came from S3
-    assert torch.equal(again.next_batch(4).input_ids, batch.input_ids)
+    assert torch.equal(DataPipeline(cfg, tokenizer, 0, 2, workers=0, unit_bytes=512)
+                       .next_batch(4).input_ids, batch.input_ids)
+    report = json.loads(client.get_object(Bucket=s3_bucket, Key="runs/r/curation.json")["Body"]
+                        .read())
+    assert report["read"]["legal"] > 0
 
     # Rewriting one object changes its ETag, hence the data version.
     client.put_object(Bucket=s3_bucket, Key="corpus/general/part-0.jsonl",
                       Body=(json.dumps({"text": "A replaced general note, long enough."})
                             + "\n").encode())
-    changed = DataPipeline(cfg, tokenizer, 0, 2, cache_root=cache_root)
+    changed = DataPipeline(cfg, tokenizer, 0, 2, workers=0, unit_bytes=512)
     assert changed.data_version != pipes[0].data_version
-
-
-def _keys(client: Any, bucket: str, prefix: str) -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]

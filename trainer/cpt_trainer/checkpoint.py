@@ -35,6 +35,8 @@ import fsspec
 from cpt_operator.api.manifest import (MANIFEST, PINNED, FileEntry, Lineage, Manifest, Problem,
                                        checkpoint_name, step_of, verify, writer_rank)
 
+from .node_cache import node_cache
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20
@@ -246,8 +248,7 @@ def _verify(fs: fsspec.AbstractFileSystem, root: str, files: dict[str, FileEntry
 
 
 def _cache_dir(uri: str) -> str:
-    root = os.environ.get("CPT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "cpt-operator"))
-    return os.path.join(root, "checkpoints", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    return str(node_cache("checkpoints", hashlib.sha256(uri.encode()).hexdigest()[:16]))
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from cpt_operator.api.manifest import MODEL_DIR
 from cpt_operator.api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
 
 from .errors import Refused
+from .node_cache import node_cache
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ _CHUNK = 8 << 20
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt-operator")) / "remote"
+    return node_cache("remote")
 
 
 def local_copy(uri: str) -> str:

@@ -98,8 +98,6 @@ class DataSource(SpecModel):
     """Relative sampling weight (normalised over all sources)."""
     schedule: list[WeightPoint] | None = Field(default=None, max_length=64)
     """Curriculum: weight as a piecewise-linear function of training tokens."""
-    cache: bool = False
-    """Tokenise once into a shard cache keyed by source and tokenizer hash."""
 
     @model_validator(mode="after")
     def _schedule_sorted(self) -> "DataSource":

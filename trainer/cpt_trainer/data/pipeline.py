@@ -62,9 +62,6 @@ class DataPipeline:
         key = curation_key(data.curation, eval_texts)
         hashes = {r.source.name: r.hash for r in readers}
         self.data_version = _data_version(cfg, hashes, key, unit_bytes)
-        if any(s.cache for s in data.sources):
-            log.warning("source option `cache` is ignored: sources are streamed and tokenised "
-                        "ahead in a worker, there is no token cache any more")
         plan = Plan(cfg, readers, tokenizer, tuple(eval_texts), rank, world_size,
                     self.data_version, report_path(report_dir, rank))
         self._core = Producer(plan)
