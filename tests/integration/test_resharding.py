@@ -1,0 +1,77 @@
+"""A sharded run killed on 4 ranks resumes on 2: its checkpoint loads exactly on the new world
+size (every tensor of the model and of AdamW, gathered, equals the files) and the run
+continues from the saved step with every rank's data position re-dealt.
+
+That no document is repeated or skipped across the change is shown document by document in
+tests/unit/data/test_resharding.py; here the real trainer goes through the same path."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpt_operator.api.manifest import checkpoint_name
+
+from tests.integration.harness import (events, log_tail, manifest_of, of, run, start, tiny_spec,
+                                       wait_for, write_config)
+
+pytestmark = pytest.mark.slow
+
+CHECK = Path(__file__).with_name("reshard_check.py")
+
+
+def _check_on(world: int, checkpoint: Path, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={world}", str(CHECK), str(checkpoint), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_fsdp_run_killed_on_four_ranks_resumes_on_two(tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 40},
+                     checkpoint={"every": 3, "keep": 20},
+                     training={"microBatchSize": 2, "gradAccumulation": 1,
+                               "parallelism": {"strategy": "fsdp"}})
+    first = write_config(tmp_path, spec, attempt=1)
+    ckpts = tmp_path / "checkpoints" / "attempt-001"
+    proc = start(first, nproc=4)
+    wait_for(lambda: (ckpts / checkpoint_name(6) / "manifest.json").exists(), 300,
+             "the step-6 checkpoint", poll=0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not of("finished", events(first)), "the run ended before the kill; it needs more steps"
+
+    step6 = ckpts / checkpoint_name(6)
+    files = set(manifest_of(step6)["files"])
+    assert {f"model/__{r}_0.distcp" for r in range(4)} <= files  # every rank wrote its shard
+    assert {f"data-rank{r:05d}.json" for r in range(4)} <= files
+
+    loaded = _check_on(2, step6, tmp_path / "check.json")
+    assert loaded["sharded"] and loaded["model_tensors"] > 0 and loaded["optimizer_tensors"] > 0
+    assert loaded["model_mismatches"] == [] and loaded["optimizer_mismatches"] == []
+
+    second = write_config(tmp_path, spec, attempt=2, restore_from=str(step6),
+                          restore_mode="fullState")
+    assert run(second, nproc=2) == 0, log_tail(second)
+    evs = events(second)
+    started = of("started", evs)[0]
+    assert (started.step, started.world_size) == (6, 2)
+    assert [e.step for e in of("progress", evs)] == list(range(7, 41))
+    assert of("finished", evs)[-1].reason == "budget"
+    resumed = tmp_path / "checkpoints" / "attempt-002" / checkpoint_name(9)
+    manifest = manifest_of(resumed)
+    assert manifest["lineage"]["parent"] == str(step6)
+    assert {f"data-rank{r:05d}.json" for r in range(2)} <= set(manifest["files"])
+    # The four old ranks' token counts carried over whole: the run's curriculum position.
+    trained_at_6 = 6 * 4 * 2 * 64  # steps x ranks x micro-batch x seqLen
+    for rank in range(2):
+        state = json.loads((resumed / f"data-rank{rank:05d}.json").read_text())
+        assert (state["world_size"], state["rank"]) == (2, rank)
+        assert sum(state["base"].values()) == trained_at_6
