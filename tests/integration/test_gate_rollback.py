@@ -69,9 +69,12 @@ def test_gate_breach_rolls_back_with_adjusted_settings_and_loses_nothing(tmp_pat
         assert good["passedGates"]
     assert any(c["type"] == "RolledBack" for c in status["conditions"]) or record["target"]
 
-    # Nothing is lost: every checkpoint written, on both sides of the rollback, still verifies.
+    # Nothing is lost: every committed checkpoint, on both sides of the rollback, still verifies.
+    # The abandoned attempt is killed, maybe while a save is in flight in the background: that
+    # directory never got a manifest, so it never was a checkpoint, and listing reports it.
     refs, problems = list_checkpoints(str(run_dir / "checkpoints"))
-    assert problems == []
+    assert all(p.checkpoint.startswith("attempt-001/") and "no manifest" in p.reason
+               for p in problems), problems
     assert {r.attempt for r in refs} >= {1, 2}
     assert status["bestCheckpoint"] in status["frontier"]
     chosen = next(c for c in status["checkpoints"] if c["name"] == status["bestCheckpoint"])

@@ -21,7 +21,7 @@ import random
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -62,6 +62,8 @@ class Snapshot:
     config_json: str
     write_model_files: Callable[[str], None]
     """Writes config.json and the tokenizer into a directory (rank 0)."""
+    evaluation: dict[str, float] | None = None
+    """This step's evaluation, which the loop announces once the checkpoint is committed."""
 
 
 @dataclass
@@ -74,7 +76,9 @@ class Saved:
     seconds: float
     """From the start of the save to the manifest (the training stall is `stall_seconds`)."""
     stall_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Training time the save blocked: the host copy when asynchronous, all of it otherwise."""
+    evals: dict[str, float] | None = None
+    """The evaluation to announce with this checkpoint, if the loop asked for it."""
 
 
 class Checkpointer:
@@ -137,7 +141,10 @@ class Checkpointer:
             checkpoint.prune(self.uri, self.keep, {checkpoint_name(snap.step)})
         if remote is not None:
             _remove_tree(staging)
-        return Saved(snap.step, snap.tokens, target_uri, time.monotonic() - began, stall)
+        seconds = time.monotonic() - began
+        return Saved(snap.step, snap.tokens, target_uri, seconds,
+                     stall if self.async_save else seconds,
+                     snap.evaluation)
 
     def _gather(self, mine: dict[str, FileEntry]) -> dict[str, FileEntry]:
         if self._group is None:

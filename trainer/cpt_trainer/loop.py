@@ -386,7 +386,8 @@ class Attempt:
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
 
-    def save(self, evals: dict[str, float], train_loss: float | None) -> str:
+    def save(self, evals: dict[str, float], train_loss: float | None,
+             evaluation: dict[str, float] | None = None) -> str:
         cfg = self.cfg
         mode = self.start.mode.value if self.start.uri else RestoreMode.weights_only.value
         lineage = Lineage(run=cfg.run, attempt=cfg.attempt,
@@ -408,7 +409,8 @@ class Attempt:
                         evals={**evals, **self.data.checkpoint_metrics()}
                         if self.extension is not None else evals,
                         train_loss=train_loss, stable=not self.unstable,
-                        config_json=cfg.dump_json(), write_model_files=model_files)
+                        config_json=cfg.dump_json(), write_model_files=model_files,
+                        evaluation=evaluation)
         uri = self.checkpointer.save(self.model, self.optimizer, snap)
         self.unstable = False
         self.last_saved_step, self.last_checkpoint = self.step, uri
@@ -426,6 +428,9 @@ class Attempt:
         self.metrics.checkpoint(saved.step, saved.seconds, stall=saved.stall_seconds)
         self.events.emit(CheckpointSaved, step=saved.step, tokens=saved.tokens,
                          name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds)
+        if saved.evals is not None:
+            self.events.emit(Evaluated, step=saved.step, tokens=saved.tokens, metrics=saved.evals,
+                             checkpoint=checkpoint_name(saved.step))
 
     def _checkpoint_due(self) -> bool:
         return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
@@ -437,13 +442,12 @@ class Attempt:
     def _boundary(self, train_loss: float | None) -> None:
         """Evaluate and/or checkpoint after a step, as the spec says."""
         evals = self.evaluate() if self._eval_due() else None
-        name = None
         if self._checkpoint_due() or self.stop_requested:
-            self.save(evals or {}, train_loss)
-            name = checkpoint_name(self.step)
-        if evals is not None:
-            self.events.emit(Evaluated, step=self.step, tokens=self.tokens, metrics=evals,
-                             checkpoint=name)
+            # The evaluation is announced with its checkpoint, once that is committed: a control
+            # plane acting on it (a rollback kills this attempt) finds the checkpoint it names.
+            self.save(evals or {}, train_loss, evaluation=evals)
+        elif evals is not None:
+            self.events.emit(Evaluated, step=self.step, tokens=self.tokens, metrics=evals)
 
     # ------------------------------------------------------------------------------- run
     def _agree_stop(self) -> bool:
