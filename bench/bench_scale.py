@@ -170,6 +170,7 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     result["rss"] = rss
     if args.saves:
         result["saves"] = measure_saves(parallel, optimizer, dist, ids, args.ckpt_dir, args.saves)
+        rss["after_saves"] = proc_status()  # the stager keeps its host copy while the state lives
     distributed.teardown()
     return result
 

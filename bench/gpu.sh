@@ -28,7 +28,7 @@ EOF
 fi
 
 export PYTHONPATH="$ROOT/operator:$ROOT/trainer${PYTHONPATH:+:$PYTHONPATH}"
-export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+export TOKENIZERS_PARALLELISM=false
 GPUS="$(nvidia-smi -L | wc -l)"
 if [ "$GPUS" -lt 1 ]; then
   echo "no GPU visible (nvidia-smi -L lists none); for the CPU code path: python bench/bench_gpu.py --cpu-smoke" >&2
