@@ -72,8 +72,9 @@ def build(shape: dict[str, int], attention: str, ac: str, dist: Any, bf16: bool,
         LlamaConfig(**shape, tie_word_embeddings=False, use_cache=False).save_pretrained(config_dir)
     _barrier()
     model = skeleton(str(config_dir), attention=attention)
-    parallel = parallelize(model, ParallelismSpec.model_validate({"strategy": "fsdp", "activationCheckpointing": ac}), dist,
-                           procs_per_node=dist.world_size, compute_dtype=torch.bfloat16 if bf16 else None)
+    spec = ParallelismSpec.model_validate({"strategy": "fsdp", "activationCheckpointing": ac})
+    parallel = parallelize(model, spec, dist, procs_per_node=dist.world_size,
+                           compute_dtype=torch.bfloat16 if bf16 else None)
     init_weights(parallel.model)
     parallel.model.train()
     return parallel

@@ -29,7 +29,7 @@ fi
 
 export PYTHONPATH="$ROOT/operator:$ROOT/trainer${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
-GPUS="$(nvidia-smi -L | wc -l)"
+GPUS="$( (nvidia-smi -L 2>/dev/null || true) | wc -l)"
 if [ "$GPUS" -lt 1 ]; then
   echo "no GPU visible (nvidia-smi -L lists none); for the CPU code path: python bench/bench_gpu.py --cpu-smoke" >&2
   exit 1
