@@ -95,6 +95,30 @@ def run_rank(cfg: TrainerConfig, tokenizer, rank: int, batch: int,
             "units": sum(len(s.reader.units) for s in pipe._core.streams)}
 
 
+def measure(*, jsonl_mb: int, text_files: int, unit_bytes: int, seq_len: int,
+            batch: int) -> dict:
+    """Build the corpus, run the 4 rank pipelines, return the figures (bench_scale.py calls
+    this too)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus = write_corpus(root, jsonl_mb, text_files)
+        code = sum(p.stat().st_size for p in (root / "code").glob("*"))
+        sample = [p.read_text() for p in sorted((root / "prose").glob("*"))[:20]]
+        tokenizer = train_tokenizer(sample, root / "tok", 8192)
+        # Weights in proportion to size, so both sources finish epoch 0 at about one time.
+        cfg = config(root, seq_len, code / corpus)
+        ranks = [run_rank(cfg, tokenizer, r, batch, unit_bytes) for r in range(WORLD)]
+    shares = [r["bytes"] / corpus for r in ranks]
+    for r, (rank, share) in enumerate(zip(ranks, shares)):
+        print(f"rank {r}: read {rank['bytes'] / 2**20:6.1f} MiB = {share:.3f} of the corpus, "
+              f"{rank['batches']} batches, {rank['ms_per_batch']:.1f} ms/batch")
+    print(f"corpus {corpus / 2**20:.1f} MiB in {ranks[0]['units']} units; target 0.25 ± 10 %")
+    return {"corpus_bytes": corpus, "world_size": WORLD, "unit_bytes": unit_bytes,
+            "units": ranks[0]["units"], "seq_len": seq_len, "batch": batch,
+            "ranks": ranks, "share_of_corpus": shares,
+            "within_target": all(abs(s - 0.25) <= 0.025 for s in shares)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jsonl-mb", type=int, default=24)
@@ -104,24 +128,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_shard.json"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        corpus = write_corpus(root, args.jsonl_mb, args.text_files)
-        code = sum(p.stat().st_size for p in (root / "code").glob("*"))
-        sample = [p.read_text() for p in sorted((root / "prose").glob("*"))[:20]]
-        tokenizer = train_tokenizer(sample, root / "tok", 8192)
-        # Weights in proportion to size, so both sources finish epoch 0 at about one time.
-        cfg = config(root, args.seq_len, code / corpus)
-        ranks = [run_rank(cfg, tokenizer, r, args.batch, args.unit_bytes) for r in range(WORLD)]
-    shares = [r["bytes"] / corpus for r in ranks]
-    for r, (rank, share) in enumerate(zip(ranks, shares)):
-        print(f"rank {r}: read {rank['bytes'] / 2**20:6.1f} MiB = {share:.3f} of the corpus, "
-              f"{rank['batches']} batches, {rank['ms_per_batch']:.1f} ms/batch")
-    print(f"corpus {corpus / 2**20:.1f} MiB in {ranks[0]['units']} units; target 0.25 ± 10 %")
-    result = {"corpus_bytes": corpus, "world_size": WORLD, "unit_bytes": args.unit_bytes,
-              "units": ranks[0]["units"], "seq_len": args.seq_len, "batch": args.batch,
-              "ranks": ranks, "share_of_corpus": shares,
-              "within_target": all(abs(s - 0.25) <= 0.025 for s in shares)}
+    result = measure(jsonl_mb=args.jsonl_mb, text_files=args.text_files,
+                     unit_bytes=args.unit_bytes, seq_len=args.seq_len, batch=args.batch)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
