@@ -54,17 +54,22 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
                 "data-rank00001.json", "rng-rank00001.json", "config.json"} <= set(manifest.files)
     assert not list(staging.glob("cpt-ckpt-*")), "a rank left its upload staging behind"
 
-    # One process resumes the full state from the bucket through the node's verified cache.
+    # One process resumes the full state from the bucket through the node's verified cache,
+    # saving every step and keeping one: retention deletes on S3 too.
     step3 = f"{root}/attempt-001/{checkpoint_name(3)}"
-    second = write_config(tmp_path, spec, attempt=2, checkpoints=f"{root}/attempt-002",
-                          restore_from=step3, restore_mode="fullState")
+    second = write_config(tmp_path, {**spec, "checkpoint": {"every": 1, "keep": 1}}, attempt=2,
+                          checkpoints=f"{root}/attempt-002", restore_from=step3,
+                          restore_mode="fullState")
     assert run(second, nproc=1, timeout=400) == 0, log_tail(second)
     started = of("started", events(second))[0]
     assert (started.step, started.world_size) == (3, 1)
     assert sorted(e.step for e in of("progress", events(second))) == [4, 5, 6]
-    (name, resumed), = [v for v in checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
-                        if v[0] == checkpoint_name(6)]
-    assert resumed.lineage.parent == step3 and resumed.lineage.restore_mode == "fullState"
+    (name, resumed), = checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
+    assert name == checkpoint_name(6)
+    assert resumed.lineage.restore_mode == "fullState"  # parent: step 5, pruned (keep 1)
+    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(5)}"
+    left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
+    assert {k.split("/")[4] for k in left} == {checkpoint_name(6)}
 
     copy = Path(checkpoint.local_path(step3))
     assert copy.parent == cache / "checkpoints"
@@ -88,3 +93,8 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
         served = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
         saved = load_checkpoint_model(str(copy)).eval()(input_ids=ids).logits
     assert torch.equal(served, saved)
+
+
+def _keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]

@@ -56,11 +56,14 @@ def write_weights(directory: str, out: str, max_shard_size: str | int = DEFAULT_
     from .model import skeleton
 
     model = skeleton(directory)
-    names = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    stored = dcp.FileSystemReader(os.path.join(directory, MODEL_DIR)).read_metadata()
-    shapes = {k: stored.state_dict_metadata[k] for k in names}
-    empty = {k: torch.empty(m.size, dtype=m.properties.dtype, device="meta")  # type: ignore[union-attr]
-             for k, m in shapes.items()}
+    kept = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    stored = dcp.FileSystemReader(os.path.join(directory, MODEL_DIR)).read_metadata().state_dict_metadata
+    if missing := sorted(set(kept) - set(stored)):
+        raise Refused(f"{directory}/{MODEL_DIR} lacks {', '.join(missing[:5])}: it does not hold "
+                      "the model its config.json describes")
+    # Shapes and dtypes as stored (no memory): what the shards will hold.
+    empty = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype,  # type: ignore[union-attr]
+                            device="meta") for k in kept}
     split = split_torch_state_dict_into_shards(empty, filename_pattern=WEIGHTS,
                                                max_shard_size=max_shard_size)
     weight_map: dict[str, str] = {}
