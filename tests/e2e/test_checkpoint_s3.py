@@ -75,7 +75,8 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
     assert copy.parent == cache / "checkpoints"
     manifest = checkpoint.read_manifest(step3)
     verified = json.loads(Path(f"{copy}.verified.json").read_text())
-    assert verified == sorted(manifest.files)  # fullState: every file, each one hashed
+    # fullState: every file, each one hashed and recorded with the digest it matched
+    assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()}
     assert checkpoint.fetch(step3) == []  # the cached bytes still match the manifest
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
 
