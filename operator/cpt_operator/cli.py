@@ -1,7 +1,7 @@
 """`cptctl`: validate, run locally, inspect and steer CptRuns.
 
 Entry points stay thin: parse arguments, call one module, turn its errors into exit codes.
-Commands that need torch (diagnose, tokenizer) run the trainer package in a subprocess, so this
+Commands that need torch (diagnose, tokenizer, export) run the trainer package in a subprocess, so this
 package never imports torch.
 """
 from __future__ import annotations
@@ -123,6 +123,19 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return show_checkpoints(args.run, plot=args.plot, as_json=args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .local.commands import export_source
+
+    try:
+        source = export_source(args.run, args.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _trainer_tool("cpt_trainer.export", [*source, "--to", args.to,
+                                                "--max-shard-size", args.max_shard_size,
+                                                *(["--force"] if args.force else [])])
+
+
 def _trainer_tool(module: str, argv: list[str]) -> int:
     """Run a torch-side tool in its own interpreter (the operator package never imports torch)."""
     return subprocess.call([sys.executable, "-m", module, *argv], env=os.environ.copy())
@@ -175,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the curves (domain vs general, stability gap) to this PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (safetensors)")
+    p.add_argument("run", help="run directory or name under ./runs, or a checkpoint URI "
+                               "(s3://bucket/prefix/step-XXXXXXXX)")
+    p.add_argument("checkpoint", nargs="?", help="name (attempt-NNN/step-XXXXXXXX, step-XXXXXXXX) "
+                   "or URI (default: the run's chosen checkpoint, else its newest valid one)")
+    p.add_argument("--to", required=True, help="output directory; refused when not empty")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("diagnose", help="is CPT the right lever? perplexity gap + fragmentation",
                        add_help=False)

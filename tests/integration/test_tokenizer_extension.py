@@ -13,6 +13,7 @@ from cpt_operator.api.status import CheckpointSummary, CptRunStatus
 from cpt_operator.checkpoint_report import render_report
 from cpt_trainer.data.tokenizer_hash import tokenizer_hash
 from cpt_trainer.model import load_tokenizer
+from cpt_trainer.surgery import CONFIG_KEY
 
 from tests.integration.harness import events, log_tail, manifest_of, of, run, tiny_spec, write_config
 
@@ -25,7 +26,7 @@ EVAL_TEXTS = [
     "A plain sentence about software without any of the added words in it at all.",
     "Rights under this licence are sublicensable only with the prior written consent.",
 ]
-# Runs in a fresh interpreter: what a server or evaluator does with a checkpoint directory.
+# Runs in a fresh interpreter: what a server or evaluator does with an exported checkpoint.
 RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,9 +85,15 @@ def test_extend_train_checkpoint_reload_restore_and_refuse(tmp_path, tiny_model_
     base_eval = of("evaluated", events(first))[0]
     assert base_eval.is_base and "new_terms.perplexity" in base_eval.metrics
 
-    # A fresh process loading the checkpoint gets the same tokenizer and the same model.
+    # A fresh process loading the exported checkpoint gets the same tokenizer and the same
+    # model; the export keeps the extension's mark in config.json (surgery is never redone).
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "cpt_trainer.export", str(step6), "--to", str(exported)],
+                   check=True, capture_output=True, timeout=120)
+    config = json.loads((exported / "config.json").read_text())
+    assert config[CONFIG_KEY] == record["hash"]
     new_ids = {t["id"] for t in record["tokens"]}
-    out = subprocess.run([sys.executable, "-c", RELOAD, str(step6), json.dumps(EVAL_TEXTS),
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(exported), json.dumps(EVAL_TEXTS),
                           json.dumps(sorted(new_ids))],
                          capture_output=True, text=True, check=True, timeout=120)
     fresh = json.loads(out.stdout.strip().splitlines()[-1])

@@ -230,16 +230,27 @@ def fetch(uri: str, parts: tuple[str, ...] | None = None) -> list[str]:
     local = _cache_dir(uri)
     with _locked(local + ".lock"):
         done = local + ".verified.json"
-        have = set(json.loads(open(done).read())) if os.path.exists(done) else set()
-        missing = {rel: e for rel, e in wanted.items() if rel not in have}
+        have = _verified(done)
+        # A cached file counts only with the digest the manifest now gives: a checkpoint
+        # written again under the same URI (`prepare` replaces one) must not load old bytes.
+        missing = {rel: e for rel, e in wanted.items() if have.get(rel) != e.sha256}
         for rel in missing:
             os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
             fs.get_file(f"{path}/{rel}", os.path.join(local, rel))
         problems = _verify(_LOCAL, local, missing)
         if not problems:
             with open(done, "w") as f:
-                json.dump(sorted(have | set(missing)), f)
+                json.dump(have | {rel: e.sha256 for rel, e in missing.items()}, f, sort_keys=True)
     return problems
+
+
+def _verified(path: str) -> dict[str, str]:
+    """Relative path -> sha256 of the cached files that were hashed and matched."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        done = json.load(f)
+    return done if isinstance(done, dict) else {}  # a list: names only, from before digests
 
 
 def _verify(fs: fsspec.AbstractFileSystem, root: str, files: dict[str, FileEntry]) -> list[str]:

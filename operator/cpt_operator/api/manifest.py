@@ -59,6 +59,16 @@ def writer_rank(path: str) -> int:
     return int(match.group(1) or match.group(2))
 
 
+_STATE_FILE = re.compile(r"^[a-z]+-rank\d{5}\.json$")
+
+
+def is_model_file(rel: str) -> bool:
+    """A top-level file a server needs besides the weights (config, generation config,
+    tokenizer): everything at the top but the trainer's own state and the manifest."""
+    return ("/" not in rel and rel not in (MANIFEST, TRAIN_STATE, CONFIG)
+            and _STATE_FILE.match(rel) is None)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -1,9 +1,11 @@
-"""`cptctl status | stop | rollback | checkpoints` for local runs (run directories)."""
+"""`cptctl status | stop | rollback | checkpoints | export` for local runs (run directories)."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from ..api.manifest import step_of
 from .rundir import RunDir
 
 
@@ -70,3 +72,35 @@ def show_checkpoints(run: str, *, plot: str | None = None, as_json: bool = False
     spec = load_run(rd.spec_file).spec if rd.spec_file.exists() else None
     print(render_report(status, plot=plot, spec=spec))
     return 0
+
+
+def export_source(run: str, checkpoint: str | None) -> list[str]:
+    """What `cptctl export RUN [CHECKPOINT]` exports, as arguments of the export tool.
+
+    RUN is a checkpoint itself (a URI such as s3://bucket/prefix/step-00000012, or a directory
+    named step-XXXXXXXX: how a cluster run's checkpoints are reached) or a local run. For a run,
+    CHECKPOINT is a URI or path, a name (`attempt-NNN/step-XXXXXXXX`, or `step-XXXXXXXX` in the
+    latest attempt that has it) or, by default, the checkpoint the run chose, else its newest
+    valid one. Raises ValueError or FileNotFoundError with a message for a person."""
+    if _is_checkpoint(run):
+        if checkpoint:
+            raise ValueError(f"{run} is a checkpoint already; give either it or RUN CHECKPOINT")
+        return [run]
+    rd = RunDir.find(run)
+    if checkpoint and ("://" in checkpoint or Path(checkpoint).is_dir()):
+        return [checkpoint]
+    if checkpoint and "/" in checkpoint:
+        return [str(Path(rd.checkpoints) / checkpoint), "--why", f"{checkpoint} of {rd.root.name}"]
+    if checkpoint:
+        found = sorted(Path(rd.checkpoints).glob(f"attempt-*/{checkpoint}"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint {checkpoint} in {rd.checkpoints}")
+        return [str(found[-1]), "--why", f"{found[-1].parent.name}/{checkpoint} of {rd.root.name}"]
+    chosen = rd.read_status().best_checkpoint
+    if chosen:
+        return [str(Path(rd.checkpoints) / chosen), "--why", f"chosen by {rd.root.name}: {chosen}"]
+    return ["--latest-under", rd.checkpoints]
+
+
+def _is_checkpoint(where: str) -> bool:
+    return "://" in where or step_of(where) is not None

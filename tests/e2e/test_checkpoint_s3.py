@@ -1,0 +1,101 @@
+"""Checkpoints on a real S3 server (versitygw): written by 2 FSDP ranks, restored by 1, exported.
+
+The trainer and the export tool get the endpoint and credentials from the standard AWS
+environment variables (as in test_data_s3.py); the spec names only `s3://` URIs. Every rank
+uploads its own shards from a local staging directory, rank 0 PUTs the manifest last; a
+restore downloads the checkpoint once into the node's cache (`CPT_CACHE_DIR/checkpoints/`),
+verifies it there and records that in `<cache>.verified.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cpt_operator.api.manifest import checkpoint_name
+from cpt_trainer import checkpoint
+from cpt_trainer.model import load_checkpoint_model
+
+from tests.integration.harness import events, log_tail, of, run, tiny_spec, write_config
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
+        s3_server: Any, s3_bucket: str, tmp_path: Path, tiny_model_dir: Path,
+        corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CPT_CACHE_DIR", str(cache))
+    staging = tmp_path / "tmp"  # where ranks stage files before uploading them
+    staging.mkdir()
+    monkeypatch.setenv("TMPDIR", str(staging))
+    root = f"s3://{s3_bucket}/runs/r/checkpoints"
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 6},
+                     training={"microBatchSize": 2, "gradAccumulation": 1,
+                               "parallelism": {"strategy": "fsdp"}})
+
+    # Two ranks write every checkpoint straight to the bucket.
+    first = write_config(tmp_path, spec, attempt=1, checkpoints=f"{root}/attempt-001")
+    assert run(first, nproc=2, timeout=400) == 0, log_tail(first)
+    assert of("started", events(first))[0].world_size == 2
+    valid, problems = checkpoint.list_checkpoints(f"{root}/attempt-001")  # deep: every sha256
+    assert problems == []
+    assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6)]
+    for _, manifest in valid:
+        assert {"model/__0_0.distcp", "model/__1_0.distcp", "optimizer/__1_0.distcp",
+                "data-rank00001.json", "rng-rank00001.json", "config.json"} <= set(manifest.files)
+    assert not list(staging.glob("cpt-ckpt-*")), "a rank left its upload staging behind"
+
+    # One process resumes the full state from the bucket through the node's verified cache,
+    # saving every step and keeping one: retention deletes on S3 too.
+    step3 = f"{root}/attempt-001/{checkpoint_name(3)}"
+    second = write_config(tmp_path, {**spec, "checkpoint": {"every": 1, "keep": 1}}, attempt=2,
+                          checkpoints=f"{root}/attempt-002", restore_from=step3,
+                          restore_mode="fullState")
+    assert run(second, nproc=1, timeout=400) == 0, log_tail(second)
+    started = of("started", events(second))[0]
+    assert (started.step, started.world_size) == (3, 1)
+    assert sorted(e.step for e in of("progress", events(second))) == [4, 5, 6]
+    (name, resumed), = checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
+    assert name == checkpoint_name(6)
+    assert resumed.lineage.restore_mode == "fullState"  # parent: step 5, pruned (keep 1)
+    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(5)}"
+    left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
+    assert {k.split("/")[4] for k in left} == {checkpoint_name(6)}
+
+    copy = Path(checkpoint.local_path(step3))
+    assert copy.parent == cache / "checkpoints"
+    manifest = checkpoint.read_manifest(step3)
+    verified = json.loads(Path(f"{copy}.verified.json").read_text())
+    # fullState: every file, each one hashed and recorded with the digest it matched
+    assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()}
+    assert checkpoint.fetch(step3) == []  # the cached bytes still match the manifest
+    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+
+    # `cptctl export s3://...` exports from the same verified copy (nothing downloaded again).
+    out = tmp_path / "served"
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step3,
+                           "--to", str(out)], capture_output=True, text=True, timeout=300,
+                          env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == stamps
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with torch.no_grad():
+        served = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        saved = load_checkpoint_model(str(copy)).eval()(input_ids=ids).logits
+    assert torch.equal(served, saved)
+
+
+def _keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
