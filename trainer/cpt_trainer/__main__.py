@@ -8,6 +8,8 @@ import sys
 
 from cpt_operator.api.trainer_config import TrainerConfig
 
+from .hostmem import fix_mmap_threshold
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpt_trainer", description=__doc__)
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     with open(args.config, encoding="utf-8") as f:
         cfg = TrainerConfig.model_validate_json(f.read())
+    fix_mmap_threshold()  # before torch allocates anything: freed tensors leave the RSS
     from transformers.utils import logging as hf_logging
 
     from .loop import run_attempt  # torch loads after the config is known to parse

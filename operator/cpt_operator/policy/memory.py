@@ -20,13 +20,20 @@ What is counted on each GPU (or, for CPU runs, in each process's host memory, al
 - reference: the frozen base (when `spec.needs_reference`), bf16 on GPU and fp32 on CPU, sharded
   like the model under fsdp/hsdp, whole under ddp. It is not offloaded. Its transient gathers
   are freed before the backward pass, where the peak is, and are not counted.
+- staging (CPU runs with asynchronous checkpoints): the host copy of this rank's parameters and
+  AdamW state that a save writes out while training goes on (12 B/param over the shard count);
+  the stager keeps it for the next save, so it is resident from the first checkpoint on.
+- data worker (CPU runs): the DataLoader worker process each rank forks for its data pipeline:
+  its own interpreter and libraries, and the rank's parameters as they were when it forked (the
+  fork shares them; each in-place optimizer step leaves the old pages to the worker).
 - buffers: CUDA context and kernels (~0.5-1 GiB on recent GPUs), NCCL communicators and
   buffers (a few hundred MiB), cuBLAS workspaces: a fixed 1.5 GiB per GPU, plus 5 % of the rest
-  for the caching allocator's fragmentation. A CPU process: 0.5 GiB (the interpreter, torch and
-  its libraries) plus the same 5 %.
+  for the caching allocator's fragmentation. A CPU process: 0.75 GiB (the interpreter, torch,
+  transformers and the tokenizer: 784 MiB measured after the trainer's imports) plus the same 5 %.
 
-Not counted: evaluation (it runs between steps, without gradients, on smaller batches), the data
-pipeline's buffers, and host memory of an offloaded run.
+Not counted: evaluation (it runs between steps, without gradients, on batches whose logits are
+bounded to 256 MiB), the data pipeline's buffers, and host memory of a GPU run (staging, the
+data worker, an offloaded run's state).
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from .model_shape import ModelShape
 
 GIB = 1 << 30
 FIXED_GPU_BYTES = 3 * GIB // 2
-FIXED_CPU_BYTES = GIB // 2
+FIXED_CPU_BYTES = 3 * GIB // 4
 FRAGMENTATION = 0.05
 SHARDED = ("fsdp", "hsdp")
 
@@ -75,12 +82,14 @@ class MemoryPlan:
     activations: int
     logits: int
     reference: int
+    staging: int
+    data_worker: int
     buffers: int
 
     def parts(self) -> dict[str, int]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
                 "activations": self.activations, "logits": self.logits, "reference": self.reference,
-                "buffers": self.buffers}
+                "staging": self.staging, "data_worker": self.data_worker, "buffers": self.buffers}
 
     @property
     def total(self) -> int:
@@ -124,10 +133,11 @@ def estimate(spec: CptRunSpec, shape: ModelShape, layout: Layout | None = None) 
     acts = activation_bytes(shape, tokens, dt, spec.training.parallelism.activation_checkpointing)
     logits = logit_bytes(shape, tokens, dt, kl=spec.regularization.ref_kl.beta > 0)
     ref = _reference(spec, shape, strategy, layout)
-    subtotal = params + grads + optim + acts + logits + ref
+    staging, worker = _host_side(spec, shape, strategy, layout)
+    subtotal = params + grads + optim + acts + logits + ref + staging + worker
     return MemoryPlan(strategy=strategy, layout=layout, parameters=params, gradients=grads,
                       optimizer=optim, activations=acts, logits=logits, reference=ref,
-                      buffers=_buffers(subtotal, layout.gpu))
+                      staging=staging, data_worker=worker, buffers=_buffers(subtotal, layout.gpu))
 
 
 def _model_state(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout,
@@ -149,6 +159,15 @@ def _reference(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layou
         return 0
     per_param = 2 if layout.gpu and spec.training.precision != Precision.fp32 else 4
     return per_param * shape.params // shards(strategy, layout)
+
+
+def _host_side(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout) -> tuple[int, int]:
+    """(staging, data worker) bytes: host memory, so part of the plan of CPU runs only."""
+    if layout.gpu:
+        return 0, 0
+    n = shards(strategy, layout)
+    staging = (4 + 8) * shape.params // n if spec.checkpoint.asynchronous else 0
+    return staging, FIXED_CPU_BYTES + 4 * shape.params // n
 
 
 def _buffers(subtotal: int, gpu: bool) -> int:

@@ -11,9 +11,12 @@ from collections.abc import Iterator
 
 import torch
 
-# Logits are `batch × length × vocab` floats; this bounds one batch's logits (1 GiB in fp32) so a
-# 150k vocabulary at a long seq_len does not run out of memory, while tiny models still batch.
-LOGIT_BUDGET = 1 << 28
+# Logits are `batch × length × vocab` floats; this bounds one batch's logits (256 MiB in fp32) so
+# a 150k vocabulary at a long seq_len does not run out of memory, while tiny models still batch.
+# A batch holds about three logit-sized tensors at once (the logits, their shifted copy, the
+# log-softmax): 1 GiB of logits made the demo's evaluation (49k vocabulary) 3 GiB, far above
+# its training step; the memory planner counts evaluation as smaller than a step.
+LOGIT_BUDGET = 1 << 26
 
 
 @contextlib.contextmanager
