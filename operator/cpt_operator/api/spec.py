@@ -342,6 +342,12 @@ class ResourcesSpec(SpecModel):
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
     queue: str | None = None
     """Kueue LocalQueue for gang admission (adds the queue-name label)."""
+    stop_grace_seconds: int = Field(default=600, ge=60, le=86_400)
+    """After SIGTERM (a stop, an eviction, a preemption) the trainer finishes its step, waits for
+    a checkpoint in flight, writes one at that step and exits; this is how long that may take:
+    the pods' terminationGracePeriodSeconds, and torchrun waits this long less a margin before
+    it kills its workers. Size it to the storage: a fullState save writes ~16 bytes a
+    parameter over all ranks (8B: ~130 GB, 70B: ~1.1 TB)."""
 
     @property
     def procs_per_node(self) -> int:

@@ -33,6 +33,10 @@ class Launcher(Protocol):
         ...
 
 
+TORCHRUN_EXIT_MARGIN_S = 20
+"""Of the pod's grace, what torchrun keeps for itself to report and exit after its workers."""
+
+
 def torchrun_args(spec: CptRunSpec, name: str, settings: Settings) -> list[str]:
     """torchrun's command line from torchx's distributed component, with the node rank and the
     rendezvous endpoint fixed to the Indexed Job's stable pod names."""
@@ -65,8 +69,12 @@ def torchrun_args(spec: CptRunSpec, name: str, settings: Settings) -> list[str]:
         out.append(arg.replace("_", "-") if arg.startswith("--") else arg)
     # c10d would assign ranks itself; pinning them to the completion index keeps rank 0 (metrics,
     # checkpoint manifests) on pod 0, the one the rendezvous endpoint names.
+    # torchrun forwards SIGTERM to the trainers, then kills them after its shutdown timeout
+    # (30 s by default: too short for a sharded save); the kubelet's SIGKILL comes at the grace.
+    shutdown = max(30, resources.stop_grace_seconds - TORCHRUN_EXIT_MARGIN_S)
     module = out.index("-m")
-    return out[:module] + ["--node-rank=$(JOB_COMPLETION_INDEX)"] + out[module:]
+    return out[:module] + ["--node-rank=$(JOB_COMPLETION_INDEX)",
+                           f"--shutdown-timeout={shutdown}"] + out[module:]
 
 
 def _resources(spec: CptRunSpec) -> Object:
@@ -122,7 +130,7 @@ def _pod_spec(spec: CptRunSpec, name: str, settings: Settings) -> Object:
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "automountServiceAccountToken": False,
         # a stop lets the trainer write a consistent checkpoint before SIGKILL
-        "terminationGracePeriodSeconds": 300,
+        "terminationGracePeriodSeconds": r.stop_grace_seconds,
     }
     if r.node_selector:
         pod["nodeSelector"] = dict(r.node_selector)

@@ -81,6 +81,17 @@ def test_torchrun_is_wired_to_the_index_zero_pod_and_the_completion_index():
     assert args.index("--node-rank=$(JOB_COMPLETION_INDEX)") < args.index("-m")
 
 
+def test_a_stop_leaves_time_for_a_sharded_save_before_any_kill():
+    *_, job = attempt_objects()
+    pod = pod_spec(job)
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace == 600  # resources.stopGraceSeconds' default
+    args = pod["containers"][0]["args"]
+    shutdown = int(next(a for a in args if a.startswith("--shutdown-timeout=")).split("=")[1])
+    assert 30 <= shutdown < grace  # torchrun lets the trainers save, then exits before SIGKILL
+    assert args.index(f"--shutdown-timeout={shutdown}") < args.index("-m")
+
+
 def test_pods_land_on_the_pool_with_gpus_shared_memory_and_s3_credentials():
     *_, job = attempt_objects()
     pod = pod_spec(job)
