@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -50,12 +49,6 @@ MODEL_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, 
                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096)
 MODEL_SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512, max_position_embeddings=128)
-
-
-def doc_mask_attention(cuda: bool) -> str:
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "flex_attention" if cuda else "sdpa"
 
 
 # ------------------------------------------------------------------------------ model
@@ -286,7 +279,9 @@ def rank_main(args: argparse.Namespace) -> dict[str, Any]:
         "seq_len": args.seq_len, "batch_per_rank": args.batch, "precision": "bf16" if run.cuda else "fp32",
         "torch": torch.__version__}
     t_sdpa, flops = measure_default(run, result)
-    attention = args.attention or doc_mask_attention(run.cuda)
+    from cpt_trainer.model import attention_backend
+
+    attention = args.attention or attention_backend("auto", torch.device("cuda" if run.cuda else "cpu"))
     try:
         measure_mask(run, result, attention, flops, t_sdpa)
     except Exception as exc:  # a backend that fails here (e.g. flex compile) must not cost the rest

@@ -44,8 +44,8 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import (check_digest, digest, load_checkpoint_model, load_model, load_tokenizer,
-                    local_copy, model_source, skeleton)
+from .model import (attention_backend, check_digest, digest, load_checkpoint_model, load_model,
+                    load_tokenizer, local_copy, model_source, skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule, total_steps
@@ -126,6 +126,7 @@ class Attempt:
         self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.asynchronous)
         self.start = self._start_point()
+        self.attention = attention_backend(spec.training.attention, self.device)
         self.base_path = local_copy(spec.base_model.uri)
         # Hashing a large base takes a while: rank 0 does it, the others take its answer.
         self.base_sha = distributed.broadcast_object(
@@ -146,7 +147,7 @@ class Attempt:
             self.extension.save(cfg.checkpoint_uri)
         self.model.train()
         # Flash-attention honours per-document positions only in a single packed row.
-        self.flatten = spec.training.attention == "flash_attention_2"
+        self.flatten = self.attention == "flash_attention_2"
         if spec.packing.boundary == Boundary.document_mask:
             # Milliseconds, and it turns a silent cross-document leak into a clear error.
             check_document_isolation(self.model, flatten=self.flatten)
@@ -181,7 +182,7 @@ class Attempt:
         """The model, wrapped for the run's strategy, with the start point's weights. A
         checkpoint's weights go straight into each rank's shards; a base (HF / GGUF) or a
         checkpoint that still needs the tokenizer surgery is loaded whole first."""
-        attention = self.spec.training.attention
+        attention = self.attention
         if self.start.uri is None:
             model = load_model(self.start.directory, attention=attention,
                                gguf_file=self.start.gguf_file)
@@ -298,7 +299,7 @@ class Attempt:
         return source or f"base {self.spec.base_model.uri}"
 
     def _reload_base(self) -> None:
-        fresh = load_model(self.start.directory, attention=self.spec.training.attention,
+        fresh = load_model(self.start.directory, attention=self.attention,
                            gguf_file=self.start.gguf_file)
         if self.extension is not None:
             self.extension.fit(fresh)

@@ -101,6 +101,17 @@ def load_tokenizer(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None,
     return tok
 
 
+def attention_backend(requested: str, device: torch.device) -> str:
+    """The kernel for `training.attention` on this device (see the spec for `auto`)."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
 def load_model(directory: str, *, dtype: torch.dtype = torch.float32, attention: str = "sdpa",
                gguf_file: str | None = None) -> PreTrainedModel:
     extra = {"gguf_file": gguf_file} if gguf_file else {}

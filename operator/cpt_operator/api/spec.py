@@ -290,7 +290,11 @@ class TrainingSpec(SpecModel):
     """auto: bf16 autocast on GPU, fp32 on CPU."""
     seed: int = 0
     log_every: int = Field(default=1, ge=1)
-    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
+    """Attention kernel. Packed documents get a block-diagonal mask from their position ids;
+    `sdpa` and `eager` build it as a dense seqLen x seqLen mask, `flex_attention` as a block mask
+    and `flash_attention_2` as variable-length sequences (neither dense). auto: flash_attention_2
+    on GPU when the flash-attn package is installed, else flex_attention on GPU; sdpa on CPU."""
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
 
 
