@@ -37,7 +37,7 @@ from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Preci
                                    SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from . import checkpoint, distributed, surgery
+from . import checkpoint, distributed, extension
 from .anomaly import AnomalyDetector, Verdict
 from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
@@ -134,7 +134,7 @@ class Attempt:
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
         _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
                                  spec.tokenizer.uri or spec.base_model.uri)
-        self.extension = surgery.build(cfg, self.tokenizer, is_main=self.dist.is_main)
+        self.extension = extension.build(cfg, self.tokenizer, is_main=self.dist.is_main)
         if self.extension is not None:
             self.tokenizer = self.extension.tokenizer
         self.tok_hash = tokenizer_hash(self.tokenizer)

@@ -63,10 +63,10 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from cpt_operator.api.spec import RestoreMode, SourceRole, TokenizerExtensionSpec
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from .data import Batch
-from .data.tokenizer_hash import tokenizer_hash
-from .errors import Refused
-from .fragmentation import analyze
+from ..data import Batch
+from ..data.tokenizer_hash import tokenizer_hash
+from ..errors import Refused
+from ..fragmentation import analyze
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class Extension:
                             seed=cfg.spec.data.seed, rank=rank)
 
     def eval_docs(self, evaluator: Any) -> list[list[int]]:
-        from .evals.perplexity import document_ids
+        from ..evals.perplexity import document_ids
 
         docs = document_ids(self.tokenizer, evaluator.texts())
         new = set(self.ids.tolist())
@@ -304,9 +304,9 @@ class Extension:
 
     def evaluate(self, model: torch.nn.Module, evaluator: Any) -> dict[str, float]:
         """`new_terms.perplexity` over the evaluation texts that hold a new token."""
-        from .evals.generation import unwrap
-        from .evals.perplexity import token_nll
-        from .evals.runtime import inference
+        from ..evals.generation import unwrap
+        from ..evals.perplexity import token_nll
+        from ..evals.runtime import inference
 
         if self._eval_docs is None:
             self._eval_docs = self.eval_docs(evaluator)
@@ -324,8 +324,8 @@ class Extension:
 def domain_sample(cfg: TrainerConfig) -> tuple[list[str], list[str]]:
     """(domain, replay) texts for the analysis: whole units (files, JSONL ranges, row groups)
     in listing order up to SAMPLE_BYTES read per role, with the data pipeline's own reader."""
-    from .data.report import CurationReport
-    from .data.sources import SourceReader
+    from ..data.report import CurationReport
+    from ..data.sources import SourceReader
 
     out: dict[SourceRole, list[str]] = {SourceRole.domain: [], SourceRole.replay: []}
     for role, texts in out.items():
@@ -344,7 +344,7 @@ def build(cfg: TrainerConfig, tokenizer: PreTrainedTokenizerBase, *,
           is_main: bool = True) -> Extension | None:
     """The run's extension of `tokenizer`, or None without `tokenizer.extend`. Rank 0 picks
     the terms (top K reads the domain sample); `distributed.broadcast_object` hands them on."""
-    from . import distributed
+    from .. import distributed
 
     spec = cfg.spec.tokenizer.extend if cfg.spec.tokenizer else None
     if spec is None:
@@ -422,7 +422,7 @@ class NewTokenData:
 
     def end_step(self, metrics: Any) -> None:
         """Sum this step's counters over ranks (collective) and export them."""
-        from . import distributed
+        from .. import distributed
 
         if self._local is None:
             self._local = torch.zeros(2, len(self.ext.ids), dtype=torch.float64)
