@@ -13,7 +13,7 @@ from cpt_operator.api.status import CheckpointSummary, CptRunStatus
 from cpt_operator.checkpoint_report import render_report
 from cpt_trainer.data.tokenizer_hash import tokenizer_hash
 from cpt_trainer.model import load_tokenizer
-from cpt_trainer.surgery import CONFIG_KEY
+from cpt_trainer.extension import CONFIG_KEY
 
 from tests.integration.harness import events, log_tail, manifest_of, of, run, tiny_spec, write_config
 

@@ -12,8 +12,8 @@ from cpt_trainer.data import Batch
 from cpt_trainer.data.tokenizer_hash import tokenizer_hash
 from cpt_trainer.errors import Refused
 from cpt_trainer.fragmentation import analyze
-from cpt_trainer.surgery import (Extension, NewTokenData, extend_tokenizer, mean_init,
-                                 running_form, select_terms)
+from cpt_trainer.extension import (Extension, NewTokenData, extend_tokenizer, mean_init,
+                                   running_form, select_terms)
 
 TERMS = ["sublicensable", "indemnification"]
 PLAIN = "This program is free software; you can redistribute it under the terms of the licence."

@@ -37,7 +37,7 @@ from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Preci
                                    SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from . import checkpoint, distributed, surgery
+from . import checkpoint, distributed, extension
 from .anomaly import AnomalyDetector, Verdict
 from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
@@ -135,16 +135,15 @@ class Attempt:
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
         _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
                                  spec.tokenizer.uri or spec.base_model.uri)
-        self.extension = surgery.build(cfg, self.tokenizer, is_main=self.dist.is_main)
-        if self.extension is not None:
-            self.tokenizer = self.extension.tokenizer
+        self.hook = extension.build_hook(cfg, self.tokenizer, rank=self.dist.rank,
+                                         is_main=self.dist.is_main)
+        self.tokenizer = self.hook.tokenizer(self.tokenizer)
         self.tok_hash = tokenizer_hash(self.tokenizer)
         if self.start.uri is not None:
             self._check_lineage()
         self.parallel = self._build_model()
         self.model: PreTrainedModel = self.parallel.model  # type: ignore[assignment]
-        if self.extension is not None and self.dist.is_main:
-            self.extension.save(cfg.checkpoint_uri)
+        self.hook.on_start(cfg.checkpoint_uri)
         self.model.train()
         # Flash-attention honours per-document positions only in a single packed row.
         self.flatten = self.attention == "flash_attention_2"
@@ -161,8 +160,7 @@ class Attempt:
         except (ValueError, FileNotFoundError) as exc:
             # Sources that do not exist or curate to nothing: fixing the spec is the only cure.
             raise Refused(f"data: {exc}") from exc
-        if self.extension is not None:
-            self.data = self.extension.oversample(self.data, cfg, self.dist.rank)
+        self.data = self.hook.wrap_data(self.data)
         self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
         self.optimizer = self._optimizer()
         self.anomaly = AnomalyDetector(spec.gradient.anomaly)
@@ -181,17 +179,17 @@ class Attempt:
     def _build_model(self) -> Parallel:
         """The model, wrapped for the run's strategy, with the start point's weights. A
         checkpoint's weights go straight into each rank's shards; a base (HF / GGUF) or a
-        checkpoint that still needs the tokenizer surgery is loaded whole first."""
+        checkpoint that the run's hook still has to fit (`RunHook.carried_by`) is loaded whole
+        first."""
         attention = self.attention
         if self.start.uri is None:
             model = load_model(self.start.directory, attention=attention,
                                gguf_file=self.start.gguf_file)
         else:
             model = skeleton(self.start.directory, attention=attention)
-            if self.extension is not None and not self.extension.carried_by(model):
+            if not self.hook.carried_by(model):
                 model = load_checkpoint_model(self.start.directory, attention=attention)
-        if self.extension is not None:
-            self.extension.fit(model)  # a no-op for weights that already carry it
+        self.hook.fit(model)  # a no-op for weights that already carry it
         loaded = not any(p.is_meta for p in model.parameters())
         parallel = parallelize(model, self.spec.training.parallelism, self.dist,
                                procs_per_node=self.spec.resources.procs_per_node,
@@ -203,12 +201,10 @@ class Attempt:
     def _check_lineage(self) -> None:
         """Refuse a checkpoint that another tokenizer, base or data stream produced."""
         lineage = self.restored_manifest.lineage
-        extends = self.extension is not None and \
-            self.extension.accepts(lineage.tokenizer_hash, self.start.mode)
+        extends = self.hook.accepts(lineage.tokenizer_hash, self.start.mode)
         if lineage.tokenizer_hash != self.tok_hash and not extends:
-            source = self.spec.tokenizer.uri or f"the base model {self.spec.base_model.uri}"
-            if self.extension is not None:
-                source = self.extension.describe(source)
+            source = self.hook.describe(
+                self.spec.tokenizer.uri or f"the base model {self.spec.base_model.uri}")
             raise Refused(f"tokenizer mismatch: checkpoint {self.start.uri} was trained with tokenizer "
                           f"{lineage.tokenizer_hash} (its manifest), but this run's tokenizer from "
                           f"{source} has hash {self.tok_hash}")
@@ -227,8 +223,7 @@ class Attempt:
         else:
             directory, gguf = model_source(base, self.base_path)
             ref = load_model(directory, gguf_file=gguf)
-        if self.extension is not None:
-            self.extension.fit(ref)  # the run's vocabulary, so KL terms line up
+        self.hook.fit(ref)  # the run's vocabulary, so KL terms line up
         return shard_frozen(ref, self.parallel, self.dist, self.autocast_dtype)
 
     def _evaluator(self) -> Any:
@@ -301,8 +296,7 @@ class Attempt:
     def _reload_base(self) -> None:
         fresh = load_model(self.start.directory, attention=self.attention,
                            gguf_file=self.start.gguf_file)
-        if self.extension is not None:
-            self.extension.fit(fresh)
+        self.hook.fit(fresh)
         set_model_state_dict(self.model, fresh.state_dict(),
                              options=StateDictOptions(full_state_dict=True))
 
@@ -354,15 +348,13 @@ class Attempt:
                 nll, mask, kl = self._forward_losses(batch)
                 ((nll.sum() + kl) * scale).backward()
             with torch.no_grad():
-                if self.extension is not None:
-                    self.data.observe(batch, nll.detach())
+                self.hook.observe(batch, nll.detach())
                 src = batch.source_ids[:, 1:].to(self.device)[mask]
                 totals[0].index_add_(0, src, nll.detach()[mask])
                 totals[1].index_add_(0, src, torch.ones_like(src, dtype=totals.dtype))
         grad_norm = self.parallel.clip(self.spec.gradient.clip)
         distributed.all_reduce_sum(totals)
-        if self.extension is not None:
-            self.data.end_step(self.metrics)
+        self.hook.end_step(self.metrics)
         nll_sums, counts = totals.tolist()
         loss = sum(nll_sums) / n_global
         verdict = self.anomaly.observe(loss, grad_norm)
@@ -380,8 +372,7 @@ class Attempt:
         results: dict[str, float] = {}
         if self.evaluator is not None and (self.dist.is_main or self.parallel.sharded):
             results = self.evaluator.evaluate(self.model)
-            if self.extension is not None:
-                results.update(self.extension.evaluate(self.model, self.evaluator))
+            results.update(self.hook.evaluate(self.model, self.evaluator))
             self.parallel.reshard()
         results = distributed.broadcast_object(results)  # type: ignore[assignment]
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
@@ -407,8 +398,7 @@ class Attempt:
 
         snap = Snapshot(step=self.step, tokens=self.tokens, train_state=train_state,
                         data_state=self.data.state_dict(), lineage=lineage,
-                        evals={**evals, **self.data.checkpoint_metrics()}
-                        if self.extension is not None else evals,
+                        evals={**evals, **self.hook.checkpoint_metrics()},
                         train_loss=train_loss, stable=not self.unstable,
                         config_json=cfg.dump_json(), write_model_files=model_files,
                         evaluation=evaluation)

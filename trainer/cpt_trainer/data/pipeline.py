@@ -13,8 +13,8 @@ pipeline's state (`state_dict`) is the state after the last window the *trainer 
 not after what the worker prefetched. Feedback that steers sampling, the adaptive mixture's
 `report_losses`, is applied at a fixed window index (FEEDBACK_LAG windows after the report,
 see `worker.py`), the same in both places, so exact resume holds with the worker. The
-tokenizer extension's oversampling (surgery.py) is a function of the windows and its own draw
-counter, and its `observe` / `end_step` only count: neither needs the worker's help.
+tokenizer extension's oversampling (`extension/data.py`) is a function of the windows and its
+own draw counter, and its `observe` / `end_step` only count: neither needs the worker's help.
 
 Resume. `load_state_dict(state)` continues this rank exactly (same world size);
 `load_state_dicts(states)` takes every saved rank's state and deals the remaining work of
