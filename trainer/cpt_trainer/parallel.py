@@ -90,7 +90,10 @@ def mixed_precision(dtype: torch.dtype | None) -> MixedPrecisionPolicy:
 def shard(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype | None = None,
           offload: bool = False) -> nn.Module:
     """fully_shard every decoder block, then the root (embeddings, final norm, head)."""
-    policy: OffloadPolicy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned host memory speeds up host-device copies and needs a CUDA driver; a CPU mesh
+    # (gloo) copies nothing, so it pins nothing.
+    policy: OffloadPolicy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") \
+        if offload else OffloadPolicy()
     mp = mixed_precision(compute_dtype)
     for block in decoder_blocks(model):
         fully_shard(_outermost(model, block), mesh=mesh, mp_policy=mp, offload_policy=policy)
