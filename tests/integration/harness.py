@@ -78,6 +78,19 @@ def run(config: Path, nproc: int = 1, timeout: float = 300) -> int:
         raise
 
 
+def check_checkpoint_on(world: int, checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Load `checkpoint` into an fsdp model and optimizer on `world` processes and compare every
+    tensor with the files (`reshard_check.py`); returns its report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    check = Path(__file__).with_name("reshard_check.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={world}", str(check), str(checkpoint), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
 def events(config: Path) -> list[Any]:
     path = config.parent / "events.jsonl"
     if not path.exists():

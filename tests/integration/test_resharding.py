@@ -9,29 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from cpt_operator.api.manifest import checkpoint_name
 
-from tests.integration.harness import (events, log_tail, manifest_of, of, run, start, tiny_spec,
-                                       wait_for, write_config)
+from tests.integration.harness import (check_checkpoint_on, events, log_tail, manifest_of, of, run,
+                                       start, tiny_spec, wait_for, write_config)
 
 pytestmark = pytest.mark.slow
-
-CHECK = Path(__file__).with_name("reshard_check.py")
-
-
-def _check_on(world: int, checkpoint: Path, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={world}", str(CHECK), str(checkpoint), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 def test_fsdp_run_killed_on_four_ranks_resumes_on_two(tmp_path, tiny_model_dir, corpora):
@@ -53,7 +39,7 @@ def test_fsdp_run_killed_on_four_ranks_resumes_on_two(tmp_path, tiny_model_dir, 
     assert {f"model/__{r}_0.distcp" for r in range(4)} <= files  # every rank wrote its shard
     assert {f"data-rank{r:05d}.json" for r in range(4)} <= files
 
-    loaded = _check_on(2, step6, tmp_path / "check.json")
+    loaded = check_checkpoint_on(2, step6, tmp_path / "check.json")
     assert loaded["sharded"] and loaded["model_tensors"] > 0 and loaded["optimizer_tensors"] > 0
     assert loaded["model_mismatches"] == [] and loaded["optimizer_mismatches"] == []
 

@@ -17,6 +17,7 @@ gradient sync during accumulation, clipping, and whether evaluation must run on 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from cpt_operator.api.spec import ActivationCheckpointing, ParallelismSpec, Shar
 from .distributed import Dist
 from .errors import Refused
 from .model import is_meta, materialize
+
+log = logging.getLogger(__name__)
 
 
 def resolve_strategy(spec: ParallelismSpec, world_size: int) -> Sharding | None:
@@ -54,14 +57,16 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _checkpoint_blocks(model: nn.Module, mode: ActivationCheckpointing) -> None:
+def _checkpoint_blocks(model: nn.Module, mode: ActivationCheckpointing) -> str:
+    """Wrap blocks for recompute; says how many it wrapped (for the log)."""
     if mode == ActivationCheckpointing.none:
-        return
+        return "no activation checkpointing"
     every = 1 if mode == ActivationCheckpointing.full else 2
-    for i, block in enumerate(decoder_blocks(model)):
-        if i % every == 0:
-            parent, name = _parent_of(model, block)
-            setattr(parent, name, checkpoint_wrapper(block, preserve_rng_state=False))
+    blocks = decoder_blocks(model)
+    for block in blocks[::every]:
+        parent, name = _parent_of(model, block)
+        setattr(parent, name, checkpoint_wrapper(block, preserve_rng_state=False))
+    return f"activation checkpointing ({mode.value}) on {len(blocks[::every])} of {len(blocks)} blocks"
 
 
 def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
@@ -90,7 +95,10 @@ def mixed_precision(dtype: torch.dtype | None) -> MixedPrecisionPolicy:
 def shard(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype | None = None,
           offload: bool = False) -> nn.Module:
     """fully_shard every decoder block, then the root (embeddings, final norm, head)."""
-    policy: OffloadPolicy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned host memory speeds up host-device copies and needs a CUDA driver; a CPU mesh
+    # (gloo) copies nothing, so it pins nothing.
+    policy: OffloadPolicy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") \
+        if offload else OffloadPolicy()
     mp = mixed_precision(compute_dtype)
     for block in decoder_blocks(model):
         fully_shard(_outermost(model, block), mesh=mesh, mp_policy=mp, offload_policy=policy)
@@ -151,16 +159,20 @@ def parallelize(model: nn.Module, spec: ParallelismSpec, dist: Dist, *, procs_pe
                 compute_dtype: torch.dtype | None) -> Parallel:
     """Wrap `model` (on CPU or its device) for the run's strategy and move it to the device."""
     strategy = resolve_strategy(spec, dist.world_size)
-    _checkpoint_blocks(model, spec.activation_checkpointing)
+    wrapped = _checkpoint_blocks(model, spec.activation_checkpointing)
     meta = is_meta(model)  # a skeleton: allocate only what this rank holds, after sharding
     if strategy in (Sharding.fsdp, Sharding.hsdp):
         mesh = _mesh(strategy, dist, procs_per_node)
+        log.info("parallelism: %s over mesh %s, %s, cpu offload %s", strategy.value,
+                 tuple(mesh.shape), wrapped, "on" if spec.cpu_offload else "off")
         if not (spec.cpu_offload or meta):
             model.to(dist.device)
         shard(model, mesh, compute_dtype=compute_dtype, offload=spec.cpu_offload)
         if meta:
             materialize(model, "cpu" if spec.cpu_offload else dist.device)
         return Parallel(model, strategy, mesh)
+    log.info("parallelism: %s on %d ranks, %s", strategy.value if strategy else "one process",
+             dist.world_size, wrapped)
     if meta:
         materialize(model, dist.device)
     else:
