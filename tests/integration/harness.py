@@ -116,6 +116,22 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.1) -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def kill_after_checkpoint(config: Path, nproc: int, checkpoints: Path, step: int,
+                          timeout: float = 300) -> Path:
+    """Start the trainer, SIGKILL its whole process tree as soon as checkpoint `step` is
+    committed, and check the run had not ended by itself. Returns the checkpoint."""
+    from cpt_operator.api.manifest import checkpoint_name
+
+    target = checkpoints / checkpoint_name(step)
+    proc = start(config, nproc=nproc)
+    wait_for(lambda: (target / "manifest.json").exists(), timeout, f"the step-{step} checkpoint",
+             poll=0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not of("finished", events(config)), "the run ended before the kill; it needs more steps"
+    return target
+
+
 def manifest_of(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())
 

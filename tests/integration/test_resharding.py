@@ -7,15 +7,13 @@ tests/unit/data/test_resharding.py; here the real trainer goes through the same 
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
 from cpt_operator.api.manifest import checkpoint_name
 
-from tests.integration.harness import (check_checkpoint_on, events, log_tail, manifest_of, of, run,
-                                       start, tiny_spec, wait_for, write_config)
+from tests.integration.harness import (check_checkpoint_on, events, kill_after_checkpoint, log_tail,
+                                       manifest_of, of, run, tiny_spec, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +24,7 @@ def test_fsdp_run_killed_on_four_ranks_resumes_on_two(tmp_path, tiny_model_dir, 
                      training={"microBatchSize": 2, "gradAccumulation": 1,
                                "parallelism": {"strategy": "fsdp"}})
     first = write_config(tmp_path, spec, attempt=1)
-    ckpts = tmp_path / "checkpoints" / "attempt-001"
-    proc = start(first, nproc=4)
-    wait_for(lambda: (ckpts / checkpoint_name(6) / "manifest.json").exists(), 300,
-             "the step-6 checkpoint", poll=0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not of("finished", events(first)), "the run ended before the kill; it needs more steps"
-
-    step6 = ckpts / checkpoint_name(6)
+    step6 = kill_after_checkpoint(first, 4, tmp_path / "checkpoints" / "attempt-001", 6)
     files = set(manifest_of(step6)["files"])
     assert {f"model/__{r}_0.distcp" for r in range(4)} <= files  # every rank wrote its shard
     assert {f"data-rank{r:05d}.json" for r in range(4)} <= files

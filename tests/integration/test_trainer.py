@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +10,8 @@ import torch
 from cpt_operator.api.manifest import checkpoint_name
 from cpt_trainer import checkpoint
 
-from tests.integration.harness import (events, log_tail, manifest_of, of, optimizer_steps, run,
-                                       start, tiny_spec, wait_for, write_config)
+from tests.integration.harness import (events, kill_after_checkpoint, log_tail, manifest_of, of,
+                                       optimizer_steps, run, tiny_spec, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +31,10 @@ def test_two_process_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, t
 
     killed_dir = tmp_path / "killed"
     first = write_config(killed_dir, spec, attempt=1)
-    ckpts = killed_dir / "checkpoints" / "attempt-001"
-    proc = start(first, nproc=2)
-    wait_for(lambda: (ckpts / checkpoint_name(5) / "manifest.json").exists(), 240,
-             "the step-5 checkpoint", poll=0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not of("finished", events(first)), "the run ended before the kill; the test needs a slower run"
+    step5 = kill_after_checkpoint(first, 2, killed_dir / "checkpoints" / "attempt-001", 5)
 
     second = write_config(killed_dir, spec, attempt=2,
-                          restore_from=str(ckpts / checkpoint_name(5)), restore_mode="fullState")
+                          restore_from=str(step5), restore_mode="fullState")
     assert run(second, nproc=2) == 0, log_tail(second)
     started = of("started", events(second))[0]
     assert (started.step, started.world_size) == (5, 2)
