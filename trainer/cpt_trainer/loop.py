@@ -44,8 +44,8 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import (attention_backend, check_digest, digest, load_checkpoint_model, load_model,
-                    load_tokenizer, local_copy, model_source, skeleton)
+from .model import (attention_backend, check_digest, digest, is_meta, load_checkpoint_model,
+                    load_model, load_tokenizer, local_copy, model_source, skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule, total_steps
@@ -193,7 +193,7 @@ class Attempt:
             if not self.hook.carried_by(model):
                 model = load_checkpoint_model(self.start.directory, attention=attention)
         self.hook.fit(model)  # a no-op for weights that already carry it
-        loaded = not any(p.is_meta for p in model.parameters())
+        loaded = not is_meta(model)
         parallel = parallelize(model, self.spec.training.parallelism, self.dist,
                                procs_per_node=self.spec.resources.procs_per_node,
                                compute_dtype=self.autocast_dtype)
