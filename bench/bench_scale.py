@@ -230,7 +230,9 @@ def memory_summary(ranks: list[dict[str, Any]], plan: MemoryPlan) -> dict[str, A
     """Measured against planned. The plan's parameters and gradients include, under fsdp, the
     unsharded copies of two blocks and the root that exist only inside forward / backward; after
     the step they are freed, so the measured state is compared with the plan less those copies
-    ("steady") as well as with the whole plan, and the plan's total with the peak RSS."""
+    ("steady") as well as with the whole plan. The plan's total is compared with the peak RSS
+    both whole and less the two host parts of a CPU run that this one-step process does not
+    have (the DataLoader worker, a separate process, and the checkpoint staging copy)."""
     shape = ModelShape.from_hf_config(llama_config().to_dict())
     gathered = 4 * (2 * shape.block_params + shape.root_params) if plan.strategy == "fsdp" else 0
     state = max(sum(r["state"].values()) for r in ranks)
@@ -242,7 +244,10 @@ def memory_summary(ranks: list[dict[str, Any]], plan: MemoryPlan) -> dict[str, A
             "planned_transient_gathers": 2 * gathered,
             "planned_steady_state_over_measured": (plan_state - 2 * gathered) / state,
             "planned_state_over_measured": plan_state / state,
-            "planned_total_over_peak_rss": plan.total / peak}
+            "planned_total_over_peak_rss": plan.total / peak,
+            # this measuring process runs one step: no data worker, no checkpoint staging copy
+            "planned_step_total": plan.total - plan.staging - plan.data_worker,
+            "planned_step_total_over_peak_rss": (plan.total - plan.staging - plan.data_worker) / peak}
 
 
 def save_summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -325,7 +330,9 @@ def report(result: dict[str, Any]) -> None:
               f"{m['peak_rss_per_rank'] / GB:.2f} GB; planned state {m['planned_state'] / GB:.3f} GB "
               f"({m['planned_state_over_measured']:.2f}x; without the transient gathers "
               f"{m['planned_steady_state_over_measured']:.2f}x), planned total "
-              f"{m['planned_total'] / GB:.2f} GB ({m['planned_total_over_peak_rss']:.2f}x peak RSS)")
+              f"{m['planned_total'] / GB:.2f} GB ({m['planned_total_over_peak_rss']:.2f}x peak RSS); "
+              f"less the data worker and staging copy this step does not have "
+              f"{m['planned_step_total'] / GB:.2f} GB ({m['planned_step_total_over_peak_rss']:.2f}x)")
     print(f"fsdp / ddp state bytes = {mem['fsdp_over_ddp_state']:.3f} (target <= 0.35); "
           f"peak RSS {mem['fsdp_over_ddp_peak_rss']:.3f}")
     print(f"save stall: async {saves['async']['stall_s']:.2f} s vs sync {saves['sync']['stall_s']:.2f} s = "
