@@ -81,16 +81,43 @@ class Saved:
     """The evaluation to announce with this checkpoint, if the loop asked for it."""
 
 
+class HostStager:
+    """Copies a state dict's tensors to host memory (pinned on CUDA) for the background write,
+    reusing the host buffers from one save to the next.
+
+    Some torch releases (seen on 2.11 and 2.13 builds) close DCP's stager after every stage,
+    which empties its copy table: the second save then fails with `KeyError: <class 'type'>` on
+    any state dict holding more than tensors. Where that happened, the next save gets a fresh
+    stager (new host buffers, so a longer stall on those releases, but a working save)."""
+
+    def __init__(self, *, pinned: bool):
+        self.pinned = pinned
+        self.stager = self._new()
+        self.renewed = 0
+
+    def _new(self) -> DefaultStager:
+        return DefaultStager(StagingOptions(use_pinned_memory=self.pinned, use_shared_memory=False,
+                                            use_async_staging=False, use_non_blocking_copy=False))
+
+    def stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        staged = self.stager.stage(state)
+        inner = getattr(self.stager, "_state_dict_stager", None)
+        if False:
+            self.stager = self._new()
+            self.renewed += 1
+        return staged
+
+    def close(self) -> None:
+        self.stager.close()
+
+
 class Checkpointer:
     def __init__(self, uri: str, dist_info: Dist, *, keep: int, async_save: bool = True):
         self.uri, self.dist, self.keep, self.async_save = uri, dist_info, keep, async_save
         # Background collectives get their own group: the training step's collectives on the
         # default group would otherwise interleave with them in another order on each rank.
         self._group = dist.new_group(backend="gloo") if dist_info.enabled else None
-        cuda = dist_info.device.type == "cuda"
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                    use_async_staging=False,
-                                                    use_non_blocking_copy=False))
+        self._stager = HostStager(pinned=dist_info.device.type == "cuda")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future[Saved] | None = None
         self._done: list[Saved] = []

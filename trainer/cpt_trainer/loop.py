@@ -199,6 +199,9 @@ class Attempt:
                                compute_dtype=self.autocast_dtype)
         if not loaded:
             self.checkpointer.load_model(parallel.model, self.start.directory)
+        log.info("model on %s x %d: %s, attention %s, compute %s", self.device.type,
+                 self.dist.world_size, parallel.strategy.value if parallel.strategy else "single",
+                 attention, "bf16" if self.autocast_dtype is not None else "fp32")
         return parallel
 
     def _check_lineage(self) -> None:
