@@ -102,7 +102,7 @@ class HostStager:
     def stage(self, state: dict[str, Any]) -> dict[str, Any]:
         staged = self.stager.stage(state)
         inner = getattr(self.stager, "_state_dict_stager", None)
-        if False:
+        if inner is not None and not getattr(inner, "_deepcopy_dispatch", True):
             self.stager = self._new()
             self.renewed += 1
         return staged
