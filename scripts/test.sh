@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 bash tests/cluster/build.sh
 lint-imports --config pyproject.toml
-mypy operator/cpt_operator/api operator/cpt_operator/policy
+mypy operator/cpt_operator
 python -m pytest "$@"

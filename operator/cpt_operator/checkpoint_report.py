@@ -4,7 +4,7 @@ Frontier, gate passes, J and the choice are the policy's (`policy.pareto.select_
 with the run's spec they are recomputed from the metrics, otherwise the values the control
 plane stored in the status (computed by the same function) are shown. The stability gap is
 `Δ_stab(t) = M_g(t) − M_g(0)` per general suite, read as "how much worse than the base"
-(`policy.metrics.worse_by`, so a perplexity rise and an accuracy drop both count as positive).
+(`api.metrics.worse_by`, so a perplexity rise and an accuracy drop both count as positive).
 
 The plot (matplotlib, no torch): domain metrics on top, general metrics below, over tokens
 seen (steps when tokens were not recorded); one line per attempt, the base as a dashed
@@ -23,7 +23,7 @@ from .api.evaluation import Metric
 from .api.spec import CptRunSpec
 from .api.status import CptRunStatus
 from .policy import CheckpointEvals, select_checkpoint
-from .policy.metrics import worse_by
+from .api.metrics import worse_by
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and argv[0] in {"diagnose", "tokenizer"}:  # pass everything through to the tool
-        args = argparse.Namespace(rest=argv[1:], func=parser._subparsers._group_actions[0]  # type: ignore[union-attr]
+        args = argparse.Namespace(rest=argv[1:], func=parser._subparsers._group_actions[0]  # type: ignore[union-attr, index]
                                   .choices[argv[0]].get_default("func"))
     else:
         args = parser.parse_args(argv)

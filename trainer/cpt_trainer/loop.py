@@ -48,7 +48,7 @@ from .model import (attention_backend, check_digest, digest, is_meta, load_check
                     load_model, load_tokenizer, local_copy, model_source, skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
-from .schedule import build_schedule, total_steps
+from .schedule import build_schedule
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,8 @@ class Attempt:
         self.replay_ids = [i for i, role in enumerate(self.data.roles) if role == SourceRole.replay.value]
         self.optimizer = self._optimizer()
         self.anomaly = AnomalyDetector(spec.gradient.anomaly)
-        t = spec.training
-        self.tokens_per_step = t.micro_batch_size * t.grad_accumulation * spec.packing.seq_len * \
-            self.dist.world_size
-        self.total = total_steps(spec, self.tokens_per_step)
+        self.tokens_per_step = spec.tokens_per_step(self.dist.world_size)
+        self.total = spec.total_steps(self.dist.world_size)
         self.schedule = build_schedule(spec, self.total, cfg.overrides.lr_scale)
         if self.start.uri is not None and self.start.mode == RestoreMode.full_state:
             self._load_full_state(self.start.directory)

@@ -15,8 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from cpt_operator.api.spec import CptRunSpec
 from cpt_operator.api.trainer_config import TrainerConfig
-from cpt_operator.policy.gates import suites_by_name
-from cpt_operator.policy.metrics import lower_is_better
+from cpt_operator.api.metrics import gate_limit
 
 if TYPE_CHECKING:
     from .anomaly import AnomalyDetector
@@ -137,17 +136,12 @@ class Metrics:
 
     def gates(self, spec: CptRunSpec, base: Mapping[str, float]) -> None:
         """Each base-baseline gate's limit as an absolute value, so dashboards can draw it."""
-        suites = suites_by_name(spec)
+        suites = spec.suites_by_name()
         for gate in spec.gates:
             suite = suites.get(gate.suite)
-            if suite is None or gate.baseline.value != "base":
+            limit = gate_limit(gate, suite, base) if suite is not None else None
+            if suite is None or limit is None:
                 continue
-            key = f"{suite.name}.{suite.metric.value}"
-            if key not in base:
-                continue
-            ref = base[key]
-            delta = gate.threshold * abs(ref) if gate.relative else gate.threshold
-            limit = ref + delta if lower_is_better(suite.metric) else ref - delta
             self.gate_threshold.labels(gate=gate.name, suite=suite.name, metric=suite.metric.value,
                                        **self._labels).set(limit)
 

@@ -70,16 +70,6 @@ def _decay_factor(kind: DecayKind, p: float) -> float:
     raise ValueError(f"no decay factor for {kind.value}")
 
 
-def total_steps(spec: CptRunSpec, tokens_per_step: int) -> int:
-    """Optimizer steps in the budget; with both limits set the earlier one ends the run."""
-    limits = []
-    if spec.budget.steps is not None:
-        limits.append(spec.budget.steps)
-    if spec.budget.tokens is not None:
-        limits.append(math.ceil(spec.budget.tokens / tokens_per_step))
-    return max(1, min(limits))
-
-
 def build_schedule(spec: CptRunSpec, total: int, lr_scale: float = 1.0) -> Schedule:
     """The spec's schedule; an attempt's `lr_scale` override scales peak and floor alike."""
     warmup = min(spec.schedule.warmup_steps, max(0, total - 1))

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from .base import SpecModel
 from .quantity import QUANTITY_PATTERN
-from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec
+from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec, SuiteSpec
 
 
 class ModelFormat(str, Enum):
@@ -375,6 +375,23 @@ class CptRunSpec(SpecModel):
     gates: list[GateSpec] = Field(default_factory=list, max_length=64)
     stop_policy: StopPolicySpec = Field(default_factory=StopPolicySpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
+
+    def suites_by_name(self) -> dict[str, SuiteSpec]:
+        return {s.name: s for s in (self.evaluation.suites if self.evaluation else [])}
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens one optimizer step consumes over `world_size` ranks."""
+        t = self.training
+        return t.micro_batch_size * t.grad_accumulation * self.packing.seq_len * world_size
+
+    def total_steps(self, world_size: int) -> int:
+        """Optimizer steps in the budget; with both limits set the earlier one ends the run."""
+        limits = []
+        if self.budget.steps is not None:
+            limits.append(self.budget.steps)
+        if self.budget.tokens is not None:
+            limits.append(-(-self.budget.tokens // self.tokens_per_step(world_size)))
+        return max(1, min(limits))
 
     @property
     def needs_reference(self) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -14,7 +15,7 @@ class EventFollower:
         self.offset = 0
         self.partial = b""
 
-    def read_new(self) -> list:  # list of api.events models
+    def read_new(self) -> list[Any]:  # api.events models
         if not self.path.exists():
             return []
         with open(self.path, "rb") as f:

@@ -12,17 +12,9 @@ from ..api.status import CptRunStatus
 from .observe import AttemptLog
 
 
-def total_steps(spec: CptRunSpec, world_size: int) -> int:
-    if spec.budget.steps is not None:
-        return spec.budget.steps
-    t = spec.training
-    per_step = t.micro_batch_size * t.grad_accumulation * spec.packing.seq_len * world_size
-    return -(-(spec.budget.tokens or 0) // per_step)
-
-
 class Progress:
     def __init__(self, spec: CptRunSpec, *, enabled: bool, world_size: int):
-        self.total = total_steps(spec, world_size)
+        self.total = spec.total_steps(world_size)
         self.bar_enabled = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True) if self.bar_enabled else None
         self.last_line = 0.0

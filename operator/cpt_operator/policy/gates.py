@@ -26,15 +26,12 @@ from typing import Mapping, Sequence
 
 from ..api.evaluation import Baseline, GateSpec, SuiteSpec
 from ..api.spec import CptRunSpec
-from .metrics import better, metric_key, regression, relative_undefined
+from ..api.metrics import better, metric_key, regression, relative_undefined
 from .types import EvalPoint, GateOutcome
 
 Judged = tuple[float, float, float]
 """(value, baseline, regression) of one point."""
 
-
-def suites_by_name(spec: CptRunSpec) -> dict[str, SuiteSpec]:
-    return {s.name: s for s in (spec.evaluation.suites if spec.evaluation else [])}
 
 
 def baseline_at(gate: GateSpec, suite: SuiteSpec, base: Mapping[str, float],
@@ -101,7 +98,7 @@ def _streak(gate: GateSpec, suite: SuiteSpec, base: Mapping[str, float],
 def judge_gates(spec: CptRunSpec, base: Mapping[str, float], history: Sequence[EvalPoint],
                 attempt: int) -> tuple[list[GateOutcome], list[str]]:
     """Every gate of the spec on the current attempt: outcomes and warnings."""
-    suites = suites_by_name(spec)
+    suites = spec.suites_by_name()
     outcomes: list[GateOutcome] = []
     warnings: list[str] = []
     for gate in spec.gates:
@@ -129,7 +126,7 @@ def passes_all(spec: CptRunSpec, base: Mapping[str, float], history: Sequence[Ev
     """Did point `history[index]` pass every gate against its own baseline? (No hysteresis:
     a checkpoint is only trusted if it is itself within limits. A metric that cannot be
     judged counts as not passed: an unverified checkpoint is not 'good'.)"""
-    suites = suites_by_name(spec)
+    suites = spec.suites_by_name()
     for gate in spec.gates:
         suite = suites.get(gate.suite)
         judged = None if suite is None else judge_point(gate, suite, base, history, index)

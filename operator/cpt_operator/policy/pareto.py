@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 from ..api.evaluation import SuiteSpec
 from ..api.spec import CptRunSpec
 from .gates import passes_all
-from .metrics import metric_key, normalised_gain
+from ..api.metrics import metric_key, normalised_gain
 from .types import CheckpointEvals, EvalPoint, Selection
 
 FRONTIER_AXES = ("domain", "general", "safety")

@@ -18,15 +18,14 @@ from typing import Sequence
 
 from ..api.evaluation import Metric
 from ..api.spec import CptRunSpec
-from .gates import suites_by_name
-from .metrics import metric_key, relative_undefined, worse_by
+from ..api.metrics import metric_key, relative_undefined, worse_by
 from .types import EvalPoint, ordered
 
 
 def plateau_reason(spec: CptRunSpec, points: Sequence[EvalPoint], attempt: int) -> str | None:
     """Why the current attempt has plateaued, or None."""
     rule = spec.stop_policy.plateau
-    suite = suites_by_name(spec).get(rule.suite) if rule else None
+    suite = spec.suites_by_name().get(rule.suite) if rule else None
     if rule is None or suite is None:
         return None
     key = metric_key(suite)

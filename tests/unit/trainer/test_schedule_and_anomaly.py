@@ -7,7 +7,7 @@ import pytest
 
 from cpt_operator.api.spec import AnomalySpec, CptRunSpec, DecayKind
 from cpt_trainer.anomaly import AnomalyDetector
-from cpt_trainer.schedule import Schedule, build_schedule, total_steps
+from cpt_trainer.schedule import Schedule, build_schedule
 
 
 def sched(decay: DecayKind, **kw) -> Schedule:
@@ -45,8 +45,16 @@ def spec(**budget) -> CptRunSpec:
 
 
 def test_budget_in_tokens_and_steps_the_earlier_limit_wins() -> None:
-    assert total_steps(spec(tokens=10_000), 1024) == 10
-    assert total_steps(spec(tokens=10_000, steps=4), 1024) == 4
+    from cpt_operator.local.progress import Progress
+
+    tokens_only = spec(tokens=100_000)
+    by_tokens = -(-100_000 // tokens_only.tokens_per_step(1))
+    assert tokens_only.total_steps(1) == by_tokens > 1
+    assert spec(tokens=100_000, steps=3).total_steps(1) == 3
+    both = spec(tokens=100_000, steps=by_tokens * 10)
+    assert both.total_steps(1) == by_tokens
+    # what `cptctl run` shows is the trainer's total, not budget.steps alone
+    assert Progress(both, enabled=False, world_size=1).total == by_tokens
     s = build_schedule(spec(steps=10), 10, lr_scale=0.5)
     assert s.peak == pytest.approx(5e-4) and s.warmup == 2
 

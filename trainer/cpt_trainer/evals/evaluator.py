@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cpt_operator.api.evaluation import EvaluationSpec, Metric, SuiteSpec
-from cpt_operator.policy.metrics import metric_key
+from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
 from .data import Sample, load_samples

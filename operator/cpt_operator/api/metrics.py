@@ -1,4 +1,5 @@
-"""Metric keys, directions and normalised changes shared by gates, stop rules and selection.
+"""Metric keys, directions and normalised changes shared by gates, stop rules, selection and the
+trainer's dashboard metrics (one definition, so a limit drawn on a dashboard is the one enforced).
 
 Every evaluation reports `suite.metric` -> value. Two ways of comparing a value with a
 reference are used:
@@ -15,8 +16,9 @@ reference are used:
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
-from ..api.evaluation import LOWER_IS_BETTER, Metric, SuiteSpec
+from .evaluation import LOWER_IS_BETTER, Baseline, GateSpec, Metric, SuiteSpec
 
 # Rates are shares in [0, 1] and KL is in nats: their differences are already normalised.
 _ABSOLUTE_SCALE = {Metric.json_valid, Metric.format_follow, Metric.refusal_rate, Metric.kl_to_base}
@@ -54,6 +56,19 @@ def regression(metric: Metric, value: float, baseline: float, relative: bool) ->
 
 def relative_undefined(baseline: float) -> bool:
     return abs(baseline) < ZERO
+
+
+def gate_limit(gate: GateSpec, suite: SuiteSpec, base: Mapping[str, float]) -> float | None:
+    """The value at which a `baseline: base` gate breaches, in the metric's units, for drawing
+    it: `regression(value, base) > threshold` exactly when value is beyond it. None when the gate
+    compares with the best so far (its limit moves) or the base has not been measured."""
+    if gate.baseline != Baseline.base:
+        return None
+    ref = base.get(metric_key(suite))
+    if ref is None:
+        return None
+    delta = gate.threshold * abs(ref) if gate.relative and not relative_undefined(ref) else gate.threshold
+    return ref + delta if lower_is_better(suite.metric) else ref - delta
 
 
 def normalised_gain(metric: Metric, value: float, base: float) -> float:
