@@ -84,7 +84,7 @@ def write_checkpoint(s3: Any, bucket: str, run: str, attempt: int, step: int, ev
 class TrainerMetrics:
     """Rank 0's exporter as the trainer runs it, for one attempt, scraped by the real Prometheus."""
 
-    def __init__(self, prometheus: Any, run: str, namespace: str, attempt: int):
+    def __init__(self, prometheus: Any, run: str, namespace: str, attempt: int, pod_namespace: str | None = None):
         from prometheus_client import CollectorRegistry, Gauge
         from prometheus_client.exposition import MetricsHandler
 
@@ -98,7 +98,9 @@ class TrainerMetrics:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         self.prometheus = prometheus
-        prometheus.add_target(self.address, {"job_kind": "trainer"})
+        # the namespace target label is the pod's own, as the chart's PodMonitor (honorLabels:
+        # false) sets it: it wins over whatever namespace the exporter claims
+        prometheus.add_target(self.address, {"job_kind": "trainer", "namespace": pod_namespace or namespace})
 
     def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         self.step.labels(**self.labels).set(step)
@@ -188,8 +190,9 @@ def test_a_cptrun_becomes_an_indexed_job_on_the_gpu_pool_and_succeeds(kube_clust
     ({"optimizer": {"lr": -1}}, "spec.optimizer.lr"),
     ({"gates": [{"name": "g", "suite": "nope", "threshold": 0.1}]}, "every gate must read a suite"),
     ({"resources": {"nodes": 0}}, "spec.resources.nodes"),
+    ({"baseModel": {"uri": "http://169.254.169.254/latest/meta-data/"}}, "spec.baseModel.uri"),
 ], ids=["warmup not below the budget (CEL)", "a negative learning rate (schema)",
-        "a gate on an undefined suite (CEL)", "zero nodes (schema)"])
+        "a gate on an undefined suite (CEL)", "zero nodes (schema)", "a base over http (schema)"])
 def test_invalid_manifests_are_rejected_by_the_api_server(kube_cluster: Any, crd: None, namespace: str,
                                                           change: dict[str, Any], message: str) -> None:
     bad = cptrun("bad", "bucket")
@@ -241,6 +244,29 @@ def test_a_gate_breach_in_prometheus_rolls_back_to_the_last_good_checkpoint(
     metrics = operator.metrics()
     assert f'cpt_gate_breaches_total{{gate="general-regression",namespace="{namespace}",run="gated"}} 1.0' in metrics
     assert f'cpt_rollbacks_total{{namespace="{namespace}",run="gated",target="{GOOD}"}} 1.0' in metrics
+
+
+def test_a_pod_in_another_namespace_cannot_report_for_a_run(prometheus: Any) -> None:
+    """Series a pod labels with another namespace land under its own (the PodMonitor's target
+    label, honorLabels false), so the operator never reads them as the other run's evaluations."""
+    from cpt_operator.kube.prometheus import PrometheusReader
+
+    reader = PrometheusReader(prometheus.url)
+    intruder = TrainerMetrics(prometheus, "victim", "team-a", 1, pod_namespace="team-b")
+    honest = TrainerMetrics(prometheus, "honest", "team-a", 1)
+    try:
+        intruder.evaluated(20, {"general.perplexity": 99.0})
+        honest.evaluated(20, {"general.perplexity": 11.0})
+        prometheus.wait_for('cpt_eval_metric{run="honest"}')
+        prometheus.wait_for('cpt_eval_metric{run="victim"}')
+        assert reader.read("victim", "team-a", 1, 120).points == []
+        (claimed,) = reader.read("victim", "team-b", 1, 120).points  # its own namespace's view
+        assert claimed.metrics == {"general.perplexity": 99.0}
+        (own,) = reader.read("honest", "team-a", 1, 120).points
+        assert own.metrics == {"general.perplexity": 11.0}
+    finally:
+        intruder.close()
+        honest.close()
 
 
 def test_an_alert_through_the_webhook_takes_the_same_rollback_path(

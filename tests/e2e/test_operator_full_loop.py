@@ -180,7 +180,8 @@ class Kubelet:
         port_file = local.run_dir / "metrics-port"
         if local.metrics is None and port_file.exists():
             local.metrics = f"127.0.0.1:{port_file.read_text().strip()}"
-            self.prometheus.add_target(local.metrics, {"pod": local.name})
+            # the target labels a PodMonitor gives a pod's endpoint (honorLabels: false)
+            self.prometheus.add_target(local.metrics, {"pod": local.name, "namespace": self.namespace})
         if pod is not None and not pod["metadata"].get("deletionTimestamp"):
             return
         if local.kill_at is None:

@@ -201,7 +201,7 @@ def test_monitoring_objects_scrape_with_the_workloads_own_labels(helm_bin: Path)
     (pm,) = find(objects, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     (pod_endpoint,) = pm["spec"]["podMetricsEndpoints"]
-    assert pod_endpoint == {"port": "prom", "path": "/metrics", "interval": "10s", "honorLabels": True}
+    assert pod_endpoint == {"port": "prom", "path": "/metrics", "interval": "10s", "honorLabels": False}
     (rule,) = find(objects, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
 

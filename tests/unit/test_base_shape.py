@@ -48,7 +48,8 @@ def test_config_json_of_a_model_directory(tmp_path: Path) -> None:
 def test_config_json_at_the_top_of_a_checkpoint_through_an_fsspec_url() -> None:
     fs = fsspec.filesystem("memory")
     fs.pipe("/ckpt/run/step-00000100/config.json", json.dumps(LLAMA3_8B_CONFIG).encode())
-    base = BaseModelSpec(uri="memory://ckpt/run/step-00000100/", format="checkpoint")
+    # memory:// is no scheme a spec accepts: construct the model without validation
+    base = BaseModelSpec.model_construct(uri="memory://ckpt/run/step-00000100/", format="checkpoint")
     assert read_shape(base) == LLAMA3_8B
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import SpecModel
+from .storage import URI_PATTERN
 
 
 class SuiteKind(str, Enum):
@@ -39,7 +40,7 @@ class SuiteSpec(SpecModel):
     kind: SuiteKind
     """Which axis of the trade-off this suite measures (domain gain, general / behaviour /
     safety regression, chat drift)."""
-    uri: str = Field(min_length=1, max_length=4096)
+    uri: str = Field(min_length=1, max_length=4096, pattern=URI_PATTERN)
     """Held-out texts or prompts (fsspec URL or glob)."""
     format: Literal["text", "jsonl", "parquet"] = "jsonl"
     field: str = "text"

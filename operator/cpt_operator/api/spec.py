@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from .base import SpecModel
 from .quantity import QUANTITY_PATTERN
+from .storage import URI_PATTERN
 from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec, SuiteSpec
 
 
@@ -27,7 +28,7 @@ class RestoreMode(str, Enum):
 
 
 class BaseModelSpec(SpecModel):
-    uri: str = Field(min_length=1, max_length=4096)
+    uri: str = Field(min_length=1, max_length=4096, pattern=URI_PATTERN)
     """Where the base model lives: an HF model directory, a .gguf file, or a cpt checkpoint
     directory (any fsspec URL). It is only ever read."""
     format: ModelFormat = ModelFormat.hf
@@ -61,7 +62,7 @@ class TokenizerExtensionSpec(SpecModel):
 
 
 class TokenizerSpec(SpecModel):
-    uri: str | None = Field(default=None, max_length=4096)
+    uri: str | None = Field(default=None, max_length=4096, pattern=URI_PATTERN)
     """Tokenizer location; empty means the base model's own tokenizer."""
     version: str | None = None
     """Expected tokenizer hash (sha256 of its serialised vocabulary); a mismatch is refused."""
@@ -89,7 +90,7 @@ class WeightPoint(SpecModel):
 class DataSource(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
     role: SourceRole
-    uri: str = Field(min_length=1, max_length=4096)
+    uri: str = Field(min_length=1, max_length=4096, pattern=URI_PATTERN)
     """fsspec URL or glob (local path, s3://bucket/prefix/*.jsonl, ...)."""
     format: SourceFormat = SourceFormat.text
     field: str = "text"
@@ -299,7 +300,7 @@ class TrainingSpec(SpecModel):
 
 
 class CheckpointSpec(SpecModel):
-    uri: str | None = None
+    uri: str | None = Field(default=None, max_length=4096, pattern=URI_PATTERN)
     """Where checkpoints go (fsspec URL); default: the run directory's checkpoints/."""
     every: int = Field(default=100, ge=1)
     """Save every N optimizer steps (and at the end)."""

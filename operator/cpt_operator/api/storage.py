@@ -15,6 +15,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+"""Schemes of the object stores runs read and write."""
+URI_PATTERN = rf"^(?:(?:{'|'.join(OBJECT_STORE_SCHEMES)}|file)://|[^:]*$)"
+"""What a storage URI in a spec may be: an object store, file://, or a plain path (no scheme).
+Anything else (http, ftp, ssh, memory, ...) is refused: the operator itself opens some of these
+URIs (a base's config.json, the checkpoint root), and must not be made to fetch arbitrary
+endpoints on a user's behalf."""
+
+
+def is_object_store(uri: str) -> bool:
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme in OBJECT_STORE_SCHEMES
+
 
 def storage_options(uri: str) -> dict[str, Any]:
     """fsspec options for a URI: the S3 endpoint from the environment, nothing else."""

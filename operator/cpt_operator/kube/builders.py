@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api.spec import API_VERSION, KIND, CptRunSpec
+from ..api.storage import OBJECT_STORE_SCHEMES, is_object_store
 from ..api.trainer_config import TrainerConfig
 from ..reconcile import StartAttempt
 from ..store import attempt_dir
@@ -84,6 +85,10 @@ def checkpoint_root(spec: CptRunSpec) -> str:
     if not spec.checkpoint.uri:
         raise SpecProblem("checkpoint.uri is required on a cluster: pods share no run directory, "
                           "so checkpoints must go to object storage (e.g. s3://bucket/runs/NAME)")
+    if not is_object_store(spec.checkpoint.uri):
+        # a path would name the operator's own filesystem, not one the pods share
+        raise SpecProblem(f"checkpoint.uri {spec.checkpoint.uri!r} is not object storage: on a cluster "
+                          f"checkpoints go to one of {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}")
     return spec.checkpoint.uri.rstrip("/")
 
 

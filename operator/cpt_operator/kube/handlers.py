@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
+from ..api.storage import is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.memory import estimate, memory_limit
@@ -190,6 +191,10 @@ def _shape(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec) 
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
+        if not is_object_store(spec.base_model.uri):
+            # a path names a file inside the pods' image or volumes, not one the operator may read
+            raise ShapeUnavailable(f"{spec.base_model.uri} is not object storage; the operator reads "
+                                   "only object-store bases")
         found: ModelShape | str = read_shape(spec.base_model)
     except ShapeUnavailable as exc:
         found = f"memory not planned: {exc}"

@@ -80,6 +80,10 @@ BAD_SPECS = [
     ("a GPU memory that is not a quantity is refused", _set("spec.resources", {"gpuMemory": "80 gigs"}),
      "spec.resources.gpuMemory", "pattern"),
     ("a bad run name is refused", _set("metadata.name", "Bad_Name"), "metadata.name", "pattern"),
+    ("an http data source is refused", _set("spec.data.sources.0.uri", "http://169.254.169.254/latest/"),
+     "spec.data.sources[0].uri", "pattern"),
+    ("a base on an unknown scheme is refused", _set("spec.baseModel.uri", "ftp://host/model"),
+     "spec.baseModel.uri", "pattern"),
     ("the wrong kind is refused", _set("kind", "Job"), "kind", "CptRun"),
 ]
 

@@ -1,12 +1,18 @@
 """The operator plans memory before it creates an attempt's Job: a run that cannot fit gets
-SpecValid=False (WontFit) naming the fix and no Job; an unreadable base does not block the run."""
+SpecValid=False (WontFit) naming the fix and no Job; an unreadable base does not block the run.
+
+The operator reads bases and checkpoints only from object storage; here `s3://` is served by
+fsspec's in-memory filesystem (a stand-in for the S3 server the e2e tests use)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from cpt_operator.api.status import ConditionType, Reason
 from cpt_operator.kube.builders import Object, RunRef
@@ -16,6 +22,19 @@ from cpt_operator.kube.metrics import OperatorMetrics
 from cpt_operator.kube.settings import Settings
 from tests.unit.kube.cases import RUN, spec_doc
 from tests.unit.policy.memory_cases import LLAMA3_8B_CONFIG
+
+
+class S3InMemory(MemoryFileSystem):
+    protocol = ("s3", "s3a")
+
+
+@pytest.fixture(autouse=True)
+def s3_in_memory(monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    fsspec.register_implementation("s3", S3InMemory, clobber=True)
+    yield
+    sys.modules["fsspec.registry"]._registry.pop("s3", None)  # back to the lazily imported s3fs
 
 
 class FakeKube:
@@ -47,17 +66,27 @@ class FakeKube:
 
 
 def _body(tmp_path: Path, config: dict[str, Any] | None, **parallelism: Any) -> dict[str, Any]:
-    base = tmp_path / "base"
-    base.mkdir(exist_ok=True)
+    base = f"s3://bases/{tmp_path.name}"
     if config is not None:
-        (base / "config.json").write_text(json.dumps(config))
+        fsspec.filesystem("s3").pipe(f"{base}/config.json", json.dumps(config).encode())
     spec = spec_doc(nodes=1, gpuMemory="80Gi")
-    spec["baseModel"]["uri"] = str(base)
-    spec["checkpoint"]["uri"] = str(tmp_path / "checkpoints")
+    spec["baseModel"]["uri"] = base
+    spec["checkpoint"]["uri"] = f"s3://checkpoints/{tmp_path.name}"
     spec["packing"] = {"seqLen": 4096}
     spec["training"] = {"microBatchSize": 1, "parallelism": parallelism}
     return {"metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "generation": 1,
                          "resourceVersion": "1"}, "spec": spec}
+
+
+def test_a_base_on_a_path_is_not_read_by_the_operator(tmp_path: Path) -> None:
+    body = _body(tmp_path, LLAMA3_8B_CONFIG, strategy="ddp")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    body["spec"]["baseModel"]["uri"] = str(tmp_path)  # readable here, but not the operator's to read
+    kube, events = FakeKube(body), []
+    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is not None
+    planned = _condition(kube.body, ConditionType.memory_planned)
+    assert (planned["status"], planned["reason"]) == ("False", Reason.plan_unavailable.value)
+    assert "not object storage" in planned["message"]
 
 
 def _runtime(kube: FakeKube, events: list[tuple[str, str, str]]) -> Runtime:
