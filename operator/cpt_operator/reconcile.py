@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence, Union
 
+from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
                          Overrides, Phase, RollbackRecord)
-from .api.evaluation import GateSpec
 from .policy import decide, select_checkpoint
+from .policy.alerts import due
 from .policy.decide import Trigger, act
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
 
@@ -60,9 +61,9 @@ class Observed:
     resume: bool = False
     """The user asked to continue a run that was stopped by an interrupt."""
     generation: int | None = None
-    alerts: Sequence[str] = ()
-    """Gates an external alert (Alertmanager, a dashboard) reported as breached; acted on like
-    a gate of the spec that fired, with that gate's action and adjustments."""
+    alerts: Sequence[AlertRef] = ()
+    """Breaches an external alert (Alertmanager, a dashboard) reported, each bound to an attempt;
+    acted on like a gate of the spec that fired, with that gate's action and adjustments."""
 
 
 @dataclass(frozen=True)
@@ -258,21 +259,25 @@ def _manual_rollback(p: _Planner, target: str) -> None:
                                  reasons=("manual rollback",), records=(record,)))
 
 
-def _external_breach(p: _Planner, gates: Sequence[str]) -> None:
-    """An alert names breached gates: the same path as a gate that fired on observed metrics.
-    A gate the spec does not define rolls back to the last good checkpoint with default
-    adjustments (the alert rule knows something the spec's gates do not)."""
+def _external_breach(p: _Planner, refs: Sequence[AlertRef]) -> bool:
+    """Alerts name breached gates: the same path as gates that fired on observed metrics. Only
+    the spec's gates act, each once, and only on the attempt the alert was about."""
+    acting, dropped = due(refs, p.spec, p.status)
+    for why in dropped:
+        p.emit("Normal", "AlertDropped", why)
+    if not acting:
+        return False
     defined = {g.name: g for g in p.spec.gates}
-    triggers = []
-    for name in sorted(set(gates)):
-        gate = defined.get(name) or GateSpec(name="alert", suite="alert", threshold=1.0)
-        triggers.append(Trigger(name=name, action=Action(gate.action.value), tune=gate.tune,
-                                to_base=gate.rollback_to.value == BASE,
-                                reason=f"alert: gate {name} breached"))
+    triggers = [Trigger(name=r.gate, action=Action(defined[r.gate].action.value), tune=defined[r.gate].tune,
+                        to_base=defined[r.gate].rollback_to.value == BASE, reason=f"alert: gate {r.gate} breached")
+                for r in sorted(acting, key=lambda r: r.gate)]
     observations = _observations(p)
     base = Decision(action=Action.cont, overrides=observations.overrides,
                     reasons=tuple(t.reason for t in triggers))
+    handled = [*p.status.handled_alerts, *(r.key for r in acting)]
+    p.status.handled_alerts = handled[-HANDLED_ALERTS_KEPT:]
     _apply(p, act(p.spec, observations, triggers, base))
+    return True
 
 
 def _summaries(p: _Planner) -> None:
@@ -310,6 +315,9 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
         else:
             p.stop_attempt(f"run is {st.phase.value}")
         return Plan(tuple(p.actions), st)
+    # Precedence: a person's request (stop, then rollback) before anything automatic; alerts
+    # seen in the same pass are dropped with it (the caller clears them), and an alert that
+    # arrives later is bound to the attempt it was about, which the request has ended.
     if obs.stop_requested:
         p.finish(Phase.stopped, "StopRequested", "stopped on request")
     elif obs.rollback_to:
@@ -323,11 +331,10 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
         # level-triggered: a stop lost between recording the rollback and carrying it out
         # (a crash, a restart) is issued again rather than waited on forever
         p.stop_attempt(f"rollback to {st.restore_from or BASE}", checkpoint=False)
-    elif st.phase == Phase.running and obs.alerts and obs.attempt.state == "running":
-        # an alert about an attempt that already ended is dropped: the next one is judged afresh
-        _external_breach(p, obs.alerts)
     elif st.phase == Phase.running:
-        _running(p)
+        # an alert about an attempt that already ended is dropped: the next one is judged afresh
+        if not (obs.alerts and obs.attempt.state == "running" and _external_breach(p, obs.alerts)):
+            _running(p)
     return Plan(tuple(p.actions), st)
 
 

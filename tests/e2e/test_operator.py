@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from cpt_operator.api.alerts import ACTION_GATE, ACTION_LABEL
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
 from tests.e2e.operator_harness import (TOKEN, OperatorProcess, condition, events, get_run, install_crd,
                                         job_names, running_operator, status_of, trainer_config)
@@ -272,21 +273,46 @@ def test_a_pod_in_another_namespace_cannot_report_for_a_run(prometheus: Any) -> 
 def test_an_alert_through_the_webhook_takes_the_same_rollback_path(
         kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any, namespace: str,
         s3_bucket: str) -> None:
+    """Only an alert meant as an action acts, once, and only with a gate the run defines."""
     kube = kube_cluster
     trainer = start_with_a_good_checkpoint(kube, prometheus, s3_server, namespace, s3_bucket, "alerted")
     trainer.close()
-    alert = {"status": "firing", "alerts": [{"status": "firing", "labels": {
-        "alertname": "CptGeneralRegression", "run": "alerted", "namespace": namespace, "gate": "general-regression"}}]}
+    labels = {"alertname": "CptGeneralRegression", "run": "alerted", "namespace": namespace,
+              "gate": "general-regression"}
+    began = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())  # fired during attempt 1
+
+    def firing(**extra: str) -> dict[str, Any]:
+        return {"status": "firing", "alerts": [{"status": "firing", "fingerprint": "5eed", "startsAt": began,
+                                                "labels": {**labels, **extra}}]}
+
+    alert = firing(**{ACTION_LABEL: ACTION_GATE})
     assert operator.post_alert(alert, token="wrong")[0] == 401
+    # the chart's report of a breach is for people: ignored, and said so
+    code, body = operator.post_alert(firing(alertname="CptGateBreached", severity="critical"))
+    assert code == 200 and body["ignored"][0]["reason"] == "NotAnAction" and not body["recorded"]
+    code, body = operator.post_alert(firing(**{ACTION_LABEL: ACTION_GATE, "gate": "GeneralPerplexityHigh"}))
+    assert code == 422 and "its gates: general-regression" in body["refused"][0]["detail"]
+    time.sleep(3)  # three passes: none of these may act
     assert status_of(kube, namespace, "alerted").get("rollbacks", 0) == 0
+    assert job_names(kube, namespace, "alerted") == ["alerted-a1"]
     code, body = operator.post_alert(alert)
     assert code == 202 and body["recorded"][0]["run"] == "alerted"
+    assert operator.post_alert(alert)[1]["ignored"][0]["reason"] in {"Duplicate", "NotRunning"}  # a second replica
     kube.wait_for(lambda: job_names(kube, namespace, "alerted") == ["alerted-a2"], "attempt 2 after the alert",
                   timeout=30)
     assert trainer_config(kube, namespace, "alerted-a2")["restoreFrom"].endswith(GOOD)
+    # Alertmanager repeats the firing alert (repeat_interval, a restart) while attempt 2 runs
+    kube.wait_for(lambda: status_of(kube, namespace, "alerted").get("phase") == "Running", "attempt 2 running",
+                  timeout=30)
+    for repeat in (alert, firing(**{ACTION_LABEL: ACTION_GATE, "attempt": "1"})):
+        code, body = operator.post_alert(repeat)
+        assert code == 200 and body["ignored"][0]["reason"] in {"AttemptEnded", "Duplicate"}, body
+    time.sleep(3)
     run = get_run(kube, namespace, "alerted")
+    assert job_names(kube, namespace, "alerted") == ["alerted-a2"] and run["status"]["rollbacks"] == 1
     assert "cpt.mlops.dev/gate-alert" not in (run["metadata"].get("annotations") or {})
-    assert run["status"]["history"][0]["gate"] == "general-regression"
+    assert [r["gate"] for r in run["status"]["history"]] == ["general-regression"]
+    assert run["status"]["handledAlerts"] == [f"5eed@{began}"]
 
 
 def test_an_operator_restart_mid_run_and_mid_rollback_creates_nothing_twice(
@@ -417,11 +443,21 @@ groups:
   rules:
   - alert: CptGeneralPerplexityHigh
     expr: cpt_eval_metric{{suite="general",namespace="{namespace}"}} > 12
-    labels: {{gate: general-regression}}
+    labels: {{gate: general-regression, {ACTION_LABEL}: {ACTION_GATE}}}
+  # informational, firing later: Alertmanager then re-sends the group, the acting alert with it
+  - alert: CptGeneralPerplexityStillHigh
+    expr: cpt_eval_metric{{suite="general",namespace="{namespace}"}} > 12
+    for: 10s
+    labels: {{gate: general-regression, severity: warning}}
 """)
             trainer.evaluated(20, {"general.perplexity": 12.5, "legal.perplexity": 24.0})  # +25%
             kube.wait_for(lambda: job_names(kube, namespace, "ruled") == ["ruled-a2"], "attempt 2 after the alert",
                           timeout=45)
+            kube.wait_for(lambda: {a["labels"]["alertname"] for a in am.alerts()} >= {"CptGeneralPerplexityStillHigh"},
+                          "the informational alert firing", timeout=45)
+            time.sleep(5)  # Alertmanager's group_interval is 1s: the group (both alerts) was sent again
+            assert job_names(kube, namespace, "ruled") == ["ruled-a2"]
+            assert status_of(kube, namespace, "ruled")["rollbacks"] == 1
     finally:
         trainer.close()
     status = status_of(kube, namespace, "ruled")

@@ -46,3 +46,8 @@ def helm_bin() -> Path:
 @pytest.fixture(scope="session")
 def promtool() -> Path:
     return _binary("prometheus", "promtool")
+
+
+@pytest.fixture(scope="session")
+def amtool() -> Path:
+    return _binary("prometheus", "amtool")

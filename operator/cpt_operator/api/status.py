@@ -111,4 +111,7 @@ class CptRunStatus(SpecModel):
     """The base model's reference evaluation (`suite.metric` -> value), measured once."""
     frontier: list[str] = Field(default_factory=list)
     checkpoints: list[CheckpointSummary] = Field(default_factory=list)
+    handled_alerts: list[str] = Field(default_factory=list)
+    """Keys of the alerts that acted, newest last (a bounded few): Alertmanager re-sends a firing
+    alert, and the same breach must not act twice."""
     message: str = ""

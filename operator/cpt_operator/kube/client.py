@@ -165,17 +165,20 @@ class KubeClient:
                                                           {"metadata": meta})
         return str(cast(Mapping[str, Any], done)["metadata"]["resourceVersion"])
 
-    def add_alert(self, namespace: str, name: str, gate: str, key: str, attempts: int = 5) -> None:
-        """Add a gate to the run's alert annotation; read-modify-write guarded by resourceVersion."""
+    def update_annotation(self, namespace: str, name: str, key: str,
+                          change: Callable[[Mapping[str, Any]], str | None], attempts: int = 5) -> None:
+        """Set annotation `key` to `change(run)` (None: leave the run alone), read-modify-write
+        guarded by resourceVersion, so `change` always judges the run it is about to write."""
         for _ in range(attempts):
             run = self.read_run(namespace, name)
-            current = (run["metadata"].get("annotations") or {}).get(key, "")
-            gates = sorted({*(g for g in current.split(",") if g), gate})
+            value = change(run)
+            if value is None:
+                return
             try:
-                self.patch_annotations(namespace, name, {key: ",".join(gates)}, run["metadata"]["resourceVersion"])
+                self.patch_annotations(namespace, name, {key: value}, run["metadata"]["resourceVersion"])
                 return
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-        raise Conflict(f"{namespace}/{name}: could not record the alert after {attempts} tries")
+        raise Conflict(f"{namespace}/{name}: could not update annotation {key} after {attempts} tries")
 

@@ -19,11 +19,13 @@ import fsspec
 import kopf
 from pydantic import ValidationError
 
+from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
 from ..api.storage import is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
+from ..policy.alerts import Admission, Alerted, admit
 from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
@@ -37,7 +39,6 @@ from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
 from .prometheus import PrometheusError, PrometheusReader, TrainerSeries
 from .settings import ANNOTATION_ALERT, FINALIZER, Settings
-from .webhook import Breach
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger(__name__)
@@ -71,16 +72,32 @@ class Runtime:
         with self.guard:
             return self.locks.setdefault(key, threading.Lock())
 
-    def record_alert(self, breach: Breach) -> bool:
+    def record_alert(self, alert: Alerted) -> Admission:
         from kubernetes.client.exceptions import ApiException
 
+        judged: list[Admission] = []
+
+        def change(body: Mapping[str, Any]) -> str | None:
+            waiting = decode_refs((body["metadata"].get("annotations") or {}).get(ANNOTATION_ALERT))
+            judged[:] = [_admit(alert, body, waiting)]
+            ref = judged[0].ref
+            return None if ref is None else encode_refs([*waiting, ref])
+
         try:
-            self.kube.add_alert(breach.namespace, breach.run, breach.gate, ANNOTATION_ALERT)
-            return True
+            self.kube.update_annotation(alert.namespace, alert.run, ANNOTATION_ALERT, change)
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return Admission(Verdict.no_such_run, detail=f"no CptRun {alert.namespace}/{alert.run}")
             raise
+        return judged[0]
+
+
+def _admit(alert: Alerted, body: Mapping[str, Any], waiting: list[AlertRef]) -> Admission:
+    try:
+        spec = CptRunSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return Admission(Verdict.not_running, detail="the run's spec is invalid")
+    return admit(alert, spec, _load_status(body.get("status") or {}), waiting)
 
 
 def build_runtime(settings: Settings) -> Runtime:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..api.alerts import AlertRef, decode_refs
 from ..policy.types import CheckpointEvals, EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..store import CheckpointRef
@@ -51,20 +52,23 @@ class Requests:
 
     stop: bool = False
     rollback_to: str | None = None
-    alerts: tuple[str, ...] = ()
+    alerts: tuple[AlertRef, ...] = ()
+    alert_annotation: bool = False
+    """The alert annotation is set (even to something unreadable, which is cleared all the same)."""
 
     @property
     def one_shot(self) -> list[str]:
         """Annotations to clear once acted on (a stop stays: it is a state, not an event)."""
-        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alerts)) if v]
+        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alert_annotation))
+                if v]
 
 
 def requests(annotations: Mapping[str, str] | None) -> Requests:
     annotations = annotations or {}
     stop = annotations.get(ANNOTATION_STOP, "").strip().lower() in ("true", "1", "yes")
     rollback = annotations.get(ANNOTATION_ROLLBACK, "").strip() or None
-    alerts = tuple(sorted({g.strip() for g in annotations.get(ANNOTATION_ALERT, "").split(",") if g.strip()}))
-    return Requests(stop=stop, rollback_to=rollback, alerts=alerts)
+    raw = annotations.get(ANNOTATION_ALERT)
+    return Requests(stop=stop, rollback_to=rollback, alerts=tuple(decode_refs(raw)), alert_annotation=bool(raw))
 
 
 @dataclass

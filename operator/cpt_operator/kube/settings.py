@@ -10,7 +10,7 @@ from typing import Mapping
 ANNOTATION_STOP = "cpt.mlops.dev/stop"
 ANNOTATION_ROLLBACK = "cpt.mlops.dev/rollback-to"
 ANNOTATION_ALERT = "cpt.mlops.dev/gate-alert"
-"""Gates an alert reported as breached (comma-separated), written by the webhook."""
+"""Breaches alerts reported, not yet acted on (JSON, `api.alerts.encode_refs`), written by the webhook."""
 FINALIZER = "cpt.mlops.dev/finalizer"
 
 

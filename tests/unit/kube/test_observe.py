@@ -1,6 +1,7 @@
 """Merging Prometheus evaluations with checkpoint manifests, and reading the Job's state."""
 from __future__ import annotations
 
+from cpt_operator.api.alerts import AlertRef, encode_refs
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
 from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.observe import PointCache, merge_points, requests
@@ -46,10 +47,14 @@ def test_the_cache_reads_the_whole_life_once_then_only_recent_windows():
 
 
 def test_annotations_become_requests_and_only_one_shot_ones_are_cleared():
+    alert = AlertRef(gate="a", attempt=2, key="f00d@2026-11-30T12:00:00Z")
     asks = requests({"cpt.mlops.dev/stop": "true", "cpt.mlops.dev/rollback-to": "attempt-001/step-00000050",
-                     "cpt.mlops.dev/gate-alert": "b,a,,a", "other": "x"})
-    assert asks.stop and asks.rollback_to == "attempt-001/step-00000050" and asks.alerts == ("a", "b")
+                     "cpt.mlops.dev/gate-alert": encode_refs([alert]), "other": "x"})
+    assert asks.stop and asks.rollback_to == "attempt-001/step-00000050" and asks.alerts == (alert,)
     assert asks.one_shot == ["cpt.mlops.dev/rollback-to", "cpt.mlops.dev/gate-alert"]
+    # an unreadable value (an older operator's "gate,gate") acts on nothing and is cleared all the same
+    legacy = requests({"cpt.mlops.dev/gate-alert": "b,a"})
+    assert legacy.alerts == () and legacy.one_shot == ["cpt.mlops.dev/gate-alert"]
     assert requests(None) == requests({"cpt.mlops.dev/stop": "false"})
     assert requests(None).one_shot == []
 

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
+from cpt_operator.api.alerts import AlertRef
 from cpt_operator.api.spec import RestoreMode
 from cpt_operator.policy.types import CheckpointEvals, EvalPoint
 from cpt_operator.reconcile import AttemptState, Emit, Observed, Pin, StartAttempt, StopAttempt, reconcile
@@ -153,3 +154,33 @@ def test_a_terminal_run_only_makes_sure_its_attempt_is_gone() -> None:
     plan = reconcile(spec(), status, observed(running()))
     assert of(plan, StopAttempt) and not of(plan, StartAttempt)
     assert plan.status.phase == Phase.succeeded
+
+
+# -- a person's rollback before anything automatic --------------------------------------------
+MANUAL = "attempt-001/step-00000010"
+
+
+def test_a_manual_rollback_wins_over_a_breached_gate_and_an_alert_in_the_same_pass() -> None:
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    points = (point(10, 10.0), point(20, 10.2), point(30, 12.5))  # gate breached at step 30
+    alert = AlertRef(gate="general-regression", attempt=1, key="f00d@2026-11-23T09:59:00Z")
+    plan = reconcile(spec(), status, observed(running(step=30), points, rollback_to=MANUAL, alerts=(alert,)))
+    assert plan.status.restore_from == MANUAL and plan.status.rollbacks == 1
+    assert [r.gate for r in plan.status.history] == ["manual"]
+    assert plan.status.overrides.lr_scale == 1.0  # no gate's tuning either
+
+
+def test_no_automatic_rollback_overrides_a_manual_one_in_the_next_passes() -> None:
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    points = (point(10, 10.0), point(20, 12.5))
+    late = AlertRef(gate="general-regression", attempt=1, key="f00d@2026-11-23T09:59:00Z")
+    manual = reconcile(spec(), status, observed(running(step=20), points, rollback_to=MANUAL)).status
+    # the next pass: the old attempt still runs, its breach is still in the metrics, an alert arrives
+    nxt = reconcile(spec(), manual, observed(running(step=20), points, alerts=(late,))).status
+    assert (nxt.restore_from, nxt.rollbacks, nxt.phase) == (MANUAL, 1, Phase.rolling_back)
+    # then the requested attempt starts, and the alert about the attempt it replaced is dropped
+    started = reconcile(spec(), nxt, observed(AttemptState(number=1, state="stopped"), points)).status
+    assert started.attempt == 2 and started.restore_from == MANUAL
+    after = reconcile(spec(), started, observed(running(number=2), points, alerts=(late,)))
+    assert after.status.phase == Phase.running and after.status.rollbacks == 1 and not of(after, StopAttempt)
+    assert [r.gate for r in after.status.history] == ["manual"]
