@@ -77,3 +77,24 @@ def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for text in _python_texts():
             f.write(json.dumps({"text": text}) + "\n")
     return {"domain": domain, "replay": replay}
+
+
+@pytest.fixture
+def memory_object_store(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`gs://` served by fsspec's in-memory filesystem: a stand-in object store for unit tests of
+    code that accepts only object-store URIs (the e2e tests use the real S3 server)."""
+    import sys
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class InMemoryObjectStore(MemoryFileSystem):
+        protocol = ("gs",)
+
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:  # type: ignore[override]
+            return super()._strip_protocol(path.removeprefix("gs://"))
+
+    fsspec.register_implementation("gs", InMemoryObjectStore, clobber=True)
+    yield "gs"
+    sys.modules["fsspec.registry"]._registry.pop("gs", None)

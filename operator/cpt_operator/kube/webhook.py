@@ -45,7 +45,8 @@ def authorized(header: str | None, token: str) -> bool:
 
 
 def _names(labels: Mapping[str, Any]) -> dict[str, str]:
-    namespace = labels.get(NAMESPACE_LABEL) or labels.get("exported_namespace")
+    # only the target's own namespace label: exported_namespace is what a pod claimed (honorLabels: false)
+    namespace = labels.get(NAMESPACE_LABEL)
     return {k: str(v) for k, v in (("namespace", namespace), ("run", labels.get(RUN_LABEL)),
                                    ("gate", labels.get(GATE_LABEL)), ("alertname", labels.get("alertname")))
             if v}

@@ -86,11 +86,11 @@ def test_globs_and_directories_select_files_in_sorted_order(tmp_path):
     assert _read(str(nested), "jsonl") == TEXTS[6:9]
 
 
-def test_any_fsspec_url_is_a_source():
-    fs = fsspec.filesystem("memory")
+def test_an_object_store_url_is_a_source(memory_object_store):
+    fs = fsspec.filesystem(memory_object_store)
     for i, text in enumerate(TEXTS[:4]):
         fs.pipe(f"/corpus-{id(fs)}/{i}.jsonl", (json.dumps({"body": text}) + "\n").encode())
-    assert _read(f"memory:///corpus-{id(fs)}/*.jsonl", "jsonl") == TEXTS[:4]
+    assert _read(f"{memory_object_store}://corpus-{id(fs)}/*.jsonl", "jsonl") == TEXTS[:4]
 
 
 def test_instruction_parquet_keeps_the_prompt_apart(tmp_path):

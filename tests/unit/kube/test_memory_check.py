@@ -1,18 +1,16 @@
 """The operator plans memory before it creates an attempt's Job: a run that cannot fit gets
 SpecValid=False (WontFit) naming the fix and no Job; an unreadable base does not block the run.
 
-The operator reads bases and checkpoints only from object storage; here `s3://` is served by
-fsspec's in-memory filesystem (a stand-in for the S3 server the e2e tests use)."""
+The operator reads bases and checkpoints only from object storage; here `gs://` is served by
+fsspec's in-memory filesystem (the `memory_object_store` stand-in; e2e tests use the S3 server)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import fsspec
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from cpt_operator.api.status import ConditionType, Reason
 from cpt_operator.kube.builders import Object, RunRef
@@ -24,17 +22,9 @@ from tests.unit.kube.cases import RUN, spec_doc
 from tests.unit.policy.memory_cases import LLAMA3_8B_CONFIG
 
 
-class S3InMemory(MemoryFileSystem):
-    protocol = ("s3", "s3a")
-
-
 @pytest.fixture(autouse=True)
-def s3_in_memory(monkeypatch: pytest.MonkeyPatch) -> Any:
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    fsspec.register_implementation("s3", S3InMemory, clobber=True)
-    yield
-    sys.modules["fsspec.registry"]._registry.pop("s3", None)  # back to the lazily imported s3fs
+def object_store(memory_object_store: str) -> str:
+    return memory_object_store
 
 
 class FakeKube:
@@ -66,12 +56,12 @@ class FakeKube:
 
 
 def _body(tmp_path: Path, config: dict[str, Any] | None, **parallelism: Any) -> dict[str, Any]:
-    base = f"s3://bases/{tmp_path.name}"
+    base = f"gs://bases/{tmp_path.name}"
     if config is not None:
-        fsspec.filesystem("s3").pipe(f"{base}/config.json", json.dumps(config).encode())
+        fsspec.filesystem("gs").pipe(f"{base}/config.json", json.dumps(config).encode())
     spec = spec_doc(nodes=1, gpuMemory="80Gi")
     spec["baseModel"]["uri"] = base
-    spec["checkpoint"]["uri"] = f"s3://checkpoints/{tmp_path.name}"
+    spec["checkpoint"]["uri"] = f"gs://checkpoints/{tmp_path.name}"
     spec["packing"] = {"seqLen": 4096}
     spec["training"] = {"microBatchSize": 1, "parallelism": parallelism}
     return {"metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "generation": 1,
