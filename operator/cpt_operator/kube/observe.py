@@ -14,7 +14,7 @@ from ..policy.types import CheckpointEvals, EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..store import CheckpointRef
 from .prometheus import TrainerSeries
-from .settings import ANNOTATION_ALERT, ANNOTATION_ROLLBACK, ANNOTATION_STOP
+from .settings import ANNOTATION_ALERT, ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 
 
 def now_rfc3339() -> str:
@@ -52,19 +52,25 @@ class Requests:
     stop: bool = False
     rollback_to: str | None = None
     alerts: tuple[str, ...] = ()
+    resume: bool = False
 
     @property
     def one_shot(self) -> list[str]:
         """Annotations to clear once acted on (a stop stays: it is a state, not an event)."""
-        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alerts)) if v]
+        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alerts),
+                               (ANNOTATION_RESUME, self.resume)) if v]
 
 
 def requests(annotations: Mapping[str, str] | None) -> Requests:
     annotations = annotations or {}
-    stop = annotations.get(ANNOTATION_STOP, "").strip().lower() in ("true", "1", "yes")
+    stop = _yes(annotations.get(ANNOTATION_STOP, ""))
     rollback = annotations.get(ANNOTATION_ROLLBACK, "").strip() or None
     alerts = tuple(sorted({g.strip() for g in annotations.get(ANNOTATION_ALERT, "").split(",") if g.strip()}))
-    return Requests(stop=stop, rollback_to=rollback, alerts=alerts)
+    return Requests(stop=stop, rollback_to=rollback, alerts=alerts, resume=_yes(annotations.get(ANNOTATION_RESUME, "")))
+
+
+def _yes(value: str) -> bool:
+    return value.strip().lower() in ("true", "1", "yes")
 
 
 @dataclass
@@ -102,5 +108,5 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
     return Observed(attempt=attempt, now=now_rfc3339(), base=dict(series.base) if series else {},
                     points=merge_points(points, refs), anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
-                    rollback_to=asks.rollback_to, alerts=asks.alerts,
+                    rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"))
