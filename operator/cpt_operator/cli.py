@@ -102,6 +102,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return request_stop(args.run)
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        from .kube import commands as kube
+
+        return kube.request_resume(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig)
+    print(f"error: {args.run} is a local run: `cptctl run FILE` resumes it", file=sys.stderr)
+    return 2
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     if _on_cluster(args):
         from .kube import commands as kube
@@ -169,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     for name, func, help_ in (("status", cmd_status, "phase, step, checkpoints and decisions"),
-                              ("stop", cmd_stop, "stop a run after a consistent checkpoint")):
+                              ("stop", cmd_stop, "stop a run after a consistent checkpoint"),
+                              ("resume", cmd_resume, "continue a stopped run on a cluster from its newest "
+                                                     "checkpoint (a local run resumes with `cptctl run`)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("run", help="run directory or name under ./runs, or a CptRun's name on a cluster")
         if name == "status":

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
 from cpt_operator.api.manifest import (MODEL_DIR, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
@@ -53,8 +54,6 @@ from .schedule import build_schedule
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-EXIT_REFUSED = 2
-EXIT_ANOMALY = 3
 
 
 @dataclass

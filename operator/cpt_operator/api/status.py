@@ -47,6 +47,9 @@ class Reason(str, Enum):
     """The planned per-GPU memory exceeds `resources.gpuMemory`; the message names the fix."""
     fits = "Fits"
     plan_unavailable = "PlanUnavailable"
+    invalid_object = "InvalidObject"
+    """The API server refused an object of the attempt (a bad quantity, an oversized config):
+    not retried until the spec changes; the message is the API server's."""
 
 
 class Condition(SpecModel):

@@ -7,6 +7,7 @@ names and finds what the first one created instead of creating it twice.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ MAX_JOB_NAME = 56
 """An Indexed Job's pod hostname is `<job>-<index>` and must fit a 63-character DNS label;
 56 leaves room for indices up to 9999 (resources.nodes is at most 1024)."""
 
+MAX_CONFIG_MAP_BYTES = 1024 * 1024
+"""The API server refuses a ConfigMap whose keys and values add up to more than 1 MiB."""
+
 Object = dict[str, Any]
 
 
@@ -43,19 +47,35 @@ class SpecProblem(ValueError):
     """The spec is valid on its own but cannot run on a cluster."""
 
 
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:6]
+
+
 def _short(name: str, limit: int) -> str:
     if len(name) <= limit:
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-    return f"{name[:limit - 7].rstrip('-')}-{digest}"
+    return f"{name[:limit - 7].rstrip('-')}-{_digest(name)}"
+
+
+def dns_label_stem(run: str) -> str:
+    """A DNS-1035 label stem for `run`: lowercase alphanumerics and '-', starting with a letter.
+
+    A CptRun name is a DNS subdomain (it may hold dots, or start with a digit), a Service name is
+    not. A name that had to change carries a digest of the original, so two runs never share
+    one: `my.run` and `my-run`, or `1foo` and `r1foo`, get different stems."""
+    stem = re.sub(r"[^a-z0-9-]", "-", run.lower())
+    if not stem[:1].isalpha():
+        stem = f"r{stem}"
+    if stem == run:
+        return run
+    return f"{stem.rstrip('-')}-{_digest(run)}"
 
 
 def attempt_name(run: str, attempt: int) -> str:
-    """`<run>-a<attempt>`, shortened with a digest when long; a Service name must start with a
-    letter, so a run named like `7b-domain` gets an `r` in front."""
+    """`<run>-a<attempt>`: the name of every object of the attempt (ConfigMap, Service, Job);
+    a valid DNS-1035 label, shortened with a digest when long."""
     suffix = f"-a{attempt}"
-    stem = run if run[:1].isalpha() else f"r{run}"
-    return _short(stem, MAX_JOB_NAME - len(suffix)) + suffix
+    return _short(dns_label_stem(run), MAX_JOB_NAME - len(suffix)) + suffix
 
 
 def run_label(run: str) -> str:
@@ -104,8 +124,16 @@ def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings
 
 
 def config_map(run: RunRef, attempt: int, config: TrainerConfig) -> Object:
+    """The trainer's config file; refused here rather than by the API server when too big, so the
+    message can say what to do."""
+    text = config.dump_json()
+    size = len(CONFIG_FILE) + len(text.encode())
+    if size > MAX_CONFIG_MAP_BYTES:
+        raise SpecProblem(f"the trainer config of attempt {attempt} is {size:,} bytes; a ConfigMap holds at most "
+                          f"{MAX_CONFIG_MAP_BYTES:,} (a long tokenizer.extend.terms list is the usual cause: "
+                          "let tokenizer.extend.topK find the terms instead)")
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(run, attempt),
-            "data": {CONFIG_FILE: config.dump_json()}}
+            "data": {CONFIG_FILE: text}}
 
 
 def headless_service(run: RunRef, attempt: int, settings: Settings) -> Object:

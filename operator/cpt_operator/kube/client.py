@@ -30,6 +30,19 @@ class NotOurs(RuntimeError):
     """An object with our deterministic name belongs to another owner."""
 
 
+class Rejected(RuntimeError):
+    """The API server refused an object as invalid or forbidden (a 4xx that no retry changes)."""
+
+
+RETRYABLE = frozenset({404, 409, 429})
+"""Client errors that can pass on their own: a namespace or object appearing, a conflict, a
+rate limit. Any other 4xx is an answer about the object itself."""
+
+REQUEST_TIMEOUT_S = (5.0, 30.0)
+"""(connect, read) of every call: without one, a half-open connection blocks a reconcile pass,
+and the run's lock with it, forever."""
+
+
 def load_config() -> None:
     try:
         config.load_incluster_config()
@@ -60,13 +73,24 @@ def _raw(response: Any) -> dict[str, Any]:
     return data
 
 
+def _api_message(exc: ApiException) -> str:
+    """The API server's own words (its Status object's message), else the HTTP reason."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or f"{exc.status} {exc.reason}")
+
+
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
 class KubeClient:
-    def __init__(self, api_client: client.ApiClient | None = None):
+    def __init__(self, api_client: client.ApiClient | None = None,
+                 timeout: float | tuple[float, float] = REQUEST_TIMEOUT_S):
         self.api = api_client or client.ApiClient()
+        self.timeout = timeout
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -79,37 +103,58 @@ class KubeClient:
         return methods[kind]
 
     def ensure(self, obj: Object, owner: RunRef) -> bool:
-        """Create `obj`; True if created, False if it was already there and ours."""
+        """Create `obj`; True if created, False if it was already there and ours. A ConfigMap
+        found with other data (left by a try whose Job the API server refused, before the spec
+        was fixed) is replaced: the attempt must run the config built now. `Rejected` when the
+        API server refuses the object itself."""
         create, read = self._creator(obj["kind"])
         meta = obj["metadata"]
         try:
-            create(meta["namespace"], obj)
+            create(meta["namespace"], obj, _request_timeout=self.timeout)
             return True
         except ApiException as exc:
             if exc.status != 409:
+                _raise_rejected(exc, obj)
                 raise
-        existing = self.api.sanitize_for_serialization(read(meta["name"], meta["namespace"]))
+        existing = _raw(read(meta["name"], meta["namespace"], _preload_content=False, _request_timeout=self.timeout))
         if not _owned_by(existing, owner.uid):
             raise NotOurs(f"{obj['kind']} {meta['name']} exists and is not owned by CptRun {owner.name} "
                           f"({owner.uid})")
+        if obj["kind"] == "ConfigMap" and existing.get("data") != obj.get("data"):
+            self._replace_config_map(obj, existing["metadata"]["resourceVersion"])
         return False
+
+    def _replace_config_map(self, obj: Object, resource_version: str) -> None:
+        meta = obj["metadata"]
+        body = {**obj, "metadata": {**meta, "resourceVersion": resource_version}}
+        try:
+            self.core.replace_namespaced_config_map(meta["name"], meta["namespace"], cast(Any, body),
+                                                    _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 409:  # changed meanwhile: the next pass looks again
+                raise Conflict(f"ConfigMap {meta['name']} changed while replacing it") from exc
+            _raise_rejected(exc, obj)
+            raise
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False,
+                                                       _request_timeout=self.timeout))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        pods = _raw(self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False))
+        pods = _raw(self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False,
+                                                  _request_timeout=self.timeout))
         return list(pods.get("items") or [])
 
     def delete_job(self, namespace: str, name: str) -> bool:
         """Delete a Job; its pods go in the background (each gets its grace period to checkpoint)."""
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background",
+                                             _request_timeout=self.timeout)
             return True
         except ApiException as exc:
             if exc.status == 404:
@@ -120,16 +165,18 @@ class KubeClient:
         """Delete pods with a shorter grace than their own (the Job's deletion alone would give
         each its full terminationGracePeriodSeconds)."""
         self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector,
-                                                   grace_period_seconds=grace_s)
+                                                   grace_period_seconds=grace_s, _request_timeout=self.timeout)
 
     def run_jobs(self, run: RunRef) -> list[str]:
         listed = _raw(self.batch.list_namespaced_job(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
-                                                     _preload_content=False)).get("items") or []
+                                                     _preload_content=False, _request_timeout=self.timeout)
+                      ).get("items") or []
         return [str(j["metadata"]["name"]) for j in listed if _owned_by(j, run.uid)]
 
     # -- the CptRun itself ------------------------------------------------------------------
     def read_run(self, namespace: str, name: str) -> dict[str, Any]:
-        found = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        found = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                         _request_timeout=self.timeout)
         return dict(cast(Mapping[str, Any], found))
 
     def patch_status(self, run: RunRef, resource_version: str, based_on: Mapping[str, Any],
@@ -144,7 +191,7 @@ class KubeClient:
             body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
             try:
                 self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, run.namespace, PLURAL,
-                                                                  run.name, body)
+                                                                  run.name, body, _request_timeout=self.timeout)
                 return
             except ApiException as exc:
                 if exc.status != 409:
@@ -157,12 +204,18 @@ class KubeClient:
 
     def patch_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None],
                           resource_version: str | None = None) -> str:
-        """Set (None: remove) annotations; returns the new resourceVersion."""
+        """Set (None: remove) annotations; returns the new resourceVersion. With `resource_version`
+        the patch applies only to that version of the run, else `Conflict`."""
         meta: dict[str, Any] = {"annotations": dict(annotations)}
         if resource_version:
             meta["resourceVersion"] = resource_version
-        done = self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                          {"metadata": meta})
+        try:
+            done = self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                              {"metadata": meta}, _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from exc
+            raise
         return str(cast(Mapping[str, Any], done)["metadata"]["resourceVersion"])
 
     def update_annotation(self, namespace: str, name: str, key: str,
@@ -177,8 +230,13 @@ class KubeClient:
             try:
                 self.patch_annotations(namespace, name, {key: value}, run["metadata"]["resourceVersion"])
                 return
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+            except Conflict:
+                continue
         raise Conflict(f"{namespace}/{name}: could not update annotation {key} after {attempts} tries")
 
+
+
+def _raise_rejected(exc: ApiException, obj: Object) -> None:
+    """`Rejected` for a 4xx about the object itself; other errors are left to the caller."""
+    if exc.status is not None and 400 <= exc.status < 500 and exc.status not in RETRYABLE:
+        raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(exc)}") from exc

@@ -1,15 +1,15 @@
 # mypy: disable-error-code="no-untyped-call"
-"""`cptctl status | stop | rollback` against a CptRun on a cluster.
+"""`cptctl status | stop | resume | rollback` against a CptRun on a cluster.
 
-Requests are annotations the operator acts on (`cpt.mlops.dev/stop`, `cpt.mlops.dev/rollback-to`),
-so they need nothing but permission to patch the CptRun.
+Requests are annotations the operator acts on (`cpt.mlops.dev/stop`, `cpt.mlops.dev/resume`,
+`cpt.mlops.dev/rollback-to`), so they need nothing but permission to patch the CptRun.
 """
 from __future__ import annotations
 
 import sys
 
-from ..api.status import CptRunStatus
-from .settings import ANNOTATION_ROLLBACK, ANNOTATION_STOP
+from ..api.status import CptRunStatus, Phase
+from .settings import ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 
 
 def _client(kubeconfig: str | None, namespace: str | None):  # type: ignore[no-untyped-def]
@@ -92,3 +92,24 @@ def request_rollback(run: str, to: str, *, namespace: str | None, kubeconfig: st
     if code == 0:
         print(f"rollback to {to} requested for {ns}/{run}")
     return code
+
+
+def request_resume(run: str, *, namespace: str | None, kubeconfig: str | None) -> int:
+    """Continue a Stopped run from its newest checkpoint: the stop request goes (it would stop the
+    new attempt at once) and a one-shot resume request takes its place."""
+    kube, ns = _client(kubeconfig, namespace)
+    try:
+        body = kube.read_run(ns, run)
+    except Exception as exc:  # noqa: BLE001
+        return _fail(run, ns, exc)
+    phase = (body.get("status") or {}).get("phase", Phase.pending.value)
+    if phase != Phase.stopped.value:
+        print(f"error: {ns}/{run} is {phase}; only a Stopped run can be resumed", file=sys.stderr)
+        return 2
+    try:
+        kube.patch_annotations(ns, run, {ANNOTATION_STOP: None, ANNOTATION_RESUME: "true"},
+                               body["metadata"]["resourceVersion"])
+    except Exception as exc:  # noqa: BLE001
+        return _fail(run, ns, exc)
+    print(f"resume requested for {ns}/{run}; the operator starts a new attempt from its newest checkpoint")
+    return 0

@@ -33,7 +33,7 @@ from ..policy.types import EvalPoint
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
 from ..store import CheckpointRef, list_checkpoints, pin
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
-from .client import Conflict, KubeClient, NotOurs, load_config
+from .client import Conflict, KubeClient, NotOurs, Rejected, load_config
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
@@ -161,8 +161,9 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
     version = body["metadata"]["resourceVersion"]
     if asks.one_shot:
         # cleared before the decision is recorded: a crash in between loses the request (the user
-        # can repeat it) rather than rolling back twice
-        version = rt.kube.patch_annotations(run.namespace, run.name, {k: None for k in asks.one_shot})
+        # can repeat it) rather than rolling back twice. Cleared at the version they were read at:
+        # a request made since then is not wiped unseen (the Conflict runs the pass again).
+        version = rt.kube.patch_annotations(run.namespace, run.name, {k: None for k in asks.one_shot}, version)
     rt.kube.patch_status(run, version, body.get("status") or {}, plan.status.dump())
     _count_decisions(rt, run, before, plan.status)
     for action in plan.actions:
@@ -184,7 +185,7 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, dict(body)))
 
 
-_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started"}
+_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -237,6 +238,18 @@ def _wont_fit(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpe
     return problem
 
 
+def _starts(plan: Plan) -> bool:
+    return any(isinstance(a, StartAttempt) for a in plan.actions)
+
+
+def _refused_object(body: Mapping[str, Any], status: CptRunStatus) -> bool:
+    """The API server refused an attempt's objects at this spec generation: the same objects
+    would be refused again, so none is sent until the spec changes."""
+    return any(c.type == ConditionType.spec_valid.value and c.status == "False"
+               and c.reason == Reason.invalid_object.value
+               and c.observed_generation == body["metadata"].get("generation") for c in status.conditions)
+
+
 def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
     holding = plan.status.phase in (Phase.running, Phase.rolling_back) and (
         state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
@@ -252,6 +265,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             return None
         run = RunRef(name=name, namespace=namespace, uid=meta["uid"])
         status = _load_status(body.get("status") or {})
+        asks = requests(meta.get("annotations"))
         try:
             spec = CptRunSpec.model_validate(body.get("spec") or {})
             root = checkpoint_root(spec)
@@ -265,7 +279,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         job = rt.kube.read_job(namespace, attempt_name(name, number)) if number else None
         pods = rt.kube.pods(namespace, selector(run, number)) if number else []
         state = rt.launcher.attempt_state(number, job, pods)
-        if status.phase in TERMINAL_PHASES:  # nothing left to decide from metrics
+        if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
             series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()
         else:
             series, points = _series(rt, run, body, number)
@@ -276,7 +290,13 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
             return None
-        _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status)
+        if _starts(plan) and _refused_object(body, status):
+            return None  # the API server refused this generation's objects: wait for a new spec
+        try:
+            _carry_out(rt, run, spec, body, plan, asks, status)
+        except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done
+            _report_invalid(rt, run, body, status, str(exc), Reason.invalid_object)
+            return None
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
                                _gpus(spec, plan, state.state))
         return plan

@@ -10,6 +10,7 @@ import shlex
 import warnings
 from typing import Any, Mapping, Protocol, Sequence
 
+from ..api.exit_codes import EXIT_REFUSED
 from ..api.spec import CptRunSpec
 from ..api.trainer_config import TrainerConfig
 from ..reconcile import AttemptState
@@ -18,6 +19,8 @@ from .builders import (CONFIG_DIR, CONFIG_FILE, LABEL_QUEUE, WORK_DIR, Object, R
 from .settings import Settings
 
 GPU = "nvidia.com/gpu"
+TORCHRUN = ["python", "-m", "cpt_trainer.launch"]
+"""torchrun, exiting with the trainer's refusal code rather than its own 1 (see that module)."""
 
 
 class Launcher(Protocol):
@@ -101,7 +104,7 @@ def _container(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": WORK_DIR}]
     container: Object = {
         "name": "trainer", "image": r.image or settings.trainer_image,
-        "command": ["torchrun"], "args": torchrun_args(spec, name, settings), "env": env,
+        "command": TORCHRUN, "args": torchrun_args(spec, name, settings), "env": env,
         "ports": [{"name": "c10d", "containerPort": settings.rdzv_port},
                   {"name": "metrics", "containerPort": settings.trainer_metrics_port}],
         "resources": _resources(spec),
@@ -157,13 +160,23 @@ def indexed_job(run: RunRef, spec: CptRunSpec, attempt: int, settings: Settings)
                      "spec": _pod_spec(spec, name, settings)}}}
 
 
-def _failure_message(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str:
+def _terminations(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(pod name, terminated state) of every container that ended with a non-zero code."""
+    found = []
     for pod in pods:
         for cs in pod.get("status", {}).get("containerStatuses", []) or []:
             term = (cs.get("state") or {}).get("terminated") or {}
             if term and term.get("exitCode", 0) != 0:
-                return (f"pod {pod['metadata']['name']} exited with code {term.get('exitCode')}"
-                        f" ({term.get('reason') or 'Error'}) {term.get('message') or ''}").strip()
+                found.append((str(pod["metadata"]["name"]), term))
+    return found
+
+
+def _failure_message(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str:
+    ended = _terminations(pods)
+    if ended:  # the refusal first: the other pods of the gang only died of it
+        name, term = min(ended, key=lambda e: e[1].get("exitCode") != EXIT_REFUSED)
+        return (f"pod {name} exited with code {term.get('exitCode')}"
+                f" ({term.get('reason') or 'Error'}) {term.get('message') or ''}").strip()
     for cond in job.get("status", {}).get("conditions", []) or []:
         if cond.get("type") in ("Failed", "FailureTarget") and cond.get("status") == "True":
             return f"job failed: {cond.get('reason', '')} {cond.get('message', '')}".strip()
@@ -200,5 +213,7 @@ class IndexedJobLauncher:
         if conditions.get("Complete") == "True" or conditions.get("SuccessCriteriaMet") == "True":
             return AttemptState(number=number, state="succeeded")
         if conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True":
-            return AttemptState(number=number, state="failed", message=_failure_message(workload, pods))
+            refused = any(term.get("exitCode") == EXIT_REFUSED for _, term in _terminations(pods))
+            return AttemptState(number=number, state="failed", message=_failure_message(workload, pods),
+                                refused=refused)
         return AttemptState(number=number, state="running")

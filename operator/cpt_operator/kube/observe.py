@@ -15,7 +15,7 @@ from ..policy.types import CheckpointEvals, EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..store import CheckpointRef
 from .prometheus import TrainerSeries
-from .settings import ANNOTATION_ALERT, ANNOTATION_ROLLBACK, ANNOTATION_STOP
+from .settings import ANNOTATION_ALERT, ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 
 
 def now_rfc3339() -> str:
@@ -55,20 +55,26 @@ class Requests:
     alerts: tuple[AlertRef, ...] = ()
     alert_annotation: bool = False
     """The alert annotation is set (even to something unreadable, which is cleared all the same)."""
+    resume: bool = False
 
     @property
     def one_shot(self) -> list[str]:
         """Annotations to clear once acted on (a stop stays: it is a state, not an event)."""
-        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alert_annotation))
-                if v]
+        return [k for k, v in ((ANNOTATION_ROLLBACK, self.rollback_to), (ANNOTATION_ALERT, self.alert_annotation),
+                               (ANNOTATION_RESUME, self.resume)) if v]
 
 
 def requests(annotations: Mapping[str, str] | None) -> Requests:
     annotations = annotations or {}
-    stop = annotations.get(ANNOTATION_STOP, "").strip().lower() in ("true", "1", "yes")
+    stop = _yes(annotations.get(ANNOTATION_STOP, ""))
     rollback = annotations.get(ANNOTATION_ROLLBACK, "").strip() or None
     raw = annotations.get(ANNOTATION_ALERT)
-    return Requests(stop=stop, rollback_to=rollback, alerts=tuple(decode_refs(raw)), alert_annotation=bool(raw))
+    return Requests(stop=stop, rollback_to=rollback, alerts=tuple(decode_refs(raw)), alert_annotation=bool(raw),
+                    resume=_yes(annotations.get(ANNOTATION_RESUME, "")))
+
+
+def _yes(value: str) -> bool:
+    return value.strip().lower() in ("true", "1", "yes")
 
 
 @dataclass
@@ -106,5 +112,5 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
     return Observed(attempt=attempt, now=now_rfc3339(), base=dict(series.base) if series else {},
                     points=merge_points(points, refs), anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
-                    rollback_to=asks.rollback_to, alerts=asks.alerts,
+                    rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"))

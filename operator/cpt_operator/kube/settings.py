@@ -9,6 +9,8 @@ from typing import Mapping
 
 ANNOTATION_STOP = "cpt.mlops.dev/stop"
 ANNOTATION_ROLLBACK = "cpt.mlops.dev/rollback-to"
+ANNOTATION_RESUME = "cpt.mlops.dev/resume"
+"""Continue a Stopped run from its newest checkpoint (set by `cptctl resume`, cleared once read)."""
 ANNOTATION_ALERT = "cpt.mlops.dev/gate-alert"
 """Breaches alerts reported, not yet acted on (JSON, `api.alerts.encode_refs`), written by the webhook."""
 FINALIZER = "cpt.mlops.dev/finalizer"

@@ -1,12 +1,14 @@
 """The objects of one attempt, built without a cluster."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 
 from cpt_operator.api.status import Overrides
-from cpt_operator.api.spec import RestoreMode
+from cpt_operator.api.spec import RestoreMode, TokenizerExtensionSpec, TokenizerSpec
 from cpt_operator.kube.builders import (CONFIG_FILE, RunRef, SpecProblem, attempt_name, checkpoint_root,
                                         trainer_config)
 from cpt_operator.kube.launcher import IndexedJobLauncher
@@ -30,12 +32,44 @@ def pod_spec(job):
     return job["spec"]["template"]["spec"]
 
 
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
 @pytest.mark.parametrize("run, attempt, expected", [
     ("legal-7b", 3, "legal-7b-a3"),
-    ("7b-legal", 1, "r7b-legal-a1"),
-], ids=["a short run keeps its name", "a run starting with a digit gets a letter in front"])
+    ("7b-legal", 1, "r7b-legal-{digest}-a1"),
+    ("my.run", 2, "my-run-{digest}-a2"),
+], ids=["a short run keeps its name", "a run starting with a digit gets a letter in front",
+        "a dot becomes a dash"])
 def test_attempt_names_are_deterministic_dns_labels(run, attempt, expected):
-    assert attempt_name(run, attempt) == expected
+    digest = hashlib.sha256(run.encode()).hexdigest()[:6]
+    assert attempt_name(run, attempt) == expected.format(digest=digest)
+
+
+@pytest.mark.parametrize("a, b", [("1foo", "r1foo"), ("my.run", "my-run"), ("a.b-c", "a-b.c")],
+                         ids=["a letter put in front", "a dot replaced", "dots and dashes swapped"])
+def test_names_that_had_to_change_never_collide_with_another_run(a, b):
+    assert attempt_name(a, 1) != attempt_name(b, 1)
+
+
+@pytest.mark.parametrize("run", ["my.run", "7b.legal.v2", "x" * 80 + ".y", "a"],
+                         ids=["dots", "a digit and dots", "long with a dot", "one letter"])
+def test_every_object_of_an_attempt_has_a_valid_name_for_its_kind(run):
+    ref = RunRef(name=run, namespace="ml", uid="u")
+    spec = build_spec()
+    config = trainer_config(ref, spec, StartAttempt(1023, None, RestoreMode.weights_only, Overrides(), "x"), SETTINGS)
+    objects = IndexedJobLauncher(SETTINGS).build(ref, spec, config)
+    for obj in objects:  # a Service name is a DNS-1035 label; Job and ConfigMap accept it too
+        assert DNS_1035.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63, obj["kind"]
+    job = objects[-1]
+    assert DNS_1035.match(pod_spec(job)["subdomain"])
+    assert len(f"{job['metadata']['name']}-1023") <= 63  # the pod hostname of the last index
+
+
+def test_a_trainer_config_too_big_for_a_config_map_is_refused_before_any_api_call():
+    terms = [f"term-{i:06d}-" + "x" * 40 for i in range(30_000)]
+    with pytest.raises(SpecProblem, match=r"ConfigMap holds at most 1,048,576.*tokenizer.extend.terms"):
+        attempt_objects(build_spec().model_copy(update={"tokenizer": TokenizerSpec(extend=TokenizerExtensionSpec(terms=terms))}))
 
 
 def test_a_long_run_name_is_shortened_with_a_digest_so_pod_hostnames_fit():
@@ -70,7 +104,7 @@ def test_every_object_is_owned_by_the_cptrun():
 def test_torchrun_is_wired_to_the_index_zero_pod_and_the_completion_index():
     *_, job = attempt_objects()
     container = pod_spec(job)["containers"][0]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "cpt_trainer.launch"]  # torchrun, keeping the refusal code
     args = container["args"]
     pairs = dict(zip(args, args[1:]))
     assert pairs["--nnodes"] == "2" and pairs["--nproc-per-node"] == "8"

@@ -1,0 +1,181 @@
+"""The Kubernetes client wrapper against a scripted HTTP server: the real kubernetes client
+library on the wire, answers chosen by the test."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cpt_operator.kube.client import Conflict, KubeClient, Rejected
+
+from .cases import RUN
+from .test_builders import attempt_objects
+
+Answer = tuple[int, dict[str, Any]]
+
+
+class ScriptedServer:
+    """Answers each request with the first scripted answer whose (method, path prefix) matches,
+    else 404, and records (method, path, body)."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[str, str, Answer]] = []
+        self.requests: list[tuple[str, str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                outer.requests.append((self.command, self.path, body))
+                status, doc = next((a for m, p, a in outer.script if m == self.command and self.path.startswith(p)),
+                                   (404, {"kind": "Status", "message": "not found"}))
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def on(self, method: str, path: str, status: int, doc: dict[str, Any]) -> None:
+        self.script.append((method, path, (status, doc)))
+
+
+def kube_at(url: str, timeout: float = 5.0) -> KubeClient:
+    cfg = client.Configuration()
+    cfg.host = url
+    return KubeClient(client.ApiClient(cfg), timeout=timeout)
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    s = ScriptedServer()
+    yield s
+    s.server.shutdown()
+
+
+def config_map(data: str, resource_version: str | None = None) -> dict[str, Any]:
+    built, *_ = attempt_objects(number=1)
+    meta = built["metadata"] | ({"resourceVersion": resource_version} if resource_version else {})
+    return built | {"metadata": meta, "data": {"trainer-config.json": data}}
+
+
+JOB = attempt_objects(number=1)[-1]
+INVALID = {"kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422,
+           "message": 'Job.batch "legal-7b-a1" is invalid: spec.template.spec.containers[0].resources.limits[cpu]: '
+                      'Invalid value: "lots": must match the regex'}
+
+
+@pytest.mark.parametrize("status, doc", [(422, INVALID), (400, {"message": "bad request"}),
+                                         (403, {"message": "exceeded quota: gpus"})],
+                         ids=["an invalid object", "a malformed one", "a forbidden one"])
+def test_an_object_the_api_server_refuses_is_rejected_with_its_message(server, status, doc):
+    server.on("POST", "/apis/batch/v1/namespaces/ml/jobs", status, doc)
+    with pytest.raises(Rejected) as raised:
+        kube_at(server.url).ensure(JOB, RUN)
+    assert str(raised.value) == f"Job legal-7b-a1: {doc['message']}"
+
+
+@pytest.mark.parametrize("status", [429, 500, 503], ids=["rate limited", "a server error", "unavailable"])
+def test_errors_that_pass_on_their_own_stay_api_errors_to_retry(server, status):
+    server.on("POST", "/apis/batch/v1/namespaces/ml/jobs", status, {"message": "later"})
+    with pytest.raises(ApiException) as raised:
+        kube_at(server.url).ensure(JOB, RUN)
+    assert raised.value.status == status
+
+
+def test_a_config_map_left_with_other_content_is_replaced(server):
+    old = config_map('{"old": true}', "7")
+    server.on("POST", "/api/v1/namespaces/ml/configmaps", 409, {"reason": "AlreadyExists"})
+    server.on("GET", "/api/v1/namespaces/ml/configmaps/legal-7b-a1", 200, old)
+    server.on("PUT", "/api/v1/namespaces/ml/configmaps/legal-7b-a1", 200, config_map('{"new": true}'))
+    assert kube_at(server.url).ensure(config_map('{"new": true}'), RUN) is False
+    method, _, body = server.requests[-1]
+    assert method == "PUT" and body["data"] == {"trainer-config.json": '{"new": true}'}
+    assert body["metadata"]["resourceVersion"] == "7"  # replaced only if nobody changed it since
+
+
+def test_a_config_map_found_with_the_same_content_is_left_alone(server):
+    same = config_map('{"same": true}', "7")
+    server.on("POST", "/api/v1/namespaces/ml/configmaps", 409, {"reason": "AlreadyExists"})
+    server.on("GET", "/api/v1/namespaces/ml/configmaps/legal-7b-a1", 200, same)
+    assert kube_at(server.url).ensure(config_map('{"same": true}'), RUN) is False
+    assert [m for m, _, _ in server.requests] == ["POST", "GET"]
+
+
+def test_annotations_patched_at_a_stale_version_raise_conflict(server):
+    server.on("PATCH", "/apis/cpt.mlops.dev/v1alpha1/namespaces/ml/cptruns/legal-7b", 409,
+              {"reason": "Conflict", "message": "the object has been modified"})
+    with pytest.raises(Conflict):
+        kube_at(server.url).patch_annotations("ml", "legal-7b", {"cpt.mlops.dev/rollback-to": None}, "41")
+    assert server.requests[0][2]["metadata"]["resourceVersion"] == "41"
+
+
+CALLS: dict[str, Callable[[KubeClient], Any]] = {
+    "ensure": lambda k: k.ensure(JOB, RUN),
+    "read_job": lambda k: k.read_job("ml", "legal-7b-a1"),
+    "pods": lambda k: k.pods("ml", "a=b"),
+    "delete_job": lambda k: k.delete_job("ml", "legal-7b-a1"),
+    "delete_pods": lambda k: k.delete_pods("ml", "a=b", 5),
+    "run_jobs": lambda k: k.run_jobs(RUN),
+    "read_run": lambda k: k.read_run("ml", "legal-7b"),
+    "patch_status": lambda k: k.patch_status(RUN, "1", {}, {"phase": "Running"}),
+    "patch_annotations": lambda k: k.patch_annotations("ml", "legal-7b", {"a": "b"}),
+    "add_alert": lambda k: k.add_alert("ml", "legal-7b", "g", "k"),
+}
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts connections and never answers: a half-open connection, a hung API server."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stop.set()
+    sock.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("call", list(CALLS), ids=list(CALLS))
+def test_every_call_gives_up_when_the_api_server_does_not_answer(silent_server, call):
+    kube, outcome = kube_at(silent_server, timeout=0.2), list[BaseException]()
+
+    def run() -> None:
+        try:
+            CALLS[call](kube)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+            outcome.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), f"{call} still waiting after 10 s: no request timeout"
+    assert outcome and time.monotonic() - started < 10

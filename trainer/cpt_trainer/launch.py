@@ -1,0 +1,28 @@
+"""`python -m cpt_trainer.launch <torchrun arguments>`: torchrun, exiting with the trainer's code.
+
+torchrun exits 1 whenever a worker fails, whatever the worker returned; a pod's exit code is
+all the operator sees of how an attempt ended, so a refused config (`EXIT_REFUSED`) would look
+like a crash and be retried. This runs torchrun's own entry point and, when a worker refused,
+exits with that code instead.
+"""
+from __future__ import annotations
+
+import sys
+
+from cpt_operator.api.exit_codes import EXIT_REFUSED
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return EXIT_REFUSED if EXIT_REFUSED in codes else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
