@@ -1,6 +1,6 @@
-"""Read what the trainers recorded in the run's storage: every evaluation.
+"""Read what the trainers recorded in the run's storage: every evaluation and every start.
 
-Each attempt's folder (`<checkpoint root>/attempt-NNN/`, see `store`) holds
+Each attempt's folder (`<checkpoint root>/attempt-NNN/`, see `store`) holds `started.json` and
 `evals/step-XXXXXXXX.json` (names in `api.manifest`), each written once and never changed. They
 are the durable account of the evaluations: Prometheus gauges hold only the latest value, so
 two evaluations between scrapes would hide the first from the gates.
@@ -18,13 +18,13 @@ from typing import Iterable, Sequence, TypeVar
 import fsspec
 from pydantic import ValidationError
 
-from .api.events import Evaluated
-from .api.manifest import EVALS_DIR, is_eval_record
+from .api.events import Evaluated, Started
+from .api.manifest import EVALS_DIR, STARTED, is_eval_record
 from .api.storage import storage_options
 from .policy.types import EvalPoint
 from .store import CheckpointRef
 
-R = TypeVar("R", bound=Evaluated)
+R = TypeVar("R", Evaluated, Started)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +35,8 @@ class Records:
     """Evaluations of the model being trained, by attempt and step (the base's excluded)."""
     base: dict[str, float] = field(default_factory=dict)
     """The base model's reference evaluation (the first attempt that measured it)."""
+    base_sha256: str | None = None
+    """The base's digest as the first attempt that started verified it."""
 
 
 def _attempt_of(path: str) -> int | None:
@@ -53,6 +55,7 @@ class RunRecords:
     def __init__(self, root: str):
         self.root = root.rstrip("/")
         self._evals: dict[tuple[int, str], Evaluated] = {}
+        self._started: dict[int, Started] = {}
 
     def read(self) -> Records:
         fs, base = fsspec.core.url_to_fs(self.root, **storage_options(self.root))
@@ -71,6 +74,10 @@ class RunRecords:
             return []
 
     def _read_attempt(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int) -> None:
+        if attempt not in self._started:
+            started = self._parse(fs, f"{path}/{STARTED}", Started)
+            if started is not None:
+                self._started[attempt] = started
         for file in self._ls(fs, f"{path}/{EVALS_DIR}"):
             key = (attempt, posixpath.basename(file))
             if key in self._evals or not is_eval_record(file):
@@ -97,7 +104,8 @@ class RunRecords:
             else:
                 points.append(EvalPoint(attempt=attempt, step=ev.step, tokens=ev.tokens,
                                         metrics=dict(ev.metrics)))
-        return Records(points=points, base=base)
+        digest = next((s.base_sha256 for _, s in sorted(self._started.items()) if s.base_sha256), None)
+        return Records(points=points, base=base, base_sha256=digest)
 
 
 def merge_points(scraped: Iterable[EvalPoint], recorded: Iterable[EvalPoint],

@@ -1,17 +1,20 @@
 """The trainers' records in the run's storage: every evaluation reaches the gates once, whatever
-Prometheus scraped."""
+Prometheus scraped, and the base's digest recorded at the first start reaches later attempts."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
-from cpt_operator.api.events import Evaluated
-from cpt_operator.api.manifest import eval_record_name
+from cpt_operator.api.events import Evaluated, Started
+from cpt_operator.api.manifest import STARTED, eval_record_name
+from cpt_operator.kube.builders import RunRef, trainer_config
 from cpt_operator.kube.observe import observed
 from cpt_operator.kube.prometheus import TrainerSeries
+from cpt_operator.kube.settings import Settings
 from cpt_operator.policy.types import EvalPoint
-from cpt_operator.reconcile import AttemptState, reconcile
+from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
 from cpt_operator.records import RunRecords
 from cpt_operator.store import attempt_dir
 
@@ -37,6 +40,13 @@ def record(root: Path, attempt: int, step: int, value: float | None = None, *, b
     path.write_text(Evaluated(step=step, tokens=step * 10, metrics=metrics, is_base=base, time=1.0)
                     .model_dump_json(by_alias=True))
     return path
+
+
+def started(root: Path, attempt: int, digest: str | None) -> None:
+    path = Path(attempt_dir(str(root), attempt)) / STARTED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(Started(attempt=attempt, step=0, tokens=0, base_sha256=digest, time=1.0)
+                    .model_dump_json(by_alias=True))
 
 
 def body() -> dict[str, Any]:
@@ -80,3 +90,26 @@ def test_each_record_is_read_once_and_files_being_written_are_skipped(tmp_path):
 
 def test_a_missing_root_has_no_records(tmp_path):
     assert RunRecords(str(tmp_path / "nothing")).read().points == []
+
+
+def test_the_first_started_attempt_gives_the_digest_the_run_records(tmp_path):
+    started(tmp_path, 1, None)  # crashed before hashing the base
+    started(tmp_path, 2, "a" * 64)
+    started(tmp_path, 3, "b" * 64)
+    assert RunRecords(str(tmp_path)).read().base_sha256 == "a" * 64
+
+
+def test_the_recorded_digest_is_kept_and_given_to_every_later_attempt():
+    failed = AttemptState(number=1, state="failed", message="node lost")
+    status = CptRunStatus(phase=Phase.running, attempt=1)
+    plan = reconcile(spec(), status, Observed(attempt=failed, now="t", base_sha256="a" * 64))
+    assert plan.status.base_sha256 == "a" * 64
+    start = next(a for a in plan.actions if isinstance(a, StartAttempt))
+    assert start.number == 2 and start.restore_from is None and start.base_sha256 == "a" * 64
+    config = trainer_config(RunRef(name="r", namespace="ns", uid="u"), spec(), start, Settings())
+    assert json.loads(config.dump_json())["baseSha256"] == "a" * 64
+
+    # a later attempt reporting other bytes does not rewrite what the run recorded
+    again = reconcile(spec(), plan.status, Observed(attempt=AttemptState(number=2, state="running"),
+                                                    now="t", base_sha256="b" * 64))
+    assert again.status.base_sha256 == "a" * 64

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
-from cpt_operator.api.manifest import (MODEL_DIR, TRAIN_STATE, Lineage, checkpoint_name,
+from cpt_operator.api.manifest import (MODEL_DIR, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, eval_record_name, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
@@ -44,7 +44,7 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import (attention_backend, check_digest, digest, is_meta,
+from .model import (attention_backend, check_digest, check_recorded_digest, digest, is_meta,
                     load_checkpoint_model, load_model, load_tokenizer, local_copy, model_source,
                     skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
@@ -133,6 +133,7 @@ class Attempt:
         self.base_sha = distributed.broadcast_object(
             digest(self.base_path) if self.dist.is_main else None)
         check_digest(spec.base_model, self.base_sha)
+        check_recorded_digest(spec.base_model.uri, cfg.base_sha256, self.base_sha)
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
         _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
                                  spec.tokenizer.uri or spec.base_model.uri)
@@ -475,9 +476,12 @@ class Attempt:
         """Set up, announce the attempt, and measure the base once when starting from it."""
         self.setup()
         cfg = self.cfg
-        self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
-                         restore_from=self.start.uri, world_size=self.dist.world_size,
-                         metrics_url=self.metrics.url)
+        started = self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
+                                   restore_from=self.start.uri, world_size=self.dist.world_size,
+                                   metrics_url=self.metrics.url, base_sha256=self.base_sha)
+        if started is not None:  # where the control plane learns the digest the run records
+            checkpoint.put_atomic(cfg.checkpoint_uri, STARTED,
+                                  started.model_dump_json(by_alias=True).encode())
         self.metrics.up(True)
         self.metrics.gates(self.spec, {})
         if self.evaluator is not None and self.start.uri is None and self.step == 0:

@@ -38,6 +38,9 @@ EVALS_DIR = "evals"
 evaluation, the `Evaluated` event as JSON, written once (atomically) when the evaluation is
 announced. Prometheus only holds the latest value of a gauge, so two evaluations between scrapes
 would hide the first; the control plane reads every evaluation from these records."""
+STARTED = "started.json"
+"""In each attempt's folder: the attempt's `Started` event, written once it has verified its
+start point; it carries the base's digest the run records at its first start."""
 MODEL_FILES = ("config.json", "generation_config.json")
 """The model's architecture at the top (with the tokenizer files), so a checkpoint says what
 it holds without loading it."""

@@ -91,7 +91,7 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
     if series is not None and attempt.state != "absent":
         attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens)
     base = records.base or (dict(series.base) if series else {})
-    return Observed(attempt=attempt, now=now_rfc3339(), base=base,
+    return Observed(attempt=attempt, now=now_rfc3339(), base=base, base_sha256=records.base_sha256,
                     points=merge_points(points, records.points, refs),
                     anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,

@@ -1,7 +1,7 @@
 """Turn a local run's files and processes into the reconcile core's `Observed`.
 
-The trainer's events.jsonl says how an attempt progresses and ends; its evaluations and the
-base's reference come from the records in the checkpoint store, read and merged with the
+The trainer's events.jsonl says how an attempt progresses and ends; its evaluations, the base's
+reference and digest come from the records in the checkpoint store, read and merged with the
 manifests exactly as the operator does (`cpt_operator.records`)."""
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ class LocalObserver:
                                        evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
         anomalies = dict(self.log(number).anomalies) if number else {}
         return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=records.base,
-                        points=merge_points((), records.points, refs),
+                        base_sha256=records.base_sha256, points=merge_points((), records.points, refs),
                         anomalies=anomalies, checkpoints=checkpoints,
                         stop_requested=stop, rollback_to=rollback_to, resume=resume)
 
