@@ -51,6 +51,8 @@ class Observed:
     """RFC 3339 time, for conditions and records."""
     base: Mapping[str, float] = field(default_factory=dict)
     """The base model's reference evaluation, once measured."""
+    base_sha256: str | None = None
+    """The base's digest as the first attempt that started verified it."""
     points: Sequence[EvalPoint] = ()
     anomalies: Mapping[str, int] = field(default_factory=dict)
     checkpoints: Sequence[CheckpointEvals] = ()
@@ -74,6 +76,8 @@ class StartAttempt:
     restore_mode: RestoreMode
     overrides: Overrides
     reason: str
+    base_sha256: str | None = None
+    """The base's digest the run recorded: the trainer refuses a base whose bytes differ."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ class _Planner:
         if mode is None:
             mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
         st.restore_from, st.attempt_started_at, st.phase = restore_from, self.obs.now, Phase.running
-        self.actions.append(StartAttempt(st.attempt, restore_from, mode, st.overrides, reason))
+        self.actions.append(StartAttempt(st.attempt, restore_from, mode, st.overrides, reason,
+                                         st.base_sha256))
         origin = restore_from or "the base model"
         self.emit("Normal", "AttemptStarted", f"attempt {st.attempt} from {origin} ({reason})")
         set_condition(st, ConditionType.progressing, True, "AttemptRunning",
@@ -284,6 +289,8 @@ def _summaries(p: _Planner) -> None:
     st, obs = p.status, p.obs
     if obs.base and not st.base_metrics:
         st.base_metrics = dict(obs.base)
+    if obs.base_sha256 and not st.base_sha256:
+        st.base_sha256 = obs.base_sha256
     if obs.attempt.number == st.attempt and obs.attempt.state != "absent":
         st.step, st.tokens = obs.attempt.step or st.step, obs.attempt.tokens or st.tokens
     if not obs.checkpoints:

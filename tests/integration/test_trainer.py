@@ -188,3 +188,43 @@ def test_tokenizer_version_pins_the_tokenizer(tmp_path, tiny_model_dir, corpora)
     assert run(wrong) == 2
     message = of("finished", events(wrong))[-1].message
     assert "tokenizer version mismatch" in message and actual in message
+
+
+def test_a_base_changed_after_the_first_start_is_refused_naming_both_digests(tmp_path, tiny_model_dir,
+                                                                              corpora):
+    """The run records the base's digest at its first start (status.baseSha256) and hands it to
+    every later attempt: a restart from the base after its files changed is refused."""
+    from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
+    from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
+    from cpt_operator.records import RunRecords
+    from cpt_trainer.model import digest
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    spec = tiny_spec(base, corpora, budget={"steps": 3})
+    first = write_config(tmp_path, spec, attempt=1)
+    assert run(first) == 0, log_tail(first)
+    recorded = RunRecords(str(tmp_path / "checkpoints")).read().base_sha256
+    assert recorded and recorded == of("started", events(first))[0].base_sha256
+
+    # attempt 1 is lost before any checkpoint of its own is seen: the restart is from the base
+    status = CptRunStatus(phase=Phase.running, attempt=1)
+    lost = Observed(attempt=AttemptState(number=1, state="absent", message="node lost"), now="t",
+                    base_sha256=recorded)
+    plan = reconcile(CptRunSpec.model_validate(spec), status, lost)
+    start = next(a for a in plan.actions if isinstance(a, StartAttempt))
+    assert start.restore_from is None and start.base_sha256 == recorded
+
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "note": "edited in place"}))
+    second = write_config(tmp_path, spec, attempt=2, base_sha256=start.base_sha256)
+    assert run(second) == 2, log_tail(second)
+    finished = of("finished", events(second))[-1]
+    changed = digest(str(base))
+    assert changed != recorded
+    assert finished.message.startswith("refused:") and str(base) in finished.message
+    assert recorded in finished.message and changed in finished.message
+
+    refused = AttemptState(number=2, state="failed", message=finished.message, refused=True)
+    final = reconcile(CptRunSpec.model_validate(spec), plan.status, Observed(attempt=refused, now="t"))
+    assert final.status.phase == Phase.failed and recorded in final.status.message

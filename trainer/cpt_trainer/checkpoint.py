@@ -187,21 +187,27 @@ def commit(uri: str, step: int, tokens: int, files: dict[str, FileEntry], lineag
            evals: dict[str, float], train_loss: float | None, stable: bool) -> None:
     """Write the manifest of checkpoint `step`: the commit point (rank 0, after every rank's
     files are durable). Local: temporary name + fsync + rename; object stores: one PUT."""
-    fs, root = _fs(uri)
-    target = f"{root}/{checkpoint_name(step)}"
     manifest = Manifest(step=step, tokens=tokens, lineage=lineage, files=files, evals=evals,
                         train_loss=train_loss, stable=stable,
                         created_at=dt.datetime.now(dt.timezone.utc).isoformat())
-    data = manifest.model_dump_json(by_alias=True, indent=1).encode()
+    put_atomic(f"{uri.rstrip('/')}/{checkpoint_name(step)}", MANIFEST,
+               manifest.model_dump_json(by_alias=True, indent=1).encode())
+
+
+def put_atomic(uri: str, rel: str, data: bytes) -> None:
+    """Write `<uri>/<rel>` so that a reader sees all of it or nothing. Local: temporary name +
+    fsync + rename; object stores: one PUT (an object appears whole)."""
+    fs, root = _fs(uri)
+    path = f"{root}/{rel}"
     if _is_local(fs):
-        tmp = os.path.join(target, MANIFEST + ".tmp")
-        with open(tmp, "wb") as f:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(target, MANIFEST))
+        os.replace(path + ".tmp", path)
     else:
-        fs.pipe_file(f"{target}/{MANIFEST}", data)
+        fs.pipe_file(path, data)
 
 
 # ---------------------------------------------------------------------------------- restoring

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, IO
+from typing import IO, Any, Union
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 
 EventModel = type[Started] | type[Progress] | type[Anomaly] | type[Evaluated] | \
     type[CheckpointSaved] | type[Finished]
+Event = Union[Started, Progress, Anomaly, Evaluated, CheckpointSaved, Finished]
 
 
 class EventLog:
@@ -24,12 +25,14 @@ class EventLog:
             os.makedirs(run_dir, exist_ok=True)
             self._file = open(os.path.join(run_dir, "events.jsonl"), "a", encoding="utf-8")
 
-    def emit(self, kind: EventModel, /, **fields: Any) -> None:
+    def emit(self, kind: EventModel, /, **fields: Any) -> Event | None:
+        """The event written (None on ranks other than 0)."""
         if self._file is None:
-            return
+            return None
         event = kind(time=time.time(), **fields)
         self._file.write(event.model_dump_json(by_alias=True) + "\n")
         self._file.flush()
+        return event
 
     def close(self) -> None:
         if self._file is not None:

@@ -32,8 +32,8 @@ from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
-from cpt_operator.api.manifest import (MODEL_DIR, TRAIN_STATE, Lineage, checkpoint_name,
-                                       data_file, rng_file)
+from cpt_operator.api.manifest import (MODEL_DIR, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
+                                       data_file, eval_record_name, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
 from cpt_operator.api.trainer_config import TrainerConfig
@@ -45,8 +45,9 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import (attention_backend, check_digest, digest, is_meta, load_checkpoint_model,
-                    load_model, load_tokenizer, local_copy, model_source, skeleton)
+from .model import (attention_backend, check_digest, check_recorded_digest, digest, is_meta,
+                    load_checkpoint_model, load_model, load_tokenizer, local_copy, model_source,
+                    skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule
@@ -131,6 +132,7 @@ class Attempt:
         self.base_sha = distributed.broadcast_object(
             digest(self.base_path) if self.dist.is_main else None)
         check_digest(spec.base_model, self.base_sha)
+        check_recorded_digest(spec.base_model.uri, cfg.base_sha256, self.base_sha)
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
         _check_tokenizer_version(spec.tokenizer.version, tokenizer_hash(self.tokenizer),
                                  spec.tokenizer.uri or spec.base_model.uri)
@@ -423,8 +425,16 @@ class Attempt:
         self.events.emit(CheckpointSaved, step=saved.step, tokens=saved.tokens,
                          name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds)
         if saved.evals is not None:
-            self.events.emit(Evaluated, step=saved.step, tokens=saved.tokens, metrics=saved.evals,
-                             checkpoint=checkpoint_name(saved.step))
+            self._announce_eval(step=saved.step, tokens=saved.tokens, metrics=saved.evals,
+                                checkpoint=checkpoint_name(saved.step))
+
+    def _announce_eval(self, **fields: Any) -> None:
+        """An evaluation's event, and its durable record: the control plane reads every
+        evaluation from the records, whatever a metrics scrape happened to catch."""
+        event = self.events.emit(Evaluated, **fields)
+        if event is not None:
+            checkpoint.put_atomic(self.cfg.checkpoint_uri, eval_record_name(event.step),
+                                  event.model_dump_json(by_alias=True).encode())
 
     def _checkpoint_due(self) -> bool:
         return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
@@ -441,7 +451,7 @@ class Attempt:
             # plane acting on it (a rollback kills this attempt) finds the checkpoint it names.
             self.save(evals or {}, train_loss, evaluation=evals)
         elif evals is not None:
-            self.events.emit(Evaluated, step=self.step, tokens=self.tokens, metrics=evals)
+            self._announce_eval(step=self.step, tokens=self.tokens, metrics=evals)
 
     # ------------------------------------------------------------------------------- run
     def _agree_stop(self) -> bool:
@@ -463,15 +473,18 @@ class Attempt:
         """Set up, announce the attempt, and measure the base once when starting from it."""
         self.setup()
         cfg = self.cfg
-        self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
-                         restore_from=self.start.uri, world_size=self.dist.world_size,
-                         metrics_url=self.metrics.url)
+        started = self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
+                                   restore_from=self.start.uri, world_size=self.dist.world_size,
+                                   metrics_url=self.metrics.url, base_sha256=self.base_sha)
+        if started is not None:  # where the control plane learns the digest the run records
+            checkpoint.put_atomic(cfg.checkpoint_uri, STARTED,
+                                  started.model_dump_json(by_alias=True).encode())
         self.metrics.up(True)
         self.metrics.gates(self.spec, {})
         if self.evaluator is not None and self.start.uri is None and self.step == 0:
             base = self.evaluate(is_base=True)
             self.metrics.gates(self.spec, base)
-            self.events.emit(Evaluated, step=0, tokens=0, metrics=base, is_base=True)
+            self._announce_eval(step=0, tokens=0, metrics=base, is_base=True)
 
     def advance(self) -> int | None:
         """One optimizer step and everything a step owes: metrics, events, anomaly handling,

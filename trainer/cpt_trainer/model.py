@@ -74,6 +74,15 @@ def check_digest(base: BaseModelSpec, actual: str) -> None:
                       f"is {base.sha256}: refusing to train a different model than the one named")
 
 
+def check_recorded_digest(uri: str, recorded: str | None, actual: str) -> None:
+    """Refuse a base whose bytes changed since the run recorded their digest at its first
+    start: checkpoints, baselines and the KL reference all assume one base."""
+    if recorded and recorded != actual:
+        raise Refused(f"base model {uri} has changed: its sha256 is now {actual}, but this run "
+                      f"recorded sha256 {recorded} at its first start; the base is immutable, so "
+                      "restore the original files or start a new run for the new base")
+
+
 def model_source(base: BaseModelSpec, path: str) -> tuple[str, str | None]:
     """(directory to load from, GGUF file name in it or None) for a local base path."""
     if base.format == ModelFormat.gguf:

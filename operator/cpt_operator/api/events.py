@@ -20,6 +20,8 @@ class Started(SpecModel):
     restore_from: str | None = None
     world_size: int = 1
     metrics_url: str | None = None
+    base_sha256: str | None = None
+    """Digest of the base's bytes this attempt verified (the run records the first one)."""
     time: float
 
 

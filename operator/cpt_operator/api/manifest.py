@@ -33,6 +33,14 @@ CONFIG = "trainer-config.json"
 """The resolved config of the attempt that wrote the checkpoint."""
 PINNED = "pinned.json"
 """At the checkpoint root: names the control plane forbids pruning."""
+EVALS_DIR = "evals"
+"""In each attempt's folder (`<checkpoint_uri>/evals/step-XXXXXXXX.json`): one record per
+evaluation, the `Evaluated` event as JSON, written once (atomically) when the evaluation is
+announced. Prometheus only holds the latest value of a gauge, so two evaluations between scrapes
+would hide the first; the control plane reads every evaluation from these records."""
+STARTED = "started.json"
+"""In each attempt's folder: the attempt's `Started` event, written once it has verified its
+start point; it carries the base's digest the run records at its first start."""
 MODEL_FILES = ("config.json", "generation_config.json")
 """The model's architecture at the top (with the tokenizer files), so a checkpoint says what
 it holds without loading it."""
@@ -71,6 +79,19 @@ def is_model_file(rel: str) -> bool:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def eval_record_name(step: int) -> str:
+    """Path of an evaluation record, relative to the attempt's folder."""
+    return f"{EVALS_DIR}/{checkpoint_name(step)}.json"
+
+
+_RECORD = re.compile(r"^step-(\d{8})\.json$")
+
+
+def is_eval_record(name: str) -> bool:
+    """A committed record (not a temporary file of one being written)."""
+    return _RECORD.match(name.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
 def step_of(name: str) -> int | None:

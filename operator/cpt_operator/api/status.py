@@ -112,6 +112,9 @@ class CptRunStatus(SpecModel):
     history: list[RollbackRecord] = Field(default_factory=list)
     base_metrics: dict[str, float] = Field(default_factory=dict)
     """The base model's reference evaluation (`suite.metric` -> value), measured once."""
+    base_sha256: str | None = None
+    """Digest of the base's bytes, recorded at the first start; every later attempt refuses a
+    base whose bytes differ (the base is immutable)."""
     frontier: list[str] = Field(default_factory=list)
     checkpoints: list[CheckpointSummary] = Field(default_factory=list)
     handled_alerts: list[str] = Field(default_factory=list)

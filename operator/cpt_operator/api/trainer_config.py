@@ -29,6 +29,9 @@ class TrainerConfig(SpecModel):
     plane sets fullState to continue a run (resume, rollback to a checkpoint) and weightsOnly to
     start over from the base."""
     overrides: Overrides = Field(default_factory=Overrides)
+    base_sha256: str | None = None
+    """The base's digest the run recorded at its first start (status.baseSha256): a base whose
+    bytes now differ is refused. None on the first start, which records it."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of rank 0's Prometheus endpoint; 0 = pick a free one and write it to the run dir."""
 

@@ -120,7 +120,7 @@ def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings
                          run_dir=f"{WORK_DIR}/attempt-{action.number:03d}",
                          checkpoint_uri=attempt_dir(root, action.number), restore_from=restore,
                          restore_mode=action.restore_mode, overrides=action.overrides,
-                         metrics_port=settings.trainer_metrics_port)
+                         base_sha256=action.base_sha256, metrics_port=settings.trainer_metrics_port)
 
 
 def config_map(run: RunRef, attempt: int, config: TrainerConfig) -> Object:

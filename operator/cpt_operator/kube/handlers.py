@@ -31,6 +31,7 @@ from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
+from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints, pin
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .client import Conflict, KubeClient, NotOurs, Rejected, load_config
@@ -61,6 +62,8 @@ class Runtime:
     prometheus: PrometheusReader | None
     metrics: OperatorMetrics
     caches: dict[str, PointCache] = field(default_factory=dict)
+    records: dict[str, RunRecords] = field(default_factory=dict)
+    """Per run: its trainers' records read so far (each file is read once)."""
     pinned: dict[str, tuple[str, ...]] = field(default_factory=dict)
     shapes: dict[str, tuple[tuple[int | None, str], ModelShape | str]] = field(default_factory=dict)
     """Per run: ((generation, base uri), the base's shape or why it could not be read)."""
@@ -136,6 +139,13 @@ def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any],
         log.warning("%s/%s: Prometheus unavailable: %s", run.namespace, run.name, exc)
         return None, [cache.points[k] for k in sorted(cache.points)]
     return series, cache.update(series.points, now)
+
+
+def _records(rt: Runtime, run: RunRef, root: str) -> Records:
+    reader = rt.records.get(run.uid)
+    if reader is None or reader.root != root.rstrip("/"):
+        reader = rt.records[run.uid] = RunRecords(root)
+    return reader.read()
 
 
 # -- acting ----------------------------------------------------------------------------------
@@ -280,11 +290,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         pods = rt.kube.pods(namespace, selector(run, number)) if number else []
         state = rt.launcher.attempt_state(number, job, pods)
         if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
-            series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()
+            series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
         else:
             series, points = _series(rt, run, body, number)
             refs = _checkpoints(root)
-        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs)
+            records = _records(rt, run, root)
+        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records)
         plan = reconcile(spec, status, obs)
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
@@ -387,5 +398,6 @@ def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.M
     log.info("%s/%s deleted: stopped %s; checkpoints are kept", namespace, name, ", ".join(stopped) or "nothing")
     rt.metrics.forget_run(run.uid, namespace, name)
     rt.caches.pop(run.uid, None)
+    rt.records.pop(run.uid, None)
     rt.pinned.pop(run.uid, None)
     rt.shapes.pop(run.uid, None)

@@ -1,8 +1,9 @@
 """Turn what the cluster, Prometheus and the checkpoint store say into the core's `Observed`.
 
-The checkpoint manifests are the ground truth for which checkpoint exists and how it evaluated:
-an evaluation seen in Prometheus at the step of a checkpoint is replaced by the manifest's,
-which also names the checkpoint (only such points can be rollback targets).
+The trainers' records are the ground truth for which evaluations happened (Prometheus may have
+scraped only some of them) and the checkpoint manifests for which checkpoint exists: an
+evaluation seen in Prometheus is replaced by its record, and at the step of a checkpoint by the
+manifest's, which also names the checkpoint (only such points can be rollback targets).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..api.alerts import AlertRef, decode_refs
 from ..policy.types import CheckpointEvals, EvalPoint
 from ..reconcile import AttemptState, Observed
+from ..records import Records, merge_points
 from ..store import CheckpointRef
 from .prometheus import TrainerSeries
 from .settings import ANNOTATION_ALERT, ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
@@ -31,19 +33,6 @@ def parse_time(value: str | None) -> float | None:
 def checkpoint_evals(refs: Sequence[CheckpointRef]) -> list[CheckpointEvals]:
     return [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
                             evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
-
-
-def merge_points(series: Iterable[EvalPoint], refs: Sequence[CheckpointRef]) -> list[EvalPoint]:
-    """Prometheus evaluations plus the manifests' (which win at the same attempt and step)."""
-    merged = {(p.attempt, p.step): p for p in series}
-    for ref in refs:
-        m = ref.manifest
-        if not m.evals:
-            continue
-        merged[(ref.attempt, m.step)] = EvalPoint(attempt=ref.attempt, step=m.step, tokens=m.tokens,
-                                                  metrics=dict(m.evals), checkpoint=ref.name,
-                                                  stable=m.stable)
-    return [merged[k] for k in sorted(merged)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,12 +94,16 @@ class PointCache:
 
 
 def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerSeries | None,
-             points: Sequence[EvalPoint], refs: Sequence[CheckpointRef]) -> Observed:
+             points: Sequence[EvalPoint], refs: Sequence[CheckpointRef],
+             records: Records | None = None) -> Observed:
     asks = requests(body.get("metadata", {}).get("annotations"))
+    records = records or Records()
     if series is not None and attempt.state != "absent":
         attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens)
-    return Observed(attempt=attempt, now=now_rfc3339(), base=dict(series.base) if series else {},
-                    points=merge_points(points, refs), anomalies=dict(series.anomalies) if series else {},
+    base = records.base or (dict(series.base) if series else {})
+    return Observed(attempt=attempt, now=now_rfc3339(), base=base, base_sha256=records.base_sha256,
+                    points=merge_points(points, records.points, refs),
+                    anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"))

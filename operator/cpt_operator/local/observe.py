@@ -1,4 +1,8 @@
-"""Turn a local run's files and processes into the reconcile core's `Observed`."""
+"""Turn a local run's files and processes into the reconcile core's `Observed`.
+
+The trainer's events.jsonl says how an attempt progresses and ends; its evaluations, the base's
+reference and digest come from the records in the checkpoint store, read and merged with the
+manifests exactly as the operator does (`cpt_operator.records`)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,9 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
-from ..policy.types import CheckpointEvals, EvalPoint
+from ..api.events import Anomaly, Finished, Progress, Started
+from ..policy.types import CheckpointEvals
 from ..reconcile import AttemptState, Observed
+from ..records import RunRecords, merge_points
 from ..store import list_checkpoints
 from .events import EventFollower
 from .launcher import TrainerProcess
@@ -25,8 +30,6 @@ class AttemptLog:
 
     number: int
     follower: EventFollower
-    points: list[EvalPoint] = field(default_factory=list)
-    base: dict[str, float] = field(default_factory=dict)
     anomalies: Counter[str] = field(default_factory=Counter)
     last_progress: Progress | None = None
     started: Started | None = None
@@ -39,14 +42,7 @@ class AttemptLog:
         return events
 
     def _take(self, ev: object) -> None:
-        if isinstance(ev, Evaluated):
-            if ev.is_base:
-                self.base = dict(ev.metrics)
-            else:
-                name = f"attempt-{self.number:03d}/{ev.checkpoint}" if ev.checkpoint else None
-                self.points.append(EvalPoint(attempt=self.number, step=ev.step, tokens=ev.tokens,
-                                             metrics=dict(ev.metrics), checkpoint=name))
-        elif isinstance(ev, Anomaly):
+        if isinstance(ev, Anomaly):
             self.anomalies[ev.kind] += 1
         elif isinstance(ev, Progress):
             self.last_progress = ev
@@ -60,6 +56,7 @@ class LocalObserver:
     def __init__(self, run_dir: RunDir, checkpoint_root: str):
         self.run_dir, self.checkpoint_root = run_dir, checkpoint_root
         self.logs: dict[int, AttemptLog] = {}
+        self.records = RunRecords(checkpoint_root)
 
     def log(self, number: int) -> AttemptLog:
         if number not in self.logs:
@@ -98,14 +95,14 @@ class LocalObserver:
                 rollback_to: str | None = None, resume: bool = False) -> Observed:
         for n in range(1, number + 1):
             self.log(n).update()
-        points = [p for log in self.logs.values() for p in log.points]
-        base = next((log.base for log in self.logs.values() if log.base), {})
         refs, _ = list_checkpoints(self.checkpoint_root)
+        records = self.records.read()
         checkpoints = [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
                                        evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
         anomalies = dict(self.log(number).anomalies) if number else {}
-        return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=base,
-                        points=points, anomalies=anomalies, checkpoints=checkpoints,
+        return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=records.base,
+                        base_sha256=records.base_sha256, points=merge_points((), records.points, refs),
+                        anomalies=anomalies, checkpoints=checkpoints,
                         stop_requested=stop, rollback_to=rollback_to, resume=resume)
 
     def problems(self) -> list[str]:

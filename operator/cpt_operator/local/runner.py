@@ -48,7 +48,7 @@ class LocalRun:
                              run_dir=str(self.dir.attempt(action.number)),
                              checkpoint_uri=attempt_dir(self.checkpoint_root, action.number),
                              restore_from=restore, restore_mode=action.restore_mode,
-                             overrides=action.overrides)
+                             overrides=action.overrides, base_sha256=action.base_sha256)
 
     def start(self, action: StartAttempt) -> None:
         folder = self.dir.attempt(action.number)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from cpt_operator.api.alerts import AlertRef, encode_refs
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
 from cpt_operator.kube.launcher import IndexedJobLauncher
-from cpt_operator.kube.observe import PointCache, merge_points, requests
+from cpt_operator.kube.observe import PointCache, requests
 from cpt_operator.kube.settings import Settings
 from cpt_operator.policy.types import EvalPoint
+from cpt_operator.records import merge_points
 from cpt_operator.store import CheckpointRef
 
 
@@ -22,7 +23,7 @@ def ref(attempt: int, step: int, evals: dict[str, float], stable: bool = True) -
 def test_the_manifest_wins_over_prometheus_at_the_same_step_and_names_the_checkpoint():
     series = [EvalPoint(attempt=1, step=50, metrics={"general.perplexity": 10.5}),
               EvalPoint(attempt=1, step=75, metrics={"general.perplexity": 11.0})]
-    merged = merge_points(series, [ref(1, 50, {"general.perplexity": 10.0}, stable=False)])
+    merged = merge_points(series, [], [ref(1, 50, {"general.perplexity": 10.0}, stable=False)])
     assert [(p.step, p.checkpoint, p.stable, dict(p.metrics)) for p in merged] == [
         (50, "attempt-001/step-00000050", False, {"general.perplexity": 10.0}),
         (75, None, True, {"general.perplexity": 11.0}),
@@ -30,7 +31,7 @@ def test_the_manifest_wins_over_prometheus_at_the_same_step_and_names_the_checkp
 
 
 def test_a_checkpoint_without_evaluations_adds_no_point():
-    assert merge_points([], [ref(1, 50, {})]) == []
+    assert merge_points([], [], [ref(1, 50, {})]) == []
 
 
 def test_the_cache_reads_the_whole_life_once_then_only_recent_windows():

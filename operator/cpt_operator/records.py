@@ -1,0 +1,125 @@
+"""Read what the trainers recorded in the run's storage: every evaluation and every start.
+
+Each attempt's folder (`<checkpoint root>/attempt-NNN/`, see `store`) holds `started.json` and
+`evals/step-XXXXXXXX.json` (names in `api.manifest`), each written once and never changed. They
+are the durable account of the evaluations: Prometheus gauges hold only the latest value, so
+two evaluations between scrapes would hide the first from the gates.
+
+Both backends read them through `RunRecords` (each file once: records are immutable) and merge
+them with what else they saw through `merge_points`: a point is one evaluation, identified by
+(attempt, step), so it counts once however many sources saw it.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, TypeVar
+
+import fsspec
+from pydantic import ValidationError
+
+from .api.events import Evaluated, Started
+from .api.manifest import EVALS_DIR, STARTED, is_eval_record
+from .api.storage import storage_options
+from .policy.types import EvalPoint
+from .store import CheckpointRef
+
+R = TypeVar("R", Evaluated, Started)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Records:
+    """What the records of a run say so far."""
+
+    points: list[EvalPoint] = field(default_factory=list)
+    """Evaluations of the model being trained, by attempt and step (the base's excluded)."""
+    base: dict[str, float] = field(default_factory=dict)
+    """The base model's reference evaluation (the first attempt that measured it)."""
+    base_sha256: str | None = None
+    """The base's digest as the first attempt that started verified it."""
+
+
+def _attempt_of(path: str) -> int | None:
+    name = posixpath.basename(path.rstrip("/"))
+    if not name.startswith("attempt-"):
+        return None
+    try:
+        return int(name[len("attempt-"):])
+    except ValueError:
+        return None
+
+
+class RunRecords:
+    """The records under one checkpoint root, each file read once across calls."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self._evals: dict[tuple[int, str], Evaluated] = {}
+        self._started: dict[int, Started] = {}
+
+    def read(self) -> Records:
+        fs, base = fsspec.core.url_to_fs(self.root, **storage_options(self.root))
+        for path in self._ls(fs, base):
+            attempt = _attempt_of(path)
+            if attempt is not None:
+                self._read_attempt(fs, path.rstrip("/"), attempt)
+        return self._records()
+
+    @staticmethod
+    def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+        fs.invalidate_cache(path)  # listings are cached per filesystem; trainers write behind our back
+        try:
+            return sorted(fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def _read_attempt(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int) -> None:
+        if attempt not in self._started:
+            started = self._parse(fs, f"{path}/{STARTED}", Started)
+            if started is not None:
+                self._started[attempt] = started
+        for file in self._ls(fs, f"{path}/{EVALS_DIR}"):
+            key = (attempt, posixpath.basename(file))
+            if key in self._evals or not is_eval_record(file):
+                continue
+            record = self._parse(fs, file, Evaluated)
+            if record is not None:
+                self._evals[key] = record
+
+    @staticmethod
+    def _parse(fs: fsspec.AbstractFileSystem, path: str, model: type[R]) -> R | None:
+        """The record, or None when it is absent or unreadable (a reader never sees a partial
+        record, so an unreadable one stays unreadable: it is skipped, not fatal)."""
+        try:
+            return model.model_validate_json(fs.cat_file(path))
+        except (FileNotFoundError, ValidationError, ValueError):
+            return None
+
+    def _records(self) -> Records:
+        points: list[EvalPoint] = []
+        base: dict[str, float] = {}
+        for (attempt, _), ev in sorted(self._evals.items()):
+            if ev.is_base:
+                base = base or dict(ev.metrics)
+            else:
+                points.append(EvalPoint(attempt=attempt, step=ev.step, tokens=ev.tokens,
+                                        metrics=dict(ev.metrics)))
+        digest = next((s.base_sha256 for _, s in sorted(self._started.items()) if s.base_sha256), None)
+        return Records(points=points, base=base, base_sha256=digest)
+
+
+def merge_points(scraped: Iterable[EvalPoint], recorded: Iterable[EvalPoint],
+                 refs: Sequence[CheckpointRef]) -> list[EvalPoint]:
+    """One point per (attempt, step): a scraped value is replaced by the record of the same
+    evaluation, and that by the checkpoint manifest's, which alone names a checkpoint (only a
+    checkpoint that exists can be a rollback target)."""
+    merged = {(p.attempt, p.step): p for p in scraped}
+    merged.update({(p.attempt, p.step): p for p in recorded})
+    for ref in refs:
+        m = ref.manifest
+        if not m.evals:
+            continue
+        merged[(ref.attempt, m.step)] = EvalPoint(attempt=ref.attempt, step=m.step, tokens=m.tokens,
+                                                  metrics=dict(m.evals), checkpoint=ref.name,
+                                                  stable=m.stable)
+    return [merged[k] for k in sorted(merged)]
