@@ -126,7 +126,7 @@ def test_extend_train_checkpoint_reload_restore_and_refuse(tmp_path, tiny_model_
                          restore_mode="weightsOnly")
     assert run(wrong) == 2, log_tail(wrong)
     finished = of("finished", events(wrong))[-1]
-    assert finished.reason == "error" and "tokenizer mismatch" in finished.message
+    assert finished.reason == "refused" and "tokenizer mismatch" in finished.message
     assert record["hash"] in finished.message and "extended with" in finished.message
     theirs = finished.message.rsplit("has hash ", 1)[1].split()[0]
     assert len(theirs) == 64 and theirs != record["hash"]

@@ -98,7 +98,7 @@ def test_mismatched_tokenizer_is_refused(tmp_path, tiny_model_dir, corpora):
                        restore_from=str(step3), restore_mode="fullState")
     assert run(bad) == 2, log_tail(bad)
     finished = of("finished", events(bad))[-1]
-    assert finished.reason == "error" and "tokenizer mismatch" in finished.message
+    assert finished.reason == "refused" and "tokenizer mismatch" in finished.message
     assert str(other) in finished.message and str(step3) in finished.message
 
 
@@ -222,7 +222,7 @@ def test_a_base_changed_after_the_first_start_is_refused_naming_both_digests(tmp
     finished = of("finished", events(second))[-1]
     changed = digest(str(base))
     assert changed != recorded
-    assert finished.message.startswith("refused:") and str(base) in finished.message
+    assert finished.reason == "refused" and str(base) in finished.message
     assert recorded in finished.message and changed in finished.message
 
     refused = AttemptState(number=2, state="failed", message=finished.message, refused=True)

@@ -602,7 +602,7 @@ def run_attempt(cfg: TrainerConfig) -> int:
         return attempt.run()
     except Refused as exc:
         log.error("refused: %s", exc)
-        attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="error",
+        attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="refused",
                             message=f"refused: {exc}")
         return EXIT_REFUSED
     except Exception as exc:

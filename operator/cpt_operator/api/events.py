@@ -75,7 +75,8 @@ class Finished(SpecModel):
     event: Literal["finished"] = "finished"
     step: int
     tokens: int
-    reason: Literal["budget", "interrupted", "anomaly", "error"]
+    reason: Literal["budget", "interrupted", "anomaly", "refused", "error"]
+    """`refused`: the trainer refused its config (exit code `EXIT_REFUSED`); the message says why."""
     message: str = ""
     time: float
 

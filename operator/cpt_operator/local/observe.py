@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..api.exit_codes import EXIT_REFUSED
 from ..api.events import Anomaly, Finished, Progress, Started
 from ..policy.types import CheckpointEvals
 from ..reconcile import AttemptState, Observed
@@ -77,7 +78,8 @@ class LocalObserver:
         if log.finished and log.finished.reason == "interrupted":
             return AttemptState(number=number, state="stopped", step=log.finished.step, tokens=log.finished.tokens)
         message = log.finished.message if log.finished else self._crash_message(number, proc)
-        refused = bool(log.finished and log.finished.message.startswith("refused:"))
+        refused = bool(log.finished and log.finished.reason == "refused") or \
+            (proc is not None and proc.poll() == EXIT_REFUSED)
         return AttemptState(number=number, state="failed", message=message, step=step, tokens=tokens,
                             refused=refused)
 
