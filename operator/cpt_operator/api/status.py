@@ -47,6 +47,10 @@ class Reason(str, Enum):
     """The planned per-GPU memory exceeds `resources.gpuMemory`; the message names the fix."""
     fits = "Fits"
     plan_unavailable = "PlanUnavailable"
+    waiting_for_pods = "WaitingForPods"
+    """Progressing: the next attempt waits until another attempt's pods are gone."""
+    stray_swept = "StrayAttemptSwept"
+    """Event: objects of an attempt other than status.attempt were deleted."""
 
 
 class Condition(SpecModel):

@@ -27,8 +27,9 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..store import CheckpointRef, list_checkpoints, pin
+from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .client import Conflict, KubeClient, NotOurs, load_config
 from .launcher import IndexedJobLauncher, Launcher
@@ -136,7 +137,7 @@ def _count_decisions(rt: Runtime, run: RunRef, before: CptRunStatus, after: CptR
 
 
 def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, Any], plan: Plan,
-               asks: Requests, before: CptRunStatus) -> None:
+               asks: Requests, before: CptRunStatus, attempts: Attempts) -> None:
     for action in plan.actions:
         if isinstance(action, StartAttempt):
             _start(rt, run, spec, action)
@@ -158,6 +159,11 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
                 rt.pinned[run.uid] = action.names
             except OSError as exc:
                 log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
+        elif isinstance(action, Sweep):
+            for number in action.numbers:
+                for kind, name in attempts.stray_objects.get(number, []):
+                    rt.kube.delete(run.namespace, kind, name)
+                rt.kube.delete_pods(run.namespace, selector(run, number), rt.settings.rollback_grace_s)
         elif isinstance(action, Emit):
             rt.emit(body, action.type, action.reason, action.message)
 
@@ -240,21 +246,21 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             _report_invalid(rt, run, body, status, str(exc))
             return None
         number = status.attempt
-        job = rt.kube.read_job(namespace, attempt_name(name, number)) if number else None
-        pods = rt.kube.pods(namespace, selector(run, number)) if number else []
-        state = rt.launcher.attempt_state(number, job, pods)
+        attempts = group(rt.kube.children(run), number)
+        state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
         if status.phase in TERMINAL_PHASES:  # nothing left to decide from metrics
             series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()
         else:
             series, points = _series(rt, run, body, number)
             refs = _checkpoints(root)
-        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs)
+        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs,
+                       pods_left=attempts.pods_left, strays=attempts.strays)
         plan = reconcile(spec, status, obs)
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
             return None
-        _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status)
+        _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status, attempts)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
                                _gpus(spec, plan, state.state))
         return plan

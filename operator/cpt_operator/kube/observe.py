@@ -95,7 +95,8 @@ class PointCache:
 
 
 def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerSeries | None,
-             points: Sequence[EvalPoint], refs: Sequence[CheckpointRef]) -> Observed:
+             points: Sequence[EvalPoint], refs: Sequence[CheckpointRef], pods_left: Sequence[int] = (),
+             strays: Mapping[int, Sequence[str]] | None = None) -> Observed:
     asks = requests(body.get("metadata", {}).get("annotations"))
     if series is not None and attempt.state != "absent":
         attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens)
@@ -103,4 +104,5 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
                     points=merge_points(points, refs), anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts,
-                    generation=body.get("metadata", {}).get("generation"))
+                    generation=body.get("metadata", {}).get("generation"), pods_left=tuple(pods_left),
+                    strays=dict(strays or {}))
