@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, cast
 
-import fsspec
 import kopf
 from pydantic import ValidationError
 
@@ -67,9 +66,18 @@ class Runtime:
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
+    manifests: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
+    """Per run: the checkpoints whose manifests were read, by name."""
+
     def lock(self, key: str) -> threading.Lock:
         with self.guard:
             return self.locks.setdefault(key, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        """Drop what was kept for a run that finished or was deleted; a finished run that is
+        resumed reads it all again."""
+        for per_run in (self.caches, self.pinned, self.shapes, self.manifests):
+            per_run.pop(uid, None)
 
     def record_alert(self, breach: Breach) -> bool:
         from kubernetes.client.exceptions import ApiException
@@ -96,12 +104,13 @@ def _load_status(raw: Mapping[str, Any]) -> CptRunStatus:
     return CptRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
 
 
-def _checkpoints(root: str) -> list[CheckpointRef]:
-    fs, _ = fsspec.core.url_to_fs(root)
-    fs.invalidate_cache()  # object-store listings are cached per filesystem; the trainer writes behind our back
-    refs, problems = list_checkpoints(root)
+def _checkpoints(rt: Runtime, run: RunRef, root: str) -> list[CheckpointRef]:
+    """The run's checkpoints; a manifest already read is not read again (it never changes once
+    written), only the listing that finds new ones is."""
+    refs, problems = list_checkpoints(root, known=rt.manifests.get(run.uid))
     for p in problems:
         log.debug("checkpoint %s skipped: %s", p.checkpoint, p.reason)
+    rt.manifests[run.uid] = {r.name: r for r in refs}
     return refs
 
 
@@ -252,7 +261,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()
         else:
             series, points = _series(rt, run, body, number)
-            refs = _checkpoints(root)
+            refs = _checkpoints(rt, run, root)
         obs = observed(body=body, attempt=state, series=series, points=points, refs=refs,
                        pods_left=attempts.pods_left, strays=attempts.strays)
         plan = reconcile(spec, status, obs)
@@ -261,6 +270,8 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
             return None
         _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status, attempts)
+        if plan.status.phase in TERMINAL_PHASES:
+            rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
                                _gpus(spec, plan, state.state))
         return plan
@@ -325,9 +336,23 @@ def on_change(*, namespace: str | None, name: str | None, memo: kopf.Memo,
     _pass(memo, namespace, name, logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False)
+def finished(status: Mapping[str, Any] | None) -> bool:
+    return (status or {}).get("phase") in {p.value for p in TERMINAL_PHASES}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False,
+            when=lambda status, **_: not finished(status))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
              logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    _pass(memo, namespace, name, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
+            initial_delay=SETTINGS.finished_interval_s, when=lambda status, **_: finished(status))
+def on_finished_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
+                      logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    """A finished run is looked at rarely: kopf stops one timer and starts the other as the
+    phase changes (its filters are matched on every change of the run)."""
     _pass(memo, namespace, name, logger)
 
 
@@ -350,6 +375,6 @@ def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.M
     stopped = [job for job in rt.kube.run_jobs(run) if rt.kube.delete_job(namespace, job)]
     log.info("%s/%s deleted: stopped %s; checkpoints are kept", namespace, name, ", ".join(stopped) or "nothing")
     rt.metrics.forget_run(run.uid, namespace, name)
-    rt.caches.pop(run.uid, None)
-    rt.pinned.pop(run.uid, None)
-    rt.shapes.pop(run.uid, None)
+    rt.forget(run.uid)
+    with rt.guard:
+        rt.locks.pop(f"{namespace}/{name}", None)
