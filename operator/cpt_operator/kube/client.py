@@ -132,13 +132,15 @@ class KubeClient:
         self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector,
                                                    grace_period_seconds=grace_s)
 
-    def children(self, run: RunRef) -> dict[str, list[dict[str, Any]]]:
-        """Every Job, pod, ConfigMap and Service labelled with the run, by kind (pods are the
-        Jobs' and are taken by label; the others only when the run owns them)."""
+    def children(self, run: RunRef, kinds: tuple[str, ...] = ("Job", "Pod", "ConfigMap", "Service")
+                 ) -> dict[str, list[dict[str, Any]]]:
+        """The run's objects of these kinds, labelled with it, by kind (pods are the Jobs' and
+        are taken by label; the others only when the run owns them)."""
         lists = {"Job": self.batch.list_namespaced_job, "Pod": self.core.list_namespaced_pod,
                  "ConfigMap": self.core.list_namespaced_config_map, "Service": self.core.list_namespaced_service}
         found: dict[str, list[dict[str, Any]]] = {}
-        for kind, list_ in lists.items():
+        for kind in kinds:
+            list_ = lists[kind]
             items = _raw(list_(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
                                _preload_content=False)).get("items") or []
             found[kind] = [o for o in items if kind == "Pod" or _owned_by(o, run.uid)]

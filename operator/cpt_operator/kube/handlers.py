@@ -237,6 +237,20 @@ def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
 
 
 # -- one pass --------------------------------------------------------------------------------
+def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus) -> Attempts:
+    """The run's objects by attempt. While its attempt runs undisturbed (most passes) Jobs and
+    pods tell everything that matters; ConfigMaps and Services, which hold no pods, are also
+    listed on every pass that may start an attempt (so none is adopted with a stale config) or
+    follows a change, and on a finished run's passes, where their leftovers are swept."""
+    found = rt.kube.children(run, ("Job", "Pod"))
+    attempts = group(found, status.attempt)
+    steady = status.phase == Phase.running and not attempts.strays and \
+        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
+    if steady:
+        return attempts
+    return group({**found, **rt.kube.children(run, ("ConfigMap", "Service"))}, status.attempt)
+
+
 def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
@@ -255,7 +269,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             _report_invalid(rt, run, body, status, str(exc))
             return None
         number = status.attempt
-        attempts = group(rt.kube.children(run), number)
+        attempts = _attempts(rt, run, status)
         state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
         if status.phase in TERMINAL_PHASES:  # nothing left to decide from metrics
             series, points, refs = None, list[EvalPoint](), list[CheckpointRef]()

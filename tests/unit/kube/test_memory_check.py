@@ -27,8 +27,8 @@ class FakeKube:
     def read_run(self, namespace: str, name: str) -> dict[str, Any]:
         return json.loads(json.dumps(self.body))
 
-    def children(self, run: RunRef) -> dict[str, list[Object]]:
-        return {kind: [o for o in self.created if o["kind"] == kind] for kind in ("Job", "ConfigMap", "Service")}
+    def children(self, run: RunRef, kinds: tuple[str, ...]) -> dict[str, list[Object]]:
+        return {kind: [o for o in self.created if o["kind"] == kind] for kind in kinds}
 
     def ensure(self, obj: Object, owner: RunRef) -> bool:
         self.created.append(obj)
