@@ -21,7 +21,7 @@ from typing import Literal, Mapping, Sequence, Union
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
-                         Overrides, Phase, RollbackRecord)
+                         Overrides, Phase, Reason, RollbackRecord)
 from .policy import decide, select_checkpoint
 from .policy.alerts import due
 from .policy.decide import Trigger, act
@@ -66,6 +66,12 @@ class Observed:
     alerts: Sequence[AlertRef] = ()
     """Breaches an external alert (Alertmanager, a dashboard) reported, each bound to an attempt;
     acted on like a gate of the spec that fired, with that gate's action and adjustments."""
+    pods_left: Sequence[int] = ()
+    """Attempts, the current one included, some of whose pods have not terminated yet (a failed
+    Job's other pods still shutting down, a stopped or swept attempt's pods in their grace)."""
+    strays: Mapping[int, Sequence[str]] = field(default_factory=dict)
+    """Attempts other than status.attempt whose objects still exist, with the kinds found: an
+    older attempt's leftovers, or a newer one created by a pass that never recorded it."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,14 @@ class Emit:
     message: str
 
 
-ActionT = Union[StartAttempt, StopAttempt, Pin, Emit]
+@dataclass(frozen=True)
+class Sweep:
+    """Delete every object and pod of these attempts (none of them is status.attempt)."""
+
+    numbers: tuple[int, ...]
+
+
+ActionT = Union[StartAttempt, StopAttempt, Pin, Emit, Sweep]
 
 
 @dataclass(frozen=True)
@@ -235,6 +248,37 @@ def _restart_after_failure(p: _Planner, message: str) -> None:
     p.start(_latest_in_lineage(p), f"restart {st.restarts}/{limit} after: {message}")
 
 
+def _sweep(p: _Planner) -> None:
+    """Objects of any attempt but the current one go, whatever the phase: an older attempt's
+    leftovers, or a newer attempt whose start was never recorded in status (an operator killed
+    between creating it and writing status), which a later start must not adopt as its own."""
+    strays = p.obs.strays
+    if not strays:
+        return
+    p.actions.append(Sweep(tuple(sorted(strays))))
+    for number in sorted(strays):
+        kinds = ", ".join(sorted(set(strays[number])))
+        if number > p.status.attempt:
+            p.emit("Warning", Reason.stray_swept.value, f"deleted attempt {number} ({kinds}): it was created "
+                   f"but never recorded in status, whose attempt is {p.status.attempt}")
+        else:
+            p.emit("Normal", Reason.stray_swept.value, f"deleted what was left of attempt {number} ({kinds})")
+
+
+def _must_wait(p: _Planner) -> bool:
+    """True while another attempt could still hold pods (and GPUs): the next attempt starts only
+    once they are gone, so at most one attempt's pods run at any time. Nothing is decided
+    meanwhile; the pass that finds them gone decides afresh."""
+    obs = p.obs
+    busy = {*obs.pods_left, *obs.strays, *([obs.attempt.number] if obs.attempt.state == "running" else [])}
+    if not busy:
+        return False
+    which = ", ".join(str(n) for n in sorted(busy))
+    set_condition(p.status, ConditionType.progressing, True, Reason.waiting_for_pods.value,
+                  f"the next attempt starts once the pods of attempt {which} are gone", obs.now)
+    return True
+
+
 def _running(p: _Planner) -> None:
     attempt = p.obs.attempt
     if attempt.state == "running":
@@ -249,6 +293,8 @@ def _running(p: _Planner) -> None:
         set_condition(p.status, ConditionType.progressing, False, "Interrupted", p.status.message, p.obs.now)
     elif attempt.refused:
         p.finish(Phase.failed, "Refused", f"attempt {attempt.number}: {attempt.message}")
+    elif _must_wait(p):  # a failed Job's other pods are still stopping (its FailureTarget comes first)
+        return
     else:  # failed, or gone without a trace (node loss, deleted Job)
         _restart_after_failure(p, attempt.message or f"attempt {attempt.number} is {attempt.state}")
 
@@ -316,9 +362,11 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     st.observed_generation = obs.generation if obs.generation is not None else st.observed_generation
     set_condition(st, ConditionType.spec_valid, True, "Valid", "spec accepted", obs.now)
     _summaries(p)
+    _sweep(p)
     if st.phase in TERMINAL_PHASES:
         if obs.resume and st.phase == Phase.stopped:
-            p.start(_latest_in_lineage(p), "resumed")
+            if not _must_wait(p):
+                p.start(_latest_in_lineage(p), "resumed")
         else:
             p.stop_attempt(f"run is {st.phase.value}")
         return Plan(tuple(p.actions), st)
@@ -330,10 +378,12 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     elif obs.rollback_to:
         _manual_rollback(p, obs.rollback_to)
     elif st.phase == Phase.pending:
-        p.start(None, "first attempt")
+        if not _must_wait(p):
+            p.start(None, "first attempt")
     elif st.phase == Phase.rolling_back and obs.attempt.state != "running":
-        p.start(st.restore_from, f"after rollback {st.rollbacks}",
-                None if st.restore_from else _base_mode(spec))
+        if not _must_wait(p):
+            p.start(st.restore_from, f"after rollback {st.rollbacks}",
+                    None if st.restore_from else _base_mode(spec))
     elif st.phase == Phase.rolling_back:
         # level-triggered: a stop lost between recording the rollback and carrying it out
         # (a crash, a restart) is issued again rather than waited on forever

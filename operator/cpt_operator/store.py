@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass
+from typing import Mapping
 
 import fsspec
 from pydantic import ValidationError
@@ -68,9 +69,16 @@ def _check(fs: fsspec.AbstractFileSystem, path: str, uri: str, name: str) -> Che
     return CheckpointRef(name, uri, manifest)
 
 
-def list_checkpoints(root: str) -> tuple[list[CheckpointRef], list[Problem]]:
-    """Every usable checkpoint under a run's checkpoint root, oldest first, and what was skipped."""
+def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
+                     ) -> tuple[list[CheckpointRef], list[Problem]]:
+    """Every usable checkpoint under a run's checkpoint root, oldest first, and what was skipped.
+
+    `known`: checkpoints listed before, by name. A checkpoint is immutable once its manifest
+    exists, so one still listed is taken from there without reading its manifest or sizes again;
+    only the listing (which finds new checkpoints, and drops deleted ones) is redone."""
     fs, base = _fs(root)
+    fs.invalidate_cache()  # object-store listings are cached per filesystem; the trainer writes behind our back
+    known = known or {}
     if not fs.exists(base):
         return [], []
     found: list[CheckpointRef] = []
@@ -81,7 +89,8 @@ def list_checkpoints(root: str) -> tuple[list[CheckpointRef], list[Problem]]:
                 continue
             name = f"{posixpath.basename(attempt_path)}/{posixpath.basename(ckpt_path)}"
             uri = f"{root.rstrip('/')}/{name}"
-            result = _check(fs, ckpt_path, uri, name)
+            seen = known.get(name)
+            result = seen if seen is not None and seen.uri == uri else _check(fs, ckpt_path, uri, name)
             (found if isinstance(result, CheckpointRef) else problems).append(result)  # type: ignore[arg-type]
     found.sort(key=lambda c: (c.attempt, c.manifest.step))
     return found, problems

@@ -50,6 +50,10 @@ class Reason(str, Enum):
     invalid_object = "InvalidObject"
     """The API server refused an object of the attempt (a bad quantity, an oversized config):
     not retried until the spec changes; the message is the API server's."""
+    waiting_for_pods = "WaitingForPods"
+    """Progressing: the next attempt waits until another attempt's pods are gone."""
+    stray_swept = "StrayAttemptSwept"
+    """Event: objects of an attempt other than status.attempt were deleted."""
 
 
 class Condition(SpecModel):

@@ -86,6 +86,16 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
+def _gone_ok(delete: Callable[[], Any]) -> bool:
+    try:
+        delete()
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
 class KubeClient:
     def __init__(self, api_client: client.ApiClient | None = None,
                  timeout: float | tuple[float, float] = REQUEST_TIMEOUT_S):
@@ -166,6 +176,31 @@ class KubeClient:
         each its full terminationGracePeriodSeconds)."""
         self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector,
                                                    grace_period_seconds=grace_s, _request_timeout=self.timeout)
+
+    def children(self, run: RunRef, kinds: tuple[str, ...] = ("Job", "Pod", "ConfigMap", "Service")
+                 ) -> dict[str, list[dict[str, Any]]]:
+        """The run's objects of these kinds, labelled with it, by kind (pods are the Jobs' and
+        are taken by label; the others only when the run owns them)."""
+        lists = {"Job": self.batch.list_namespaced_job, "Pod": self.core.list_namespaced_pod,
+                 "ConfigMap": self.core.list_namespaced_config_map, "Service": self.core.list_namespaced_service}
+        found: dict[str, list[dict[str, Any]]] = {}
+        for kind in kinds:
+            list_ = lists[kind]
+            items = _raw(list_(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
+                               _preload_content=False)).get("items") or []
+            found[kind] = [o for o in items if kind == "Pod" or _owned_by(o, run.uid)]
+        return found
+
+    def delete(self, namespace: str, kind: str, name: str) -> bool:
+        """Delete a Job (its pods in the background), ConfigMap or Service; False if already gone."""
+        delete = {"Job": self.delete_job, "ConfigMap": self._delete_config_map, "Service": self._delete_service}[kind]
+        return delete(namespace, name)
+
+    def _delete_config_map(self, namespace: str, name: str) -> bool:
+        return _gone_ok(lambda: self.core.delete_namespaced_config_map(name, namespace))
+
+    def _delete_service(self, namespace: str, name: str) -> bool:
+        return _gone_ok(lambda: self.core.delete_namespaced_service(name, namespace))
 
     def run_jobs(self, run: RunRef) -> list[str]:
         listed = _raw(self.batch.list_namespaced_job(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, cast
 
-import fsspec
 import kopf
 from pydantic import ValidationError
 
@@ -30,9 +29,10 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints, pin
+from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .client import Conflict, KubeClient, NotOurs, Rejected, load_config
 from .launcher import IndexedJobLauncher, Launcher
@@ -71,9 +71,18 @@ class Runtime:
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
+    manifests: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
+    """Per run: the checkpoints whose manifests were read, by name."""
+
     def lock(self, key: str) -> threading.Lock:
         with self.guard:
             return self.locks.setdefault(key, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        """Drop what was kept for a run that finished or was deleted; a finished run that is
+        resumed reads it all again."""
+        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records):
+            per_run.pop(uid, None)
 
     def record_alert(self, alert: Alerted) -> Admission:
         from kubernetes.client.exceptions import ApiException
@@ -116,12 +125,13 @@ def _load_status(raw: Mapping[str, Any]) -> CptRunStatus:
     return CptRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
 
 
-def _checkpoints(root: str) -> list[CheckpointRef]:
-    fs, _ = fsspec.core.url_to_fs(root)
-    fs.invalidate_cache()  # object-store listings are cached per filesystem; the trainer writes behind our back
-    refs, problems = list_checkpoints(root)
+def _checkpoints(rt: Runtime, run: RunRef, root: str) -> list[CheckpointRef]:
+    """The run's checkpoints; a manifest already read is not read again (it never changes once
+    written), only the listing that finds new ones is."""
+    refs, problems = list_checkpoints(root, known=rt.manifests.get(run.uid))
     for p in problems:
         log.debug("checkpoint %s skipped: %s", p.checkpoint, p.reason)
+    rt.manifests[run.uid] = {r.name: r for r in refs}
     return refs
 
 
@@ -164,7 +174,7 @@ def _count_decisions(rt: Runtime, run: RunRef, before: CptRunStatus, after: CptR
 
 
 def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, Any], plan: Plan,
-               asks: Requests, before: CptRunStatus) -> None:
+               asks: Requests, before: CptRunStatus, attempts: Attempts) -> None:
     for action in plan.actions:
         if isinstance(action, StartAttempt):
             _start(rt, run, spec, action)
@@ -187,6 +197,11 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
                 rt.pinned[run.uid] = action.names
             except OSError as exc:
                 log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
+        elif isinstance(action, Sweep):
+            for number in action.numbers:
+                for kind, name in attempts.stray_objects.get(number, []):
+                    rt.kube.delete(run.namespace, kind, name)
+                rt.kube.delete_pods(run.namespace, selector(run, number), rt.settings.rollback_grace_s)
         elif isinstance(action, Emit):
             rt.emit(body, action.type, action.reason, action.message)
 
@@ -267,6 +282,20 @@ def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
 
 
 # -- one pass --------------------------------------------------------------------------------
+def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus) -> Attempts:
+    """The run's objects by attempt. While its attempt runs undisturbed (most passes) Jobs and
+    pods tell everything that matters; ConfigMaps and Services, which hold no pods, are also
+    listed on every pass that may start an attempt (so none is adopted with a stale config) or
+    follows a change, and on a finished run's passes, where their leftovers are swept."""
+    found = rt.kube.children(run, ("Job", "Pod"))
+    attempts = group(found, status.attempt)
+    steady = status.phase == Phase.running and not attempts.strays and \
+        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
+    if steady:
+        return attempts
+    return group({**found, **rt.kube.children(run, ("ConfigMap", "Service"))}, status.attempt)
+
+
 def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
@@ -286,16 +315,16 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             _report_invalid(rt, run, body, status, str(exc))
             return None
         number = status.attempt
-        job = rt.kube.read_job(namespace, attempt_name(name, number)) if number else None
-        pods = rt.kube.pods(namespace, selector(run, number)) if number else []
-        state = rt.launcher.attempt_state(number, job, pods)
+        attempts = _attempts(rt, run, status)
+        state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
         if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
             series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
         else:
             series, points = _series(rt, run, body, number)
-            refs = _checkpoints(root)
+            refs = _checkpoints(rt, run, root)
             records = _records(rt, run, root)
-        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records)
+        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
+                       pods_left=attempts.pods_left, strays=attempts.strays)
         plan = reconcile(spec, status, obs)
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
@@ -304,10 +333,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         if _starts(plan) and _refused_object(body, status):
             return None  # the API server refused this generation's objects: wait for a new spec
         try:
-            _carry_out(rt, run, spec, body, plan, asks, status)
+            _carry_out(rt, run, spec, body, plan, asks, status, attempts)
         except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done
             _report_invalid(rt, run, body, status, str(exc), Reason.invalid_object)
             return None
+        if plan.status.phase in TERMINAL_PHASES:
+            rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
                                _gpus(spec, plan, state.state))
         return plan
@@ -372,9 +403,23 @@ def on_change(*, namespace: str | None, name: str | None, memo: kopf.Memo,
     _pass(memo, namespace, name, logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False)
+def finished(status: Mapping[str, Any] | None) -> bool:
+    return (status or {}).get("phase") in {p.value for p in TERMINAL_PHASES}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False,
+            when=lambda status, **_: not finished(status))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
              logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    _pass(memo, namespace, name, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
+            initial_delay=SETTINGS.finished_interval_s, when=lambda status, **_: finished(status))
+def on_finished_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
+                      logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    """A finished run is looked at rarely: kopf stops one timer and starts the other as the
+    phase changes (its filters are matched on every change of the run)."""
     _pass(memo, namespace, name, logger)
 
 
@@ -397,7 +442,6 @@ def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.M
     stopped = [job for job in rt.kube.run_jobs(run) if rt.kube.delete_job(namespace, job)]
     log.info("%s/%s deleted: stopped %s; checkpoints are kept", namespace, name, ", ".join(stopped) or "nothing")
     rt.metrics.forget_run(run.uid, namespace, name)
-    rt.caches.pop(run.uid, None)
-    rt.records.pop(run.uid, None)
-    rt.pinned.pop(run.uid, None)
-    rt.shapes.pop(run.uid, None)
+    rt.forget(run.uid)
+    with rt.guard:
+        rt.locks.pop(f"{namespace}/{name}", None)

@@ -14,6 +14,7 @@ from ..api.exit_codes import EXIT_REFUSED
 from ..api.spec import CptRunSpec
 from ..api.trainer_config import TrainerConfig
 from ..reconcile import AttemptState
+from .attempts import alive
 from .builders import (CONFIG_DIR, CONFIG_FILE, LABEL_QUEUE, WORK_DIR, Object, RunRef, attempt_name,
                        config_map, headless_service, labels, metadata)
 from .settings import Settings
@@ -183,10 +184,6 @@ def _failure_message(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) 
     return "job failed"
 
 
-def _alive(pod: Mapping[str, Any]) -> bool:
-    return pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
-
-
 class IndexedJobLauncher:
     kind = "Job"
 
@@ -205,7 +202,7 @@ class IndexedJobLauncher:
         if number == 0:
             return AttemptState(number=0, state="absent")
         if workload is None or workload.get("metadata", {}).get("deletionTimestamp"):
-            if any(_alive(p) for p in pods):
+            if any(alive(p) for p in pods):
                 return AttemptState(number=number, state="running")
             return AttemptState(number=number, state="absent",
                                 message=f"the Job of attempt {number} is gone (deleted, or its node was lost)")

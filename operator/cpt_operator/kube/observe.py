@@ -95,7 +95,8 @@ class PointCache:
 
 def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerSeries | None,
              points: Sequence[EvalPoint], refs: Sequence[CheckpointRef],
-             records: Records | None = None) -> Observed:
+             records: Records | None = None, pods_left: Sequence[int] = (),
+             strays: Mapping[int, Sequence[str]] | None = None) -> Observed:
     asks = requests(body.get("metadata", {}).get("annotations"))
     records = records or Records()
     if series is not None and attempt.state != "absent":
@@ -106,4 +107,5 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
                     anomalies=dict(series.anomalies) if series else {},
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
-                    generation=body.get("metadata", {}).get("generation"))
+                    generation=body.get("metadata", {}).get("generation"), pods_left=tuple(pods_left),
+                    strays=dict(strays or {}))

@@ -35,7 +35,11 @@ class Settings:
     webhook_port: int = 8081
     health_port: int = 8082
     interval_s: float = 5.0
-    """How often each run is reconciled (observe -> decide -> act)."""
+    """How often each active run is reconciled (observe -> decide -> act)."""
+    finished_interval_s: float = 300.0
+    """How often a finished (Succeeded, Failed, Stopped) run is: nothing is left to decide from
+    its metrics; the pass only makes sure its attempt is gone and sweeps what is left of others
+    (a change of the run or an event of its Jobs still triggers a pass at once)."""
     trainer_metrics_port: int = 9400
     rdzv_port: int = 29500
     run_as_user: int = 1000
@@ -59,6 +63,7 @@ class Settings:
             webhook_port=int(env.get("CPT_WEBHOOK_PORT") or 8081),
             health_port=int(env.get("CPT_HEALTH_PORT") or 8082),
             interval_s=float(env.get("CPT_RECONCILE_INTERVAL") or 5.0),
+            finished_interval_s=float(env.get("CPT_FINISHED_INTERVAL") or 300.0),
         )
 
 

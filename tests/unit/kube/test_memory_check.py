@@ -36,11 +36,8 @@ class FakeKube:
     def read_run(self, namespace: str, name: str) -> dict[str, Any]:
         return json.loads(json.dumps(self.body))
 
-    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return next((o for o in self.created if o["kind"] == "Job" and o["metadata"]["name"] == name), None)
-
-    def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        return []
+    def children(self, run: RunRef, kinds: tuple[str, ...]) -> dict[str, list[Object]]:
+        return {kind: [o for o in self.created if o["kind"] == kind] for kind in kinds}
 
     def ensure(self, obj: Object, owner: RunRef) -> bool:
         self.created.append(obj)

@@ -1,0 +1,45 @@
+"""The operator keeps per-run caches only while a run can still change: a finished run's
+entries go at its last pass, a deleted run's (lock included) when its finalizer runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from cpt_operator.kube.handlers import on_delete, reconcile_run
+from tests.unit.kube.cases import RUN
+from tests.unit.kube.test_memory_check import LLAMA3_8B_CONFIG, FakeKube, _body, _runtime
+
+
+class Kube(FakeKube):
+    def run_jobs(self, run: object) -> list[str]:
+        return [j["metadata"]["name"] for j in self.jobs()]
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        self.created = [o for o in self.created if not (o["kind"] == "Job" and o["metadata"]["name"] == name)]
+        return True
+
+
+def per_run(rt: object) -> dict[str, set[str]]:
+    return {m: set(getattr(rt, m)) for m in ("caches", "pinned", "shapes", "manifests")}
+
+
+def test_a_finished_run_leaves_nothing_behind_in_the_runtime(tmp_path: Path) -> None:
+    kube = Kube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp"))
+    rt = _runtime(kube, [])
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    assert per_run(rt) == {"caches": {RUN.uid}, "pinned": set(), "shapes": {RUN.uid}, "manifests": {RUN.uid}}
+    [job] = kube.jobs()
+    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    plan = reconcile_run(rt, RUN.namespace, RUN.name)
+    assert plan is not None and plan.status.phase.value == "Succeeded"
+    assert per_run(rt) == {"caches": set(), "pinned": set(), "shapes": set(), "manifests": set()}
+
+
+def test_a_deleted_run_leaves_nothing_behind_in_the_runtime(tmp_path: Path) -> None:
+    kube = Kube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp"))
+    rt = _runtime(kube, [])
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    assert rt.locks
+    on_delete(body=kube.body, namespace=RUN.namespace, name=RUN.name, memo=SimpleNamespace(runtime=rt))
+    assert per_run(rt) == {"caches": set(), "pinned": set(), "shapes": set(), "manifests": set()}
+    assert rt.locks == {} and kube.jobs() == []
