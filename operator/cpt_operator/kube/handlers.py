@@ -34,7 +34,7 @@ from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints, pin
 from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
-from .client import Conflict, KubeClient, NotOurs, Rejected, load_config
+from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, load_config
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
@@ -382,7 +382,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # found at start-up instead of watching namespaces and CRDs (which would only log denials).
     settings.scanning.disabled = bool(SETTINGS.namespaces)
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 32
+    settings.execution.max_workers = WORKERS
     runtime = build_runtime(SETTINGS)
     memo.runtime = runtime
     start_http_server(SETTINGS.metrics_port, registry=runtime.metrics.registry)
