@@ -125,3 +125,23 @@ class CptRunStatus(SpecModel):
     """Keys of the alerts that acted, newest last (a bounded few): Alertmanager re-sends a firing
     alert, and the same breach must not act twice."""
     message: str = ""
+
+    def describe(self, run: str) -> str:
+        """What `cptctl status` prints, the same for a local run and a cluster run."""
+        o = self.overrides
+        lines = [
+            f"run:         {run}",
+            f"phase:       {self.phase.value}  {self.message}",
+            f"attempt:     {self.attempt} (from {self.restore_from or 'base'}; lr x{o.lr_scale:g}, "
+            f"replay +{o.replay_delta:g})",
+            f"progress:    step {self.step}, {self.tokens:,} tokens",
+            f"checkpoints: last {self.last_checkpoint or '-'}, last good {self.last_good_checkpoint or '-'}, "
+            f"chosen {self.best_checkpoint or '-'}",
+            f"rollbacks:   {self.rollbacks}, restarts: {self.restarts}",
+        ]
+        for rec in self.history:
+            value = f" {rec.metric}={rec.value:.4g} (baseline {rec.baseline:.4g})" \
+                if rec.value is not None and rec.baseline is not None else ""
+            lines.append(f"  - attempt {rec.attempt}: {rec.gate}{value} -> {rec.target}; {rec.reason}")
+        lines += [f"  {c.type}={c.status} ({c.reason}) {c.message}" for c in self.conditions]
+        return "\n".join(lines)

@@ -55,19 +55,7 @@ def show_status(run: str, *, namespace: str | None, kubeconfig: str | None, as_j
     if as_json:
         print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
         return 0
-    o = status.overrides
-    print(f"run:         {ns}/{run}")
-    print(f"phase:       {status.phase.value}  {status.message}")
-    print(f"attempt:     {status.attempt} (from {status.restore_from or 'base'}; lr x{o.lr_scale:g}, "
-          f"replay +{o.replay_delta:g})")
-    print(f"progress:    step {status.step}, {status.tokens:,} tokens")
-    print(f"checkpoints: last {status.last_checkpoint or '-'}, last good {status.last_good_checkpoint or '-'}, "
-          f"chosen {status.best_checkpoint or '-'}")
-    print(f"rollbacks:   {status.rollbacks}, restarts: {status.restarts}")
-    for rec in status.history:
-        print(f"  - attempt {rec.attempt}: {rec.gate} -> {rec.target}; {rec.reason}")
-    for cond in status.conditions:
-        print(f"  {cond.type}={cond.status} ({cond.reason}) {cond.message}")
+    print(status.describe(f"{ns}/{run}"))
     return 0
 
 

@@ -25,18 +25,7 @@ def show_status(run: str, *, as_json: bool = False) -> int:
     if as_json:
         print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
         return 0
-    print(f"phase:       {status.phase.value}  {status.message}")
-    print(f"attempt:     {status.attempt} (from {status.restore_from or 'base'}; lr x{status.overrides.lr_scale:g}, "
-          f"replay +{status.overrides.replay_delta:g})")
-    print(f"progress:    step {status.step}, {status.tokens:,} tokens")
-    print(f"checkpoints: last {status.last_checkpoint or '-'}, last good {status.last_good_checkpoint or '-'}, "
-          f"chosen {status.best_checkpoint or '-'}")
-    print(f"rollbacks:   {status.rollbacks}, restarts: {status.restarts}")
-    for rec in status.history:
-        value = f" {rec.metric}={rec.value:.4g} (baseline {rec.baseline:.4g})" if rec.value is not None and rec.baseline is not None else ""
-        print(f"  - attempt {rec.attempt}: {rec.gate}{value} -> {rec.target}; {rec.reason}")
-    for cond in status.conditions:
-        print(f"  {cond.type}={cond.status} ({cond.reason}) {cond.message}")
+    print(status.describe(rd.root.name))
     return 0
 
 
