@@ -267,6 +267,15 @@ def _starts(plan: Plan) -> bool:
     return any(isinstance(a, StartAttempt) for a in plan.actions)
 
 
+def _discard_starts(rt: Runtime, run: RunRef, plan: Plan) -> None:
+    """Delete what a refused start created before the refusal (its ConfigMap, its Service): the
+    attempt was never recorded, so nothing else would own them."""
+    for action in plan.actions:
+        if isinstance(action, StartAttempt):
+            for kind in ("ConfigMap", "Service", "Job"):
+                rt.kube.delete(run.namespace, kind, attempt_name(run.name, action.number))
+
+
 def _refused_object(body: Mapping[str, Any], status: CptRunStatus) -> bool:
     """The API server refused an attempt's objects at this spec generation: the same objects
     would be refused again, so none is sent until the spec changes."""
@@ -335,6 +344,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         try:
             _carry_out(rt, run, spec, body, plan, asks, status, attempts)
         except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done
+            _discard_starts(rt, run, plan)
             _report_invalid(rt, run, body, status, str(exc), Reason.invalid_object)
             return None
         if plan.status.phase in TERMINAL_PHASES:

@@ -34,6 +34,9 @@ class FakeKube:
     def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         return []
 
+    def children(self, run: RunRef, kinds: tuple[str, ...]) -> dict[str, list[Object]]:
+        return {kind: [o for o in self.created if o["kind"] == kind] for kind in kinds}
+
     def ensure(self, obj: Object, owner: RunRef) -> bool:
         self.sent += 1
         if obj["kind"] == "Job":
@@ -67,6 +70,11 @@ class FakeKube:
     def delete_job(self, namespace: str, name: str) -> bool:
         return True
 
+    def delete(self, namespace: str, kind: str, name: str) -> bool:
+        before = len(self.created)
+        self.created = [o for o in self.created if (o["kind"], o["metadata"]["name"]) != (kind, name)]
+        return len(self.created) < before
+
     def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
         pass
 
@@ -74,9 +82,12 @@ class FakeKube:
         return [o["metadata"]["name"] for o in self.created if o["kind"] == "Job"]
 
 
+pytestmark = pytest.mark.usefixtures("memory_object_store")
+
+
 def body(tmp_path: Path, **resources: Any) -> dict[str, Any]:
     spec = spec_doc(**resources)
-    spec["checkpoint"]["uri"] = str(tmp_path / "checkpoints")
+    spec["checkpoint"]["uri"] = f"gs://checkpoints/{tmp_path.name}"  # the memory_object_store stand-in
     return {"metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "generation": 1,
                          "resourceVersion": "1"}, "spec": spec}
 

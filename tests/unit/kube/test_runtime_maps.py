@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from cpt_operator.kube.handlers import on_delete, reconcile_run
 from tests.unit.kube.cases import RUN
 from tests.unit.kube.test_memory_check import LLAMA3_8B_CONFIG, FakeKube, _body, _runtime
+
+pytestmark = pytest.mark.usefixtures("memory_object_store")
 
 
 class Kube(FakeKube):
