@@ -27,9 +27,10 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile, set_condition
-from ..store import CheckpointRef, list_checkpoints, pin
+from ..reconcile import Emit, Plan, StartAttempt, StopAttempt, reconcile, set_condition
+from ..store import CheckpointRef, list_checkpoints
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
+from .checkpoints import foreign_owner, hold_start, starts, write_pins
 from .client import Conflict, KubeClient, NotOurs, load_config
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
@@ -152,12 +153,6 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
             rt.kube.delete_job(run.namespace, attempt_name(run.name, action.number))
             if not action.checkpoint:
                 rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
-        elif isinstance(action, Pin) and action.names and rt.pinned.get(run.uid) != action.names:
-            try:
-                pin(checkpoint_root(spec), list(action.names))
-                rt.pinned[run.uid] = action.names
-            except OSError as exc:
-                log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
         elif isinstance(action, Emit):
             rt.emit(body, action.type, action.reason, action.message)
 
@@ -166,7 +161,8 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, dict(body)))
 
 
-_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started"}
+_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started",
+            Reason.checkpoint_uri_in_use: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -253,6 +249,14 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
+            return None
+        problem = foreign_owner(run, spec, plan)
+        if problem is not None:
+            _report_invalid(rt, run, body, status, problem, Reason.checkpoint_uri_in_use)
+            return None
+        unpinned = write_pins(rt.pinned, run, spec, plan)
+        if unpinned is not None and starts(plan):
+            hold_start(rt.kube, run, body, status, unpinned)
             return None
         _carry_out(rt, run, spec, body, plan, requests(meta.get("annotations")), status)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
