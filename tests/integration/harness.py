@@ -38,7 +38,8 @@ def tiny_spec(model: Path, corpora: dict[str, Path], **overrides: Any) -> dict[s
 
 def write_config(tmp: Path, spec: dict[str, Any], *, attempt: int = 1, name: str = "t",
                  restore_from: str | None = None, restore_mode: str | None = None,
-                 checkpoints: Path | None = None, overrides: dict[str, float] | None = None) -> Path:
+                 checkpoints: Path | None = None, overrides: dict[str, float] | None = None,
+                 root: Path | None = None, run_uid: str | None = None) -> Path:
     run_dir = tmp / f"attempt-{attempt}"
     run_dir.mkdir(parents=True, exist_ok=True)
     doc = {"run": name, "attempt": attempt, "spec": spec, "runDir": str(run_dir),
@@ -49,6 +50,8 @@ def write_config(tmp: Path, spec: dict[str, Any], *, attempt: int = 1, name: str
         doc["restoreMode"] = restore_mode
     if overrides:
         doc["overrides"] = overrides
+    if root is not None:  # as the control plane runs it: a claimed root with pins
+        doc["checkpointRoot"], doc["runUid"] = str(root), run_uid
     cfg = TrainerConfig.model_validate(doc)
     path = run_dir / "trainer-config.json"
     path.write_text(cfg.dump_json())
