@@ -72,6 +72,9 @@ def _check(fs: fsspec.AbstractFileSystem, path: str, uri: str, name: str) -> Che
 def list_checkpoints(root: str) -> tuple[list[CheckpointRef], list[Problem]]:
     """Every usable checkpoint under a run's checkpoint root, oldest first, and what was skipped."""
     fs, base = _fs(root)
+    # Listings are cached per filesystem instance, and the trainer writes behind our back (as
+    # does `claim`, whose listing of the root would otherwise hide every later attempt folder).
+    fs.invalidate_cache()
     if not fs.exists(base):
         return [], []
     found: list[CheckpointRef] = []
