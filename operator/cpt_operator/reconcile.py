@@ -98,6 +98,9 @@ class StopAttempt:
 
 @dataclass(frozen=True)
 class Pin:
+    """Everything the run may still restore; retention must keep it. First in a plan that has
+    one: backends write it before they start an attempt, whose trainer may prune."""
+
     names: tuple[str, ...]
 
 
@@ -351,9 +354,6 @@ def _summaries(p: _Planner) -> None:
                                         on_frontier=c.name in selection.frontier,
                                         score=selection.scores.get(c.name))
                       for c in obs.checkpoints]
-    pins = tuple(sorted({*selection.frontier, *([st.last_good_checkpoint] if st.last_good_checkpoint else []),
-                         *([selection.chosen] if selection.chosen else [])}))
-    p.actions.append(Pin(pins))
 
 
 def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
@@ -369,7 +369,7 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
                 p.start(_latest_in_lineage(p), "resumed")
         else:
             p.stop_attempt(f"run is {st.phase.value}")
-        return Plan(tuple(p.actions), st)
+        return _plan(p)
     # Precedence: a person's request (stop, then rollback) before anything automatic; alerts
     # seen in the same pass are dropped with it (the caller clears them), and an alert that
     # arrives later is bound to the attempt it was about, which the request has ended.
@@ -392,7 +392,16 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
         # an alert about an attempt that already ended is dropped: the next one is judged afresh
         if not (obs.alerts and obs.attempt.state == "running" and _external_breach(p, obs.alerts)):
             _running(p)
-    return Plan(tuple(p.actions), st)
+    return _plan(p)
+
+
+def _plan(p: _Planner) -> Plan:
+    """The pass's actions behind the pins, computed from the final status so that a restore
+    point chosen in this very pass (rollback, restart, resume) is already among them."""
+    st = p.status
+    names = {*st.frontier, st.last_good_checkpoint, st.best_checkpoint, st.restore_from}
+    pins = tuple(sorted(n for n in names if n and n != BASE))
+    return Plan(((Pin(pins),) if pins else ()) + tuple(p.actions), st)
 
 
 def _base_mode(spec: CptRunSpec) -> RestoreMode:

@@ -1,4 +1,5 @@
-"""Read the checkpoint store (any fsspec URL) without torch: list checkpoints, pin, read manifests.
+"""Read the checkpoint store (any fsspec URL) without torch: list checkpoints, read manifests,
+claim a root for a run and pin what it may still restore (the trainer uses the same two).
 
 Layout: `<checkpoint root>/attempt-NNN/step-XXXXXXXX/` — one folder per attempt, so a rolled-back
 run never writes over the immutable checkpoints of the branch it abandoned. A checkpoint is
@@ -15,14 +16,14 @@ from typing import Mapping
 import fsspec
 from pydantic import ValidationError
 
-from .api.manifest import MANIFEST, FileEntry, Manifest, Problem, step_of, verify
+from .api.manifest import (MANIFEST, PINNED, RUN_RECORD, FileEntry, Manifest, Problem, attempt_folder,
+                           step_of, verify)
+from .api.ownership import Pins, RunRecord
 from .api.storage import storage_options
-
-PINNED = "pinned.json"
 
 
 def attempt_dir(root: str, attempt: int) -> str:
-    return f"{root.rstrip('/')}/attempt-{attempt:03d}"
+    return f"{root.rstrip('/')}/{attempt_folder(attempt)}"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
     exists, so one still listed is taken from there without reading its manifest or sizes again;
     only the listing (which finds new checkpoints, and drops deleted ones) is redone."""
     fs, base = _fs(root)
-    fs.invalidate_cache()  # object-store listings are cached per filesystem; the trainer writes behind our back
+    # Listings are cached per filesystem instance, and the trainer writes behind our back (as
+    # does `claim`, whose listing of the root would otherwise hide every later attempt folder).
+    fs.invalidate_cache()
     known = known or {}
     if not fs.exists(base):
         return [], []
@@ -96,15 +99,42 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
     return found, problems
 
 
-def pin(root: str, names: list[str]) -> None:
-    """Protect checkpoints from retention (last good, frontier): one pinned.json per attempt."""
+def claim(root: str, record: RunRecord) -> RunRecord:
+    """The run that owns `root`: `record` if the root had no owner yet (it is written now),
+    else the one recorded there. Create-if-absent, never replace. Object stores offer no
+    exclusive create here, so two runs claiming one empty root in the same instant could both
+    write; the read back makes the later writer see the winner and back off."""
     fs, base = _fs(root)
-    by_attempt: dict[str, list[str]] = {}
-    for name in names:
-        attempt, step = name.split("/", 1)
-        by_attempt.setdefault(attempt, []).append(step)
-    for attempt, steps in by_attempt.items():
-        path = f"{base}/{attempt}/{PINNED}"
-        if fs.exists(f"{base}/{attempt}"):
-            with fs.open(path, "w") as f:
-                json.dump(sorted(steps), f)
+    fs.invalidate_cache(base)  # a listing cached before another process wrote the record
+    path = f"{base}/{RUN_RECORD}"
+    if not fs.exists(path):
+        fs.makedirs(base, exist_ok=True)
+        fs.pipe_file(path, record.model_dump_json(by_alias=True).encode())
+        fs.invalidate_cache(base)
+    return RunRecord.model_validate_json(fs.cat_file(path))
+
+
+def owner(root: str) -> RunRecord | None:
+    """The run recorded at `root`, without claiming it (None: no record)."""
+    fs, base = _fs(root)
+    try:
+        return RunRecord.model_validate_json(fs.cat_file(f"{base}/{RUN_RECORD}"))
+    except FileNotFoundError:
+        return None
+
+
+def pin(root: str, names: list[str]) -> None:
+    """Replace the root's pins with `names` (`attempt-NNN/step-XXXXXXXX`): one PUT, so a reader
+    sees the old set or the new one, never a mixture."""
+    fs, base = _fs(root)
+    fs.makedirs(base, exist_ok=True)
+    fs.pipe_file(f"{base}/{PINNED}", Pins.of(names).model_dump_json(by_alias=True).encode())
+
+
+def pins(root: str) -> Pins:
+    """What the control plane pinned at `root` (empty when it has pinned nothing yet)."""
+    fs, base = _fs(root)
+    try:
+        return Pins.model_validate_json(fs.cat_file(f"{base}/{PINNED}"))
+    except FileNotFoundError:
+        return Pins()

@@ -1,4 +1,5 @@
-"""Checkpoints on a real S3 server (versitygw): written by 2 FSDP ranks, restored by 1, exported.
+"""Checkpoints on a real S3 server (versitygw): written by 2 FSDP ranks, restored by 1, exported;
+claimed by one CptRun, so that a second one on the same checkpoint.uri is refused.
 
 The trainer and the export tool get the endpoint and credentials from the standard AWS
 environment variables (as in test_data_s3.py); the spec names only `s3://` URIs. Every rank
@@ -18,10 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-from cpt_operator.api.manifest import checkpoint_name
+from cpt_operator.api.manifest import RUN_RECORD, checkpoint_name
 from cpt_trainer import checkpoint
 from cpt_trainer.model import load_checkpoint_model
 
+from tests.e2e.operator_harness import (OperatorProcess, condition, events as run_events, get_run,
+                                        install_crd, job_names, operator_env, status_of)
+from tests.e2e.test_operator import cptrun
 from tests.integration.harness import events, log_tail, of, run, tiny_spec, write_config
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -94,6 +98,46 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
         served = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
         saved = load_checkpoint_model(str(copy)).eval()(input_ids=ids).logits
     assert torch.equal(served, saved)
+
+
+@pytest.mark.cluster
+@pytest.mark.prometheus
+def test_a_second_cptrun_on_a_claimed_checkpoint_uri_gets_a_condition_and_no_job(
+        kube_cluster: Any, prometheus: Any, s3_server: Any, s3_bucket: str, namespace: str,
+        tmp_path: Path) -> None:
+    kube = kube_cluster
+    install_crd(kube)
+    operator = OperatorProcess(operator_env(kube, prometheus, s3_server), tmp_path / "operator.log").start()
+    try:
+        shared = {"uri": f"s3://{s3_bucket}/runs/shared", "every": 10}
+        kube.apply(cptrun("first", s3_bucket, checkpoint=shared), namespace=namespace)
+        kube.wait_for(lambda: job_names(kube, namespace, "first") == ["first-a1"], "job first-a1", timeout=30)
+        uid = get_run(kube, namespace, "first")["metadata"]["uid"]
+        record = json.loads(s3_server.filesystem().cat_file(f"{s3_bucket}/runs/shared/{RUN_RECORD}"))
+        assert record == {"uid": uid, "name": "first", "namespace": namespace}
+
+        kube.apply(cptrun("second", s3_bucket, checkpoint=shared), namespace=namespace)
+
+        def refused() -> dict[str, Any] | None:
+            cond = condition(status_of(kube, namespace, "second"), "SpecValid")
+            return cond if cond.get("status") == "False" else None
+
+        cond = kube.wait_for(refused, "second run refused", timeout=30)
+        assert cond["reason"] == "CheckpointUriInUse"
+        assert f"{namespace}/first (uid {uid})" in cond["message"]
+        assert job_names(kube, namespace, "second") == []
+        assert "CheckpointUriInUse" in {e["reason"] for e in run_events(kube, namespace, "second")}
+
+        # the API server keeps checkpoint.uri as it was created
+        moved = kube.kubectl_result("patch", "cptrun", "first", "-n", namespace, "--type", "merge", "-p",
+                                    json.dumps({"spec": {"checkpoint": {"uri": f"s3://{s3_bucket}/runs/elsewhere"}}}))
+        assert moved.returncode != 0 and "checkpoint.uri is immutable" in moved.stderr, moved.stderr
+        kept = kube.kubectl_result("patch", "cptrun", "first", "-n", namespace, "--type", "merge", "-p",
+                                   json.dumps({"spec": {"checkpoint": {"keep": 3}}}))
+        assert kept.returncode == 0, kept.stderr
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.tail(100)}")
 
 
 def _keys(client: Any, bucket: str, prefix: str) -> list[str]:

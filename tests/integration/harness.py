@@ -39,7 +39,8 @@ def tiny_spec(model: Path, corpora: dict[str, Path], **overrides: Any) -> dict[s
 def write_config(tmp: Path, spec: dict[str, Any], *, attempt: int = 1, name: str = "t",
                  restore_from: str | None = None, restore_mode: str | None = None,
                  checkpoints: Path | None = None, overrides: dict[str, float] | None = None,
-                 base_sha256: str | None = None) -> Path:
+                 base_sha256: str | None = None, root: Path | None = None,
+                 run_uid: str | None = None) -> Path:
     run_dir = tmp / f"attempt-{attempt}"
     run_dir.mkdir(parents=True, exist_ok=True)
     doc = {"run": name, "attempt": attempt, "spec": spec, "runDir": str(run_dir),
@@ -52,6 +53,8 @@ def write_config(tmp: Path, spec: dict[str, Any], *, attempt: int = 1, name: str
         doc["overrides"] = overrides
     if base_sha256:
         doc["baseSha256"] = base_sha256
+    if root is not None:  # as the control plane runs it: a claimed root with pins
+        doc["checkpointRoot"], doc["runUid"] = str(root), run_uid
     cfg = TrainerConfig.model_validate(doc)
     path = run_dir / "trainer-config.json"
     path.write_text(cfg.dump_json())

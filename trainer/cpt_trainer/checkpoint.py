@@ -18,6 +18,10 @@ rename; object stores: one PUT). A crash at any point leaves either no manifest 
 whose checksums match: never a checkpoint that looks valid and is not. Retention runs only
 after the new manifest exists and deletes a checkpoint manifest-first, so an interrupted delete
 leaves an (ignored, reported) incomplete directory.
+
+Ownership. Under a run's checkpoint root (`run.json`, `pinned.json`: `cpt_operator.api.ownership`)
+the trainer writes, prunes and restores only when the root belongs to its run, and retention
+keeps every checkpoint the control plane pinned.
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ from typing import Any, Iterator
 
 import fsspec
 
-from cpt_operator.api.manifest import (MANIFEST, PINNED, FileEntry, Lineage, Manifest, Problem,
-                                       checkpoint_name, step_of, verify, writer_rank)
+from cpt_operator import store
+from cpt_operator.api.manifest import (MANIFEST, FileEntry, Lineage, Manifest, Problem, checkpoint_name,
+                                       root_of, step_of, verify, writer_rank)
+from cpt_operator.api.ownership import RunRecord, owner_problem
 
 from .node_cache import node_cache
 
@@ -283,23 +289,34 @@ def _locked(path: str) -> Iterator[None]:
 
 # -------------------------------------------------------------------------------- retention
 
-def pinned(uri: str) -> set[str]:
-    """Checkpoint names the control plane pinned (last good, frontier): a JSON list of names or
-    URIs, or an object whose `pinned` list or keys name them."""
-    fs, root = _fs(uri)
-    if not fs.exists(f"{root}/{PINNED}"):
+def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str | None) -> str | None:
+    """Why `run` may not use its checkpoint root or restore `restore_from` (None: it may). The
+    root is claimed if nobody has yet (the control plane normally has, before the first attempt);
+    another run's root is only read."""
+    if root is None or run is None:
+        return None
+    problem = owner_problem(root, store.claim(root, run), run.uid)
+    source = root_of(restore_from) if restore_from else None
+    if problem is None and source is not None and source.rstrip("/") != root.rstrip("/"):
+        found = store.owner(source)
+        problem = owner_problem(source, found, run.uid) if found is not None else None
+    return problem
+
+
+def pinned(root: str | None, uri: str) -> set[str]:
+    """Checkpoint names under the attempt folder `uri` that the control plane pinned at `root`."""
+    if root is None or not uri.startswith(root.rstrip("/") + "/"):
         return set()
-    doc = json.loads(fs.cat_file(f"{root}/{PINNED}"))
-    names = doc.get("pinned", list(doc)) if isinstance(doc, dict) else doc
-    return {str(n).rstrip("/").rsplit("/", 1)[-1] for n in names}
+    return store.pins(root).steps_in(uri[len(root.rstrip("/")) + 1:])
 
 
 def prune(uri: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
-    """Delete valid checkpoints beyond the newest `keep`, except pinned and protected ones.
-    Incomplete directories are left for a person to look at (they are reported by listing)."""
+    """Delete valid checkpoints beyond the newest `keep`, except the protected ones (the pinned,
+    the one just written). Incomplete directories are left for a person to look at (they are
+    reported by listing)."""
     fs, root = _fs(uri)
     valid, _ = list_checkpoints(uri, deep=False)
-    spare = pinned(uri) | set(protect)
+    spare = set(protect)
     doomed = [name for name, _ in valid[:-keep] if name not in spare] if keep > 0 else []
     for name in doomed:
         fs.rm_file(f"{root}/{name}/{MANIFEST}")

@@ -112,8 +112,12 @@ class HostStager:
 
 
 class Checkpointer:
-    def __init__(self, uri: str, dist_info: Dist, *, keep: int, async_save: bool = True):
+    def __init__(self, uri: str, dist_info: Dist, *, keep: int, async_save: bool = True,
+                 root: str | None = None, restore_from: str | None = None):
         self.uri, self.dist, self.keep, self.async_save = uri, dist_info, keep, async_save
+        self.root = root
+        """The run's checkpoint root, whose pins retention keeps (None: no control plane)."""
+        self.restore_from = restore_from
         # Background collectives get their own group: the training step's collectives on the
         # default group would otherwise interleave with them in another order on each rank.
         self._group = dist.new_group(backend="gloo") if dist_info.enabled else None
@@ -165,13 +169,21 @@ class Checkpointer:
         if self.dist.is_main:
             checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
                               snap.train_loss, snap.stable)
-            checkpoint.prune(self.uri, self.keep, {checkpoint_name(snap.step)})
+            checkpoint.prune(self.uri, self.keep, self._protected(snap.step))
         if remote is not None:
             _remove_tree(staging)
         seconds = time.monotonic() - began
         return Saved(snap.step, snap.tokens, target_uri, seconds,
                      stall if self.async_save else seconds,
                      snap.evaluation)
+
+    def _protected(self, step: int) -> set[str]:
+        """Never pruned: the checkpoint just written, the one this attempt started from (should
+        it sit in this folder) and whatever the control plane pinned, read afresh each time."""
+        names = {checkpoint_name(step)} | checkpoint.pinned(self.root, self.uri)
+        if self.restore_from and self.restore_from.rstrip("/").rsplit("/", 1)[0] == self.uri.rstrip("/"):
+            names.add(self.restore_from.rstrip("/").rsplit("/", 1)[1])
+        return names
 
     def _gather(self, mine: dict[str, FileEntry]) -> dict[str, FileEntry]:
         if self._group is None:

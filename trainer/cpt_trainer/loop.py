@@ -36,6 +36,7 @@ from cpt_operator.api.manifest import (MODEL_DIR, STARTED, TRAIN_STATE, Lineage,
                                        data_file, eval_record_name, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
+from cpt_operator.api.ownership import RunRecord
 from cpt_operator.api.trainer_config import TrainerConfig
 
 from . import checkpoint, distributed, extension
@@ -120,11 +121,24 @@ class Attempt:
             raise Refused(f"cannot restore from {uri}: {'; '.join(problems)}")
         return checkpoint.local_path(uri)
 
+    def _check_owner(self) -> None:
+        """Before anything is written, pruned or restored: the checkpoint root (and the restore
+        point's) must belong to this run, or another run's checkpoints would be overwritten."""
+        cfg = self.cfg
+        run = RunRecord(uid=cfg.run_uid, name=cfg.run, namespace=cfg.namespace) if cfg.run_uid else None
+        problem = distributed.broadcast_object(
+            checkpoint.ownership_problem(cfg.checkpoint_root, run, cfg.restore_from)
+            if self.dist.is_main else None)
+        if problem:
+            raise Refused(str(problem))
+
     def setup(self) -> None:
         spec, cfg = self.spec, self.cfg
         torch.manual_seed(spec.training.seed)
+        self._check_owner()
         self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
-                                         async_save=spec.checkpoint.asynchronous)
+                                         async_save=spec.checkpoint.asynchronous,
+                                         root=cfg.checkpoint_root, restore_from=cfg.restore_from)
         self.start = self._start_point()
         self.attention = attention_backend(spec.training.attention, self.device)
         self.base_path = local_copy(spec.base_model.uri)
@@ -387,7 +401,7 @@ class Attempt:
              evaluation: dict[str, float] | None = None) -> str:
         cfg = self.cfg
         mode = self.start.mode.value if self.start.uri else RestoreMode.weights_only.value
-        lineage = Lineage(run=cfg.run, attempt=cfg.attempt,
+        lineage = Lineage(run=cfg.run, run_uid=cfg.run_uid, attempt=cfg.attempt,
                           parent=self.last_checkpoint or self.start.uri,
                           base_uri=self.spec.base_model.uri, base_sha256=self.base_sha,
                           restore_mode=mode, data_version=self.data.data_version,

@@ -41,6 +41,10 @@ RULES: tuple[CelRule, ...] = (
             "regularization.refKL.beta > 0 needs a replay source"),
     CelRule(("spec", "baseModel"), "self == oldSelf",
             "baseModel is immutable: the base of a run cannot change (create a new CptRun)"),
+    CelRule(("spec",), "!has(oldSelf.checkpoint) || !has(oldSelf.checkpoint.uri) || "
+            "(has(self.checkpoint) && has(self.checkpoint.uri) && self.checkpoint.uri == oldSelf.checkpoint.uri)",
+            "checkpoint.uri is immutable: the run's checkpoints live there (create a new CptRun to use "
+            "another place)"),
     CelRule(("spec", "baseModel"), "!has(self.restoreMode) || self.restoreMode != 'fullState' || "
             "(has(self.format) && self.format == 'checkpoint')",
             "restoreMode fullState needs format 'checkpoint'"),

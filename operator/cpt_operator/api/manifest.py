@@ -22,6 +22,7 @@ FORMAT_VERSION = 2
 """2: model and optimizer as torch.distributed.checkpoint shards (any world size can load
 them); 1 (consolidated safetensors + optimizer.pt) is no longer written or read."""
 _NAME = re.compile(r"^step-(\d{8})$")
+_IN_ROOT = re.compile(r"^(.+)/attempt-\d{3,}/step-\d{8}/?$")
 
 MODEL_DIR = "model"
 """Sharded model weights (DCP: `.metadata` + one `__<rank>_0.distcp` per writing rank)."""
@@ -32,7 +33,9 @@ TRAIN_STATE = "train-state.json"
 CONFIG = "trainer-config.json"
 """The resolved config of the attempt that wrote the checkpoint."""
 PINNED = "pinned.json"
-"""At the checkpoint root: names the control plane forbids pruning."""
+"""At the checkpoint root: what the run may still restore, which retention must keep (`Pins`)."""
+RUN_RECORD = "run.json"
+"""At the checkpoint root: the one run whose checkpoints live there (`RunRecord`)."""
 EVALS_DIR = "evals"
 """In each attempt's folder (`<checkpoint_uri>/evals/step-XXXXXXXX.json`): one record per
 evaluation, the `Evaluated` event as JSON, written once (atomically) when the evaluation is
@@ -94,6 +97,18 @@ def is_eval_record(name: str) -> bool:
     return _RECORD.match(name.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
+def attempt_folder(attempt: int) -> str:
+    """One folder per attempt under the run's checkpoint root, so a rolled-back run never writes
+    over the immutable checkpoints of the branch it abandoned."""
+    return f"attempt-{attempt:03d}"
+
+
+def root_of(checkpoint_uri: str) -> str | None:
+    """The run root a checkpoint `<root>/attempt-NNN/step-XXXXXXXX` lives under (None: another layout)."""
+    match = _IN_ROOT.match(checkpoint_uri)
+    return match.group(1) if match else None
+
+
 def step_of(name: str) -> int | None:
     match = _NAME.match(name.rstrip("/").rsplit("/", 1)[-1])
     return int(match.group(1)) if match else None
@@ -106,6 +121,8 @@ class FileEntry(SpecModel):
 
 class Lineage(SpecModel):
     run: str
+    run_uid: str | None = None
+    """The owning run's identity (the CptRun's UID, a local run's id), as in `run.json`."""
     attempt: int
     parent: str | None
     """Checkpoint this one descends from (URI), or None when it descends from the base."""

@@ -37,6 +37,9 @@ class ConditionType(str, Enum):
     memory_planned = "MemoryPlanned"
     """True when the memory planner checked the run against `resources.gpuMemory` and it fits;
     False (reason PlanUnavailable) when the base's shape could not be read: the run goes on."""
+    checkpoints_pinned = "CheckpointsPinned"
+    """False (reason PinFailed) while what the run may still restore could not be pinned at the
+    checkpoint root: retried every pass, and no attempt starts meanwhile."""
 
 
 class Reason(str, Enum):
@@ -54,6 +57,10 @@ class Reason(str, Enum):
     """Progressing: the next attempt waits until another attempt's pods are gone."""
     stray_swept = "StrayAttemptSwept"
     """Event: objects of an attempt other than status.attempt were deleted."""
+    checkpoint_uri_in_use = "CheckpointUriInUse"
+    """checkpoint.uri holds another run's checkpoints (its run.json names that run); not started."""
+    pin_failed = "PinFailed"
+    pinned = "Pinned"
 
 
 class Condition(SpecModel):

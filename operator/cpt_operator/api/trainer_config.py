@@ -21,7 +21,12 @@ class TrainerConfig(SpecModel):
     run_dir: str
     """Where logs, curation reports and evaluation results go."""
     checkpoint_uri: str
-    """Resolved checkpoint location (spec.checkpoint.uri or <runDir>/checkpoints)."""
+    """Where this attempt writes its checkpoints: `<checkpoint_root>/attempt-NNN`."""
+    checkpoint_root: str | None = None
+    """The run's checkpoint root (spec.checkpoint.uri or <runDir>/checkpoints), holding
+    run.json and pinned.json; None for a trainer started on its own (no owner, no pins)."""
+    run_uid: str | None = None
+    """The run's identity: the trainer refuses a checkpoint root that run.json gives to another."""
     restore_from: str | None = None
     """Checkpoint URI to start from; None starts from the base model."""
     restore_mode: RestoreMode | None = None

@@ -117,8 +117,9 @@ def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings
     root = checkpoint_root(spec)
     restore = f"{root}/{action.restore_from}" if action.restore_from else None
     return TrainerConfig(run=run.name, namespace=run.namespace, attempt=action.number, spec=spec,
-                         run_dir=f"{WORK_DIR}/attempt-{action.number:03d}",
-                         checkpoint_uri=attempt_dir(root, action.number), restore_from=restore,
+                         run_dir=f"{WORK_DIR}/attempt-{action.number:03d}", run_uid=run.uid,
+                         checkpoint_uri=attempt_dir(root, action.number), checkpoint_root=root,
+                         restore_from=restore,
                          restore_mode=action.restore_mode, overrides=action.overrides,
                          base_sha256=action.base_sha256, metrics_port=settings.trainer_metrics_port)
 

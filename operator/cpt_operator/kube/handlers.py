@@ -29,11 +29,12 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
+from ..reconcile import Emit, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
-from ..store import CheckpointRef, list_checkpoints, pin
+from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
+from .checkpoints import foreign_owner, hold_start, starts, write_pins
 from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, load_config
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
@@ -191,12 +192,6 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
             rt.kube.delete_job(run.namespace, attempt_name(run.name, action.number))
             if not action.checkpoint:
                 rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
-        elif isinstance(action, Pin) and action.names and rt.pinned.get(run.uid) != action.names:
-            try:
-                pin(checkpoint_root(spec), list(action.names))
-                rt.pinned[run.uid] = action.names
-            except OSError as exc:
-                log.warning("%s/%s: pinning %s failed: %s", run.namespace, run.name, action.names, exc)
         elif isinstance(action, Sweep):
             for number in action.numbers:
                 for kind, name in attempts.stray_objects.get(number, []):
@@ -210,7 +205,8 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, dict(body)))
 
 
-_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started"}
+_REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started",
+            Reason.checkpoint_uri_in_use: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -261,10 +257,6 @@ def _wont_fit(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpe
         fits = usage(estimate(spec, shape), limit)
         set_condition(plan.status, ConditionType.memory_planned, True, Reason.fits.value, fits, now)
     return problem
-
-
-def _starts(plan: Plan) -> bool:
-    return any(isinstance(a, StartAttempt) for a in plan.actions)
 
 
 def _discard_starts(rt: Runtime, run: RunRef, plan: Plan) -> None:
@@ -339,8 +331,16 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
             return None
-        if _starts(plan) and _refused_object(body, status):
+        if starts(plan) and _refused_object(body, status):
             return None  # the API server refused this generation's objects: wait for a new spec
+        problem = foreign_owner(run, spec, plan)
+        if problem is not None:
+            _report_invalid(rt, run, body, status, problem, Reason.checkpoint_uri_in_use)
+            return None
+        unpinned = write_pins(rt.pinned, run, spec, plan)
+        if unpinned is not None and starts(plan):
+            hold_start(rt.kube, run, body, status, unpinned)
+            return None
         try:
             _carry_out(rt, run, spec, body, plan, asks, status, attempts)
         except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done

@@ -2,6 +2,7 @@
 
     runs/<name>/
       cptrun.yaml           the spec as given (a changed base on resume is refused)
+      run-id                this run's identity, made once: its checkpoint root is claimed with it
       status.json           CptRunStatus, the local twin of the CR's status
       requests/             stop / rollback requests from other `cptctl` invocations
       attempt-NNN/          one trainer launch: trainer-config.json, events.jsonl, trainer.log
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from ..api import CptRunStatus
@@ -47,6 +49,17 @@ class RunDir:
     @property
     def lock_file(self) -> Path:
         return self.root / "runner.pid"
+
+    @property
+    def run_id(self) -> str:
+        """Made on first use and kept, so running the same directory again resumes its own
+        checkpoints, while another run directory is another run."""
+        path = self.root / "run-id"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(uuid.uuid4().hex)
+            os.replace(tmp, path)
+        return path.read_text().strip()
 
     def attempt(self, number: int) -> Path:
         return self.root / f"attempt-{number:03d}"

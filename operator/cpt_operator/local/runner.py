@@ -15,12 +15,13 @@ from pathlib import Path
 
 
 from ..api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
+from ..api.ownership import RunRecord, owner_problem
 from ..api.status import TERMINAL_PHASES, Phase
 from ..base_shape import ShapeUnavailable
 from ..planning import refusal, resized
 from ..policy.memory import memory_limit
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile
-from ..store import attempt_dir, pin
+from ..store import attempt_dir, claim, pin
 from .launcher import TrainerProcess, trainer_command
 from .observe import LocalObserver
 from .progress import Progress
@@ -41,12 +42,20 @@ class LocalRun:
         self.proc: TrainerProcess | None = None
         self.progress = progress
 
+    def claim(self) -> None:
+        """Take the checkpoint root before the first attempt; another run's root is refused."""
+        record = RunRecord(uid=self.dir.run_id, name=self.run.metadata.name)
+        problem = owner_problem(self.checkpoint_root, claim(self.checkpoint_root, record), record.uid)
+        if problem is not None:
+            raise RunError(f"{problem} (this run's directory: {self.dir.root})")
+
     # -- carrying out a plan ---------------------------------------------------------------
     def trainer_config(self, action: StartAttempt) -> TrainerConfig:
         restore = f"{self.checkpoint_root.rstrip('/')}/{action.restore_from}" if action.restore_from else None
         return TrainerConfig(run=self.run.metadata.name, attempt=action.number, spec=self.spec,
-                             run_dir=str(self.dir.attempt(action.number)),
+                             run_dir=str(self.dir.attempt(action.number)), run_uid=self.dir.run_id,
                              checkpoint_uri=attempt_dir(self.checkpoint_root, action.number),
+                             checkpoint_root=self.checkpoint_root,
                              restore_from=restore, restore_mode=action.restore_mode,
                              overrides=action.overrides, base_sha256=action.base_sha256)
 
@@ -161,6 +170,12 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     procs = nproc or run.spec.resources.procs_per_node
     display = Progress(run.spec, enabled=progress, world_size=procs)
     local = LocalRun(run, rd, procs, display)
+    try:
+        local.claim()
+    except RunError as exc:
+        rd.lock_file.unlink(missing_ok=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     display.note(f"{'resuming' if resumed else 'starting'} run {run.metadata.name} in {rd.root}")
     try:
         phase = local.loop(resume=resumed)

@@ -184,3 +184,18 @@ def test_no_automatic_rollback_overrides_a_manual_one_in_the_next_passes() -> No
     after = reconcile(spec(), started, observed(running(number=2), points, alerts=(late,)))
     assert after.status.phase == Phase.running and after.status.rollbacks == 1 and not of(after, StopAttempt)
     assert [r.gate for r in after.status.history] == ["manual"]
+
+
+def test_a_restart_pins_its_restore_point_before_it_starts() -> None:
+    # step 20 breaches the gate and is dominated: neither last good, chosen nor on the frontier,
+    # yet the restarted attempt continues from it and may have to again
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    points = (point(10, 10.1, legal=15.0), point(20, 12.0, legal=18.0))
+    plan = reconcile(spec(), status, observed(AttemptState(number=1, state="failed"), points))
+    [start] = of(plan, StartAttempt)
+    assert start.restore_from == "attempt-001/step-00000020"
+    assert "attempt-001/step-00000020" not in plan.status.frontier
+    assert isinstance(plan.actions[0], Pin), "pins go first: the new attempt's trainer prunes by them"
+    assert set(plan.actions[0].names) == {"attempt-001/step-00000010", "attempt-001/step-00000020"}
+    again = reconcile(spec(), plan.status, observed(running(2), points))
+    assert "attempt-001/step-00000020" in of(again, Pin)[0].names  # for as long as attempt 2 may restart

@@ -1,0 +1,55 @@
+"""Who owns a checkpoint root, and what in it must survive retention.
+
+Two small JSON files at the root of a run's checkpoints, shared by the control plane (which
+writes them) and the trainer (which reads them before it writes, prunes or restores):
+
+- `run.json` (`RunRecord`): the run the root belongs to. Written once, before the first attempt
+  starts, and never replaced: a second run pointing at the same root (the same
+  `checkpoint.uri`, or a run deleted and created again under the same name, which gets a new
+  UID) is refused instead of clearing, pruning or restoring the first run's checkpoints.
+- `pinned.json` (`Pins`): every checkpoint the run may still restore (the current attempt's
+  restore point, the last good one, the chosen one, the Pareto frontier). Written by the
+  control plane before it starts an attempt and whenever the set changes; retention never
+  deletes a name in it.
+
+Pure: callers do the reading and writing (`cpt_operator.store`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pydantic import Field
+
+from .base import SpecModel
+
+
+class RunRecord(SpecModel):
+    uid: str
+    """The CptRun's metadata.uid, or the id a local run keeps in its run directory."""
+    name: str
+    namespace: str = "local"
+
+    def describe(self) -> str:
+        return f"run {self.namespace}/{self.name} (uid {self.uid})"
+
+
+def owner_problem(root: str, owner: RunRecord, uid: str) -> str | None:
+    """Why run `uid` may not use the checkpoint root `owner` claimed (None: it owns it)."""
+    if owner.uid == uid:
+        return None
+    return (f"checkpoint.uri {root} belongs to {owner.describe()}, whose checkpoints it may still "
+            "restore; give this run its own checkpoint.uri")
+
+
+class Pins(SpecModel):
+    names: list[str] = Field(default_factory=list)
+    """Checkpoints retention must keep, as `attempt-NNN/step-XXXXXXXX` under the root."""
+
+    @classmethod
+    def of(cls, names: Iterable[str | None]) -> "Pins":
+        return cls(names=sorted({n for n in names if n}))
+
+    def steps_in(self, folder: str) -> set[str]:
+        """The pinned checkpoint names (`step-XXXXXXXX`) inside one attempt folder."""
+        prefix = folder.strip("/") + "/"
+        return {n[len(prefix):] for n in self.names if n.startswith(prefix)}

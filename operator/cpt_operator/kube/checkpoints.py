@@ -1,0 +1,71 @@
+"""The operator's side of checkpoint ownership and retention, done before an attempt starts.
+
+A CptRun claims its checkpoint root (`run.json`) before its first Job exists, and a root that
+another run claimed keeps it from starting (`CheckpointUriInUse`); its pins (`pinned.json`)
+are written before any Job that could prune, and a pin the store refused holds the start
+(`CheckpointsPinned=False`, retried every pass). Format and rules: `cpt_operator.api.ownership`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Protocol
+
+from ..api.ownership import RunRecord, owner_problem
+from ..api.spec import CptRunSpec
+from ..api.status import ConditionType, CptRunStatus, Reason
+from ..reconcile import Pin, Plan, StartAttempt, set_condition
+from ..store import claim, pin
+from .builders import RunRef, checkpoint_root
+from .observe import now_rfc3339
+
+log = logging.getLogger(__name__)
+
+
+class StatusWriter(Protocol):
+    def patch_status(self, run: RunRef, resource_version: str, based_on: Mapping[str, Any],
+                     new: Mapping[str, Any], attempts: int = ...) -> None: ...
+
+
+def starts(plan: Plan) -> bool:
+    return any(isinstance(a, StartAttempt) for a in plan.actions)
+
+
+def foreign_owner(run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
+    """Why the attempt `plan` starts may not use checkpoint.uri (None: the root is this run's,
+    claimed now if it had no owner)."""
+    if not starts(plan):
+        return None
+    root = checkpoint_root(spec)
+    owner = claim(root, RunRecord(uid=run.uid, name=run.name, namespace=run.namespace))
+    return owner_problem(root, owner, run.uid)
+
+
+def write_pins(written: dict[str, tuple[str, ...]], run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
+    """Write the plan's pins unless `written` (per run UID) says they already are; returns why
+    the store refused them, also recorded in the plan's status, or None."""
+    pins = next((a for a in plan.actions if isinstance(a, Pin)), None)
+    if pins is None or written.get(run.uid) == pins.names:
+        return None
+    try:
+        pin(checkpoint_root(spec), list(pins.names))
+    except OSError as exc:
+        why = f"pinning {', '.join(pins.names)} failed (retrying): {exc}"
+        log.warning("%s/%s: %s", run.namespace, run.name, why)
+        set_condition(plan.status, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why,
+                      now_rfc3339())
+        return why
+    written[run.uid] = pins.names
+    if any(c.type == ConditionType.checkpoints_pinned.value for c in plan.status.conditions):
+        set_condition(plan.status, ConditionType.checkpoints_pinned, True, Reason.pinned.value,
+                      f"{len(pins.names)} checkpoints pinned", now_rfc3339())
+    return None
+
+
+def hold_start(kube: StatusWriter, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, why: str) -> None:
+    """The attempt waits, since its trainer would prune by pins that are not written: only the
+    condition is recorded, and the next pass plans the same start and tries again."""
+    st = status.model_copy(deep=True)
+    set_condition(st, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why, now_rfc3339())
+    old = body.get("status") or {}
+    if st.dump() != old:
+        kube.patch_status(run, body["metadata"]["resourceVersion"], old, st.dump())
