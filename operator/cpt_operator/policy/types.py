@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
+from ..api.skips import DataSkip
 from ..api.status import Overrides, Phase, RollbackRecord
 
 BASE = "base"
@@ -49,6 +50,10 @@ class Observations:
     """Overrides the current attempt runs with."""
     budget_reached: bool = False
     """The trainer finished its token / step budget."""
+    skips: Sequence[DataSkip] = ()
+    """Data windows the current attempt's trainer blamed for its restores (newest extent)."""
+    start: str = BASE
+    """The checkpoint the current attempt started from, or `base`."""
 
 
 class Action(str, Enum):
