@@ -180,7 +180,7 @@ def _observations(p: _Planner, budget_reached: bool = False) -> Observations:
                         points=tuple(p.obs.points), anomalies=dict(p.obs.anomalies),
                         rollbacks=p.status.rollbacks, overrides=p.status.overrides,
                         budget_reached=budget_reached, skips=tuple(p.obs.skips),
-                        start=p.status.restore_from or BASE)
+                        start=p.status.restore_from or BASE, checkpoints=tuple(p.obs.checkpoints))
 
 
 def _record_rollback(p: _Planner, decision: Decision) -> None:

@@ -11,6 +11,14 @@ pure function of the step. Weights and AdamW state are sharded (`checkpointer.py
 may resume on another world size: the data positions of all old ranks are re-dealt to the new
 ones. A SIGTERM (Ctrl-C in `cptctl run`, a pod eviction) is agreed on by all ranks at a step
 boundary, and the attempt ends with a committed checkpoint at that step.
+
+Anomalies (`anomaly.py` flags steps, which are skipped): after `maxConsecutive` in a row the
+attempt restores the weights and optimizer of its last stable checkpoint but keeps its data
+position, so the data of the anomalous steps is skipped, and records that stretch of the
+blamed source as a skip window (`api.skips`: event, and every later checkpoint's lineage, so a
+rollback to an earlier checkpoint skips it too). Anomalies that go on in the same window (the
+blamed source read nothing in between) widen it without another restore: the weights are
+already the stable ones, and one bad stretch of data is one restore, however long.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+from cpt_operator.api.skips import DataSkip, merge_skips
 from cpt_operator.api.manifest import (MODEL_DIR, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, rng_file)
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
@@ -96,6 +106,12 @@ class Attempt:
         self.last_saved_step: int | None = None
         self.last_checkpoint: str | None = None
         self.last_loss: float | None = None
+        self.skips: list[DataSkip] = []
+        """Data windows this attempt blamed for its restores (api.skips)."""
+        self._streak_from: dict[str, int] = {}
+        """Per source, tokens consumed before the current run of anomalous steps began."""
+        self._streak_step = 0
+        self._blamed: list[str] = []
 
     # ------------------------------------------------------------------------------ setup
     def _start_point(self) -> StartPoint:
@@ -363,12 +379,12 @@ class Attempt:
         self.hook.end_step(self.metrics)
         nll_sums, counts = totals.tolist()
         loss = sum(nll_sums) / n_global
-        verdict = self.anomaly.observe(loss, grad_norm)
+        source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
+                         if count > 0}
+        verdict = self.anomaly.observe(loss, grad_norm, source_losses)
         if verdict is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
-                         if count > 0}
         return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses)
 
     # ------------------------------------------------------------------- evals, checkpoints
@@ -394,7 +410,8 @@ class Attempt:
                           restore_mode=mode, data_version=self.data.data_version,
                           tokenizer_hash=self.tok_hash, config_hash=self.config_hash,
                           overrides={"lrScale": cfg.overrides.lr_scale,
-                                     "replayDelta": cfg.overrides.replay_delta})
+                                     "replayDelta": cfg.overrides.replay_delta},
+                          skips=merge_skips(cfg.overrides.skips, self.skips))
         train_state = {"step": self.step, "tokens": self.tokens, "worldSize": self.dist.world_size,
                        "anomaly": self.anomaly.state_dict(), "schedule": self.schedule.as_dict()}
 
@@ -480,6 +497,7 @@ class Attempt:
         """One optimizer step and everything a step owes: metrics, events, anomaly handling,
         evaluation and checkpoint when due. Returns an exit code when the attempt must end."""
         began = time.perf_counter()
+        consumed = self.data.consumed_tokens()
         out = self.train_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -494,6 +512,8 @@ class Attempt:
                           tokens_per_s=tps, skipped=skipped, mfu=mfu)
         self.metrics.anomaly_band(self.anomaly)
         if out.verdict is not None:
+            if self.anomaly.consecutive == 1:
+                self._streak_from, self._streak_step, self._blamed = consumed, self.step, []
             code = self._on_anomaly(out)
             if code is not None:
                 return code
@@ -531,9 +551,13 @@ class Attempt:
         assert verdict is not None
         self.unstable = True
         self.metrics.anomaly(verdict.kind)
+        if verdict.source is not None:
+            self._blamed.append(verdict.source)
         self.events.emit(Anomaly, step=self.step, kind=verdict.kind, value=_finite(verdict.value),
-                         threshold=verdict.threshold, message=verdict.message)
-        log.warning("step %d skipped: %s", self.step, verdict.message)
+                         threshold=verdict.threshold, message=verdict.message,
+                         source=verdict.source)
+        log.warning("step %d skipped: %s%s", self.step, verdict.message,
+                    f" (source {verdict.source})" if verdict.source else "")
         action = self.spec.gradient.anomaly.on_non_finite
         if verdict.kind == "non_finite" and action == NonFiniteAction.stop:
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="anomaly",
@@ -541,13 +565,47 @@ class Attempt:
             return EXIT_ANOMALY
         if self.anomaly.needs_restore or (verdict.kind == "non_finite"
                                           and action == NonFiniteAction.rollback):
-            source = self._restore_stable()
-            self.anomaly.consecutive = 0
-            self.metrics.anomaly("restored")
-            self.events.emit(Anomaly, step=self.step, kind="restored",
-                             message=f"restored weights and optimizer from {source} after "
-                                     f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps")
+            self._recover()
         return None
+
+    def _recover(self) -> None:
+        """Restore the last stable checkpoint and skip the window, or widen the window the
+        last restore opened when the same source's bad stretch goes on."""
+        self.anomaly.consecutive = 0
+        # Rank 0's window on every rank: whether to restore is a collective decision.
+        skip = distributed.broadcast_object(self._skip_window())
+        assert skip is None or isinstance(skip, DataSkip)
+        last = self.skips[-1] if self.skips else None
+        if skip is not None and last is not None and (skip.source, skip.start) == (last.source, last.end):
+            self.skips[-1] = last.model_copy(update={"end": skip.end})
+            self.metrics.anomaly("skipped")
+            self.events.emit(Anomaly, step=self.step, kind="skipped", source=skip.source,
+                             skip=self.skips[-1],
+                             message=f"anomalies go on in source {skip.source}: its skipped window "
+                                     f"grows to tokens {last.start}-{skip.end}")
+            return
+        origin = self._restore_stable()
+        if skip is not None:
+            self.skips.append(skip)
+        blame = (f"; source {skip.source} is blamed, its tokens {skip.start}-{skip.end} are skipped"
+                 if skip else "")
+        self.metrics.anomaly("restored")
+        self.events.emit(Anomaly, step=self.step, kind="restored", source=skip.source if skip else None,
+                         skip=skip,
+                         message=f"restored weights and optimizer from {origin} after "
+                                 f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps{blame}")
+
+    def _skip_window(self) -> DataSkip | None:
+        """The stretch of the most blamed source read by the current run of anomalous steps."""
+        if not self._blamed:
+            return None
+        source = Counter(self._blamed).most_common(1)[0][0]
+        start = self._streak_from.get(source, 0)
+        end = self.data.consumed_tokens()[source]
+        if end <= start:
+            return None
+        return DataSkip(source=source, start=start, end=end, attempt=self.cfg.attempt,
+                        step=self._streak_step)
 
     def close(self) -> None:
         checkpointer = getattr(self, "checkpointer", None)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
+from ..api.skips import DataSkip, merge_skips
 from ..policy.types import CheckpointEvals, EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..store import list_checkpoints
@@ -28,6 +29,7 @@ class AttemptLog:
     points: list[EvalPoint] = field(default_factory=list)
     base: dict[str, float] = field(default_factory=dict)
     anomalies: Counter[str] = field(default_factory=Counter)
+    skips: list[DataSkip] = field(default_factory=list)
     last_progress: Progress | None = None
     started: Started | None = None
     finished: Finished | None = None
@@ -48,6 +50,8 @@ class AttemptLog:
                                              metrics=dict(ev.metrics), checkpoint=name))
         elif isinstance(ev, Anomaly):
             self.anomalies[ev.kind] += 1
+            if ev.skip is not None:
+                self.skips = merge_skips(self.skips, [ev.skip])
         elif isinstance(ev, Progress):
             self.last_progress = ev
         elif isinstance(ev, Started):
@@ -98,14 +102,19 @@ class LocalObserver:
                 rollback_to: str | None = None, resume: bool = False) -> Observed:
         for n in range(1, number + 1):
             self.log(n).update()
-        points = [p for log in self.logs.values() for p in log.points]
-        base = next((log.base for log in self.logs.values() if log.base), {})
         refs, _ = list_checkpoints(self.checkpoint_root)
+        # The manifest knows whether anomalies preceded a checkpoint; the event does not.
+        unstable = {r.name for r in refs if not r.manifest.stable}
+        points = [replace(p, stable=p.checkpoint not in unstable)
+                  for log in self.logs.values() for p in log.points]
+        base = next((log.base for log in self.logs.values() if log.base), {})
         checkpoints = [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
-                                       evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
+                                       evals=dict(r.manifest.evals), attempt=r.attempt,
+                                       stable=r.manifest.stable) for r in refs]
         anomalies = dict(self.log(number).anomalies) if number else {}
+        skips = tuple(self.log(number).skips) if number else ()
         return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=base,
-                        points=points, anomalies=anomalies, checkpoints=checkpoints,
+                        points=points, anomalies=anomalies, skips=skips, checkpoints=checkpoints,
                         stop_requested=stop, rollback_to=rollback_to, resume=resume)
 
     def problems(self) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 from ..api.evaluation import TuneSpec
 from ..api.skips import DataSkip
 from ..api.spec import CptRunSpec, NonFiniteAction
-from .types import BASE, Action, EvalPoint, ordered
+from .types import BASE, Action, CheckpointEvals
 
 RESTORES_BEFORE_ROLLBACK = 2
 ANOMALY_TUNE = TuneSpec(lr_factor=0.5, replay_delta=0.0)
@@ -83,15 +83,15 @@ def anomaly_tune(restores: int, found: Sequence[DataSkip], skipping: Sequence[Da
     return SKIP_TUNE if explained and not skipping else ANOMALY_TUNE
 
 
-def anomaly_target(points: Sequence[EvalPoint], attempt: int, found: Sequence[DataSkip],
-                   start: str = BASE) -> str:
+def anomaly_target(checkpoints: Sequence[CheckpointEvals], attempt: int,
+                   found: Sequence[DataSkip], start: str = BASE) -> str:
     """The newest stable checkpoint of the current attempt saved before its first spike, else
     the point the attempt started from. Not `lastGood`: the gates judge forgetting, and a
     checkpoint they reject is no reason to throw away the attempt's progress on an anomaly.
-    Without a known spike step only the start point is sure to precede it."""
+    Any committed checkpoint counts, evaluated or not. Without a known spike step only the
+    start point is sure to precede it."""
     if not found:
         return start
     spike = min(s.step for s in found)
-    before = [p for p in ordered(points) if p.attempt == attempt and p.checkpoint
-              and p.stable and p.step < spike]
-    return (before[-1].checkpoint or start) if before else start
+    before = [c for c in checkpoints if c.attempt == attempt and c.stable and c.step < spike]
+    return max(before, key=lambda c: c.step).name if before else start

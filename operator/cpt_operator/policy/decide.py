@@ -105,7 +105,7 @@ def restart(spec: CptRunSpec, obs: Observations, triggers: Sequence[Trigger], ba
     elif any(t.to_base for t in rollbacks):
         target = BASE
     elif all(t.anomaly for t in rollbacks):
-        target = anomaly_target(obs.points, obs.attempt, obs.skips, obs.start)
+        target = anomaly_target(obs.checkpoints, obs.attempt, obs.skips, obs.start)
     else:
         target = last_good(spec, obs.base, obs.points)
     overrides, notes = adjust(spec, obs.overrides, [t.tune for t in triggers])

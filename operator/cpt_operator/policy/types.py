@@ -54,6 +54,8 @@ class Observations:
     """Data windows the current attempt's trainer blamed for its restores (newest extent)."""
     start: str = BASE
     """The checkpoint the current attempt started from, or `base`."""
+    checkpoints: Sequence[CheckpointEvals] = ()
+    """Usable checkpoints of the run, evaluated or not (anomaly rollback targets)."""
 
 
 class Action(str, Enum):
@@ -123,6 +125,8 @@ class CheckpointEvals:
     tokens: int = 0
     evals: Mapping[str, float] = field(default_factory=dict)
     attempt: int = 1
+    stable: bool = True
+    """The manifest's `stable` flag."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ import pytest
 
 from cpt_operator.api.skips import DataSkip, merge_skips
 from cpt_operator.api.status import Overrides
-from cpt_operator.policy import BASE, Action, Observations, decide
+from cpt_operator.policy import BASE, Action, CheckpointEvals, Observations, decide
 from cpt_operator.policy.anomaly import anomaly_target, anomaly_tune
 from tests.unit.policy.policy_cases import BASE as BASE_EVALS
 from tests.unit.policy.policy_cases import build_spec, general, point
@@ -20,17 +20,25 @@ JUNK = DataSkip(source="dom", start=9000, end=12000, attempt=1, step=150)
 LATER = DataSkip(source="dom", start=20000, end=21000, attempt=1, step=260)
 
 
+def ckpt(step: int, attempt: int = 1, stable: bool = True) -> CheckpointEvals:
+    return CheckpointEvals(name=f"a{attempt}-step-{step}", step=step, attempt=attempt,
+                           stable=stable)
+
+
 def observe(**kw: Any) -> Observations:
     points = general(12.0) + [point(200, checkpoint="a1-step-200", stable=False,
                                     domain__perplexity=25.0)]
+    # step 120 was never evaluated: still a checkpoint to go back to
+    checkpoints = (ckpt(100), ckpt(120), ckpt(200, stable=False))
     return Observations(**({"attempt": 1, "base": BASE_EVALS, "points": points,
+                            "checkpoints": checkpoints,
                             "anomalies": {"restored": 2, "loss_spike": 6}} | kw))
 
 
 def test_blamed_restores_roll_back_to_the_stable_checkpoint_before_the_spike_and_keep_the_lr() -> None:
     decision = decide(build_spec([GATE]), observe(skips=(JUNK, LATER)))
     assert decision.action == Action.rollback
-    assert decision.target == "a1-step-100"
+    assert decision.target == "a1-step-120"
     assert decision.overrides == Overrides(lr_scale=1.0, skips=[JUNK, LATER])
     (record,) = decision.records
     assert record.gate == "anomaly-restores" and "dom" in record.reason
@@ -47,7 +55,7 @@ def test_anomalies_that_recur_after_the_windows_were_skipped_halve_the_lr() -> N
 def test_a_restore_no_source_explains_halves_the_lr() -> None:
     decision = decide(build_spec([GATE]), observe(skips=(JUNK,)))
     assert decision.overrides.lr_scale == pytest.approx(0.5)
-    assert decision.target == "a1-step-100"
+    assert decision.target == "a1-step-120"
 
 
 def test_a_gate_rollback_keeps_the_windows_already_skipped() -> None:
@@ -57,18 +65,19 @@ def test_a_gate_rollback_keeps_the_windows_already_skipped() -> None:
     assert decision.target == BASE and decision.overrides.skips == [JUNK]
 
 
-@pytest.mark.parametrize("points, found, start, target", [
-    pytest.param([point(100, checkpoint="c100"), point(200, checkpoint="c200")], [JUNK], BASE,
-                 "c100", id="the newest checkpoint saved before the spike"),
-    pytest.param([point(100, checkpoint="c100", stable=False)], [JUNK], "a0/c50", "a0/c50",
+@pytest.mark.parametrize("checkpoints, found, start, target", [
+    pytest.param([ckpt(100), ckpt(140), ckpt(200)], [JUNK], BASE, "a1-step-140",
+                 id="the newest checkpoint saved before the spike"),
+    pytest.param([ckpt(100, stable=False)], [JUNK], "a0/c50", "a0/c50",
                  id="an unstable checkpoint is passed over for the attempt's start"),
-    pytest.param([point(100, attempt=0, checkpoint="old")], [JUNK], "a0/c50", "a0/c50",
+    pytest.param([ckpt(100, attempt=0)], [JUNK], "a0/c50", "a0/c50",
                  id="an earlier attempt's checkpoint is not in this attempt's lineage"),
-    pytest.param([point(100, checkpoint="c100")], [], "a0/c50", "a0/c50",
+    pytest.param([ckpt(100)], [], "a0/c50", "a0/c50",
                  id="without a known spike only the start point surely precedes it"),
 ])
-def test_anomaly_target(points: list[Any], found: list[DataSkip], start: str, target: str) -> None:
-    assert anomaly_target(points, 1, found, start) == target
+def test_anomaly_target(checkpoints: list[CheckpointEvals], found: list[DataSkip], start: str,
+                        target: str) -> None:
+    assert anomaly_target(checkpoints, 1, found, start) == target
 
 
 @pytest.mark.parametrize("restores, found, skipping, lr_factor", [
