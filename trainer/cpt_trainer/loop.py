@@ -16,9 +16,10 @@ Anomalies (`anomaly.py` flags steps, which are skipped): after `maxConsecutive` 
 attempt restores the weights and optimizer of its last stable checkpoint but keeps its data
 position, so the data of the anomalous steps is skipped, and records that stretch of the
 blamed source as a skip window (`api.skips`: event, and every later checkpoint's lineage, so a
-rollback to an earlier checkpoint skips it too). Anomalies that go on in the same window (the
-blamed source read nothing in between) widen it without another restore: the weights are
-already the stable ones, and one bad stretch of data is one restore, however long.
+rollback to an earlier checkpoint skips it too). Anomalous steps blamed on a source that
+continue a known window (begun inside it or at its end, its own or one the control plane said
+to skip) widen it without another restore, however few they are: the weights are still the
+stable ones, and one bad stretch of data is at most one restore, however long.
 """
 from __future__ import annotations
 
@@ -563,35 +564,51 @@ class Attempt:
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="anomaly",
                              message=verdict.message)
             return EXIT_ANOMALY
-        if self.anomaly.needs_restore or (verdict.kind == "non_finite"
-                                          and action == NonFiniteAction.rollback):
-            self._recover()
+        # Rank 0's data positions on every rank: whether to restore is a collective decision.
+        window = distributed.broadcast_object(self._skip_window())
+        assert window is None or isinstance(window, DataSkip)
+        known = self._touching(window)
+        if known is not None:
+            self._widen(known, window)
+        elif self.anomaly.needs_restore or (verdict.kind == "non_finite"
+                                            and action == NonFiniteAction.rollback):
+            self._recover(window)
         return None
 
-    def _recover(self) -> None:
-        """Restore the last stable checkpoint and skip the window, or widen the window the
-        last restore opened when the same source's bad stretch goes on."""
+    def _touching(self, window: DataSkip | None) -> DataSkip | None:
+        """The known window (this attempt's or one it was told to skip) that the current run of
+        anomalous steps continues: same source, begun inside or right at its end."""
+        if window is None:
+            return None
+        for known in reversed([*self.skips, *self.cfg.overrides.skips]):
+            if known.source == window.source and known.start <= window.start <= known.end:
+                return known
+        return None
+
+    def _widen(self, known: DataSkip, window: DataSkip) -> None:
+        """The bad stretch goes on: skip it without another restore (its steps were skipped,
+        the weights are still the stable ones)."""
         self.anomaly.consecutive = 0
-        # Rank 0's window on every rank: whether to restore is a collective decision.
-        skip = distributed.broadcast_object(self._skip_window())
-        assert skip is None or isinstance(skip, DataSkip)
-        last = self.skips[-1] if self.skips else None
-        if skip is not None and last is not None and (skip.source, skip.start) == (last.source, last.end):
-            self.skips[-1] = last.model_copy(update={"end": skip.end})
-            self.metrics.anomaly("skipped")
-            self.events.emit(Anomaly, step=self.step, kind="skipped", source=skip.source,
-                             skip=self.skips[-1],
-                             message=f"anomalies go on in source {skip.source}: its skipped window "
-                                     f"grows to tokens {last.start}-{skip.end}")
+        if window.end <= known.end:
             return
+        wider = known.model_copy(update={"end": window.end})
+        self.skips = merge_skips(self.skips, [wider])
+        self.metrics.anomaly("skipped")
+        self.events.emit(Anomaly, step=self.step, kind="skipped", source=wider.source, skip=wider,
+                         message=f"anomalies go on in source {wider.source}: its skipped window "
+                                 f"grows to tokens {wider.start}-{wider.end}")
+
+    def _recover(self, window: DataSkip | None) -> None:
+        """Restore the last stable checkpoint; the data moves on, past the blamed window."""
+        self.anomaly.consecutive = 0
         origin = self._restore_stable()
-        if skip is not None:
-            self.skips.append(skip)
-        blame = (f"; source {skip.source} is blamed, its tokens {skip.start}-{skip.end} are skipped"
-                 if skip else "")
+        if window is not None:
+            self.skips = merge_skips(self.skips, [window])
+        blame = (f"; source {window.source} is blamed, its tokens {window.start}-{window.end} "
+                 f"are skipped" if window else "")
         self.metrics.anomaly("restored")
-        self.events.emit(Anomaly, step=self.step, kind="restored", source=skip.source if skip else None,
-                         skip=skip,
+        self.events.emit(Anomaly, step=self.step, kind="restored",
+                         source=window.source if window else None, skip=window,
                          message=f"restored weights and optimizer from {origin} after "
                                  f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps{blame}")
 
