@@ -22,6 +22,7 @@ from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
                          Overrides, Phase, Reason, RollbackRecord)
+from .api.skips import DataSkip
 from .policy import decide, select_checkpoint
 from .policy.alerts import due
 from .policy.decide import Trigger, act
@@ -55,6 +56,8 @@ class Observed:
     """The base's digest as the first attempt that started verified it."""
     points: Sequence[EvalPoint] = ()
     anomalies: Mapping[str, int] = field(default_factory=dict)
+    skips: Sequence[DataSkip] = ()
+    """Data windows the current attempt's trainer blamed for its anomalies."""
     checkpoints: Sequence[CheckpointEvals] = ()
     """Usable checkpoints of the run, named `attempt-NNN/step-XXXXXXXX`."""
     stop_requested: bool = False
@@ -198,7 +201,8 @@ def _observations(p: _Planner, budget_reached: bool = False) -> Observations:
     return Observations(attempt=p.status.attempt, base=dict(p.status.base_metrics),
                         points=tuple(p.obs.points), anomalies=dict(p.obs.anomalies),
                         rollbacks=p.status.rollbacks, overrides=p.status.overrides,
-                        budget_reached=budget_reached)
+                        budget_reached=budget_reached, skips=tuple(p.obs.skips),
+                        start=p.status.restore_from or BASE, checkpoints=tuple(p.obs.checkpoints))
 
 
 def _record_rollback(p: _Planner, decision: Decision) -> None:

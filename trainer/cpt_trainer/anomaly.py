@@ -8,6 +8,11 @@ never enter the window, so a run of spikes cannot raise its own threshold):
 The statistical rules wait for `min_history` accepted steps: the first steps of a run have no
 baseline, and their large, quickly falling grad norms are normal.
 
+Attribution (`blame`): an anomalous step is blamed on the source whose own loss rose most over
+its recent accepted mean (a source never seen yet is compared with the run's mean), when that
+rise is clearly its own: at least BLAME_MARGIN times the next source's. Junk data spikes one
+source; a diverging model lifts them all, and then nobody is blamed.
+
 The detector is pure bookkeeping: the loop decides what an anomaly costs (skip the optimizer
 step, restore the last stable checkpoint after `max_consecutive`, or stop). Its state goes into
 checkpoints so a resumed run flags exactly what the uninterrupted run would have flagged.
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cpt_operator.api.spec import AnomalySpec
 
 MIN_HISTORY = 10
+BLAME_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class Verdict:
     value: float
     threshold: float | None
     message: str
+    source: str | None = None
+    """The source blamed for it, if one stands out."""
 
 
 class AnomalyDetector:
@@ -39,6 +48,7 @@ class AnomalyDetector:
         self.min_history = min(min_history, spec.window)
         self.losses: deque[float] = deque(maxlen=spec.window)
         self.grad_norms: deque[float] = deque(maxlen=spec.window)
+        self.source_losses: dict[str, deque[float]] = {}
         self.consecutive = 0
 
     def check(self, loss: float, grad_norm: float) -> Verdict | None:
@@ -61,16 +71,37 @@ class AnomalyDetector:
                            f"loss {loss:.4g} > {self.spec.loss_spike_factor:g} x recent mean")
         return None
 
-    def observe(self, loss: float, grad_norm: float) -> Verdict | None:
-        """Check a step and record the outcome: accepted steps join the window."""
+    def observe(self, loss: float, grad_norm: float,
+                source_losses: Mapping[str, float] | None = None) -> Verdict | None:
+        """Check a step and record the outcome: accepted steps join the window, anomalous ones
+        are blamed on a source when one stands out."""
         verdict = self.check(loss, grad_norm)
         if verdict is None:
             self.losses.append(loss)
             self.grad_norms.append(grad_norm)
+            for name, value in (source_losses or {}).items():
+                self.source_losses.setdefault(name, deque(maxlen=self.spec.window)).append(value)
             self.consecutive = 0
-        else:
-            self.consecutive += 1
-        return verdict
+            return None
+        self.consecutive += 1
+        return replace(verdict, source=self.blame(source_losses or {}))
+
+    def blame(self, source_losses: Mapping[str, float]) -> str | None:
+        """The source whose loss rose clearly more than any other's, or None."""
+        rises = []
+        for name, value in source_losses.items():
+            history = self.source_losses.get(name) or self.losses
+            if history:
+                mean = _mean_std(history)[0]
+                rises.append((value / mean if math.isfinite(value) else math.inf, name))
+        if not rises:
+            return None
+        rises.sort(reverse=True)
+        top, name = rises[0]
+        runner = rises[1][0] if len(rises) > 1 else 1.0
+        if top <= 1.0 or not math.isfinite(runner):
+            return None
+        return name if top - 1.0 >= BLAME_MARGIN * max(runner - 1.0, 0.0) else None
 
     @property
     def needs_restore(self) -> bool:
@@ -84,7 +115,8 @@ class AnomalyDetector:
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "gradNorms": list(self.grad_norms),
-                "consecutive": self.consecutive}
+                "consecutive": self.consecutive,
+                "sourceLosses": {n: list(v) for n, v in self.source_losses.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses.clear()
@@ -92,6 +124,8 @@ class AnomalyDetector:
         self.grad_norms.clear()
         self.grad_norms.extend(state["gradNorms"])
         self.consecutive = state["consecutive"]
+        self.source_losses = {n: deque(v, maxlen=self.spec.window)
+                              for n, v in state.get("sourceLosses", {}).items()}
 
 
 def _mean_std(values: deque[float]) -> tuple[float, float]:

@@ -11,6 +11,15 @@ pure function of the step. Weights and AdamW state are sharded (`checkpointer.py
 may resume on another world size: the data positions of all old ranks are re-dealt to the new
 ones. A SIGTERM (Ctrl-C in `cptctl run`, a pod eviction) is agreed on by all ranks at a step
 boundary, and the attempt ends with a committed checkpoint at that step.
+
+Anomalies (`anomaly.py` flags steps, which are skipped): after `maxConsecutive` in a row the
+attempt restores the weights and optimizer of its last stable checkpoint but keeps its data
+position, so the data of the anomalous steps is skipped, and records that stretch of the
+blamed source as a skip window (`api.skips`: event, and every later checkpoint's lineage, so a
+rollback to an earlier checkpoint skips it too). Anomalous steps blamed on a source that
+continue a known window (begun inside it or at its end, its own or one the control plane said
+to skip) widen it without another restore, however few they are: the weights are still the
+stable ones, and one bad stretch of data is at most one restore, however long.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +44,7 @@ from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finishe
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
 from cpt_operator.api.manifest import (MODEL_DIR, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, eval_record_name, rng_file)
+from cpt_operator.api.skips import DataSkip, merge_skips
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
 from cpt_operator.api.ownership import RunRecord
@@ -97,6 +108,12 @@ class Attempt:
         self.last_saved_step: int | None = None
         self.last_checkpoint: str | None = None
         self.last_loss: float | None = None
+        self.skips: list[DataSkip] = []
+        """Data windows this attempt blamed for its restores (api.skips)."""
+        self._streak_from: dict[str, int] = {}
+        """Per source, tokens consumed before the current run of anomalous steps began."""
+        self._streak_step = 0
+        self._blamed: list[str] = []
 
     # ------------------------------------------------------------------------------ setup
     def _start_point(self) -> StartPoint:
@@ -376,12 +393,12 @@ class Attempt:
         self.hook.end_step(self.metrics)
         nll_sums, counts = totals.tolist()
         loss = sum(nll_sums) / n_global
-        verdict = self.anomaly.observe(loss, grad_norm)
+        source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
+                         if count > 0}
+        verdict = self.anomaly.observe(loss, grad_norm, source_losses)
         if verdict is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
-                         if count > 0}
         return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses)
 
     # ------------------------------------------------------------------- evals, checkpoints
@@ -407,7 +424,8 @@ class Attempt:
                           restore_mode=mode, data_version=self.data.data_version,
                           tokenizer_hash=self.tok_hash, config_hash=self.config_hash,
                           overrides={"lrScale": cfg.overrides.lr_scale,
-                                     "replayDelta": cfg.overrides.replay_delta})
+                                     "replayDelta": cfg.overrides.replay_delta},
+                          skips=merge_skips(cfg.overrides.skips, self.skips))
         train_state = {"step": self.step, "tokens": self.tokens, "worldSize": self.dist.world_size,
                        "anomaly": self.anomaly.state_dict(), "schedule": self.schedule.as_dict()}
 
@@ -504,6 +522,7 @@ class Attempt:
         """One optimizer step and everything a step owes: metrics, events, anomaly handling,
         evaluation and checkpoint when due. Returns an exit code when the attempt must end."""
         began = time.perf_counter()
+        consumed = self.data.consumed_tokens()
         out = self.train_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -518,6 +537,8 @@ class Attempt:
                           tokens_per_s=tps, skipped=skipped, mfu=mfu)
         self.metrics.anomaly_band(self.anomaly)
         if out.verdict is not None:
+            if self.anomaly.consecutive == 1:
+                self._streak_from, self._streak_step, self._blamed = consumed, self.step, []
             code = self._on_anomaly(out)
             if code is not None:
                 return code
@@ -555,23 +576,77 @@ class Attempt:
         assert verdict is not None
         self.unstable = True
         self.metrics.anomaly(verdict.kind)
+        if verdict.source is not None:
+            self._blamed.append(verdict.source)
         self.events.emit(Anomaly, step=self.step, kind=verdict.kind, value=_finite(verdict.value),
-                         threshold=verdict.threshold, message=verdict.message)
-        log.warning("step %d skipped: %s", self.step, verdict.message)
+                         threshold=verdict.threshold, message=verdict.message,
+                         source=verdict.source)
+        log.warning("step %d skipped: %s%s", self.step, verdict.message,
+                    f" (source {verdict.source})" if verdict.source else "")
         action = self.spec.gradient.anomaly.on_non_finite
         if verdict.kind == "non_finite" and action == NonFiniteAction.stop:
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="anomaly",
                              message=verdict.message)
             return EXIT_ANOMALY
-        if self.anomaly.needs_restore or (verdict.kind == "non_finite"
-                                          and action == NonFiniteAction.rollback):
-            source = self._restore_stable()
-            self.anomaly.consecutive = 0
-            self.metrics.anomaly("restored")
-            self.events.emit(Anomaly, step=self.step, kind="restored",
-                             message=f"restored weights and optimizer from {source} after "
-                                     f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps")
+        # Rank 0's data positions on every rank: whether to restore is a collective decision.
+        window = distributed.broadcast_object(self._skip_window())
+        assert window is None or isinstance(window, DataSkip)
+        known = self._touching(window)
+        if known is not None:
+            self._widen(known, window)
+        elif self.anomaly.needs_restore or (verdict.kind == "non_finite"
+                                            and action == NonFiniteAction.rollback):
+            self._recover(window)
         return None
+
+    def _touching(self, window: DataSkip | None) -> DataSkip | None:
+        """The known window (this attempt's or one it was told to skip) that the current run of
+        anomalous steps continues: same source, begun inside or right at its end."""
+        if window is None:
+            return None
+        for known in reversed([*self.skips, *self.cfg.overrides.skips]):
+            if known.source == window.source and known.start <= window.start <= known.end:
+                return known
+        return None
+
+    def _widen(self, known: DataSkip, window: DataSkip) -> None:
+        """The bad stretch goes on: skip it without another restore (its steps were skipped,
+        the weights are still the stable ones)."""
+        self.anomaly.consecutive = 0
+        if window.end <= known.end:
+            return
+        wider = known.model_copy(update={"end": window.end})
+        self.skips = merge_skips(self.skips, [wider])
+        self.metrics.anomaly("skipped")
+        self.events.emit(Anomaly, step=self.step, kind="skipped", source=wider.source, skip=wider,
+                         message=f"anomalies go on in source {wider.source}: its skipped window "
+                                 f"grows to tokens {wider.start}-{wider.end}")
+
+    def _recover(self, window: DataSkip | None) -> None:
+        """Restore the last stable checkpoint; the data moves on, past the blamed window."""
+        self.anomaly.consecutive = 0
+        origin = self._restore_stable()
+        if window is not None:
+            self.skips = merge_skips(self.skips, [window])
+        blame = (f"; source {window.source} is blamed, its tokens {window.start}-{window.end} "
+                 f"are skipped" if window else "")
+        self.metrics.anomaly("restored")
+        self.events.emit(Anomaly, step=self.step, kind="restored",
+                         source=window.source if window else None, skip=window,
+                         message=f"restored weights and optimizer from {origin} after "
+                                 f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps{blame}")
+
+    def _skip_window(self) -> DataSkip | None:
+        """The stretch of the most blamed source read by the current run of anomalous steps."""
+        if not self._blamed:
+            return None
+        source = Counter(self._blamed).most_common(1)[0][0]
+        start = self._streak_from.get(source, 0)
+        end = self.data.consumed_tokens()[source]
+        if end <= start:
+            return None
+        return DataSkip(source=source, start=start, end=end, attempt=self.cfg.attempt,
+                        step=self._streak_step)
 
     def close(self) -> None:
         checkpointer = getattr(self, "checkpointer", None)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, TypeAdapter
 
 from .base import SpecModel
+from .skips import DataSkip
 
 
 class Started(SpecModel):
@@ -41,10 +42,16 @@ class Progress(SpecModel):
 class Anomaly(SpecModel):
     event: Literal["anomaly"] = "anomaly"
     step: int
-    kind: Literal["grad_norm", "loss_spike", "non_finite", "restored"]
+    kind: Literal["grad_norm", "loss_spike", "non_finite", "restored", "skipped"]
+    """`restored`: the trainer reloaded its last stable checkpoint and skipped the data of the
+    anomalous steps; `skipped`: anomalies went on in the same source's window, which grew."""
     value: float | None = None
     threshold: float | None = None
     message: str = ""
+    source: str | None = None
+    """The source the anomaly is attributed to: the one whose per-source loss rose most."""
+    skip: DataSkip | None = None
+    """restored / skipped: the data window skipped so far (also in later checkpoints' lineage)."""
     time: float
 
 

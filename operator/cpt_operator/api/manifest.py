@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from .base import SpecModel
+from .skips import DataSkip
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -134,6 +135,9 @@ class Lineage(SpecModel):
     tokenizer_hash: str
     config_hash: str
     overrides: dict[str, float] = Field(default_factory=dict)
+    skips: list[DataSkip] = Field(default_factory=list)
+    """Data windows skipped on the way to this checkpoint (given by the control plane, or found
+    by this attempt): a restore from here or from an earlier checkpoint must skip them too."""
 
 
 class Manifest(SpecModel):

@@ -10,6 +10,7 @@ from enum import Enum
 from pydantic import Field
 
 from .base import SpecModel
+from .skips import DataSkip
 
 
 class Phase(str, Enum):
@@ -77,6 +78,8 @@ class Overrides(SpecModel):
 
     lr_scale: float = 1.0
     replay_delta: float = 0.0
+    skips: list[DataSkip] = Field(default_factory=list)
+    """Data windows every later attempt skips: they made training spike (`api.skips`)."""
 
 
 class RollbackRecord(SpecModel):

@@ -32,7 +32,8 @@ def parse_time(value: str | None) -> float | None:
 
 def checkpoint_evals(refs: Sequence[CheckpointRef]) -> list[CheckpointEvals]:
     return [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
-                            evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
+                            evals=dict(r.manifest.evals), attempt=r.attempt,
+                            stable=r.manifest.stable) for r in refs]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..api.exit_codes import EXIT_REFUSED
 from ..api.events import Anomaly, Finished, Progress, Started
+from ..api.skips import DataSkip, merge_skips
 from ..policy.types import CheckpointEvals
 from ..reconcile import AttemptState, Observed
 from ..records import RunRecords, merge_points
@@ -32,6 +33,7 @@ class AttemptLog:
     number: int
     follower: EventFollower
     anomalies: Counter[str] = field(default_factory=Counter)
+    skips: list[DataSkip] = field(default_factory=list)
     last_progress: Progress | None = None
     started: Started | None = None
     finished: Finished | None = None
@@ -45,6 +47,8 @@ class AttemptLog:
     def _take(self, ev: object) -> None:
         if isinstance(ev, Anomaly):
             self.anomalies[ev.kind] += 1
+            if ev.skip is not None:
+                self.skips = merge_skips(self.skips, [ev.skip])
         elif isinstance(ev, Progress):
             self.last_progress = ev
         elif isinstance(ev, Started):
@@ -100,11 +104,13 @@ class LocalObserver:
         refs, _ = list_checkpoints(self.checkpoint_root)
         records = self.records.read()
         checkpoints = [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
-                                       evals=dict(r.manifest.evals), attempt=r.attempt) for r in refs]
+                                       evals=dict(r.manifest.evals), attempt=r.attempt,
+                                       stable=r.manifest.stable) for r in refs]
         anomalies = dict(self.log(number).anomalies) if number else {}
+        skips = tuple(self.log(number).skips) if number else ()
         return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=records.base,
                         base_sha256=records.base_sha256, points=merge_points((), records.points, refs),
-                        anomalies=anomalies, checkpoints=checkpoints,
+                        anomalies=anomalies, skips=skips, checkpoints=checkpoints,
                         stop_requested=stop, rollback_to=rollback_to, resume=resume)
 
     def problems(self) -> list[str]:

@@ -5,7 +5,9 @@ Order of precedence (the first that applies wins):
 1. A fired gate or anomaly rule whose action is `stop` → stop (phase Stopped).
 2. Fired gates / anomaly rules asking for `rollback` or `tune`:
    * rollbacks already spent (`stopPolicy.maxRollbacks`) → stop (phase Failed);
-   * any `rollback` → rollback to `base` if one of them says so, else to `lastGood`;
+   * any `rollback` → rollback to `base` if one of them says so, else to `lastGood`; an
+     anomaly rollback alone goes to the last stable checkpoint before the spike and skips
+     the data windows the trainer blamed (`anomaly.py`);
    * only `tune` → restart from the newest checkpoint without rewinding;
    both with adjusted overrides (`rollback.adjust`) and one RollbackRecord per cause.
    Gates come before the budget: a run that ends breaching a gate gets another chance.
@@ -22,9 +24,11 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..api.evaluation import GateSpec, RollbackTarget, TuneSpec
+from ..api.skips import merge_skips
 from ..api.spec import CptRunSpec
 from ..api.status import Overrides, Phase, RollbackRecord
-from .anomaly import ANOMALY_TUNE, AnomalyFinding, anomaly_findings, anomaly_notes
+from .anomaly import (ANOMALY_TUNE, AnomalyFinding, anomaly_findings, anomaly_notes,
+                      anomaly_target, anomaly_tune)
 from .gates import judge_gates
 from .rollback import adjust, last_good, newest_checkpoint
 from .stop import plateau_reason, rollbacks_exhausted
@@ -43,15 +47,17 @@ class Trigger:
     value: float | None = None
     baseline: float | None = None
     reason: str
+    anomaly: bool = False
+    """An anomaly-restores rollback: it restarts before the spike (`anomaly_target`)."""
 
 
 def decide(spec: CptRunSpec, obs: Observations) -> Decision:
     history = ordered(obs.points)
     outcomes, warnings = judge_gates(spec, obs.base, history, obs.attempt)
     breached = tuple(o for o in outcomes if o.breached)
-    findings = anomaly_findings(spec, obs.anomalies)
+    findings = anomaly_findings(spec, obs.anomalies, obs.skips)
     reasons = [o.describe() for o in breached] + [f.reason for f in findings]
-    triggers = gate_triggers(spec, outcomes) + [anomaly_trigger(f) for f in findings]
+    triggers = gate_triggers(spec, outcomes) + [anomaly_trigger(f, obs) for f in findings]
     base = Decision(action=Action.cont, reasons=tuple(reasons + anomaly_notes(obs.anomalies)),
                     breached=breached, overrides=obs.overrides, warnings=tuple(warnings))
     if triggers:
@@ -68,9 +74,13 @@ def gate_triggers(spec: CptRunSpec, outcomes: Sequence[GateOutcome]) -> list[Tri
             for o in outcomes if o.fired]
 
 
-def anomaly_trigger(finding: AnomalyFinding) -> Trigger:
-    return Trigger(name=finding.rule, action=finding.action, tune=ANOMALY_TUNE, to_base=False,
-                   metric=finding.rule, value=float(finding.count), reason=finding.reason)
+def anomaly_trigger(finding: AnomalyFinding, obs: Observations) -> Trigger:
+    # Restores are where the trainer blames data; a non-finite step keeps the gates' target.
+    restores = finding.rule == "anomaly-restores"
+    tune = anomaly_tune(finding.count, obs.skips, obs.overrides.skips) if restores else ANOMALY_TUNE
+    return Trigger(name=finding.rule, action=finding.action, tune=tune, to_base=False,
+                   metric=finding.rule, value=float(finding.count), reason=finding.reason,
+                   anomaly=restores)
 
 
 def act(spec: CptRunSpec, obs: Observations, triggers: Sequence[Trigger], base: Decision) -> Decision:
@@ -89,21 +99,32 @@ def act(spec: CptRunSpec, obs: Observations, triggers: Sequence[Trigger], base: 
 
 def restart(spec: CptRunSpec, obs: Observations, triggers: Sequence[Trigger], base: Decision) -> Decision:
     """A new attempt: rewind (rollback) or not (tune), with adjusted overrides."""
-    rewind = any(t.action == Action.rollback for t in triggers)
-    if not rewind:
+    rollbacks = [t for t in triggers if t.action == Action.rollback]
+    if not rollbacks:
         target = newest_checkpoint(obs.points)
-    elif any(t.to_base for t in triggers if t.action == Action.rollback):
+    elif any(t.to_base for t in rollbacks):
         target = BASE
+    elif all(t.anomaly for t in rollbacks):
+        target = anomaly_target(obs.checkpoints, obs.attempt, obs.skips, obs.start)
     else:
         target = last_good(spec, obs.base, obs.points)
     overrides, notes = adjust(spec, obs.overrides, [t.tune for t in triggers])
+    overrides = overrides.model_copy(update={"skips": merge_skips(overrides.skips, obs.skips)})
     records = tuple(record(obs.attempt, t, target, overrides) for t in triggers)
-    verb = "rolling back to" if rewind else "tuning from"
-    return replace(base, action=Action.rollback if rewind else Action.tune, target=target,
+    verb = "rolling back to" if rollbacks else "tuning from"
+    return replace(base, action=Action.rollback if rollbacks else Action.tune, target=target,
                     overrides=overrides, records=records,
                     reasons=base.reasons + (f"{verb} {target} with lr x{overrides.lr_scale:.3g}, "
-                                            f"replay +{overrides.replay_delta:.2f}",),
+                                            f"replay +{overrides.replay_delta:.2f}"
+                                            f"{skipping(overrides)}",),
                     warnings=base.warnings + tuple(notes))
+
+
+def skipping(overrides: Overrides) -> str:
+    if not overrides.skips:
+        return ""
+    sources = sorted({s.source for s in overrides.skips})
+    return f", skipping {len(overrides.skips)} data window(s) of {', '.join(sources)}"
 
 
 def record(attempt: int, trigger: Trigger, target: str, overrides: Overrides) -> RollbackRecord:

@@ -12,6 +12,7 @@ Adjustments (the debug order of a falling general score starts with LR, then rep
 `lr_scale ← lr_scale · lrFactor` and `replay_delta ← replay_delta + replayDelta`, the latter
 capped so that the replay share of the mixture (the spec's replay weight share plus the
 delta) never exceeds 0.9: a mixture with no domain data is no longer continued pretraining.
+Skipped data windows are kept whatever else changes: bad data stays bad.
 """
 from __future__ import annotations
 
@@ -63,4 +64,5 @@ def adjust(spec: CptRunSpec, current: Overrides, tunes: Sequence[TuneSpec]) -> t
     capped = max(current.replay_delta, min(wanted, MAX_REPLAY_SHARE - share))
     if capped < wanted:
         warnings.append(f"replay share capped at {MAX_REPLAY_SHARE:.0%}")
-    return Overrides(lr_scale=current.lr_scale * lr_factor, replay_delta=capped), warnings
+    return current.model_copy(update={"lr_scale": current.lr_scale * lr_factor,
+                                      "replay_delta": capped}), warnings

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
+from ..api.skips import DataSkip
 from ..api.status import Overrides, Phase, RollbackRecord
 
 BASE = "base"
@@ -49,6 +50,12 @@ class Observations:
     """Overrides the current attempt runs with."""
     budget_reached: bool = False
     """The trainer finished its token / step budget."""
+    skips: Sequence[DataSkip] = ()
+    """Data windows the current attempt's trainer blamed for its restores (newest extent)."""
+    start: str = BASE
+    """The checkpoint the current attempt started from, or `base`."""
+    checkpoints: Sequence[CheckpointEvals] = ()
+    """Usable checkpoints of the run, evaluated or not (anomaly rollback targets)."""
 
 
 class Action(str, Enum):
@@ -118,6 +125,8 @@ class CheckpointEvals:
     tokens: int = 0
     evals: Mapping[str, float] = field(default_factory=dict)
     attempt: int = 1
+    stable: bool = True
+    """The manifest's `stable` flag."""
 
 
 @dataclass(frozen=True, kw_only=True)

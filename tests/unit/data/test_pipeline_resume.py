@@ -84,3 +84,26 @@ def test_ranks_read_disjoint_units(tmp_path, tokenizer):
         seen.append({Path(stream.reader.files[u.file].path).name for u in units})
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == {f"{i}.txt" for i in range(6)}
+
+
+def test_a_skip_window_drops_exactly_those_windows_of_its_source(tmp_path, tokenizer, two_sources):
+    """Restored from the same state, the pipeline packs and drops the skipped source's windows
+    inside [start, end) of its consumed tokens: the windows after them, and the other source's,
+    are the ones an unskipped stream gives."""
+    from cpt_operator.api.skips import DataSkip
+
+    plain = DataPipeline(make_config(tmp_path, two_sources, seq_len=48), tokenizer, 0, 1,
+                         workers=0)
+    seen = []
+    for _ in range(40):
+        before = plain.consumed_tokens()["licenses"]
+        window = plain.next_batch(1)
+        seen.append((int(window.source_ids[0, 0]), before, window.input_ids[0]))
+    cfg = make_config(tmp_path, two_sources, seq_len=48)
+    cfg.overrides.skips = [DataSkip(source="licenses", start=48 * 5, end=48 * 9)]
+    skipping = DataPipeline(cfg, tokenizer, 0, 1)
+    kept = [s for s in seen if not (s[0] == 0 and 48 * 5 <= s[1] < 48 * 9)]
+    got = [skipping.next_batch(1) for _ in range(len(kept) - 4)]
+    licenses = [(ids, w.input_ids[0]) for (src, _, ids), w in zip(kept, got) if src == 0]
+    assert all(torch.equal(a, b) for a, b in licenses) and len(licenses) > 10
+    assert skipping.state_dict()["skipped"]["licenses"] == 48 * 4

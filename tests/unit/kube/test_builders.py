@@ -181,7 +181,7 @@ def test_the_config_map_holds_the_attempts_trainer_config():
     assert config["restoreFrom"] == "s3://ckpt/runs/legal-7b/attempt-001/step-00000100"
     assert config["restoreMode"] == "fullState"
     assert config["checkpointUri"] == "s3://ckpt/runs/legal-7b/attempt-002"
-    assert config["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1}
+    assert config["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1, "skips": []}
     assert config["metricsPort"] == SETTINGS.trainer_metrics_port
     assert config["spec"]["resources"]["nodes"] == 2
 

@@ -97,3 +97,29 @@ def test_state_round_trip_flags_what_the_original_flags() -> None:
     b.load_state_dict(a.state_dict())
     for loss, g in ((2.0, 1.0), (2.0, 9.0), (7.0, 1.0)):
         assert a.observe(loss, g) == b.observe(loss, g)
+
+
+def _trained(d: AnomalyDetector) -> AnomalyDetector:
+    for g in (1.0, 1.2, 0.8, 1.0, 1.1, 0.9):
+        d.observe(2.0, g, {"legal": 2.2, "code": 1.6})
+    return d
+
+
+@pytest.mark.parametrize("losses, blamed", [
+    pytest.param({"legal": 8.8, "code": 1.7}, "legal", id="the source whose own loss spiked is blamed"),
+    pytest.param({"legal": 6.6, "code": 4.8}, None, id="every source rising together blames none"),
+    pytest.param({"legal": 2.3, "junk": 9.0}, "junk", id="a source never seen is compared with the run's mean"),
+    pytest.param({"legal": math.nan, "code": 1.6}, "legal", id="a non-finite source loss is the worst rise"),
+])
+def test_an_anomaly_is_blamed_on_the_source_that_spiked(losses: dict[str, float],
+                                                         blamed: str | None) -> None:
+    verdict = _trained(detector()).observe(7.0, 1.0, losses)
+    assert verdict is not None and verdict.source == blamed
+
+
+def test_per_source_history_survives_a_state_round_trip() -> None:
+    a = _trained(detector())
+    b = detector()
+    b.load_state_dict(a.state_dict())
+    assert a.observe(7.0, 1.0, {"legal": 8.8, "code": 1.7}) == \
+        b.observe(7.0, 1.0, {"legal": 8.8, "code": 1.7})

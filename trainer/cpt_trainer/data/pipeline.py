@@ -108,6 +108,11 @@ class DataPipeline:
     def current_weights(self) -> dict[str, float]:
         return self._core.mixture.shares(self._core.run_tokens)
 
+    def consumed_tokens(self) -> dict[str, int]:
+        """Per source, the run's tokens consumed so far (trained on or skipped): what
+        `api.skips` windows are measured in."""
+        return {n: self._core.consumed(n) for n in self.source_names}
+
     def realised_proportions(self) -> dict[str, float]:
         """Share of the run's tokens per source (all ranks, resharded runs included)."""
         ws = self.world_size

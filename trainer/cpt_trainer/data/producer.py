@@ -15,6 +15,12 @@ n + FEEDBACK_LAG on, wherever the producer runs and however far it has run ahead
 Token counts: `tokens` are this rank's own since its data position was last dealt, `base` the
 run's per-source tokens before that (the same on every rank). The curriculum position is the
 run's training tokens, base plus own times the world size (every rank takes equal batches).
+
+Skipped windows (`overrides.skips`, `api.skips`): a window drawn from a source while that
+source's consumed tokens (`consumed`, the same run-wide estimate) lie inside a skip window is
+packed and thrown away, and the mixture draws again. Packing it advances the stream exactly as
+training on it did when the window was found, so the same documents are skipped; its tokens
+count as consumed (as they did then) and in `skipped`, not in `windows`.
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ class Producer:
         self.tokens = {n: 0 for n in self.names}
         self.base = {n: 0 for n in self.names}
         self.windows = 0
+        self.skips = list(plan.cfg.overrides.skips)
+        self.skipped = {n: 0 for n in self.names}
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.report_version = 0
         self._tally = self.report.tally()
@@ -83,6 +91,10 @@ class Producer:
     @property
     def run_tokens(self) -> int:
         return sum(self.base.values()) + sum(self.tokens.values()) * self.world_size
+
+    def consumed(self, name: str) -> int:
+        """The run's consumed tokens of one source (this rank's estimate)."""
+        return self.base[name] + self.tokens[name] * self.world_size
 
     def feed(self, apply_at: int, losses: Mapping[str, float]) -> None:
         """A loss report that steers the mixture from window `apply_at` on."""
@@ -97,11 +109,19 @@ class Producer:
     def next_window(self) -> Window:
         self._apply_feedback()
         name = self.mixture.next_source(self.run_tokens)
+        while any(s.covers(name, self.consumed(name)) for s in self.skips):
+            self._pack(name)
+            self.skipped[name] += self._seq_len
+            name = self.mixture.next_source(self.run_tokens)
+        window = self._pack(name)
+        self.windows += 1
+        self._write_report()
+        return window
+
+    def _pack(self, name: str) -> Window:
         index = self.names.index(name)
         window = pack_window(self.streams[index], self._seq_len, self._document_mask, index)
         self.tokens[name] += self._seq_len
-        self.windows += 1
-        self._write_report()
         return window
 
     def _write_report(self) -> None:
@@ -118,7 +138,7 @@ class Producer:
             "format": STATE_FORMAT, "data_version": self.plan.data_version,
             "rank": self.rank, "world_size": self.world_size,
             "mixture": self.mixture.state_dict(), "tokens": dict(self.tokens),
-            "base": dict(self.base), "windows": self.windows,
+            "base": dict(self.base), "windows": self.windows, "skipped": dict(self.skipped),
             "feedback": [[a, dict(losses)] for a, losses in self.pending],
             "streams": {s.name: s.state_dict() for s in self.streams},
         }
@@ -128,6 +148,7 @@ class Producer:
         self.tokens = {n: int(state["tokens"].get(n, 0)) for n in self.names}
         self.base = {n: int(state.get("base", {}).get(n, 0)) for n in self.names}
         self.windows = int(state.get("windows", 0))
+        self.skipped = {n: int(state.get("skipped", {}).get(n, 0)) for n in self.names}
         self.pending = [(int(a), dict(losses)) for a, losses in state.get("feedback", [])]
         for stream in self.streams:
             if stream.name in state["streams"]:
