@@ -14,7 +14,6 @@ frontier checkpoints circled, the chosen one starred, rollbacks as vertical line
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,12 +22,12 @@ from .api.evaluation import Metric
 from .api.spec import CptRunSpec
 from .api.status import CptRunStatus
 from .policy import CheckpointEvals, select_checkpoint
+from .api.manifest import attempt_of as attempt_number
 from .api.metrics import worse_by
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-_ATTEMPT = re.compile(r"attempt-(\d+)")
 _AXES = ("domain", "general", "behavior", "safety", "drift", "custom")
 NEW_TOKEN_PREFIXES = ("new_token.", "new_tokens.")
 LEGEND = ("o on the Pareto frontier over (domain, general, safety) gains; * chosen: highest J "
@@ -49,8 +48,8 @@ class Row:
 
 
 def attempt_of(name: str) -> int:
-    match = _ATTEMPT.search(name)
-    return int(match.group(1)) if match else 1
+    """The attempt of a checkpoint name; 1 for a name without one (a run's first checkpoints)."""
+    return attempt_number(name) or 1
 
 
 def rows_of(status: CptRunStatus, spec: CptRunSpec | None = None) -> list[Row]:

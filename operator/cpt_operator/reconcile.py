@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence, Union
 
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
+from .api.manifest import attempt_folder
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
+from .api.trainer_config import TrainerConfig
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
                          Overrides, Phase, Reason, RollbackRecord)
 from .api.skips import DataSkip
@@ -190,7 +192,7 @@ class _Planner:
 def _latest_in_lineage(p: _Planner) -> str | None:
     """Where a restarted attempt continues: the current attempt's newest checkpoint, else
     the point it started from."""
-    prefix = f"attempt-{p.status.attempt:03d}/"
+    prefix = f"{attempt_folder(p.status.attempt)}/"
     own = [c for c in p.obs.checkpoints if c.name.startswith(prefix)]
     if own:
         return max(own, key=lambda c: c.step).name
@@ -413,3 +415,17 @@ def _base_mode(spec: CptRunSpec) -> RestoreMode:
     if spec.base_model.format == ModelFormat.checkpoint:
         return spec.base_model.restore_mode
     return RestoreMode.weights_only
+
+
+def attempt_config(action: StartAttempt, *, spec: CptRunSpec, run: str, run_uid: str | None,
+                   checkpoint_root: str, run_dir: str, namespace: str = "local",
+                   metrics_port: int = 0) -> TrainerConfig:
+    """What the trainer of the attempt `action` starts runs with, for either backend (which
+    decides only where things are: the run directory, the checkpoint root, the metrics port)."""
+    root = checkpoint_root.rstrip("/")
+    return TrainerConfig(run=run, namespace=namespace, attempt=action.number, spec=spec, run_dir=run_dir,
+                         run_uid=run_uid, checkpoint_root=root,
+                         checkpoint_uri=f"{root}/{attempt_folder(action.number)}",
+                         restore_from=f"{root}/{action.restore_from}" if action.restore_from else None,
+                         restore_mode=action.restore_mode, overrides=action.overrides,
+                         base_sha256=action.base_sha256, metrics_port=metrics_port)

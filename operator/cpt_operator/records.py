@@ -1,7 +1,9 @@
-"""Read what the trainers recorded in the run's storage: every evaluation and every start.
+"""Read what the trainers recorded in the run's storage: every evaluation, every start, and the
+data windows each attempt skipped.
 
 Each attempt's folder (`<checkpoint root>/attempt-NNN/`, see `store`) holds `started.json` and
-`evals/step-XXXXXXXX.json` (names in `api.manifest`), each written once and never changed. They
+`evals/step-XXXXXXXX.json` (names in `api.manifest`), each written once and never changed, and
+`skips.json`, rewritten while its attempt runs (so read again each time). The evaluations
 are the durable account of the evaluations: Prometheus gauges hold only the latest value, so
 two evaluations between scrapes would hide the first from the gates.
 
@@ -19,7 +21,8 @@ import fsspec
 from pydantic import ValidationError
 
 from .api.events import Evaluated, Started
-from .api.manifest import EVALS_DIR, STARTED, is_eval_record
+from .api.manifest import EVALS_DIR, SKIPS, STARTED, attempt_of, is_eval_record
+from .api.skips import SKIP_LIST, DataSkip
 from .api.storage import storage_options
 from .policy.types import EvalPoint
 from .store import CheckpointRef
@@ -37,16 +40,8 @@ class Records:
     """The base model's reference evaluation (the first attempt that measured it)."""
     base_sha256: str | None = None
     """The base's digest as the first attempt that started verified it."""
-
-
-def _attempt_of(path: str) -> int | None:
-    name = posixpath.basename(path.rstrip("/"))
-    if not name.startswith("attempt-"):
-        return None
-    try:
-        return int(name[len("attempt-"):])
-    except ValueError:
-        return None
+    skips: dict[int, list[DataSkip]] = field(default_factory=dict)
+    """By attempt: the data windows it blamed for its restores (api.skips)."""
 
 
 class RunRecords:
@@ -56,11 +51,12 @@ class RunRecords:
         self.root = root.rstrip("/")
         self._evals: dict[tuple[int, str], Evaluated] = {}
         self._started: dict[int, Started] = {}
+        self._skips: dict[int, list[DataSkip]] = {}
 
     def read(self) -> Records:
         fs, base = fsspec.core.url_to_fs(self.root, **storage_options(self.root))
         for path in self._ls(fs, base):
-            attempt = _attempt_of(path)
+            attempt = attempt_of(posixpath.basename(path.rstrip('/')))
             if attempt is not None:
                 self._read_attempt(fs, path.rstrip("/"), attempt)
         return self._records()
@@ -74,6 +70,10 @@ class RunRecords:
             return []
 
     def _read_attempt(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int) -> None:
+        try:
+            self._skips[attempt] = SKIP_LIST.validate_json(fs.cat_file(f"{path}/{SKIPS}"))
+        except (FileNotFoundError, ValidationError, ValueError):
+            pass  # none found yet (written atomically: never half a file)
         if attempt not in self._started:
             started = self._parse(fs, f"{path}/{STARTED}", Started)
             if started is not None:
@@ -105,7 +105,7 @@ class RunRecords:
                 points.append(EvalPoint(attempt=attempt, step=ev.step, tokens=ev.tokens,
                                         metrics=dict(ev.metrics)))
         digest = next((s.base_sha256 for _, s in sorted(self._started.items()) if s.base_sha256), None)
-        return Records(points=points, base=base, base_sha256=digest)
+        return Records(points=points, base=base, base_sha256=digest, skips=dict(self._skips))
 
 
 def merge_points(scraped: Iterable[EvalPoint], recorded: Iterable[EvalPoint],

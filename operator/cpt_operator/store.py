@@ -8,7 +8,6 @@ listed only when its manifest parses and every file it names exists with the rec
 """
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Mapping
@@ -16,7 +15,7 @@ from typing import Mapping
 import fsspec
 from pydantic import ValidationError
 
-from .api.manifest import (MANIFEST, PINNED, RUN_RECORD, FileEntry, Manifest, Problem, attempt_folder,
+from .api.manifest import (MANIFEST, PINNED, RUN_RECORD, FileEntry, Manifest, Problem, attempt_folder, attempt_of,
                            step_of, verify)
 from .api.ownership import Pins, RunRecord
 from .api.storage import storage_options
@@ -86,7 +85,7 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
         return [], []
     found: list[CheckpointRef] = []
     problems: list[Problem] = []
-    for attempt_path in sorted(p for p in fs.ls(base, detail=False) if posixpath.basename(p).startswith("attempt-")):
+    for attempt_path in sorted(p for p in fs.ls(base, detail=False) if attempt_of(posixpath.basename(p)) is not None):
         for ckpt_path in sorted(fs.ls(attempt_path, detail=False)):
             if step_of(ckpt_path) is None:
                 continue

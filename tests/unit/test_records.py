@@ -8,7 +8,8 @@ from typing import Any
 
 from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
 from cpt_operator.api.events import Evaluated, Started
-from cpt_operator.api.manifest import STARTED, eval_record_name
+from cpt_operator.api.manifest import SKIPS, STARTED, eval_record_name
+from cpt_operator.api.skips import SKIP_LIST, DataSkip
 from cpt_operator.kube.builders import RunRef, trainer_config
 from cpt_operator.kube.observe import observed
 from cpt_operator.kube.prometheus import TrainerSeries
@@ -113,3 +114,28 @@ def test_the_recorded_digest_is_kept_and_given_to_every_later_attempt():
     again = reconcile(spec(), plan.status, Observed(attempt=AttemptState(number=2, state="running"),
                                                     now="t", base_sha256="b" * 64))
     assert again.status.base_sha256 == "a" * 64
+
+
+def skips(root: Path, attempt: int, *windows: DataSkip) -> None:
+    path = Path(attempt_dir(str(root), attempt)) / SKIPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(SKIP_LIST.dump_json(list(windows), by_alias=True))
+
+
+def test_the_windows_an_attempt_skipped_reach_the_operator_as_they_grow(tmp_path):
+    """On a cluster anomalies reach the operator only as counts; the attempt's skips.json says
+    which data to skip, and it is read again each pass (the trainer widens a window in place)."""
+    records = RunRecords(str(tmp_path))
+    legal = DataSkip(source="legal", start=1000, end=1500, attempt=1, step=7)
+    skips(tmp_path, 1, legal)
+    state = AttemptState(number=1, state="running")
+    assert observed(body=body(), attempt=state, series=None, points=[], refs=[],
+                    records=records.read()).skips == (legal,)
+    wider = legal.model_copy(update={"end": 2200})
+    skips(tmp_path, 1, wider)
+    obs = observed(body=body(), attempt=state, series=None, points=[], refs=[], records=records.read())
+    assert obs.skips == (wider,)
+    # another attempt's windows are its own
+    other = observed(body=body(), attempt=AttemptState(number=2, state="running"), series=None, points=[],
+                     refs=[], records=records.read())
+    assert other.skips == ()

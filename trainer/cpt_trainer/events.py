@@ -10,6 +10,7 @@ import time
 from typing import IO, Any, Union
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+from cpt_operator.api.manifest import EVENTS
 
 EventModel = type[Started] | type[Progress] | type[Anomaly] | type[Evaluated] | \
     type[CheckpointSaved] | type[Finished]
@@ -23,7 +24,7 @@ class EventLog:
         self._file: IO[str] | None = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
-            self._file = open(os.path.join(run_dir, "events.jsonl"), "a", encoding="utf-8")
+            self._file = open(os.path.join(run_dir, EVENTS), "a", encoding="utf-8")
 
     def emit(self, kind: EventModel, /, **fields: Any) -> Event | None:
         """The event written (None on ranks other than 0)."""

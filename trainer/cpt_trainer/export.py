@@ -34,7 +34,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from cpt_operator.api.manifest import MODEL_DIR, is_model_file
+from cpt_operator.api.manifest import ATTEMPT_PREFIX, MODEL_DIR, is_model_file
 
 from . import checkpoint
 from .errors import Refused
@@ -97,7 +97,7 @@ def latest_under(root: str) -> str:
     """The newest checkpoint under a local run's checkpoint root (`attempt-NNN/step-XXXXXXXX`,
     by attempt then step) whose manifest lists files that are all there; `export` then
     re-hashes what it reads."""
-    for attempt in sorted(Path(root).glob("attempt-*"), reverse=True):
+    for attempt in sorted(Path(root).glob(f"{ATTEMPT_PREFIX}*"), reverse=True):
         valid, _ = checkpoint.list_checkpoints(str(attempt), deep=False)
         if valid:
             return str(attempt / valid[-1][0])

@@ -42,9 +42,9 @@ from transformers import PreTrainedModel
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
-from cpt_operator.api.manifest import (MODEL_DIR, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
+from cpt_operator.api.manifest import (MODEL_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, eval_record_name, rng_file)
-from cpt_operator.api.skips import DataSkip, merge_skips
+from cpt_operator.api.skips import SKIP_LIST, DataSkip, merge_skips
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
                                    SourceRole)
 from cpt_operator.api.ownership import RunRecord
@@ -616,7 +616,7 @@ class Attempt:
         if window.end <= known.end:
             return
         wider = known.model_copy(update={"end": window.end})
-        self.skips = merge_skips(self.skips, [wider])
+        self._record_skips(merge_skips(self.skips, [wider]))
         self.metrics.anomaly("skipped")
         self.events.emit(Anomaly, step=self.step, kind="skipped", source=wider.source, skip=wider,
                          message=f"anomalies go on in source {wider.source}: its skipped window "
@@ -627,7 +627,7 @@ class Attempt:
         self.anomaly.consecutive = 0
         origin = self._restore_stable()
         if window is not None:
-            self.skips = merge_skips(self.skips, [window])
+            self._record_skips(merge_skips(self.skips, [window]))
         blame = (f"; source {window.source} is blamed, its tokens {window.start}-{window.end} "
                  f"are skipped" if window else "")
         self.metrics.anomaly("restored")
@@ -635,6 +635,13 @@ class Attempt:
                          source=window.source if window else None, skip=window,
                          message=f"restored weights and optimizer from {origin} after "
                                  f"{self.spec.gradient.anomaly.max_consecutive} anomalous steps{blame}")
+
+    def _record_skips(self, skips: list[DataSkip]) -> None:
+        """The attempt's windows, kept and written where the control plane reads them (the
+        operator cannot read this attempt's events)."""
+        self.skips = skips
+        if self.dist.is_main:
+            checkpoint.put_atomic(self.cfg.checkpoint_uri, SKIPS, SKIP_LIST.dump_json(skips, by_alias=True))
 
     def _skip_window(self) -> DataSkip | None:
         """The stretch of the most blamed source read by the current run of anomalous steps."""

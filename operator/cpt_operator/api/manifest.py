@@ -42,6 +42,11 @@ EVALS_DIR = "evals"
 evaluation, the `Evaluated` event as JSON, written once (atomically) when the evaluation is
 announced. Prometheus only holds the latest value of a gauge, so two evaluations between scrapes
 would hide the first; the control plane reads every evaluation from these records."""
+SKIPS = "skips.json"
+"""In each attempt's folder: the data windows the attempt blamed for its restores so far
+(`api.skips.SKIP_LIST`), rewritten whole and atomically whenever one is found or widened. On a
+cluster the operator sees anomalies only as counts in Prometheus; this file tells it which data
+to skip in the attempts after a rollback."""
 STARTED = "started.json"
 """In each attempt's folder: the attempt's `Started` event, written once it has verified its
 start point; it carries the base's digest the run records at its first start."""
@@ -98,10 +103,25 @@ def is_eval_record(name: str) -> bool:
     return _RECORD.match(name.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
+ATTEMPT_PREFIX = "attempt-"
+EVENTS = "events.jsonl"
+"""In each attempt's run directory: the trainer's events, one `api.events` model a line."""
+
+
 def attempt_folder(attempt: int) -> str:
-    """One folder per attempt under the run's checkpoint root, so a rolled-back run never writes
-    over the immutable checkpoints of the branch it abandoned."""
-    return f"attempt-{attempt:03d}"
+    """One folder per attempt under the run's checkpoint root (and the run directory), so a
+    rolled-back run never writes over the immutable checkpoints of the branch it abandoned."""
+    return f"{ATTEMPT_PREFIX}{attempt:03d}"
+
+
+def attempt_of(name: str) -> int | None:
+    """The attempt a folder name (`attempt-NNN`, the last path part) or checkpoint name
+    (`attempt-NNN/step-XXXXXXXX`) belongs to; None for any other name."""
+    parts = [p for p in name.rstrip("/").split("/") if p]
+    for part in reversed(parts):
+        if part.startswith(ATTEMPT_PREFIX) and part[len(ATTEMPT_PREFIX):].isdigit():
+            return int(part[len(ATTEMPT_PREFIX):])
+    return None
 
 
 def root_of(checkpoint_uri: str) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from .base import SpecModel
 
@@ -41,3 +41,7 @@ def merge_skips(old: Sequence[DataSkip], new: Sequence[DataSkip]) -> list[DataSk
         if known is None or skip.end > known.end:
             merged[(skip.source, skip.start)] = skip
     return sorted(merged.values(), key=lambda s: (s.source, s.start))
+
+
+SKIP_LIST = TypeAdapter(list[DataSkip])
+"""The JSON form of an attempt's windows (`api.manifest.SKIPS`)."""

@@ -14,12 +14,12 @@ from typing import Any
 from ..api.spec import API_VERSION, KIND, CptRunSpec
 from ..api.storage import OBJECT_STORE_SCHEMES, is_object_store
 from ..api.trainer_config import TrainerConfig
-from ..reconcile import StartAttempt
-from ..store import attempt_dir
+from ..api.manifest import CONFIG, attempt_folder
+from ..reconcile import StartAttempt, attempt_config
 from .settings import Settings
 
 CONFIG_DIR = "/etc/cpt"
-CONFIG_FILE = "trainer-config.json"
+CONFIG_FILE = CONFIG
 WORK_DIR = "/var/run/cpt"
 LABEL_RUN = "cpt.mlops.dev/run"
 LABEL_ATTEMPT = "cpt.mlops.dev/attempt"
@@ -113,15 +113,11 @@ def checkpoint_root(spec: CptRunSpec) -> str:
 
 
 def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings: Settings) -> TrainerConfig:
-    """What the attempt's trainer runs with; mirrors the local runner's `trainer_config`."""
-    root = checkpoint_root(spec)
-    restore = f"{root}/{action.restore_from}" if action.restore_from else None
-    return TrainerConfig(run=run.name, namespace=run.namespace, attempt=action.number, spec=spec,
-                         run_dir=f"{WORK_DIR}/attempt-{action.number:03d}", run_uid=run.uid,
-                         checkpoint_uri=attempt_dir(root, action.number), checkpoint_root=root,
-                         restore_from=restore,
-                         restore_mode=action.restore_mode, overrides=action.overrides,
-                         base_sha256=action.base_sha256, metrics_port=settings.trainer_metrics_port)
+    """What the attempt's trainer runs with: the pod's work dir, the spec's checkpoint root."""
+    return attempt_config(action, spec=spec, run=run.name, namespace=run.namespace, run_uid=run.uid,
+                          checkpoint_root=checkpoint_root(spec),
+                          run_dir=f"{WORK_DIR}/{attempt_folder(action.number)}",
+                          metrics_port=settings.trainer_metrics_port)
 
 
 def config_map(run: RunRef, attempt: int, config: TrainerConfig) -> Object:

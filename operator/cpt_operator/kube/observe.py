@@ -106,6 +106,7 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
     return Observed(attempt=attempt, now=now_rfc3339(), base=base, base_sha256=records.base_sha256,
                     points=merge_points(points, records.points, refs),
                     anomalies=dict(series.anomalies) if series else {},
+                    skips=tuple(records.skips.get(attempt.number, ())),
                     checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"), pods_left=tuple(pods_left),

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..api.manifest import step_of
+from ..api.manifest import ATTEMPT_PREFIX, step_of
 from .rundir import RunDir
 
 
@@ -81,7 +81,7 @@ def export_source(run: str, checkpoint: str | None) -> list[str]:
     if checkpoint and "/" in checkpoint:
         return [str(Path(rd.checkpoints) / checkpoint), "--why", f"{checkpoint} of {rd.root.name}"]
     if checkpoint:
-        found = sorted(Path(rd.checkpoints).glob(f"attempt-*/{checkpoint}"))
+        found = sorted(Path(rd.checkpoints).glob(f"{ATTEMPT_PREFIX}*/{checkpoint}"))
         if not found:
             raise FileNotFoundError(f"no checkpoint {checkpoint} in {rd.checkpoints}")
         return [str(found[-1]), "--why", f"{found[-1].parent.name}/{checkpoint} of {rd.root.name}"]

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..api.exit_codes import EXIT_REFUSED
+from ..api.manifest import EVENTS
 from ..api.events import Anomaly, Finished, Progress, Started
-from ..api.skips import DataSkip, merge_skips
 from ..policy.types import CheckpointEvals
 from ..reconcile import AttemptState, Observed
 from ..records import RunRecords, merge_points
@@ -33,7 +33,6 @@ class AttemptLog:
     number: int
     follower: EventFollower
     anomalies: Counter[str] = field(default_factory=Counter)
-    skips: list[DataSkip] = field(default_factory=list)
     last_progress: Progress | None = None
     started: Started | None = None
     finished: Finished | None = None
@@ -47,8 +46,6 @@ class AttemptLog:
     def _take(self, ev: object) -> None:
         if isinstance(ev, Anomaly):
             self.anomalies[ev.kind] += 1
-            if ev.skip is not None:
-                self.skips = merge_skips(self.skips, [ev.skip])
         elif isinstance(ev, Progress):
             self.last_progress = ev
         elif isinstance(ev, Started):
@@ -65,7 +62,7 @@ class LocalObserver:
 
     def log(self, number: int) -> AttemptLog:
         if number not in self.logs:
-            path = self.run_dir.attempt(number) / "events.jsonl"
+            path = self.run_dir.attempt(number) / EVENTS
             self.logs[number] = AttemptLog(number, EventFollower(path))
         return self.logs[number]
 
@@ -107,7 +104,7 @@ class LocalObserver:
                                        evals=dict(r.manifest.evals), attempt=r.attempt,
                                        stable=r.manifest.stable) for r in refs]
         anomalies = dict(self.log(number).anomalies) if number else {}
-        skips = tuple(self.log(number).skips) if number else ()
+        skips = tuple(records.skips.get(number, ()))
         return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=records.base,
                         base_sha256=records.base_sha256, points=merge_points((), records.points, refs),
                         anomalies=anomalies, skips=skips, checkpoints=checkpoints,
@@ -119,4 +116,4 @@ class LocalObserver:
 
 
 def attempt_events_path(run_dir: RunDir, number: int) -> Path:
-    return run_dir.attempt(number) / "events.jsonl"
+    return run_dir.attempt(number) / EVENTS

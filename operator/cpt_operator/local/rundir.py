@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from ..api import CptRunStatus
+from ..api.manifest import attempt_folder
 
 
 class RunDir:
@@ -62,7 +63,7 @@ class RunDir:
         return path.read_text().strip()
 
     def attempt(self, number: int) -> Path:
-        return self.root / f"attempt-{number:03d}"
+        return self.root / attempt_folder(number)
 
     def read_status(self) -> CptRunStatus:
         if not self.status_file.exists():

@@ -20,8 +20,9 @@ from ..api.status import TERMINAL_PHASES, Phase
 from ..base_shape import ShapeUnavailable
 from ..planning import refusal, resized
 from ..policy.memory import memory_limit
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, reconcile
-from ..store import attempt_dir, claim, pin
+from ..api.manifest import CONFIG
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, attempt_config, reconcile
+from ..store import claim, pin
 from .launcher import TrainerProcess, trainer_command
 from .observe import LocalObserver
 from .progress import Progress
@@ -51,18 +52,13 @@ class LocalRun:
 
     # -- carrying out a plan ---------------------------------------------------------------
     def trainer_config(self, action: StartAttempt) -> TrainerConfig:
-        restore = f"{self.checkpoint_root.rstrip('/')}/{action.restore_from}" if action.restore_from else None
-        return TrainerConfig(run=self.run.metadata.name, attempt=action.number, spec=self.spec,
-                             run_dir=str(self.dir.attempt(action.number)), run_uid=self.dir.run_id,
-                             checkpoint_uri=attempt_dir(self.checkpoint_root, action.number),
-                             checkpoint_root=self.checkpoint_root,
-                             restore_from=restore, restore_mode=action.restore_mode,
-                             overrides=action.overrides, base_sha256=action.base_sha256)
+        return attempt_config(action, spec=self.spec, run=self.run.metadata.name, run_uid=self.dir.run_id,
+                              checkpoint_root=self.checkpoint_root, run_dir=str(self.dir.attempt(action.number)))
 
     def start(self, action: StartAttempt) -> None:
         folder = self.dir.attempt(action.number)
         folder.mkdir(parents=True, exist_ok=True)
-        config = folder / "trainer-config.json"
+        config = folder / CONFIG
         config.write_text(self.trainer_config(action).dump_json())
         self.proc = TrainerProcess(trainer_command(config, self.nproc), folder / "trainer.log")
 
