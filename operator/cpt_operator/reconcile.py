@@ -107,6 +107,9 @@ class Pin:
     one: backends write it before they start an attempt, whose trainer may prune."""
 
     names: tuple[str, ...]
+    judged: tuple[tuple[str, int], ...] = ()
+    """(attempt folder, newest step seen) of every folder with checkpoints: retention deletes
+    nothing newer, since the control plane has not yet weighed it (api.ownership.Pins)."""
 
 
 @dataclass(frozen=True)
@@ -407,7 +410,12 @@ def _plan(p: _Planner) -> Plan:
     st = p.status
     names = {*st.frontier, st.last_good_checkpoint, st.best_checkpoint, st.restore_from}
     pins = tuple(sorted(n for n in names if n and n != BASE))
-    return Plan(((Pin(pins),) if pins else ()) + tuple(p.actions), st)
+    judged: dict[str, int] = {}
+    for c in p.obs.checkpoints:
+        folder = c.name.split("/", 1)[0]
+        judged[folder] = max(judged.get(folder, -1), c.step)
+    pin = Pin(pins, tuple(sorted(judged.items())))
+    return Plan(((pin,) if pins or judged else ()) + tuple(p.actions), st)
 
 
 def _base_mode(spec: CptRunSpec) -> RestoreMode:

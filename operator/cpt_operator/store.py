@@ -122,12 +122,12 @@ def owner(root: str) -> RunRecord | None:
         return None
 
 
-def pin(root: str, names: list[str]) -> None:
-    """Replace the root's pins with `names` (`attempt-NNN/step-XXXXXXXX`): one PUT, so a reader
-    sees the old set or the new one, never a mixture."""
+def pin(root: str, names: list[str], judged: Mapping[str, int] | None = None) -> None:
+    """Replace the root's pins with `names` (`attempt-NNN/step-XXXXXXXX`) and the judged marks:
+    one PUT, so a reader sees the old set or the new one, never a mixture."""
     fs, base = _fs(root)
     fs.makedirs(base, exist_ok=True)
-    fs.pipe_file(f"{base}/{PINNED}", Pins.of(names).model_dump_json(by_alias=True).encode())
+    fs.pipe_file(f"{base}/{PINNED}", Pins.of(names, dict(judged or {})).model_dump_json(by_alias=True).encode())
 
 
 def pins(root: str) -> Pins:

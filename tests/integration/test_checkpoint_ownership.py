@@ -19,13 +19,26 @@ def test_keep_one_never_deletes_a_pinned_restore_point(tmp_path, tiny_model_dir,
     # The control plane pins before it starts an attempt. Pinning a name this attempt is about
     # to write puts the pin in place before keep=1 would delete it, without racing the trainer
     # as a pin of a freshly judged last-good checkpoint would.
-    store.pin(str(root), [pinned])
+    # It has also judged through step 6 (as if it had seen those checkpoints), so step 6 may go.
+    store.pin(str(root), [pinned], judged={"attempt-001": 6})
     spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 9}, checkpoint={"every": 3, "keep": 1})
     cfg = write_config(tmp_path, spec, root=root, run_uid="uid-a")
     assert run(cfg) == 0, log_tail(cfg)
     valid, _ = checkpoint.list_checkpoints(str(root / "attempt-001"))
     assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(9)]  # step 6 pruned
     assert {m.lineage.run_uid for _, m in valid} == {"uid-a"}
+
+
+def test_keep_one_deletes_nothing_the_control_plane_has_not_judged(tmp_path, tiny_model_dir, corpora):
+    """Any checkpoint may become the last good one once the control plane weighs its evaluation:
+    until pinned.json says it has (`judged`), retention keeps it, whatever `keep` says."""
+    root = tmp_path / "checkpoints"
+    store.pin(str(root), [])  # a control plane that has seen nothing of this attempt yet
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 9}, checkpoint={"every": 3, "keep": 1})
+    cfg = write_config(tmp_path, spec, root=root, run_uid="uid-a")
+    assert run(cfg) == 0, log_tail(cfg)
+    valid, _ = checkpoint.list_checkpoints(str(root / "attempt-001"))
+    assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6), checkpoint_name(9)]
 
 
 def test_another_runs_root_is_neither_written_nor_restored_from(tmp_path, tiny_model_dir, corpora):

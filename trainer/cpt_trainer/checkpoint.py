@@ -304,10 +304,16 @@ def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str
 
 
 def pinned(root: str | None, uri: str) -> set[str]:
-    """Checkpoint names under the attempt folder `uri` that the control plane pinned at `root`."""
+    """Checkpoint names under the attempt folder `uri` that retention must keep: those the
+    control plane pinned at `root`, and those it has not judged yet (any of them may turn out to
+    be the last good one). Nothing when no control plane manages `root`."""
     if root is None or not uri.startswith(root.rstrip("/") + "/"):
         return set()
-    return store.pins(root).steps_in(uri[len(root.rstrip("/")) + 1:])
+    folder = uri[len(root.rstrip("/")) + 1:].strip("/")
+    pins = store.pins(root)
+    judged = pins.judged_through(folder)
+    valid, _ = list_checkpoints(uri, deep=False)
+    return pins.steps_in(folder) | {name for name, m in valid if m.step > judged}
 
 
 def prune(uri: str, keep: int, protect: set[str] = frozenset()) -> list[str]:

@@ -179,8 +179,12 @@ class Checkpointer:
 
     def _protected(self, step: int) -> set[str]:
         """Never pruned: the checkpoint just written, the one this attempt started from (should
-        it sit in this folder) and whatever the control plane pinned, read afresh each time."""
+        it sit in this folder), the newest stable one (anomaly recovery restores it) and what
+        the control plane pinned or has not judged yet, read afresh each time."""
         names = {checkpoint_name(step)} | checkpoint.pinned(self.root, self.uri)
+        stable = checkpoint.latest_valid(self.uri, stable_only=True)
+        if stable is not None:
+            names.add(stable[0])
         if self.restore_from and self.restore_from.rstrip("/").rsplit("/", 1)[0] == self.uri.rstrip("/"):
             names.add(self.restore_from.rstrip("/").rsplit("/", 1)[1])
         return names

@@ -8,9 +8,11 @@ writes them) and the trainer (which reads them before it writes, prunes or resto
   `checkpoint.uri`, or a run deleted and created again under the same name, which gets a new
   UID) is refused instead of clearing, pruning or restoring the first run's checkpoints.
 - `pinned.json` (`Pins`): every checkpoint the run may still restore (the current attempt's
-  restore point, the last good one, the chosen one, the Pareto frontier). Written by the
-  control plane before it starts an attempt and whenever the set changes; retention never
-  deletes a name in it.
+  restore point, the last good one, the chosen one, the Pareto frontier), and how far the
+  control plane has judged each attempt folder. Written by the control plane before it starts
+  an attempt and whenever either changes; retention deletes only checkpoints the control plane
+  has judged and not pinned, so a checkpoint that may become the last good one is never
+  deleted before the control plane has seen it.
 
 Pure: callers do the reading and writing (`cpt_operator.store`).
 """
@@ -45,9 +47,17 @@ class Pins(SpecModel):
     names: list[str] = Field(default_factory=list)
     """Checkpoints retention must keep, as `attempt-NNN/step-XXXXXXXX` under the root."""
 
+    judged: dict[str, int] = Field(default_factory=dict)
+    """By attempt folder (`attempt-NNN`): the newest step whose checkpoint the control plane has
+    seen and weighed when it wrote these pins. A checkpoint above it is kept by retention."""
+
     @classmethod
-    def of(cls, names: Iterable[str | None]) -> "Pins":
-        return cls(names=sorted({n for n in names if n}))
+    def of(cls, names: Iterable[str | None], judged: dict[str, int] | None = None) -> "Pins":
+        return cls(names=sorted({n for n in names if n}), judged=dict(judged or {}))
+
+    def judged_through(self, folder: str) -> int:
+        """The newest judged step in `folder`; -1 when none is (retention keeps them all)."""
+        return self.judged.get(folder.strip("/"), -1)
 
     def steps_in(self, folder: str) -> set[str]:
         """The pinned checkpoint names (`step-XXXXXXXX`) inside one attempt folder."""

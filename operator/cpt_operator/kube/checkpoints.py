@@ -40,21 +40,21 @@ def foreign_owner(run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
     return owner_problem(root, owner, run.uid)
 
 
-def write_pins(written: dict[str, tuple[str, ...]], run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
+def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
     """Write the plan's pins unless `written` (per run UID) says they already are; returns why
     the store refused them, also recorded in the plan's status, or None."""
     pins = next((a for a in plan.actions if isinstance(a, Pin)), None)
-    if pins is None or written.get(run.uid) == pins.names:
+    if pins is None or written.get(run.uid) == pins:
         return None
     try:
-        pin(checkpoint_root(spec), list(pins.names))
+        pin(checkpoint_root(spec), list(pins.names), dict(pins.judged))
     except OSError as exc:
         why = f"pinning {', '.join(pins.names)} failed (retrying): {exc}"
         log.warning("%s/%s: %s", run.namespace, run.name, why)
         set_condition(plan.status, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why,
                       now_rfc3339())
         return why
-    written[run.uid] = pins.names
+    written[run.uid] = pins
     if any(c.type == ConditionType.checkpoints_pinned.value for c in plan.status.conditions):
         set_condition(plan.status, ConditionType.checkpoints_pinned, True, Reason.pinned.value,
                       f"{len(pins.names)} checkpoints pinned", now_rfc3339())

@@ -29,7 +29,7 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
+from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, group
@@ -65,7 +65,7 @@ class Runtime:
     caches: dict[str, PointCache] = field(default_factory=dict)
     records: dict[str, RunRecords] = field(default_factory=dict)
     """Per run: its trainers' records read so far (each file is read once)."""
-    pinned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pinned: dict[str, Pin] = field(default_factory=dict)
     shapes: dict[str, tuple[tuple[int | None, str], ModelShape | str]] = field(default_factory=dict)
     """Per run: ((generation, base uri), the base's shape or why it could not be read)."""
     emit: Emitter = kopf_event

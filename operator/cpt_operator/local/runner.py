@@ -42,6 +42,8 @@ class LocalRun:
         self.observer = LocalObserver(run_dir, self.checkpoint_root)
         self.proc: TrainerProcess | None = None
         self.progress = progress
+        self.pinned: Pin | None = None
+        """The pins last written (written again only when they change)."""
 
     def claim(self) -> None:
         """Take the checkpoint root before the first attempt; another run's root is refused."""
@@ -70,8 +72,9 @@ class LocalRun:
                 self.proc = None
             elif isinstance(action, StartAttempt):
                 self.start(action)
-            elif isinstance(action, Pin) and action.names:
-                pin(self.checkpoint_root, list(action.names))
+            elif isinstance(action, Pin) and action != self.pinned:
+                pin(self.checkpoint_root, list(action.names), dict(action.judged))
+                self.pinned = action
             elif isinstance(action, Emit):
                 self.progress.note(f"[{action.reason}] {action.message}")
         self.dir.write_status(plan.status)

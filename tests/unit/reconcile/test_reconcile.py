@@ -197,5 +197,7 @@ def test_a_restart_pins_its_restore_point_before_it_starts() -> None:
     assert "attempt-001/step-00000020" not in plan.status.frontier
     assert isinstance(plan.actions[0], Pin), "pins go first: the new attempt's trainer prunes by them"
     assert set(plan.actions[0].names) == {"attempt-001/step-00000010", "attempt-001/step-00000020"}
+    # and how far it has judged: retention may delete nothing newer than what it has weighed
+    assert plan.actions[0].judged == (("attempt-001", 20),)
     again = reconcile(spec(), plan.status, observed(running(2), points))
     assert "attempt-001/step-00000020" in of(again, Pin)[0].names  # for as long as attempt 2 may restart
