@@ -8,9 +8,9 @@ tokenizer, each timed from the files on disk to packed [seqLen] rows:
 - baseline: the run_clm recipe, `load_dataset` of the same files, `map(tokenize, batched)`
   appending EOS, then `map(group_texts, batched)` into seqLen blocks with labels.
 The process is pinned to one CPU and tokenizers / torch use one thread, as the issue asks.
-Rounds alternate between the two; the figures are medians. It also prints the pipeline's throughput as a multiple of what one training process consumes (an
-estimate: 6·N FLOPs per token at a stated MFU on an H100, the same rule as the trainer's MFU
-metric).
+Rounds alternate between the two; the figures are medians. It also prints the pipeline's
+throughput as a multiple of what one training process consumes (an estimate: 6·N FLOPs per
+token at a stated MFU on an H100, the same rule as the trainer's MFU metric).
 
     python bench/bench_data.py                 # writes bench/results/data.json
 """

@@ -95,7 +95,8 @@ def checkpoint(s3: Any, bucket: str, run: str, step: int, general: float) -> str
     payload = os.urandom(1024)
     with fs.open(f"{bucket}/runs/{run}/{name}/model.bin", "wb") as f:
         f.write(payload)
-    manifest = Manifest(step=step, tokens=step, created_at="2026-01-01T00:00:00Z", evals={"general.perplexity": general},
+    manifest = Manifest(step=step, tokens=step, created_at="2026-01-01T00:00:00Z",
+                        evals={"general.perplexity": general},
                         lineage=Lineage(run=run, attempt=1, parent=None, base_uri="s3://m", restore_mode="weightsOnly",
                                         data_version="d", tokenizer_hash="t", config_hash="c"),
                         files={"model.bin": FileEntry(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())})
@@ -109,7 +110,8 @@ def breach_latency(kube: Any, prom: Any, s3: Any, ns: str, bucket: str) -> float
     from prometheus_client.exposition import MetricsHandler
 
     kube.apply(cptrun("breach", bucket, pool="h100"), namespace=ns)
-    kube.wait_for(lambda: job_count(kube, ns) and kube.kubectl_result("get", "job", "breach-a1", "-n", ns).returncode == 0,
+    kube.wait_for(lambda: job_count(kube, ns)
+                  and kube.kubectl_result("get", "job", "breach-a1", "-n", ns).returncode == 0,
                   "job breach-a1", timeout=120)
     name = checkpoint(s3, bucket, "breach", 10, 10.1)
     registry = CollectorRegistry()

@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 bash tests/cluster/build.sh
 lint-imports --config pyproject.toml
+ruff check operator trainer tests bench
 mypy operator/cpt_operator
 python -m pytest "$@"

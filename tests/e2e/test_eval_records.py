@@ -8,7 +8,6 @@ many breaches in a row as the run has evaluations, which the scrapes alone canno
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 

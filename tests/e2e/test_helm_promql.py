@@ -100,7 +100,8 @@ def incidents(m: dict[str, Any], ns: str) -> None:
     healthy_run(m, ns, "hung")          # up, but cpt_step never moves
     m["cpt_step"].labels(namespace=ns, run="hung", attempt="1").set(40)
     healthy_run(m, ns, "stale")         # last checkpoint three hours ago
-    m["cpt_last_checkpoint_timestamp_seconds"].labels(namespace=ns, run="stale", attempt="1").set(time.time() - 3 * 3600)
+    stale = m["cpt_last_checkpoint_timestamp_seconds"].labels(namespace=ns, run="stale", attempt="1")
+    stale.set(time.time() - 3 * 3600)
     m["cpt_run_gpus"].labels(namespace=ns, run="crashed").set(8)   # GPUs held, no trainer series
     m["cpt_run_attempt"].labels(namespace=ns, run="crashed").set(2)
 

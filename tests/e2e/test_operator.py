@@ -46,8 +46,9 @@ def operator(kube_cluster: Any, crd: None, prometheus: Any, s3_server: Any,
 def cptrun(name: str, bucket: str, *, nodes: int = 1, gpus: int = 1, **spec: Any) -> dict[str, Any]:
     doc = {
         "baseModel": {"uri": f"s3://{bucket}/models/base", "format": "hf"},
-        "data": {"sources": [{"name": "legal", "role": "domain", "uri": f"s3://{bucket}/data/legal/*.jsonl", "weight": 0.8},
-                             {"name": "web", "role": "replay", "uri": f"s3://{bucket}/data/web/*.jsonl", "weight": 0.2}]},
+        "data": {"sources": [
+            {"name": "legal", "role": "domain", "uri": f"s3://{bucket}/data/legal/*.jsonl", "weight": 0.8},
+            {"name": "web", "role": "replay", "uri": f"s3://{bucket}/data/web/*.jsonl", "weight": 0.2}]},
         "budget": {"steps": 100}, "schedule": {"warmupSteps": 5},
         "checkpoint": {"uri": f"s3://{bucket}/runs/{name}", "every": 10},
         "evaluation": {"every": 10, "suites": [
@@ -93,7 +94,8 @@ class TrainerMetrics:
         labels = {"run": run, "namespace": namespace, "attempt": str(attempt)}
         self.labels = labels
         g = lambda name, extra=(): Gauge(name, name, [*labels, *extra], registry=self.registry)  # noqa: E731
-        self.metric, self.base = g("cpt_eval_metric", ("suite", "metric")), g("cpt_eval_base_metric", ("suite", "metric"))
+        self.metric = g("cpt_eval_metric", ("suite", "metric"))
+        self.base = g("cpt_eval_base_metric", ("suite", "metric"))
         self.step, self.tokens, self.train_step = g("cpt_eval_step"), g("cpt_eval_tokens"), g("cpt_step")
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsHandler.factory(self.registry))
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -45,7 +45,7 @@ def test_a_failed_job_whose_pods_still_run_gets_no_second_attempt_until_they_are
     kube, run = kube_cluster, "held"
     kube.apply(cptrun(run, s3_bucket, nodes=2, stopPolicy={"maxAttemptRestarts": 2}), namespace=namespace)
     for index in (0, 1):
-        kube.wait_for(lambda: (pod_of(kube, namespace, run, 1, index) or {}).get("status", {}).get("phase")
+        kube.wait_for(lambda index=index: (pod_of(kube, namespace, run, 1, index) or {}).get("status", {}).get("phase")
                       == "Running", f"pod {index} of attempt 1 running", timeout=30)
     survivor = pod_of(kube, namespace, run, 1, 1)
     assert survivor is not None

@@ -42,7 +42,7 @@ def test_the_same_run_directory_keeps_its_claim(tmp_path: Path) -> None:
 
 def test_another_run_directory_on_the_same_checkpoint_uri_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    file, root = _run_file(tmp_path, tmp_path / "ckpt"), tmp_path / "ckpt"
+    file = _run_file(tmp_path, tmp_path / "ckpt")
     (tmp_path / "a").mkdir()
     _local(file, tmp_path / "a").claim()
     (tmp_path / "b").mkdir()

@@ -43,8 +43,9 @@ def worse_by(metric: Metric, value: float, reference: float) -> float:
 def regression(metric: Metric, value: float, baseline: float, relative: bool) -> float:
     """How much worse `value` is than `baseline`: absolute, or as a fraction of |baseline|.
 
-    A non-finite value counts as infinitely worse. A relative comparison against a zero baseline (e.g. KL-to-base of the base itself) falls
-    back to the absolute difference; callers warn about it via `relative_undefined`.
+    A non-finite value counts as infinitely worse. A relative comparison against a zero baseline
+    (e.g. KL-to-base of the base itself) falls back to the absolute difference; callers warn
+    about it via `relative_undefined`.
     """
     if not math.isfinite(value):
         return math.inf  # a diverged model (inf / NaN perplexity) breaches every limit

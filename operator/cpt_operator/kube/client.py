@@ -116,9 +116,10 @@ class KubeClient:
 
     # -- children ---------------------------------------------------------------------------
     def _creator(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        methods: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {"ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
-                "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-                "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job)}
+        methods: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job)}
         return methods[kind]
 
     def ensure(self, obj: Object, owner: RunRef) -> bool:

@@ -25,7 +25,8 @@ Inputs
 ------
 `Observations(attempt, base, points=[EvalPoint(attempt, step, tokens, metrics, checkpoint,
 stable)], anomalies={kind: count} for the current attempt, rollbacks, overrides,
-budget_reached, skips=[api.skips.DataSkip] the attempt's trainer blamed, start, checkpoints)`. Metric keys are `suite.metric` as the evaluator reports them.
+budget_reached, skips=[api.skips.DataSkip] the attempt's trainer blamed, start, checkpoints)`.
+Metric keys are `suite.metric` as the evaluator reports them.
 """
 from .anomaly import anomaly_findings
 from .decide import decide

@@ -69,7 +69,8 @@ def test_every_object_of_an_attempt_has_a_valid_name_for_its_kind(run):
 def test_a_trainer_config_too_big_for_a_config_map_is_refused_before_any_api_call():
     terms = [f"term-{i:06d}-" + "x" * 40 for i in range(30_000)]
     with pytest.raises(SpecProblem, match=r"ConfigMap holds at most 1,048,576.*tokenizer.extend.terms"):
-        attempt_objects(build_spec().model_copy(update={"tokenizer": TokenizerSpec(extend=TokenizerExtensionSpec(terms=terms))}))
+        extended = TokenizerSpec(extend=TokenizerExtensionSpec(terms=terms))
+        attempt_objects(build_spec().model_copy(update={"tokenizer": extended}))
 
 
 def test_a_long_run_name_is_shortened_with_a_digest_so_pod_hostnames_fit():

@@ -62,8 +62,8 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
     out: list[list[int]] = []
     for start in range(0, len(rows), per_batch):
         ids, mask = _pad_left(rows[start:start + per_batch], pad, device)
-        generated = getattr(model, "generate")(input_ids=ids, attention_mask=mask,
-                                               generation_config=config)
+        generated = model.generate(input_ids=ids, attention_mask=mask,  # type: ignore[operator]
+                                   generation_config=config)
         for row in generated[:, ids.shape[1]:].tolist():
             out.append(_until_stop(row, stops))
     return out
