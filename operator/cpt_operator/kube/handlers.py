@@ -417,15 +417,22 @@ def finished(status: Mapping[str, Any] | None) -> bool:
     return (status or {}).get("phase") in {p.value for p in TERMINAL_PHASES}
 
 
+def settled(status: Mapping[str, Any] | None, annotations: Mapping[str, str] | None) -> bool:
+    """Finished with nothing asked of it: looked at rarely. A resume request makes the run
+    active again at once (its next attempt may wait for the last one's pods, pass after pass)."""
+    return finished(status) and not requests(annotations).resume
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False,
-            when=lambda status, **_: not finished(status))
+            when=lambda status, annotations, **_: not settled(status, annotations))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
              logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     _pass(memo, namespace, name, logger)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
-            initial_delay=SETTINGS.finished_interval_s, when=lambda status, **_: finished(status))
+            initial_delay=SETTINGS.finished_interval_s,
+            when=lambda status, annotations, **_: settled(status, annotations))
 def on_finished_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
                       logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     """A finished run is looked at rarely: kopf stops one timer and starts the other as the

@@ -47,3 +47,13 @@ def test_a_deleted_run_leaves_nothing_behind_in_the_runtime(tmp_path: Path) -> N
     on_delete(body=kube.body, namespace=RUN.namespace, name=RUN.name, memo=SimpleNamespace(runtime=rt))
     assert per_run(rt) == {"caches": set(), "pinned": set(), "shapes": set(), "manifests": set()}
     assert rt.locks == {} and kube.jobs() == []
+
+
+def test_a_finished_run_is_polled_rarely_until_someone_asks_to_resume_it() -> None:
+    from cpt_operator.kube.handlers import settled
+    from cpt_operator.kube.settings import ANNOTATION_RESUME
+
+    assert not settled({"phase": "Running"}, {})
+    assert settled({"phase": "Stopped"}, {}) and settled({"phase": "Succeeded"}, None)
+    # the resumed run may wait for the stopped attempt's pods: the fast timer must keep looking
+    assert not settled({"phase": "Stopped"}, {ANNOTATION_RESUME: "true"})
