@@ -9,7 +9,7 @@
 # place when complete, so an interrupted build never leaves a half-filled dir.
 #
 # Usage: build.sh [--force] [component ...]
-#   components: kubernetes etcd kwok helm versitygw prometheus (default: all)
+#   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus (default: all)
 #   --force      rebuild even when the binaries are present
 # Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2)
 set -euo pipefail
@@ -38,11 +38,11 @@ for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
     -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
-    kubernetes | etcd | kwok | helm | versitygw | prometheus) selected+=("$arg") ;;
+    kubernetes | etcd | kwok | helm | versitygw | toxiproxy | prometheus) selected+=("$arg") ;;
     *) echo "build.sh: unknown component '$arg'" >&2; exit 2 ;;
   esac
 done
-[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw prometheus)
+[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus)
 
 say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -130,6 +130,13 @@ build_helm() {
 # (81 vs 261 modules in go.mod), tagged releases (minio is source-only
 # pseudo-versions now), and a plain `posix DIR` backend for a temp dir.
 build_versitygw() { go_install "$1" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"; }
+# Fault injection (tests/faults): a TCP proxy whose faults (latency, resets, timeouts) are set
+# per connection direction through its HTTP API. The main package is cmd/server, so `go install`
+# names the binary `server`; it is renamed to what it is.
+build_toxiproxy() {
+  go_install "$1" "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$1/server" "$1/toxiproxy-server"
+}
 
 # --- Prometheus and Alertmanager from Debian ---------------------------------
 # Built from Go modules Prometheus has no web UI and needs exclude/replace
@@ -178,6 +185,7 @@ for c in "${selected[@]}"; do
     kwok) component kwok "$KWOK_VERSION" build_kwok kwok ;;
     helm) component helm "$HELM_VERSION" build_helm helm ;;
     versitygw) component versitygw "$VERSITYGW_VERSION" build_versitygw versitygw ;;
+    toxiproxy) component toxiproxy "$TOXIPROXY_VERSION" build_toxiproxy toxiproxy-server ;;
     prometheus) component prometheus "$PROMETHEUS_VERSION" build_prometheus \
       prometheus promtool alertmanager amtool ;;
   esac

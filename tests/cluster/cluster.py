@@ -9,7 +9,9 @@ Every component is the real server binary, started as a subprocess on a free
 * kwok plays the kubelets: it keeps simulated Node objects alive and moves
   pods through their phases. No container ever runs (see stages.yaml);
 * Prometheus (and optionally Alertmanager) from the Debian packages;
-* versitygw, an S3 server with a posix backend.
+* versitygw, an S3 server with a posix backend;
+* toxiproxy, a TCP proxy that injects faults (latency, resets, timeouts)
+  between a client and one of the servers above.
 
 The binaries come from ``build.sh`` (cache layout in README.md). Processes
 run in their own process group, are killed when the Python process exits
@@ -94,6 +96,7 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kwok": ("KWOK_VERSION", ("kwok",)),
     "helm": ("HELM_VERSION", ("helm",)),
     "versitygw": ("VERSITYGW_VERSION", ("versitygw",)),
+    "toxiproxy": ("TOXIPROXY_VERSION", ("toxiproxy-server",)),
     "prometheus": ("PROMETHEUS_VERSION", ("prometheus", "promtool", "alertmanager", "amtool")),
 }
 
@@ -435,6 +438,21 @@ class Etcd:
         self.process.stop()
 
 
+def etcd_compact(url: str) -> int:
+    """Compact etcd's history up to its current revision, through its HTTP gateway (no etcdctl
+    needed); returns that revision. A watch from an older resourceVersion that reaches etcd is
+    then answered 410 Gone."""
+    def post(path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    revision = int(post("kv/range", {"key": "AA=="})["header"]["revision"])
+    post("kv/compaction", {"revision": revision, "physical": True})
+    return revision
+
+
 class KubeAPIServer:
     SERVICE_CIDR = "10.0.0.0/24"
 
@@ -556,6 +574,7 @@ class KubeCluster:
         self.pki = pki
         etcd = Etcd(Workdir(self.root, "etcd")).start()
         self._track(etcd.process)
+        self.etcd_url = etcd.url
         admin_cert, admin_key = pki.issue("admin", "cpt-test-admin", organizations=["system:masters"])
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         ctx.load_cert_chain(str(admin_cert), str(admin_key))
@@ -969,6 +988,83 @@ class S3Server:
             for obj in page.get("Contents", []):
                 client.delete_object(Bucket=name, Key=obj["Key"])
         client.delete_bucket(Bucket=name)
+
+
+# --------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------
+
+
+class Toxiproxy:
+    """toxiproxy-server: TCP proxies whose faults are switched on and off through its HTTP API.
+
+    ``proxy("api", "127.0.0.1:6443")`` returns the address to give clients instead of the
+    server's; ``add_toxic`` / ``remove_toxic`` set faults (``latency``, ``reset_peer``,
+    ``timeout``, ``slow_close``...) on new and open connections alike; ``cut`` closes every open
+    connection (a dropped watch stream) and lets new ones through again. The proxies are plain
+    TCP, so TLS passes through untouched (the API server's certificate names 127.0.0.1).
+    """
+
+    def __init__(self, root: Path | None = None, seed: int = 0) -> None:
+        self.wd = Workdir(root, "toxiproxy")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = Process("toxiproxy", [
+            binary("toxiproxy-server"), "-host", "127.0.0.1", "-port", str(self.port),
+            # toxicity draws come from this seed, so a schedule replays the same way
+            "-seed", str(seed),
+        ], self.wd / "toxiproxy.log")
+
+    def start(self, timeout: float = 30.0) -> Toxiproxy:
+        ensure_binaries(["toxiproxy"])
+        self.process.start()
+        self.process.wait_until(lambda: _http_ok(f"{self.url}/version"), "serving (/version)", timeout)
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise self.process.fail(f"{method} {path} answered {exc.code}: {exc.read()[:300]!r}") from exc
+        return json.loads(raw) if raw.strip() else None
+
+    def proxy(self, name: str, upstream: str) -> str:
+        """Create a proxy to ``host:port`` on a free local port; returns its ``host:port``."""
+        listen = f"127.0.0.1:{free_port()}"
+        self._call("POST", "/proxies", {"name": name, "listen": listen, "upstream": upstream,
+                                        "enabled": True})
+        return listen
+
+    def add_toxic(self, proxy: str, name: str, kind: str, stream: str = "downstream",
+                  toxicity: float = 1.0, **attributes: Any) -> None:
+        self._call("POST", f"/proxies/{proxy}/toxics", {
+            "name": name, "type": kind, "stream": stream, "toxicity": toxicity,
+            "attributes": attributes})
+
+    def remove_toxic(self, proxy: str, name: str) -> None:
+        self._call("DELETE", f"/proxies/{proxy}/toxics/{name}")
+
+    def set_enabled(self, proxy: str, enabled: bool) -> None:
+        self._call("POST", f"/proxies/{proxy}", {"enabled": enabled})
+
+    def cut(self, proxy: str) -> None:
+        """Close every open connection of ``proxy``; new ones are accepted again at once."""
+        self.set_enabled(proxy, False)
+        self.set_enabled(proxy, True)
+
+    def reset(self) -> None:
+        """Every proxy enabled, every toxic removed."""
+        self._call("POST", "/reset")
+
+    def proxies(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/proxies"))
 
 
 @contextlib.contextmanager

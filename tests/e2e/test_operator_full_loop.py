@@ -45,6 +45,8 @@ GENERAL = "general.perplexity"
 THRESHOLD = 0.3
 TUNE = {"lrFactor": 0.1, "replayDelta": 0.3}
 CONFIG_FILE = "trainer-config.json"
+RUNNING = "cpt-test/running"
+"""Set on a pod while its container runs here (tests/cluster/stages.yaml keeps it while deleted)."""
 T = TypeVar("T")
 
 
@@ -128,6 +130,8 @@ class Kubelet:
             local.proc.wait()
             if local.metrics:
                 self.prometheus.remove_target(local.metrics)
+            if not local.reported:
+                self.kube.kubectl_result("annotate", "pod", local.name, "-n", self.namespace, f"{RUNNING}-")
 
     def attempt(self, number: int) -> LocalPod:
         return next(p for p in self.pods.values() if p.attempt == number)
@@ -149,6 +153,8 @@ class Kubelet:
         argv[argv.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
         config = json.loads(Path(argv[argv.index("--config") + 1]).read_text())
         log = root / "trainer.log"
+        # the pod stays Terminating until the process exits (kwok's pod-delete stage waits for this)
+        self.kube.kubectl_result("annotate", "pod", meta["name"], "-n", self.namespace, f"{RUNNING}=true")
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -166,6 +172,8 @@ class Kubelet:
     def _env(self, pod: dict[str, Any], container: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
         # the image's PATH (this venv); one BLAS thread: two cores are shared with the control plane
         env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+        if "PYTHONPATH" in os.environ:  # the image's code is this checkout's, not whatever the venv points at
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for source in container.get("envFrom", []):
             secret = self.kube.kubectl_json("get", "secret", source["secretRef"]["name"], "-n", self.namespace)
             env.update({k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()})
@@ -196,7 +204,10 @@ class Kubelet:
             self.prometheus.remove_target(local.metrics)
         if pod is not None and not pod["metadata"].get("deletionTimestamp"):
             outcome = "cpt-test/complete=true" if local.proc.returncode == 0 else "cpt-test/fail=true"
-            self.kube.kubectl("annotate", "pod", local.name, "-n", self.namespace, outcome, "--overwrite")
+            self.kube.kubectl("annotate", "pod", local.name, "-n", self.namespace, outcome, f"{RUNNING}-",
+                              "--overwrite")
+        elif pod is not None:  # deleted: now kwok removes it
+            self.kube.kubectl_result("annotate", "pod", local.name, "-n", self.namespace, f"{RUNNING}-")
         local.reported = True
 
 
