@@ -917,7 +917,9 @@ class Alertmanager:
 
 
 class S3Server:
-    """versitygw serving a posix dir as S3 (path-style, region us-east-1)."""
+    """versitygw serving a posix dir as S3 (path-style, region us-east-1). The keys it starts
+    with are its root account's, which reaches every bucket; `create_user` adds accounts that
+    reach only the buckets they own (versitygw's internal IAM)."""
 
     ACCESS_KEY = "cpt-test-access"
     SECRET_KEY = "cpt-test-secret-key-0123456789"
@@ -928,12 +930,12 @@ class S3Server:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.key, self.secret = self.ACCESS_KEY, self.SECRET_KEY
-        data, meta = self.wd / "data", self.wd / "meta"
-        data.mkdir(exist_ok=True)
-        meta.mkdir(exist_ok=True)
+        data, meta, iam = self.wd / "data", self.wd / "meta", self.wd / "iam"
+        for folder in (data, meta, iam):
+            folder.mkdir(exist_ok=True)
         self.process = Process("versitygw", [
             binary("versitygw"), "--port", f"127.0.0.1:{self.port}",
-            "--access", self.key, "--secret", self.secret, "--region", self.REGION,
+            "--access", self.key, "--secret", self.secret, "--region", self.REGION, "--iam-dir", iam,
             # Metadata in a sidecar dir instead of xattrs, which not every
             # temp filesystem (overlayfs, tmpfs) supports.
             "posix", "--sidecar", meta, data,
@@ -949,6 +951,16 @@ class S3Server:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def create_user(self, key: str, secret: str) -> None:
+        """An account that reaches only the buckets it owns (none yet)."""
+        subprocess.run([binary("versitygw"), "admin", "--access", self.key, "--secret", self.secret,
+                        "--endpoint-url", self.endpoint, "create-user", "--access", key, "--secret", secret,
+                        "--role", "user"], check=True, capture_output=True, timeout=30)
+
+    def env_of(self, key: str, secret: str) -> dict[str, str]:
+        """`env` for another account."""
+        return {**self.env, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
 
     @property
     def env(self) -> dict[str, str]:

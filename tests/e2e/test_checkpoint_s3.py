@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import s3fs
 import torch
 
-from cpt_operator.api.manifest import RUN_RECORD, checkpoint_name
+from cpt_operator.api.manifest import PINNED, RUN_RECORD, checkpoint_name
 from cpt_trainer import checkpoint
 from cpt_trainer.model import load_checkpoint_model
 
@@ -136,6 +137,70 @@ def test_a_second_cptrun_on_a_claimed_checkpoint_uri_gets_a_condition_and_no_job
                                    json.dumps({"spec": {"checkpoint": {"keep": 3}}}))
         assert kept.returncode == 0, kept.stderr
     finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.tail(100)}")
+
+
+@pytest.mark.cluster
+@pytest.mark.prometheus
+def test_the_operator_reads_and_pins_a_runs_storage_with_the_runs_own_secret(
+        kube_cluster: Any, prometheus: Any, s3_server: Any, s3_bucket: str, namespace: str,
+        tmp_path: Path) -> None:
+    """The operator's own S3 identity owns no bucket; the run's Secret holds the keys that reach
+    its bucket (as the trainer pods mount it). Everything the operator does in the run's storage
+    goes through the Secret: claim, listing, records, pins. A run whose Secret cannot be read is
+    refused with a condition naming it and started with no other identity."""
+    from tests.e2e.test_operator import BASE, GOOD, TrainerMetrics, write_checkpoint
+
+    kube = kube_cluster
+    install_crd(kube)
+    s3_server.create_user("cpt-operator-own", "cpt-operator-own-secret")
+    own = s3fs.S3FileSystem(key="cpt-operator-own", secret="cpt-operator-own-secret",
+                            client_kwargs={"endpoint_url": s3_server.endpoint, "region_name": s3_server.REGION})
+    with pytest.raises(PermissionError):  # the premise: the operator's identity cannot read the bucket
+        own.ls(s3_bucket)
+    kube.kubectl("create", "secret", "generic", "team-s3", "-n", namespace,
+                 *(f"--from-literal={k}={s3_server.env[k]}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                                      "AWS_ENDPOINT_URL")))
+    kube.kubectl("create", "secret", "generic", "no-secret-key", "-n", namespace,
+                 f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.key}")
+    env = {**operator_env(kube, prometheus, s3_server), **s3_server.env_of("cpt-operator-own", "cpt-operator-own-secret")}
+    operator = OperatorProcess(env, tmp_path / "operator.log").start()
+    trainer = None
+    try:
+        resources = {"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "h100"}}
+        kube.apply(cptrun("owned", s3_bucket, resources={**resources, "s3SecretRef": "team-s3"}), namespace=namespace)
+        kube.wait_for(lambda: job_names(kube, namespace, "owned") == ["owned-a1"], "job owned-a1", timeout=30)
+        uid = get_run(kube, namespace, "owned")["metadata"]["uid"]
+        fs = s3_server.filesystem()
+        assert json.loads(fs.cat_file(f"{s3_bucket}/runs/owned/{RUN_RECORD}"))["uid"] == uid
+
+        write_checkpoint(s3_server, s3_bucket, "owned", 1, 10, {"general.perplexity": 10.2, "legal.perplexity": 25.0})
+        trainer = TrainerMetrics(prometheus, "owned", namespace, 1)
+        trainer.set_base(BASE)
+        trainer.evaluated(10, {"general.perplexity": 10.2, "legal.perplexity": 25.0})
+        kube.wait_for(lambda: status_of(kube, namespace, "owned").get("lastGoodCheckpoint") == GOOD,
+                      "the checkpoint listed and judged good", timeout=30)
+        assert [c["name"] for c in status_of(kube, namespace, "owned")["checkpoints"]] == [GOOD]
+        kube.wait_for(lambda: GOOD in json.loads(fs.cat_file(f"{s3_bucket}/runs/owned/{PINNED}"))["names"],
+                      "the good checkpoint pinned", timeout=30)
+
+        for run, secret, cause in (("missing", "no-such-secret", "does not exist"),
+                                   ("keyless", "no-secret-key", "has no AWS_SECRET_ACCESS_KEY")):
+            kube.apply(cptrun(run, s3_bucket, resources={**resources, "s3SecretRef": secret}), namespace=namespace)
+
+            def refused(run: str = run) -> dict[str, Any] | None:
+                cond = condition(status_of(kube, namespace, run), "SpecValid")
+                return cond if cond.get("status") == "False" else None
+
+            cond = kube.wait_for(refused, f"{run} refused", timeout=30)
+            assert cond["reason"] == "S3SecretUnreadable"
+            assert f"Secret {namespace}/{secret}" in cond["message"] and cause in cond["message"]
+            assert job_names(kube, namespace, run) == []
+            assert not fs.exists(f"{s3_bucket}/runs/{run}/{RUN_RECORD}")
+    finally:
+        if trainer is not None:
+            trainer.close()
         operator.stop()
         print(f"--- operator log (tail) ---\n{operator.tail(100)}")
 

@@ -109,6 +109,8 @@ NAMESPACED_GRANTS = {
     "core/pods": {"get", "list", "watch", "deletecollection"},
     "core/events": {"create", "patch"},
     "events.k8s.io/events": {"create", "patch"},
+    # a run's storage is read with the keys of the Secret it names: get by name, never list
+    "core/secrets": {"get"},
 }
 
 
@@ -121,18 +123,20 @@ def test_cluster_role_grants_exactly_what_the_operator_uses(helm_bin: Path) -> N
 
 
 def test_listed_namespaces_get_roles_and_nothing_cluster_wide(helm_bin: Path) -> None:
-    objects = template(helm_bin, "--set", "operator.namespaces={ml-a,ml-b}",
-                       "--set", "rbac.readSecrets=true")
+    objects = template(helm_bin, "--set", "operator.namespaces={ml-a,ml-b}")
     assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
     roles = find(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
-    # Secrets only by name, and only when asked for.
-    expected = {**NAMESPACED_GRANTS, "core/secrets": {"get"}}
-    assert all(rules_by_resource(r) == expected for r in roles)
+    assert all(rules_by_resource(r) == NAMESPACED_GRANTS for r in roles)
     bindings = find(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]
     assert all(b["subjects"][0]["namespace"] == "cpt-system" for b in bindings)
     assert env(objects)["CPT_NAMESPACES"] == "ml-a,ml-b"
+
+
+def test_secrets_are_not_granted_when_turned_off(helm_bin: Path) -> None:
+    (role,) = find(template(helm_bin, "--set", "rbac.readSecrets=false"), "ClusterRole")
+    assert "core/secrets" not in rules_by_resource(role)
 
 
 @pytest.mark.parametrize("args, peering, strategy", [

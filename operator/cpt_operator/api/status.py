@@ -62,6 +62,9 @@ class Reason(str, Enum):
     """checkpoint.uri holds another run's checkpoints (its run.json names that run); not started."""
     pin_failed = "PinFailed"
     pinned = "Pinned"
+    s3_secret_unreadable = "S3SecretUnreadable"
+    """The Secret in resources.s3SecretRef cannot be read or lacks a key: the run's storage is not
+    touched with any other identity, and no attempt starts; the message names the Secret and why."""
 
 
 class Condition(SpecModel):

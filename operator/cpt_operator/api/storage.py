@@ -9,11 +9,21 @@ aiobotocore pairings ignore AWS_ENDPOINT_URL and would silently talk to AWS inst
 
 One home for the trainer (data sources, caches) and the operator (the memory planner reading a
 base's config.json): both must reach the same store the same way.
+
+The operator reads and writes a run's storage (checkpoints, records, run.json, pins, the base's
+config.json) on the run's behalf, so it does so with the run's own credentials when the run names
+them (`resources.s3SecretRef`): `RUN_CREDENTIALS` holds them for one reconcile pass, and
+`storage_options` passes them to s3fs instead of letting it fall back to the operator's identity.
+fsspec caches a filesystem per argument set (the keys included), so each credential set gets its
+own instance and no run is served by an instance holding another's keys.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, ParamSpec, TypeVar
 
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 """Schemes of the object stores runs read and write."""
@@ -29,9 +39,70 @@ def is_object_store(uri: str) -> bool:
     return bool(sep) and scheme in OBJECT_STORE_SCHEMES
 
 
+REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""Keys an `s3SecretRef` Secret must hold. Its keys are the standard AWS environment: the trainer
+pods get them by envFrom, the operator reads the Secret itself."""
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """A run's S3 identity, as its pods see it."""
+
+    key: str
+    secret: str
+    token: str | None = None
+    endpoint: str | None = None
+    """None: the operator's environment's endpoint (AWS itself when that names none)."""
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> S3Credentials:
+        """From a Secret's decoded data; KeyError names a required key that is missing or empty."""
+        for required in REQUIRED_KEYS:
+            if not env.get(required):
+                raise KeyError(required)
+        key, secret = (env[k] for k in REQUIRED_KEYS)
+        return cls(key=key, secret=secret, token=env.get("AWS_SESSION_TOKEN") or None,
+                   endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+                   region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
+
+    def __repr__(self) -> str:  # keys end up in logs and tracebacks otherwise
+        return f"S3Credentials(key={self.key!r}, endpoint={self.endpoint!r})"
+
+
+RUN_CREDENTIALS: contextvars.ContextVar[S3Credentials | None] = contextvars.ContextVar("run_credentials",
+                                                                                       default=None)
+"""The credentials of the run the current reconcile pass works for (None: the process's own
+identity, from its environment). Set only inside `credentials_scope`."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def credentials_scope(fn: Callable[P, T]) -> Callable[P, T]:
+    """Run `fn` in a copy of the current context: credentials it sets for its run are gone when
+    it returns, so nothing run after it (another run's pass in the same worker thread) uses them."""
+    @functools.wraps(fn)
+    def scoped(*args: P.args, **kwargs: P.kwargs) -> T:
+        return contextvars.copy_context().run(fn, *args, **kwargs)
+    return scoped
+
+
 def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec options for a URI: the S3 endpoint from the environment, nothing else."""
+    """fsspec options for a URI: the S3 endpoint from the environment and, inside a run's pass,
+    the run's credentials. A run's S3 keys open only S3: another object store would be read with
+    the process's own identity, which a run that names its credentials must never get."""
+    creds = RUN_CREDENTIALS.get()
     if not uri.startswith(("s3://", "s3a://")):
+        if creds is not None and is_object_store(uri):
+            raise PermissionError(f"{uri}: the run's credentials are S3 keys; other object stores are "
+                                  "not read on its behalf")
         return {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    if creds is None:
+        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    client: dict[str, Any] = {"endpoint_url": creds.endpoint or endpoint}
+    if creds.region:
+        client["region_name"] = creds.region
+    return {"key": creds.key, "secret": creds.secret, "token": creds.token,
+            "client_kwargs": {k: v for k, v in client.items() if v}}

@@ -9,6 +9,7 @@ instead of a lost update.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from typing import Any, Callable, Mapping, cast
@@ -217,6 +218,12 @@ class KubeClient:
                                                      _preload_content=False, _request_timeout=self.timeout)
                       ).get("items") or []
         return [str(j["metadata"]["name"]) for j in listed if _owned_by(j, run.uid)]
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """A Secret's data, decoded (`get` on that one Secret: the operator never lists them)."""
+        found = _raw(self.core.read_namespaced_secret(name, namespace, _preload_content=False,
+                                                      _request_timeout=self.timeout))
+        return {k: base64.b64decode(v).decode() for k, v in (found.get("data") or {}).items()}
 
     # -- the CptRun itself ------------------------------------------------------------------
     def read_run(self, namespace: str, name: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
-from ..api.storage import is_object_store
+from ..api.storage import credentials_scope, is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.alerts import Admission, Alerted, admit
@@ -36,6 +36,7 @@ from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
 from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, load_config
+from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
@@ -206,7 +207,7 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
 
 
 _REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started",
-            Reason.checkpoint_uri_in_use: "not started"}
+            Reason.checkpoint_uri_in_use: "not started", Reason.s3_secret_unreadable: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -297,6 +298,7 @@ def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus) -> Attempts:
     return group({**found, **rt.kube.children(run, ("ConfigMap", "Service"))}, status.attempt)
 
 
+@credentials_scope
 def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
@@ -314,6 +316,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             return None
         except SpecProblem as exc:
             _report_invalid(rt, run, body, status, str(exc))
+            return None
+        try:  # every storage access below is the run's own
+            use_run_credentials(rt.kube, run, spec)
+        except SecretUnreadable as exc:  # a finished run keeps the status it ended with
+            if status.phase not in TERMINAL_PHASES or asks.resume:
+                _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
             return None
         number = status.attempt
         attempts = _attempts(rt, run, status)

@@ -57,6 +57,7 @@ def _body(tmp_path: Path, config: dict[str, Any] | None, **parallelism: Any) -> 
     if config is not None:
         fsspec.filesystem("gs").pipe(f"{base}/config.json", json.dumps(config).encode())
     spec = spec_doc(nodes=1, gpuMemory="80Gi")
+    del spec["resources"]["s3SecretRef"]  # read with the operator's identity (test_run_credentials)
     spec["baseModel"]["uri"] = base
     spec["checkpoint"]["uri"] = f"gs://checkpoints/{tmp_path.name}"
     spec["packing"] = {"seqLen": 4096}
