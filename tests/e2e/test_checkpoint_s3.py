@@ -164,7 +164,8 @@ def test_the_operator_reads_and_pins_a_runs_storage_with_the_runs_own_secret(
                                                                       "AWS_ENDPOINT_URL")))
     kube.kubectl("create", "secret", "generic", "no-secret-key", "-n", namespace,
                  f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.key}")
-    env = {**operator_env(kube, prometheus, s3_server), **s3_server.env_of("cpt-operator-own", "cpt-operator-own-secret")}
+    env = {**operator_env(kube, prometheus, s3_server),
+           **s3_server.env_of("cpt-operator-own", "cpt-operator-own-secret")}
     operator = OperatorProcess(env, tmp_path / "operator.log").start()
     trainer = None
     try:

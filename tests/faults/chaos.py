@@ -102,7 +102,8 @@ class Writer(threading.Thread):
             try:
                 self._request("PATCH", f"/apis/cpt.mlops.dev/v1alpha1{ns}/cptruns/{self.run_name}", {"metadata": mark})
                 self.writes["cptrun"] += 1
-                jobs = self._request("GET", f"/apis/batch/v1{ns}/jobs?labelSelector=cpt.mlops.dev/run%3D{self.run_name}")
+                selector = f"labelSelector=cpt.mlops.dev/run%3D{self.run_name}"
+                jobs = self._request("GET", f"/apis/batch/v1{ns}/jobs?{selector}")
                 for job in jobs["items"]:
                     self._request("PATCH", f"/apis/batch/v1{ns}/jobs/{job['metadata']['name']}",
                                   {"metadata": {"annotations": mark["annotations"]}})
@@ -173,7 +174,8 @@ class Injector:
         if kind == "kill-trainer":
             first = not fault.milestone.startswith(("tuned", "restarted"))
             which = "attempt 1's" if first else "the newest attempt's"
-            return f"{which} trainer SIGKILLed" if self.kill_trainer(first) else f"{which} trainer not alive: none killed"
+            killed = self.kill_trainer(first)
+            return f"{which} trainer SIGKILLed" if killed else f"{which} trainer not alive: none killed"
         if kind == "api-latency":
             return self._toxic("api", "latency", fault.duration_s, latency=300, jitter=200)
         if kind == "api-reset":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from cpt_operator.api.manifest import MANIFEST, Manifest
 from tests.cluster.cluster import Toxiproxy
 from tests.e2e.operator_harness import OperatorProcess, install_crd, operator_env, status_of
 from tests.e2e.test_operator_full_loop import GENERAL, RUN, THRESHOLD, Kubelet, forgetful_run, s3_secret, trainer_events
-from tests.faults.chaos import Fault, Injector, Writer, schedule, sigkill_group
+from tests.faults.chaos import Injector, Writer, schedule, sigkill_group
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3,
               pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -260,7 +259,8 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     injectors: list[Injector] = []
 
     def chaos(kubelet: Kubelet) -> Injector:
-        injectors.append(Injector(faults, toxiproxy, kube.etcd_url, killable.kill, lambda first: kill_trainer(kubelet, first),
+        injectors.append(Injector(faults, toxiproxy, kube.etcd_url, killable.kill,
+                                  lambda first: kill_trainer(kubelet, first),
                                   lambda: str(status_of(kube, ns, RUN).get("phase"))))
         return injectors[0]
 
