@@ -20,7 +20,7 @@ import pytest
 import s3fs
 import torch
 
-from cpt_operator.api.manifest import PINNED, RUN_RECORD, checkpoint_name
+from cpt_operator.api.manifest import PINNED, RUN_RECORD, STARTED, checkpoint_name
 from cpt_trainer import checkpoint
 from cpt_trainer.model import load_checkpoint_model
 
@@ -74,7 +74,7 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
     assert resumed.lineage.restore_mode == "fullState"  # parent: step 5, pruned (keep 1)
     assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(5)}"
     left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
-    assert {k.split("/")[4] for k in left} == {checkpoint_name(6)}
+    assert {k.split("/")[4] for k in left} == {checkpoint_name(6), STARTED}  # and the attempt's start record
 
     copy = Path(checkpoint.local_path(step3))
     assert copy.parent == cache / "checkpoints"
