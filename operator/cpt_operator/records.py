@@ -52,16 +52,13 @@ class RunRecords:
         self._evals: dict[tuple[int, str], Evaluated] = {}
         self._started: dict[int, Started] = {}
         self._skips: dict[int, list[DataSkip]] = {}
-        self._skips_final: set[int] = set()
 
     def read(self) -> Records:
         fs, base = fsspec.core.url_to_fs(self.root, **storage_options(self.root))
-        folders = {a: p.rstrip("/") for p in self._ls(fs, base)
-                   if (a := attempt_of(posixpath.basename(p.rstrip("/")))) is not None}
-        for attempt, path in sorted(folders.items()):
-            # an attempt with a newer one beside it has ended (one attempt's pods at a time):
-            # its skip windows are final, read once
-            self._read_attempt(fs, path, attempt, ended=attempt < max(folders))
+        for path in self._ls(fs, base):
+            attempt = attempt_of(posixpath.basename(path.rstrip('/')))
+            if attempt is not None:
+                self._read_attempt(fs, path.rstrip("/"), attempt)
         return self._records()
 
     @staticmethod
@@ -72,14 +69,11 @@ class RunRecords:
         except FileNotFoundError:
             return []
 
-    def _read_attempt(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int, ended: bool) -> None:
-        if attempt not in self._skips_final:
-            try:
-                self._skips[attempt] = SKIP_LIST.validate_json(fs.cat_file(f"{path}/{SKIPS}"))
-            except (FileNotFoundError, ValidationError, ValueError):
-                pass  # none found yet (written atomically: never half a file)
-            if ended:
-                self._skips_final.add(attempt)
+    def _read_attempt(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int) -> None:
+        try:
+            self._skips[attempt] = SKIP_LIST.validate_json(fs.cat_file(f"{path}/{SKIPS}"))
+        except (FileNotFoundError, ValidationError, ValueError):
+            pass  # none found yet (written atomically: never half a file)
         if attempt not in self._started:
             started = self._parse(fs, f"{path}/{STARTED}", Started)
             if started is not None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
 
 import pytest
@@ -144,15 +143,3 @@ def helm_bin() -> Path:
     path = cluster.binary("helm")
     subprocess.run([str(path), "version", "--short"], check=True, capture_output=True)
     return path
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The operator process of a test module, with the CRD installed (a module may define its
-    own, as test_operator.py does)."""
-    from tests.e2e.operator_harness import install_crd, running_operator
-
-    install_crd(kube_cluster)
-    yield from running_operator(kube_cluster, prometheus, s3_server,
-                                tmp_path_factory.mktemp("operator") / "operator.log")
