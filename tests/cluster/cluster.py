@@ -718,6 +718,15 @@ class KubeCluster:
                     + (f"; DEAD: {dead}" if dead else "") + f"\n{tails}")
             time.sleep(interval)
 
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Until the CRD serves. `kubectl wait --for=condition=Established` fails outright
+        (instead of waiting) when it reads the CRD before its status has any condition."""
+        self.wait_for(
+            lambda: self.kubectl_result(
+                "get", f"crd/{crd}", "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout == "True",
+            f"CRD {crd} established", timeout=timeout)
+
     def wait_for_default_service_account(self, namespace: str, timeout: float = 30.0) -> None:
         """Pods are refused until the namespace's ``default`` ServiceAccount exists."""
         self.wait_for(

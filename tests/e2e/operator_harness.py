@@ -107,7 +107,7 @@ def events(kube: Any, ns: str, name: str) -> list[dict[str, Any]]:
 
 def install_crd(kube: Any) -> None:
     kube.kubectl("apply", "-f", str(ROOT / "crds" / "cptrun.yaml"))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/cptruns.cpt.mlops.dev")
+    kube.wait_established("cptruns.cpt.mlops.dev")
 
 
 def operator_env(kube: Any, prometheus: Any, s3_server: Any) -> dict[str, str]:

@@ -70,8 +70,7 @@ def job_condition(kube: Any, ns: str, name: str, kind: str) -> bool:
 @pytest.mark.cluster
 def test_crd_and_custom_object(kube_cluster: Any, namespace: str) -> None:
     kube_cluster.apply(TEST_CRD)
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                         "crd/widgets.smoke.cpt-test.io")
+    kube_cluster.wait_established("widgets.smoke.cpt-test.io")
     widget = {"apiVersion": "smoke.cpt-test.io/v1", "kind": "Widget",
               "metadata": {"name": "w1"}, "spec": {"size": 3}}
     kube_cluster.wait_for(  # discovery may lag the Established condition briefly

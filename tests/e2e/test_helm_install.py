@@ -34,8 +34,7 @@ def ensure_crds(kube: Any, *paths: Path) -> None:
     for path in paths:
         kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
         for doc in yaml.safe_load_all(path.read_text()):
-            kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                         f"crd/{doc['metadata']['name']}")
+            kube.wait_established(doc["metadata"]["name"])
 
 
 def ensure_namespace(kube: Any, name: str) -> None:
@@ -143,7 +142,7 @@ def test_install_serves_the_crd_runs_the_operator_and_uninstall_keeps_runs_and_c
         resources = json.loads(kube.kubectl("get", "--raw", "/apis/cpt.mlops.dev/v1alpha1"))["resources"]
         assert "cptruns" in {r["name"] for r in resources}
         for crd in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-            kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}")
+            kube.wait_established(crd)
 
         # The operator's service account may do its job, and no more.
         sa = f"system:serviceaccount:{namespace}:{fullname}"

@@ -91,7 +91,7 @@ def replicas(kube_cluster: Any, helm_bin: Path, prometheus: Any, s3_server: Any,
     for crd in ("cptrun.yaml", "kopf-peerings.yaml"):
         kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(chartlib.CHART / "crds" / crd))
     for crd in ("cptruns.cpt.mlops.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-        kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}")
+        kube.wait_established(crd)
     (peering_object,) = chartlib.find(objects, "ClusterKopfPeering")
     kube.wait_for(lambda: kube.kubectl_result("apply", "-f", "-", input=yaml.safe_dump(peering_object))
                   .returncode == 0, "the chart's ClusterKopfPeering applied")

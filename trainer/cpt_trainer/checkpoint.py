@@ -303,25 +303,26 @@ def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str
     return problem
 
 
-def pinned(root: str | None, uri: str) -> set[str]:
-    """Checkpoint names under the attempt folder `uri` that retention must keep: those the
-    control plane pinned at `root`, and those it has not judged yet (any of them may turn out to
-    be the last good one). Nothing when no control plane manages `root`."""
+def pinned(root: str | None, uri: str, valid: list[tuple[str, Manifest]]) -> set[str]:
+    """Of `valid` (the checkpoints under the attempt folder `uri`), the names retention must
+    keep: those the control plane pinned at `root`, and those it has not judged yet (any of them
+    may turn out to be the last good one). Nothing when no control plane manages `root`."""
     if root is None or not uri.startswith(root.rstrip("/") + "/"):
         return set()
     folder = uri[len(root.rstrip("/")) + 1:].strip("/")
     pins = store.pins(root)
     judged = pins.judged_through(folder)
-    valid, _ = list_checkpoints(uri, deep=False)
     return pins.steps_in(folder) | {name for name, m in valid if m.step > judged}
 
 
-def prune(uri: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+def prune(uri: str, keep: int, protect: set[str] = frozenset(),
+          valid: list[tuple[str, Manifest]] | None = None) -> list[str]:
     """Delete valid checkpoints beyond the newest `keep`, except the protected ones (the pinned,
     the one just written). Incomplete directories are left for a person to look at (they are
-    reported by listing)."""
+    reported by listing). `valid`: the folder's listing, when the caller has just taken it."""
     fs, root = _fs(uri)
-    valid, _ = list_checkpoints(uri, deep=False)
+    if valid is None:
+        valid, _ = list_checkpoints(uri, deep=False)
     spare = set(protect)
     doomed = [name for name, _ in valid[:-keep] if name not in spare] if keep > 0 else []
     for name in doomed:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from cpt_operator.api.manifest import (CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
-                                       FileEntry, Lineage, checkpoint_name, data_file, rng_file)
+                                       FileEntry, Lineage, Manifest, checkpoint_name, data_file, rng_file)
 
 from . import checkpoint, distributed
 from .distributed import Dist
@@ -169,7 +169,8 @@ class Checkpointer:
         if self.dist.is_main:
             checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
                               snap.train_loss, snap.stable)
-            checkpoint.prune(self.uri, self.keep, self._protected(snap.step))
+            valid, _ = checkpoint.list_checkpoints(self.uri, deep=False)  # sizes only: one listing
+            checkpoint.prune(self.uri, self.keep, self._protected(snap.step, valid), valid)
         if remote is not None:
             _remove_tree(staging)
         seconds = time.monotonic() - began
@@ -177,14 +178,14 @@ class Checkpointer:
                      stall if self.async_save else seconds,
                      snap.evaluation)
 
-    def _protected(self, step: int) -> set[str]:
-        """Never pruned: the checkpoint just written, the one this attempt started from (should
-        it sit in this folder), the newest stable one (anomaly recovery restores it) and what
-        the control plane pinned or has not judged yet, read afresh each time."""
-        names = {checkpoint_name(step)} | checkpoint.pinned(self.root, self.uri)
-        stable = checkpoint.latest_valid(self.uri, stable_only=True)
-        if stable is not None:
-            names.add(stable[0])
+    def _protected(self, step: int, valid: list[tuple[str, Manifest]]) -> set[str]:
+        """Of the folder's `valid` checkpoints, never pruned: the one just written, the one this
+        attempt started from (should it sit in this folder), the newest stable one (anomaly
+        recovery restores it) and what the control plane pinned or has not judged yet."""
+        names = {checkpoint_name(step)} | checkpoint.pinned(self.root, self.uri, valid)
+        stable = [name for name, m in valid if m.stable]
+        if stable:
+            names.add(stable[-1])
         if self.restore_from and self.restore_from.rstrip("/").rsplit("/", 1)[0] == self.uri.rstrip("/"):
             names.add(self.restore_from.rstrip("/").rsplit("/", 1)[1])
         return names
