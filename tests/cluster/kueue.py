@@ -12,6 +12,10 @@ module's own CRDs and webhook configurations. What differs from an in-cluster in
   (the one integration enabled). The others (pods, JobSets, Ray...) would intercept objects
   whose integration is off, and with `failurePolicy: Fail` refuse them.
 * The visibility API server (an aggregated API) is off: nothing here would route to it.
+* With its internal certificates off, Kueue v0.17 reads its metrics server's certificate from a
+  fixed path, /etc/kueue/metrics/certs (a Secret mounted there in a Deployment). When that is
+  missing, a certificate for 127.0.0.1 is written there once (root needed, as for build.sh's
+  apt-get); nothing in the tests scrapes Kueue's metrics.
 
 Queues: `ResourceFlavor` `h100` (nodes labelled pool=h100), `ClusterQueue` `gpu` with a GPU
 quota (`gpu_quota`), and `local_queue(namespace)` for a test's namespace. Preemption within the
@@ -26,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from .cluster import KubeCluster, Process, Workdir, _http_ok, binary, component_dir, ensure_binaries, free_port
+from .cluster import (ComponentError, KubeCluster, Process, Workdir, _http_ok, binary, component_dir, ensure_binaries,
+                      free_port)
 
 FLAVOR = "h100"
 CLUSTER_QUEUE = "gpu"
@@ -62,6 +67,22 @@ def webhook_configurations(manifests: str, url: str, ca_pem: bytes) -> list[dict
     return out
 
 
+CONVERTED = {f"{kind}.{KUEUE_GROUP}" for kind in
+             ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")}
+"""The CRDs that Kueue converts between v1beta1 and v1beta2 itself (the module's
+config/components/crd/kustomization.yaml patches only these); the others need no conversion."""
+
+
+def crd_with_conversion(crd: dict[str, Any], url: str, ca_pem: bytes) -> dict[str, Any]:
+    """Conversion through Kueue's /convert webhook by URL, as the module's kustomize patches set
+    it up through a Service."""
+    if crd["metadata"]["name"] in CONVERTED:
+        crd["spec"]["conversion"] = {"strategy": "Webhook", "webhook": {
+            "conversionReviewVersions": ["v1"],
+            "clientConfig": {"url": f"{url}/convert", "caBundle": base64.b64encode(ca_pem).decode()}}}
+    return crd
+
+
 def configuration(*, webhook_port: int, cert_dir: Path, health_port: int, metrics_port: int,
                   pods_ready_timeout_s: int) -> dict[str, Any]:
     return {
@@ -83,6 +104,23 @@ def configuration(*, webhook_port: int, cert_dir: Path, health_port: int, metric
     }
 
 
+METRICS_CERTS = Path("/etc/kueue/metrics/certs")
+
+
+def ensure_metrics_cert(kube: KubeCluster) -> None:
+    if (METRICS_CERTS / "tls.crt").exists() and (METRICS_CERTS / "tls.key").exists():
+        return
+    crt, key = kube.pki.issue("kueue-metrics", "kueue-metrics", ips=["127.0.0.1"], server=True)
+    try:
+        METRICS_CERTS.mkdir(parents=True, exist_ok=True)
+        for src, name in ((crt, "tls.crt"), (key, "tls.key")):
+            (METRICS_CERTS / name).write_bytes(src.read_bytes())
+            (METRICS_CERTS / name).chmod(0o600)
+    except PermissionError as exc:
+        raise ComponentError(f"kueue: cannot write its metrics certificate to {METRICS_CERTS} ({exc}); "
+                             "run the tests as root or create it there") from exc
+
+
 class Kueue:
     """Kueue's controller manager for one KubeCluster; `stop()` removes its webhooks (which
     would refuse every Job once nothing serves them)."""
@@ -99,18 +137,24 @@ class Kueue:
     def start(self, timeout: float = 90.0) -> Kueue:
         ensure_binaries(["kueue"])
         manifests = manifests_dir()
-        self.kube.kubectl("apply", "--server-side", "-f", str(manifests / "crds"))
-        self.kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          f"crd/workloads.{KUEUE_GROUP}", f"crd/clusterqueues.{KUEUE_GROUP}",
-                          f"crd/localqueues.{KUEUE_GROUP}", f"crd/resourceflavors.{KUEUE_GROUP}",
-                          f"crd/workloadpriorityclasses.{KUEUE_GROUP}")
+        webhook_port, health_port = free_port(), free_port()
+        url = f"https://127.0.0.1:{webhook_port}"
+        ca_pem = self.kube.pki.ca_cert.read_bytes()
+        crds = [crd_with_conversion(yaml.safe_load(p.read_text()), url, ca_pem)
+                for p in sorted((manifests / "crds").glob("*.yaml"))]
+        self.kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                          input="\n---\n".join(json.dumps(c) for c in crds))
+        names = [f"crd/{c['metadata']['name']}" for c in crds]
+        self.kube.wait_for(lambda: self.kube.kubectl_result(
+            "wait", "--for=condition=Established", "--timeout=5s", *names).returncode == 0,
+            "Kueue's CRDs established", 60)
         self.kube.kubectl_result("create", "namespace", "kueue-system")
+        ensure_metrics_cert(self.kube)
         cert_dir = self.workdir / "certs"
         cert_dir.mkdir(exist_ok=True)
         crt, key = self.kube.pki.issue("kueue-webhook", "kueue-webhook", ips=["127.0.0.1"], server=True)
         (cert_dir / "tls.crt").write_bytes(crt.read_bytes())
         (cert_dir / "tls.key").write_bytes(key.read_bytes())
-        webhook_port, health_port = free_port(), free_port()
         config = configuration(webhook_port=webhook_port, cert_dir=cert_dir, health_port=health_port,
                                metrics_port=free_port(), pods_ready_timeout_s=self.pods_ready_timeout_s)
         config_path = self.workdir / "config.yaml"
@@ -120,8 +164,7 @@ class Kueue:
         self.kube.processes.append(self.process.start())
         self.process.wait_until(lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"),
                                 "ready (/readyz)", timeout)
-        hooks = webhook_configurations((manifests / "webhooks.yaml").read_text(),
-                                       f"https://127.0.0.1:{webhook_port}", self.kube.pki.ca_cert.read_bytes())
+        hooks = webhook_configurations((manifests / "webhooks.yaml").read_text(), url, ca_pem)
         self.kube.apply(hooks)
         self._webhooks = [f"{h['kind'].lower()}/{h['metadata']['name']}" for h in hooks]
         # the webhooks answer (a ResourceFlavor goes through Kueue's own), then the queues
