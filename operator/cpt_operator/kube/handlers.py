@@ -280,9 +280,11 @@ def _refused_object(body: Mapping[str, Any], status: CptRunStatus) -> bool:
                and c.observed_generation == body["metadata"].get("generation") for c in status.conditions)
 
 
-def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
+def _gpus(spec: CptRunSpec, plan: Plan, state: AttemptState) -> int:
+    if spec.resources.queue and (state.admission is None or state.admission.state != "admitted"):
+        return 0  # a queued gang holds nothing until Kueue admits it
     holding = plan.status.phase in (Phase.running, Phase.rolling_back) and (
-        state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
+        state.state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
     return spec.resources.nodes * spec.resources.gpus_per_node if holding else 0
 
 
@@ -387,7 +389,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         if plan.status.phase in TERMINAL_PHASES:
             rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
-                               _gpus(spec, plan, state.state))
+                               _gpus(spec, plan, state))
         return plan
 
 
