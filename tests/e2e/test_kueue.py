@@ -20,6 +20,8 @@ from tests.e2e.test_operator import cptrun, write_checkpoint
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(240)]
 
 GPUS = 8  # per node: a 2-node run takes both kwok H100 nodes, all the ClusterQueue's quota
+PODS_READY_TIMEOUT_S = 10
+"""Kueue's waitForPodsReady.timeout here (kwok's pods are ready at once, unless unschedulable)."""
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,8 @@ def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
 
 @pytest.fixture(scope="module")
 def kueue(kube_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
-    with Kueue(kube_cluster, tmp_path_factory.mktemp("kueue"), gpu_quota=2 * GPUS) as k:
+    with Kueue(kube_cluster, tmp_path_factory.mktemp("kueue"), gpu_quota=2 * GPUS,
+               pods_ready_timeout_s=PODS_READY_TIMEOUT_S) as k:
         yield k
 
 
@@ -140,3 +143,23 @@ def test_a_preempted_run_resumes_from_its_last_checkpoint_without_spending_a_res
     assert (status["restarts"], status["evictions"]) == (0, 1)
     kube.wait_for(lambda: admitted(kube, namespace, "low").get("status") == "True", "low admitted again",
                   timeout=30)
+
+
+def test_a_gang_not_ready_in_time_is_evicted_and_requeued_without_spending_a_restart(
+        kube_cluster: Any, operator: OperatorProcess, kueue: Kueue, namespace: str, s3_bucket: str) -> None:
+    kube, node = kube_cluster, "gpu-h100-1"
+    kueue.local_queue(namespace)
+    kube.kubectl("cordon", node)  # Kueue has the quota, the scheduler has one node: half a gang
+    try:
+        kube.apply(queued("stuck", s3_bucket, stopPolicy={"maxAttemptRestarts": 0}), namespace=namespace)
+        kube.wait_for(lambda: status_of(kube, namespace, "stuck").get("evictions", 0) >= 1,
+                      "an eviction after waitForPodsReady.timeout", timeout=PODS_READY_TIMEOUT_S + 50)
+        evicted = [e["message"] for e in events(kube, namespace, "stuck") if e["reason"] == "Evicted"]
+        assert evicted and "PodsReadyTimeout" in evicted[0], evicted
+    finally:
+        kube.kubectl("uncordon", node)
+    status = kube.wait_for(lambda: (s := status_of(kube, namespace, "stuck")).get("attempt", 0) >= 2
+                           and running_pods(kube, namespace, "stuck", s["attempt"]) and s,
+                           "a later attempt's whole gang running", timeout=90)
+    assert (status["restarts"], status["phase"]) == (0, "Running") and status["evictions"] >= 1
+    kube.wait_for(lambda: admitted(kube, namespace, "stuck").get("status") == "True", "admitted", timeout=30)
