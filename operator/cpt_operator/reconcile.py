@@ -26,6 +26,7 @@ from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, Conditio
                          Overrides, Phase, Reason, RollbackRecord)
 from .api.skips import DataSkip
 from .policy import decide, select_checkpoint
+from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
@@ -45,6 +46,8 @@ class AttemptState:
     refused: bool = False
     """The trainer refused its configuration (bad data path, tokenizer mismatch...): the same
     attempt would fail again, so no restart is spent on it."""
+    admission: Admission | None = None
+    """What Kueue says of the attempt's Job (resources.queue only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +177,10 @@ class _Planner:
         self.emit("Normal", "AttemptStarted", f"attempt {st.attempt} from {origin} ({reason})")
         set_condition(st, ConditionType.progressing, True, "AttemptRunning",
                       f"attempt {st.attempt} running from {origin}", self.obs.now)
+        if self.spec.resources.queue:
+            set_condition(st, ConditionType.admitted, False, Reason.queued.value,
+                          f"attempt {st.attempt} waits for admission by LocalQueue {self.spec.resources.queue}",
+                          self.obs.now)
 
     def stop_attempt(self, reason: str, checkpoint: bool = True) -> None:
         if self.obs.attempt.state == "running":
@@ -291,9 +298,42 @@ def _must_wait(p: _Planner) -> bool:
     return True
 
 
+def _was_evicted(p: _Planner) -> bool:
+    """The current attempt was evicted by Kueue (recorded in status, so that the pass that
+    finds its Job gone does not take that for a failure)."""
+    return any(c.type == ConditionType.admitted.value and c.reason == Reason.evicted.value
+               for c in p.status.conditions)
+
+
+def _evicted(p: _Planner) -> None:
+    """Kueue took the attempt's GPUs back. Its trainers got SIGTERM and write a last checkpoint;
+    once its pods are gone a new attempt resumes from that checkpoint and queues again. Not a
+    failure: no restart is counted."""
+    st, attempt = p.status, p.obs.attempt
+    if not _was_evicted(p):
+        st.evictions += 1
+        found = attempt.admission or Admission("evicted", "Evicted")
+        why = f"{found.reason}: {found.message}" if found.message else found.reason
+        st.message = f"attempt {st.attempt} evicted by Kueue ({why}); it resumes from its last checkpoint " \
+                     "once admitted again"
+        set_condition(st, ConditionType.admitted, False, Reason.evicted.value, st.message, p.obs.now)
+        p.emit("Warning", Reason.evicted.value, st.message)
+    if attempt.state == "running":
+        # the Job goes (and its Workload with it): Kueue must not restart this attempt's pods
+        # from its old restore point; the stop is repeated until the Job is gone
+        p.actions.append(StopAttempt(attempt.number, "evicted by Kueue"))
+        return
+    if _must_wait(p):
+        return
+    p.start(_latest_in_lineage(p), f"resumed after eviction {st.evictions}")
+
+
 def _running(p: _Planner) -> None:
     attempt = p.obs.attempt
-    if attempt.state == "running":
+    evicted = attempt.admission is not None and attempt.admission.state == "evicted"
+    if (evicted or _was_evicted(p)) and attempt.state != "succeeded":
+        _evicted(p)
+    elif attempt.state == "running":
         _apply(p, decide(p.spec, _observations(p)))
     elif attempt.state == "succeeded":
         decision = decide(p.spec, _observations(p, budget_reached=True))
@@ -365,6 +405,17 @@ def _summaries(p: _Planner) -> None:
                       for c in obs.checkpoints]
 
 
+def _admission(p: _Planner) -> None:
+    """The Admitted condition follows Kueue while the attempt that status names waits or runs."""
+    found, st = p.obs.attempt.admission, p.status
+    if found is None or found.state == "evicted" or _was_evicted(p) or p.obs.attempt.number != st.attempt:
+        return
+    if st.phase not in (Phase.running, Phase.rolling_back):
+        return
+    value, reason, message = admission_condition(found, st.attempt)
+    set_condition(st, ConditionType.admitted, value, reason, message, p.obs.now)
+
+
 def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     p = _Planner(spec, status, obs)
     st = p.status
@@ -401,6 +452,7 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
         # an alert about an attempt that already ended is dropped: the next one is judged afresh
         if not (obs.alerts and obs.attempt.state == "running" and _external_breach(p, obs.alerts)):
             _running(p)
+    _admission(p)
     return _plan(p)
 
 

@@ -9,7 +9,7 @@
 # place when complete, so an interrupted build never leaves a half-filled dir.
 #
 # Usage: build.sh [--force] [component ...]
-#   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus (default: all)
+#   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue (default: all)
 #   --force      rebuild even when the binaries are present
 # Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2)
 set -euo pipefail
@@ -38,11 +38,11 @@ for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
     -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
-    kubernetes | etcd | kwok | helm | versitygw | toxiproxy | prometheus) selected+=("$arg") ;;
+    kubernetes | etcd | kwok | helm | versitygw | toxiproxy | prometheus | kueue) selected+=("$arg") ;;
     *) echo "build.sh: unknown component '$arg'" >&2; exit 2 ;;
   esac
 done
-[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus)
+[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue)
 
 say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -137,6 +137,17 @@ build_toxiproxy() {
   go_install "$1" "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
   mv "$1/server" "$1/toxiproxy-server"
 }
+# Gang admission (quotas, all-or-nothing, preemption): the Kueue controller manager. Its CRDs
+# and webhook manifests are copied from the same module beside the binary, so that a CI cache of
+# bin/ alone is enough for tests/cluster/kueue.py.
+build_kueue() {
+  go_install "$1" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  local module=$GOMODCACHE/sigs.k8s.io/kueue@$KUEUE_VERSION/config/components
+  mkdir -p "$1/crds"
+  cp "$module"/crd/bases/*.yaml "$1/crds/"
+  cp "$module/webhook/manifests.yaml" "$1/webhooks.yaml"
+  chmod -R u+w "$1"
+}
 
 # --- Prometheus and Alertmanager from Debian ---------------------------------
 # Built from Go modules Prometheus has no web UI and needs exclude/replace
@@ -186,6 +197,7 @@ for c in "${selected[@]}"; do
     helm) component helm "$HELM_VERSION" build_helm helm ;;
     versitygw) component versitygw "$VERSITYGW_VERSION" build_versitygw versitygw ;;
     toxiproxy) component toxiproxy "$TOXIPROXY_VERSION" build_toxiproxy toxiproxy-server ;;
+    kueue) component kueue "$KUEUE_VERSION" build_kueue kueue crds ;;
     prometheus) component prometheus "$PROMETHEUS_VERSION" build_prometheus \
       prometheus promtool alertmanager amtool ;;
   esac

@@ -97,6 +97,7 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "helm": ("HELM_VERSION", ("helm",)),
     "versitygw": ("VERSITYGW_VERSION", ("versitygw",)),
     "toxiproxy": ("TOXIPROXY_VERSION", ("toxiproxy-server",)),
+    "kueue": ("KUEUE_VERSION", ("kueue", "crds")),  # crds/: a folder of its manifests, see build.sh
     "prometheus": ("PROMETHEUS_VERSION", ("prometheus", "promtool", "alertmanager", "amtool")),
 }
 

@@ -104,6 +104,8 @@ NAMESPACED_GRANTS = {
     "cpt.mlops.dev/cptruns/status": {"get", "patch", "update"},
     "cpt.mlops.dev/cptruns/finalizers": {"update"},
     "batch/jobs": {"create", "get", "list", "watch", "delete"},
+    # runs with resources.queue: whether Kueue admitted, queued or evicted the attempt
+    "kueue.x-k8s.io/workloads": {"get", "list", "watch"},
     "core/configmaps": {"create", "get", "list", "watch", "delete"},
     "core/services": {"create", "get", "list", "watch", "delete"},
     "core/pods": {"get", "list", "watch", "deletecollection"},

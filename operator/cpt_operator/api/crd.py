@@ -93,6 +93,7 @@ def _printer_columns() -> list[Schema]:
         col("Tokens", ".status.tokens", "integer"),
         col("Checkpoint", ".status.lastCheckpoint"),
         col("Rollbacks", ".status.rollbacks", "integer"),
+        col("Admission", '.status.conditions[?(@.type=="Admitted")].reason'),
         col("Age", ".metadata.creationTimestamp", "date"),
         col("Message", ".status.message", priority=1),
     ]

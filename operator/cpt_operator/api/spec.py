@@ -345,8 +345,15 @@ class ResourcesSpec(SpecModel):
     refused (condition MemoryPlanned=False, reason PlanUnavailable)."""
     s3_secret_ref: str | None = None
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)."""
-    queue: str | None = None
-    """Kueue LocalQueue for gang admission (adds the queue-name label)."""
+    queue: str | None = Field(default=None, max_length=63)
+    """Kueue LocalQueue for gang admission: each attempt's Job is created suspended with the
+    queue-name label, and Kueue starts all of its pods or none (condition Admitted). An eviction
+    (preemption, pods not ready in time) is not a failure: the run resumes from its last
+    checkpoint once admitted again. Without Kueue installed the run is not started (SpecValid
+    False, reason KueueNotInstalled)."""
+    priority_class: str | None = Field(default=None, max_length=253)
+    """Kueue WorkloadPriorityClass of the attempts (with `queue`): a run of a higher class may
+    preempt this one within its ClusterQueue."""
     stop_grace_seconds: int = Field(default=600, ge=60, le=86_400)
     """After SIGTERM (a stop, an eviction, a preemption) the trainer finishes its step, waits for
     a checkpoint in flight, writes one at that step and exits; this is how long that may take:

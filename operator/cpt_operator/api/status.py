@@ -38,6 +38,9 @@ class ConditionType(str, Enum):
     memory_planned = "MemoryPlanned"
     """True when the memory planner checked the run against `resources.gpuMemory` and it fits;
     False (reason PlanUnavailable) when the base's shape could not be read: the run goes on."""
+    admitted = "Admitted"
+    """With resources.queue: True once Kueue admitted the attempt's gang; False while it waits
+    (Kueue's reason and message) or after an eviction (reason Evicted)."""
     checkpoints_pinned = "CheckpointsPinned"
     """False (reason PinFailed) while what the run may still restore could not be pinned at the
     checkpoint root: retried every pass, and no attempt starts meanwhile."""
@@ -62,6 +65,13 @@ class Reason(str, Enum):
     """checkpoint.uri holds another run's checkpoints (its run.json names that run); not started."""
     pin_failed = "PinFailed"
     pinned = "Pinned"
+    kueue_not_installed = "KueueNotInstalled"
+    """resources.queue is set but the cluster has no Kueue (no Workload API): not started."""
+    queued = "Queued"
+    """Admitted=False: the attempt's Job waits for Kueue (no Workload yet)."""
+    evicted = "Evicted"
+    """Admitted=False: Kueue evicted the attempt (preempted, pods not ready in time); the run
+    resumes from its last checkpoint once admitted again, and no restart is counted."""
     s3_secret_unreadable = "S3SecretUnreadable"
     """The Secret in resources.s3SecretRef cannot be read or lacks a key: the run's storage is not
     touched with any other identity, and no attempt starts; the message names the Secret and why."""
@@ -126,6 +136,9 @@ class CptRunStatus(SpecModel):
     last_good_checkpoint: str | None = None
     rollbacks: int = 0
     restarts: int = 0
+    evictions: int = 0
+    """Attempts Kueue evicted (preempted, pods not ready in time): resumed, never counted as
+    restarts against stopPolicy.maxAttemptRestarts."""
     history: list[RollbackRecord] = Field(default_factory=list)
     base_metrics: dict[str, float] = Field(default_factory=dict)
     """The base model's reference evaluation (`suite.metric` -> value), measured once."""
@@ -150,7 +163,7 @@ class CptRunStatus(SpecModel):
             f"progress:    step {self.step}, {self.tokens:,} tokens",
             f"checkpoints: last {self.last_checkpoint or '-'}, last good {self.last_good_checkpoint or '-'}, "
             f"chosen {self.best_checkpoint or '-'}",
-            f"rollbacks:   {self.rollbacks}, restarts: {self.restarts}",
+            f"rollbacks:   {self.rollbacks}, restarts: {self.restarts}, evictions: {self.evictions}",
         ]
         for rec in self.history:
             value = f" {rec.metric}={rec.value:.4g} (baseline {rec.baseline:.4g})" \

@@ -23,7 +23,6 @@ CONFIG_FILE = CONFIG
 WORK_DIR = "/var/run/cpt"
 LABEL_RUN = "cpt.mlops.dev/run"
 LABEL_ATTEMPT = "cpt.mlops.dev/attempt"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MAX_JOB_NAME = 56
 """An Indexed Job's pod hostname is `<job>-<index>` and must fit a 63-character DNS label;
 56 leaves room for indices up to 9999 (resources.nodes is at most 1024)."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from ..api import kueue
 from ..api.spec import GROUP, PLURAL, VERSION
 from .builders import LABEL_RUN, Object, RunRef, run_label
 
@@ -29,6 +30,10 @@ class Conflict(RuntimeError):
 
 class NotOurs(RuntimeError):
     """An object with our deterministic name belongs to another owner."""
+
+
+class KueueMissing(RuntimeError):
+    """resources.queue names a Kueue LocalQueue, but the cluster serves no Workload API."""
 
 
 class Rejected(RuntimeError):
@@ -218,6 +223,28 @@ class KubeClient:
                                                      _preload_content=False, _request_timeout=self.timeout)
                       ).get("items") or []
         return [str(j["metadata"]["name"]) for j in listed if _owned_by(j, run.uid)]
+
+    def job_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        """The Kueue Workload of a Job (None: not made yet). `KueueMissing` when the cluster has
+        no Workload API."""
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                label_selector=f"{kueue.LABEL_JOB_UID}={job_uid}", _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise KueueMissing(f"no {kueue.WORKLOADS}.{kueue.GROUP}/{kueue.VERSION} API") from exc
+            raise
+        items = [i for i in cast(Mapping[str, Any], found).get("items") or []
+                 if not i.get("metadata", {}).get("deletionTimestamp")]
+        return dict(items[0]) if items else None
+
+    def kueue_installed(self, namespace: str) -> bool:
+        try:
+            self.job_workload(namespace, "none")
+            return True
+        except KueueMissing:
+            return False
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """A Secret's data, decoded (`get` on that one Secret: the operator never lists them)."""

@@ -12,30 +12,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, cast
 
 import kopf
 from pydantic import ValidationError
 
+from ..api import kueue
 from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
 from ..api.storage import credentials_scope, is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
+from ..policy.admission import admission
 from ..policy.alerts import Admission, Alerted, admit
 from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
+from ..reconcile import AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
-from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, load_config
+from .client import WORKERS, Conflict, KubeClient, KueueMissing, NotOurs, Rejected, load_config
 from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
@@ -207,7 +209,8 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
 
 
 _REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started",
-            Reason.checkpoint_uri_in_use: "not started", Reason.s3_secret_unreadable: "not started"}
+            Reason.checkpoint_uri_in_use: "not started", Reason.s3_secret_unreadable: "not started",
+            Reason.kueue_not_installed: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -277,10 +280,34 @@ def _refused_object(body: Mapping[str, Any], status: CptRunStatus) -> bool:
                and c.observed_generation == body["metadata"].get("generation") for c in status.conditions)
 
 
-def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
+def _gpus(spec: CptRunSpec, plan: Plan, state: AttemptState) -> int:
+    if spec.resources.queue and (state.admission is None or state.admission.state != "admitted"):
+        return 0  # a queued gang holds nothing until Kueue admits it
     holding = plan.status.phase in (Phase.running, Phase.rolling_back) and (
-        state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
+        state.state == "running" or any(isinstance(a, StartAttempt) for a in plan.actions))
     return spec.resources.nodes * spec.resources.gpus_per_node if holding else 0
+
+
+# -- Kueue -----------------------------------------------------------------------------------
+def _admission(rt: Runtime, spec: CptRunSpec, attempts: Attempts, state: AttemptState) -> AttemptState:
+    """The queued attempt's state with what its Workload says (a Job being deleted has nothing
+    more to say: its eviction, if any, is already recorded)."""
+    job = attempts.job
+    if not spec.resources.queue or job is None or job["metadata"].get("deletionTimestamp"):
+        return state
+    try:
+        workload = rt.kube.job_workload(job["metadata"]["namespace"], job["metadata"]["uid"])
+    except KueueMissing:
+        return state
+    return replace(state, admission=admission(workload))
+
+
+def _kueue_missing(rt: Runtime, run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
+    if not spec.resources.queue or not starts(plan) or rt.kube.kueue_installed(run.namespace):
+        return None
+    return (f"resources.queue is {spec.resources.queue!r} but this cluster has no Kueue (no "
+            f"{kueue.WORKLOADS}.{kueue.GROUP} API): a queued Job would never start. Install Kueue "
+            "(see the chart's README) or remove resources.queue")
 
 
 # -- one pass --------------------------------------------------------------------------------
@@ -325,7 +352,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             return None
         number = status.attempt
         attempts = _attempts(rt, run, status)
-        state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
+        state = _admission(rt, spec, attempts, rt.launcher.attempt_state(number, attempts.job, attempts.pods))
         if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
             series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
         else:
@@ -338,6 +365,10 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
+            return None
+        problem = _kueue_missing(rt, run, spec, plan)
+        if problem is not None:
+            _report_invalid(rt, run, body, status, problem, Reason.kueue_not_installed)
             return None
         if starts(plan) and _refused_object(body, status):
             return None  # the API server refused this generation's objects: wait for a new spec
@@ -358,7 +389,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
         if plan.status.phase in TERMINAL_PHASES:
             rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
-                               _gpus(spec, plan, state.state))
+                               _gpus(spec, plan, state))
         return plan
 
 

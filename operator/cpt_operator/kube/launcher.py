@@ -11,11 +11,12 @@ import warnings
 from typing import Any, Mapping, Protocol, Sequence
 
 from ..api.exit_codes import EXIT_REFUSED
+from ..api.kueue import LABEL_PRIORITY, LABEL_QUEUE
 from ..api.spec import CptRunSpec
 from ..api.trainer_config import TrainerConfig
 from ..reconcile import AttemptState
 from .attempts import alive
-from .builders import (CONFIG_DIR, CONFIG_FILE, LABEL_QUEUE, WORK_DIR, Object, RunRef, attempt_name,
+from .builders import (CONFIG_DIR, CONFIG_FILE, WORK_DIR, Object, RunRef, attempt_name,
                        config_map, headless_service, labels, metadata)
 from .settings import Settings
 
@@ -148,12 +149,17 @@ def indexed_job(run: RunRef, spec: CptRunSpec, attempt: int, settings: Settings)
     nodes = spec.resources.nodes
     meta = metadata(run, attempt)
     pod_labels = labels(run, attempt)
-    if spec.resources.queue:
-        meta["labels"][LABEL_QUEUE] = spec.resources.queue
+    queue = spec.resources.queue
+    if queue:
+        meta["labels"][LABEL_QUEUE] = queue
+        if spec.resources.priority_class:
+            meta["labels"][LABEL_PRIORITY] = spec.resources.priority_class
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.trainer_metrics_port),
                    "prometheus.io/path": "/metrics"}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
         "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+        # queued: no pod exists until Kueue admits the whole gang and unsuspends the Job
+        **({"suspend": True} if queue else {}),
         # a failed pod fails the attempt at once: restarting from a checkpoint is the
         # operator's decision (bounded by stopPolicy.maxAttemptRestarts), not the Job's
         "backoffLimit": 0,

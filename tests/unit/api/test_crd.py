@@ -41,7 +41,9 @@ def test_status_and_printer_columns() -> None:
     version = crd()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:7] == ["Phase", "Attempt", "Step", "Tokens", "Checkpoint", "Rollbacks", "Age"]
+    assert names[:8] == ["Phase", "Attempt", "Step", "Tokens", "Checkpoint", "Rollbacks", "Admission", "Age"]
+    [admission] = [c for c in version["additionalPrinterColumns"] if c["name"] == "Admission"]
+    assert admission["jsonPath"] == '.status.conditions[?(@.type=="Admitted")].reason'
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert {"phase", "conditions", "observedGeneration", "history", "frontier"} <= set(status)
 

@@ -168,11 +168,14 @@ def test_processes_per_node_follow_the_gpus(resources, gpu_limit, nproc):
     assert args[args.index("--nproc-per-node") + 1] == nproc
 
 
-def test_a_queue_adds_the_kueue_label_to_the_job():
-    *_, job = attempt_objects(build_spec(queue="team-a"))
+def test_a_queued_job_is_created_suspended_with_the_kueue_labels():
+    *_, job = attempt_objects(build_spec(queue="team-a", priorityClass="urgent"))
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    *_, plain = attempt_objects()
-    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "urgent"
+    assert job["spec"]["suspend"] is True  # no pod before Kueue admits the whole gang
+    *_, plain = attempt_objects(build_spec(priorityClass="urgent"))
+    assert not {"kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class"} & set(plain["metadata"]["labels"])
+    assert "suspend" not in plain["spec"]
 
 
 def test_the_config_map_holds_the_attempts_trainer_config():
