@@ -1,11 +1,12 @@
 """Operator benchmark on the real control plane of tests/cluster.
 
-  python bench/bench_operator.py [--runs 200] [--interval 5] [--settle 30] [--out FILE]
+  python bench/bench_operator.py [--runs 200] [--interval 5] [--settle 30] [--soak 0] [--out FILE]
 
 Measures, with the operator running as in production (`python -m cpt_operator.kube`, one process):
   * time from creating N CptRuns at once until all N Jobs exist;
   * p50 / p99 of one reconcile pass (the operator's cpt_reconcile_seconds histogram, steady state);
-  * the operator's resident memory (now and peak);
+  * the operator's resident memory (now and peak), and again after `--soak` more seconds of the
+    steady state (memory must not grow over a long run);
   * breach-to-new-attempt latency: a trainer's exported general perplexity crosses a gate, the
     real Prometheus scrapes it (1 s), the operator deletes the Job and creates attempt 2.
 Pods are kwok's (nothing runs in them); the figures are the control plane's own.
@@ -145,6 +146,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--interval", type=float, default=5.0, help="operator reconcile interval (s)")
     parser.add_argument("--settle", type=float, default=30.0, help="steady-state seconds measured")
+    parser.add_argument("--soak", type=float, default=0.0,
+                        help="then this many seconds more before memory is read again")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 
@@ -177,6 +180,11 @@ def main() -> int:
             after = urllib.request.urlopen(metrics_url).read().decode()
             latency = breach_latency(kube, prom, s3, ns, bucket)
             rss, peak = rss_mb(op.pid)
+            soak_start = time.monotonic()
+            while time.monotonic() - soak_start < args.soak:
+                time.sleep(5)
+                assert op.poll() is None, "the operator exited"
+            soaked = rss_mb(op.pid)[0]
         finally:
             os.killpg(op.pid, signal.SIGTERM)
             op.wait(30)
@@ -191,6 +199,7 @@ def main() -> int:
         "reconcile_p99_ms": round(1000 * quantile(steady, 0.99), 1),
         "reconcile_mean_ms": round(1000 * (s1 - s0) / max(c1 - c0, 1), 1),
         "operator_rss_mb": round(rss, 1), "operator_peak_rss_mb": round(peak, 1),
+        **({"soak_s": args.soak, "operator_rss_after_soak_mb": round(soaked, 1)} if args.soak else {}),
         "breach_to_new_attempt_s": round(latency, 2),
         "cpus": os.cpu_count(),
     }

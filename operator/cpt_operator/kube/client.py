@@ -96,6 +96,13 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
+def children_of(listed: Mapping[str, list[dict[str, Any]]], run: RunRef) -> dict[str, list[dict[str, Any]]]:
+    """One run's objects out of a namespace's listing, as `KubeClient.children` would list them."""
+    label = run_label(run.name)
+    return {kind: [o for o in items if (o.get("metadata", {}).get("labels") or {}).get(LABEL_RUN) == label
+                   and (kind == "Pod" or _owned_by(o, run.uid))] for kind, items in listed.items()}
+
+
 def _gone_ok(delete: Callable[[], Any]) -> bool:
     try:
         delete()
@@ -198,9 +205,17 @@ class KubeClient:
         for kind in kinds:
             list_ = lists[kind]
             items = _raw(list_(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
-                               _preload_content=False)).get("items") or []
+                               _preload_content=False, _request_timeout=self.timeout)).get("items") or []
             found[kind] = [o for o in items if kind == "Pod" or _owned_by(o, run.uid)]
         return found
+
+    def namespace_children(self, namespace: str) -> dict[str, list[dict[str, Any]]]:
+        """Every Job and pod of every run in a namespace (by the run label), by kind: one list
+        call each for all runs, split with `children_of`."""
+        lists = {"Job": self.batch.list_namespaced_job, "Pod": self.core.list_namespaced_pod}
+        return {kind: _raw(list_(namespace, label_selector=LABEL_RUN, _preload_content=False,
+                                 _request_timeout=self.timeout)).get("items") or []
+                for kind, list_ in lists.items()}
 
     def delete(self, namespace: str, kind: str, name: str) -> bool:
         """Delete a Job (its pods in the background), ConfigMap or Service; False if already gone."""

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
-from ..api.storage import credentials_scope, is_object_store
+from ..api.storage import RUN_CREDENTIALS, credentials_scope, is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.alerts import Admission, Alerted, admit
@@ -29,18 +29,19 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
+from ..reconcile import AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
-from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, load_config
+from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, children_of, load_config
+from .freshness import Shared, Signals, StorageView, acts, newest_eval, storage_due
 from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
-from .prometheus import PrometheusError, PrometheusReader, TrainerSeries
+from .prometheus import NamespaceSeries, PrometheusError, PrometheusReader, TrainerSeries
 from .settings import ANNOTATION_ALERT, FINALIZER, Settings
 
 SETTINGS = Settings.from_env()
@@ -75,6 +76,12 @@ class Runtime:
 
     manifests: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
     """Per run: the checkpoints whose manifests were read, by name."""
+    storage: dict[str, StorageView] = field(default_factory=dict)
+    """Per run: its storage as last read (timer passes decide from it while nothing changed)."""
+    listings: Shared[dict[str, list[dict[str, Any]]]] = field(default_factory=lambda: Shared(2.0))
+    """Per namespace: its runs' Jobs and pods, listed once for the timer passes of all of them."""
+    series: Shared[NamespaceSeries] = field(default_factory=lambda: Shared(2.0))
+    """Per namespace: its runs' series in Prometheus, read once for the timer passes of all of them."""
 
     def lock(self, key: str) -> threading.Lock:
         with self.guard:
@@ -83,7 +90,7 @@ class Runtime:
     def forget(self, uid: str) -> None:
         """Drop what was kept for a run that finished or was deleted; a finished run that is
         resumed reads it all again."""
-        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records):
+        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records, self.storage):
             per_run.pop(uid, None)
 
     def record_alert(self, alert: Alerted) -> Admission:
@@ -118,7 +125,8 @@ def build_runtime(settings: Settings) -> Runtime:
     load_config()
     reader = PrometheusReader(settings.prometheus_url) if settings.prometheus_url else None
     return Runtime(settings=settings, kube=KubeClient(), launcher=IndexedJobLauncher(settings),
-                   prometheus=reader, metrics=OperatorMetrics())
+                   prometheus=reader, metrics=OperatorMetrics(), listings=Shared(settings.shared_read_s),
+                   series=Shared(settings.shared_read_s))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -137,15 +145,22 @@ def _checkpoints(rt: Runtime, run: RunRef, root: str) -> list[CheckpointRef]:
     return refs
 
 
-def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any],
-            attempt: int) -> tuple[TrainerSeries | None, list[EvalPoint]]:
+def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any], attempt: int,
+            shared: bool = False) -> tuple[TrainerSeries | None, list[EvalPoint]]:
     cache = rt.caches.setdefault(run.uid, PointCache())
     if rt.prometheus is None:
         return None, list(cache.points.values())
-    now = time.time()
+    prometheus, now = rt.prometheus, time.time()
     window = cache.window(parse_time(body["metadata"].get("creationTimestamp")), now)
+    # the namespace's read covers its last shared_window_s, up to shared_read_s old: it serves a
+    # run whose own window fits in it (not a run read for the first time, which needs its life)
+    wide = rt.settings.interval_s * 2 + rt.settings.shared_read_s + PointCache.OVERLAP_S
     try:
-        series = rt.prometheus.read(run.name, run.namespace, attempt, window)
+        if shared and window + rt.settings.shared_read_s <= wide:
+            read, _ = rt.series.get(run.namespace, lambda: prometheus.read_namespace(run.namespace, int(wide) + 1))
+            series = read.of(run.name, attempt)
+        else:
+            series = prometheus.read(run.name, run.namespace, attempt, window)
     except PrometheusError as exc:
         # without metrics no gate can fire, but failed pods are still restarted: go on
         log.warning("%s/%s: Prometheus unavailable: %s", run.namespace, run.name, exc)
@@ -158,6 +173,24 @@ def _records(rt: Runtime, run: RunRef, root: str) -> Records:
     if reader is None or reader.root != root.rstrip("/"):
         reader = rt.records[run.uid] = RunRecords(root)
     return reader.read()
+
+
+def _storage(rt: Runtime, run: RunRef, root: str, status: CptRunStatus, attempts: Attempts, state: str,
+             series: TrainerSeries | None, points: list[EvalPoint],
+             shared: bool) -> tuple[list[CheckpointRef], Records]:
+    """The run's checkpoints and records: read again unless a timer pass may use the last read."""
+    now, view = time.monotonic(), rt.storage.get(run.uid)
+    signals = Signals(identity=(root.rstrip("/"), RUN_CREDENTIALS.get()), attempt=status.attempt,
+                      steady=status.phase == Phase.running and state == "running" and not attempts.strays,
+                      checkpoint_step=series.checkpoint_step if series else None,
+                      eval_step=newest_eval(points, status.attempt),
+                      anomalies=sum(series.anomalies.values()) if series else 0)
+    if shared and view is not None and not storage_due(view, signals, now, rt.settings.storage_max_age_s):
+        return view.refs, view.records
+    refs, records = _checkpoints(rt, run, root), _records(rt, run, root)
+    rt.storage[run.uid] = StorageView(identity=signals.identity, attempt=status.attempt, at=now, refs=refs,
+                                      records=records, anomalies=signals.anomalies)
+    return refs, records
 
 
 # -- acting ----------------------------------------------------------------------------------
@@ -284,22 +317,58 @@ def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
 
 
 # -- one pass --------------------------------------------------------------------------------
-def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus) -> Attempts:
+def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus, shared: bool = False) -> Attempts:
     """The run's objects by attempt. While its attempt runs undisturbed (most passes) Jobs and
     pods tell everything that matters; ConfigMaps and Services, which hold no pods, are also
     listed on every pass that may start an attempt (so none is adopted with a stale config) or
-    follows a change, and on a finished run's passes, where their leftovers are swept."""
+    follows a change, and on a finished run's passes, where their leftovers are swept. A timer
+    pass takes Jobs and pods from its namespace's shared listing when that shows the attempt
+    running undisturbed; anything else is listed afresh for the run."""
+    if shared:
+        kube = rt.kube
+        listed, _ = rt.listings.get(run.namespace, lambda: kube.namespace_children(run.namespace))
+        attempts = group(children_of(listed, run), status.attempt)
+        if _steady(rt, status, attempts):
+            return attempts
     found = rt.kube.children(run, ("Job", "Pod"))
     attempts = group(found, status.attempt)
-    steady = status.phase == Phase.running and not attempts.strays and \
-        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
-    if steady:
+    if _steady(rt, status, attempts):
         return attempts
     return group({**found, **rt.kube.children(run, ("ConfigMap", "Service"))}, status.attempt)
 
 
+def _steady(rt: Runtime, status: CptRunStatus, attempts: Attempts) -> bool:
+    return status.phase == Phase.running and not attempts.strays and \
+        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
+
+
+@dataclass(frozen=True)
+class _Decided:
+    plan: Plan
+    attempts: Attempts
+    state: AttemptState
+
+
+def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
+            root: str, resume: bool, shared: bool) -> _Decided:
+    """Observe the run (from shared and earlier reads if `shared`) and reconcile."""
+    number = status.attempt
+    attempts = _attempts(rt, run, status, shared)
+    state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
+    if status.phase in TERMINAL_PHASES and not resume:  # nothing left to decide from metrics
+        series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
+    else:
+        series, points = _series(rt, run, body, number, shared)
+        refs, records = _storage(rt, run, root, status, attempts, state.state, series, points, shared)
+    obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
+                   pods_left=attempts.pods_left, strays=attempts.strays)
+    return _Decided(reconcile(spec, status, obs), attempts, state)
+
+
 @credentials_scope
-def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
+def reconcile_run(rt: Runtime, namespace: str, name: str, *, timer: bool = False) -> Plan | None:
+    """One pass. A `timer` pass observes from shared and earlier reads (`kube.freshness`) and,
+    if that would make it act, observes everything afresh and decides again."""
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
         meta = body["metadata"]
@@ -323,18 +392,10 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             if status.phase not in TERMINAL_PHASES or asks.resume:
                 _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
             return None
-        number = status.attempt
-        attempts = _attempts(rt, run, status)
-        state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
-        if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
-            series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
-        else:
-            series, points = _series(rt, run, body, number)
-            refs = _checkpoints(rt, run, root)
-            records = _records(rt, run, root)
-        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
-                       pods_left=attempts.pods_left, strays=attempts.strays)
-        plan = reconcile(spec, status, obs)
+        decided = _decide(rt, run, body, spec, status, root, asks.resume, shared=timer)
+        if timer and acts(decided.plan, status.phase.value, rt.pinned.get(run.uid)):
+            decided = _decide(rt, run, body, spec, status, root, asks.resume, shared=False)
+        plan, attempts, state = decided.plan, decided.attempts, decided.state
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
@@ -363,12 +424,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
 
 
 def _pass(memo: kopf.Memo, namespace: str | None, name: str | None,
-          logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+          logger: logging.Logger | logging.LoggerAdapter[Any], timer: bool = False) -> None:
     from kubernetes.client.exceptions import ApiException
 
     assert namespace and name, "CptRun is namespaced"
     try:
-        reconcile_run(memo.runtime, namespace, name)
+        reconcile_run(memo.runtime, namespace, name, timer=timer)
     except Conflict as exc:
         raise kopf.TemporaryError(str(exc), delay=1) from exc
     except NotOurs as exc:
@@ -435,7 +496,7 @@ def settled(status: Mapping[str, Any] | None, annotations: Mapping[str, str] | N
             when=lambda status, annotations, **_: not settled(status, annotations))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
              logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    _pass(memo, namespace, name, logger)
+    _pass(memo, namespace, name, logger, timer=True)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
