@@ -86,6 +86,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used: unlike latency, not inflated by what
+    else runs on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def job_count(kube: Any, ns: str) -> int:
     out = kube.kubectl("get", "jobs", "-n", ns, "-o", "name")
     return len(out.split())
@@ -175,9 +182,9 @@ def main() -> int:
             applied = time.monotonic() - start
             kube.wait_for(lambda: job_count(kube, ns) >= args.runs, f"{args.runs} jobs", timeout=600, interval=0.5)
             all_jobs = time.monotonic() - start
-            before = urllib.request.urlopen(metrics_url).read().decode()
+            before, cpu0 = urllib.request.urlopen(metrics_url).read().decode(), cpu_s(op.pid)
             time.sleep(args.settle)
-            after = urllib.request.urlopen(metrics_url).read().decode()
+            after, cpu1 = urllib.request.urlopen(metrics_url).read().decode(), cpu_s(op.pid)
             latency = breach_latency(kube, prom, s3, ns, bucket)
             rss, peak = rss_mb(op.pid)
             soak_start = time.monotonic()
@@ -198,6 +205,8 @@ def main() -> int:
         "reconcile_p50_ms": round(1000 * quantile(steady, 0.5), 1),
         "reconcile_p99_ms": round(1000 * quantile(steady, 0.99), 1),
         "reconcile_mean_ms": round(1000 * (s1 - s0) / max(c1 - c0, 1), 1),
+        "operator_cpu_ms_per_pass": round(1000 * (cpu1 - cpu0) / max(c1 - c0, 1), 2),
+        "operator_cpu_cores": round((cpu1 - cpu0) / args.settle, 2),
         "operator_rss_mb": round(rss, 1), "operator_peak_rss_mb": round(peak, 1),
         **({"soak_s": args.soak, "operator_rss_after_soak_mb": round(soaked, 1)} if args.soak else {}),
         "breach_to_new_attempt_s": round(latency, 2),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Mapping, Sequence, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -96,10 +96,10 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-def children_of(listed: Mapping[str, list[dict[str, Any]]], run: RunRef) -> dict[str, list[dict[str, Any]]]:
-    """One run's objects out of a namespace's listing, as `KubeClient.children` would list them."""
+def children_of(listed: Mapping[str, Sequence[Mapping[str, Any]]], run: RunRef) -> dict[str, list[dict[str, Any]]]:
+    """One run's objects out of objects of several runs, as `KubeClient.children` lists them."""
     label = run_label(run.name)
-    return {kind: [o for o in items if (o.get("metadata", {}).get("labels") or {}).get(LABEL_RUN) == label
+    return {kind: [dict(o) for o in items if (o.get("metadata", {}).get("labels") or {}).get(LABEL_RUN) == label
                    and (kind == "Pod" or _owned_by(o, run.uid))] for kind, items in listed.items()}
 
 
@@ -208,14 +208,6 @@ class KubeClient:
                                _preload_content=False, _request_timeout=self.timeout)).get("items") or []
             found[kind] = [o for o in items if kind == "Pod" or _owned_by(o, run.uid)]
         return found
-
-    def namespace_children(self, namespace: str) -> dict[str, list[dict[str, Any]]]:
-        """Every Job and pod of every run in a namespace (by the run label), by kind: one list
-        call each for all runs, split with `children_of`."""
-        lists = {"Job": self.batch.list_namespaced_job, "Pod": self.core.list_namespaced_pod}
-        return {kind: _raw(list_(namespace, label_selector=LABEL_RUN, _preload_content=False,
-                                 _request_timeout=self.timeout)).get("items") or []
-                for kind, list_ in lists.items()}
 
     def delete(self, namespace: str, kind: str, name: str) -> bool:
         """Delete a Job (its pods in the background), ConfigMap or Service; False if already gone."""

@@ -32,9 +32,10 @@ T = TypeVar("T")
 
 
 class Shared(Generic[T]):
-    """One value per key (a namespace), loaded at most once per `ttl_s` for every caller. A
-    failed load is kept for the same time as a value: with a store down, hundreds of passes
-    would otherwise each wait for their own timeout."""
+    """One value per key (a namespace), loaded at most once per `ttl_s` for every caller. While
+    one caller loads a new value the others take the last one rather than wait (only the first
+    load is waited for). A failed load is kept like a value: with a server down, hundreds of
+    passes would otherwise each wait for their own timeout."""
 
     def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self.ttl_s, self.clock = ttl_s, clock
@@ -46,19 +47,29 @@ class Shared(Generic[T]):
         """The value and when it was loaded (this clock); raises what the load raised."""
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # one load per key at a time: the others wait for it rather than repeat it
-            entry = self._entries.get(key)
-            if entry is None or self.clock() - entry[0] >= self.ttl_s:
-                at = self.clock()
+        entry = self._entries.get(key)
+        if entry is None or self.clock() - entry[0] >= self.ttl_s:
+            if lock.acquire(blocking=entry is None):
                 try:
-                    entry = (at, load(), None)
-                except Exception as exc:  # noqa: BLE001 (kept and re-raised to every caller)
-                    entry = (at, None, exc)
-                self._entries[key] = entry
+                    entry = self._entries.get(key)
+                    if entry is None or self.clock() - entry[0] >= self.ttl_s:  # not loaded meanwhile
+                        entry = self._load(key, load)
+                finally:
+                    lock.release()
+        assert entry is not None
         at, value, error = entry
         if error is not None:
             raise error
         return value, at  # type: ignore[return-value]
+
+    def _load(self, key: Hashable, load: Callable[[], T]) -> tuple[float, T | None, Exception | None]:
+        at = self.clock()
+        try:
+            entry: tuple[float, T | None, Exception | None] = (at, load(), None)
+        except Exception as exc:  # noqa: BLE001 (kept and re-raised to every caller)
+            entry = (at, None, exc)
+        self._entries[key] = entry
+        return entry
 
     def forget(self, key: Hashable) -> None:
         with self._guard:

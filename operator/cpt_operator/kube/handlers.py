@@ -32,8 +32,8 @@ from ..policy.types import EvalPoint
 from ..reconcile import AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
-from .attempts import Attempts, group
-from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
+from .attempts import Attempts, Children, group
+from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
 from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, children_of, load_config
 from .freshness import Shared, Signals, StorageView, acts, newest_eval, storage_due
@@ -78,8 +78,6 @@ class Runtime:
     """Per run: the checkpoints whose manifests were read, by name."""
     storage: dict[str, StorageView] = field(default_factory=dict)
     """Per run: its storage as last read (timer passes decide from it while nothing changed)."""
-    listings: Shared[dict[str, list[dict[str, Any]]]] = field(default_factory=lambda: Shared(2.0))
-    """Per namespace: its runs' Jobs and pods, listed once for the timer passes of all of them."""
     series: Shared[NamespaceSeries] = field(default_factory=lambda: Shared(2.0))
     """Per namespace: its runs' series in Prometheus, read once for the timer passes of all of them."""
 
@@ -125,8 +123,7 @@ def build_runtime(settings: Settings) -> Runtime:
     load_config()
     reader = PrometheusReader(settings.prometheus_url) if settings.prometheus_url else None
     return Runtime(settings=settings, kube=KubeClient(), launcher=IndexedJobLauncher(settings),
-                   prometheus=reader, metrics=OperatorMetrics(), listings=Shared(settings.shared_read_s),
-                   series=Shared(settings.shared_read_s))
+                   prometheus=reader, metrics=OperatorMetrics(), series=Shared(settings.shared_read_s))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -317,17 +314,15 @@ def _gpus(spec: CptRunSpec, plan: Plan, state: str) -> int:
 
 
 # -- one pass --------------------------------------------------------------------------------
-def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus, shared: bool = False) -> Attempts:
+def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus, watched: Children | None = None) -> Attempts:
     """The run's objects by attempt. While its attempt runs undisturbed (most passes) Jobs and
     pods tell everything that matters; ConfigMaps and Services, which hold no pods, are also
     listed on every pass that may start an attempt (so none is adopted with a stale config) or
     follows a change, and on a finished run's passes, where their leftovers are swept. A timer
-    pass takes Jobs and pods from its namespace's shared listing when that shows the attempt
+    pass takes Jobs and pods from the operator's watches (`watched`) when they show the attempt
     running undisturbed; anything else is listed afresh for the run."""
-    if shared:
-        kube = rt.kube
-        listed, _ = rt.listings.get(run.namespace, lambda: kube.namespace_children(run.namespace))
-        attempts = group(children_of(listed, run), status.attempt)
+    if watched is not None:
+        attempts = group(children_of(watched, run), status.attempt)
         if _steady(rt, status, attempts):
             return attempts
     found = rt.kube.children(run, ("Job", "Pod"))
@@ -350,10 +345,10 @@ class _Decided:
 
 
 def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
-            root: str, resume: bool, shared: bool) -> _Decided:
-    """Observe the run (from shared and earlier reads if `shared`) and reconcile."""
-    number = status.attempt
-    attempts = _attempts(rt, run, status, shared)
+            root: str, resume: bool, watched: Children | None) -> _Decided:
+    """Observe the run (from watches, shared and earlier reads if `watched` is given) and reconcile."""
+    number, shared = status.attempt, watched is not None
+    attempts = _attempts(rt, run, status, watched)
     state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
     if status.phase in TERMINAL_PHASES and not resume:  # nothing left to decide from metrics
         series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
@@ -366,9 +361,10 @@ def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec,
 
 
 @credentials_scope
-def reconcile_run(rt: Runtime, namespace: str, name: str, *, timer: bool = False) -> Plan | None:
-    """One pass. A `timer` pass observes from shared and earlier reads (`kube.freshness`) and,
-    if that would make it act, observes everything afresh and decides again."""
+def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children | None = None) -> Plan | None:
+    """One pass. A timer pass gives the Jobs and pods its watches saw (`watched`): it observes
+    from them and from shared and earlier reads (`kube.freshness`) and, if that would make it
+    act, observes everything afresh and decides again."""
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
         meta = body["metadata"]
@@ -392,9 +388,9 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, timer: bool = False
             if status.phase not in TERMINAL_PHASES or asks.resume:
                 _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
             return None
-        decided = _decide(rt, run, body, spec, status, root, asks.resume, shared=timer)
-        if timer and acts(decided.plan, status.phase.value, rt.pinned.get(run.uid)):
-            decided = _decide(rt, run, body, spec, status, root, asks.resume, shared=False)
+        decided = _decide(rt, run, body, spec, status, root, asks.resume, watched)
+        if watched is not None and acts(decided.plan, status.phase.value, rt.pinned.get(run.uid)):
+            decided = _decide(rt, run, body, spec, status, root, asks.resume, None)
         plan, attempts, state = decided.plan, decided.attempts, decided.state
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
@@ -424,12 +420,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, timer: bool = False
 
 
 def _pass(memo: kopf.Memo, namespace: str | None, name: str | None,
-          logger: logging.Logger | logging.LoggerAdapter[Any], timer: bool = False) -> None:
+          logger: logging.Logger | logging.LoggerAdapter[Any], watched: Children | None = None) -> None:
     from kubernetes.client.exceptions import ApiException
 
     assert namespace and name, "CptRun is namespaced"
     try:
-        reconcile_run(memo.runtime, namespace, name, timer=timer)
+        reconcile_run(memo.runtime, namespace, name, watched=watched)
     except Conflict as exc:
         raise kopf.TemporaryError(str(exc), delay=1) from exc
     except NotOurs as exc:
@@ -495,8 +491,12 @@ def settled(status: Mapping[str, Any] | None, annotations: Mapping[str, str] | N
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False,
             when=lambda status, annotations, **_: not settled(status, annotations))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
-             logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    _pass(memo, namespace, name, logger, timer=True)
+             logger: logging.Logger | logging.LoggerAdapter[Any], **indices: Any) -> None:
+    """A steady look at an active run, from what the watches saw (`run_jobs`, `run_pods`)."""
+    key = (namespace, run_label(name or ""))
+    # list() of a store is one C-level copy under the GIL: safe while kopf's loop updates it
+    watched = {kind: list(indices[index].get(key, [])) for kind, index in (("Job", "run_jobs"), ("Pod", "run_pods"))}
+    _pass(memo, namespace, name, logger, watched)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
@@ -509,7 +509,35 @@ def on_finished_timer(*, namespace: str | None, name: str | None, memo: kopf.Mem
     _pass(memo, namespace, name, logger)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def _watched(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a timer pass needs of a Job or pod (names, labels, owners, deletion, status): kept
+    for every one of them, so without the spec and managedFields."""
+    meta = body.get("metadata") or {}
+    kept = {k: meta[k] for k in ("name", "labels", "ownerReferences", "deletionTimestamp") if k in meta}
+    return {"kind": body.get("kind"), "metadata": kept, "status": dict(body.get("status") or {})}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def run_jobs(*, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    """Every run's Jobs, by (namespace, run label), as the watch last saw them."""
+    return {(namespace, labels[LABEL_RUN]): _watched(body)}
+
+
+@kopf.index("v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
+def run_pods(*, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    """Every run's pods, likewise: timer passes read these instead of listing them."""
+    return {(namespace, labels[LABEL_RUN]): _watched(body)}
+
+
+def _job_moved(body: Mapping[str, Any], **kwargs: Any) -> bool:
+    """A Job event worth a pass now: it ended, failed, or went. A running Job's other updates
+    (pods becoming ready, counts) change nothing a pass decides; the timer sees them."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return kwargs.get("type") == "DELETED" or bool(body.get("metadata", {}).get("deletionTimestamp")) or \
+        any(c.get("status") == "True" for c in conditions)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT}, when=_job_moved)
 def on_job_event(*, body: kopf.Body, namespace: str | None, memo: kopf.Memo,
                  logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     """A Job of a run changed (finished, failed, deleted): decide now rather than at the next tick."""

@@ -1,6 +1,6 @@
-"""Timer passes read cheaply: one listing and one Prometheus read per namespace and short
-interval, a run's storage only when it can have changed, and any pass that would act decides
-again from a fresh read of everything.
+"""Timer passes read cheaply: Jobs and pods from the operator's watches, one Prometheus read per
+namespace and short interval, a run's storage only when it can have changed; and any pass that
+would act decides again from a fresh read of everything.
 
 `gs://` is the in-memory stand-in object store (`memory_object_store`); Prometheus is a fake
 that returns what a test sets (the real one: tests/e2e, bench/bench_operator.py)."""
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from cpt_operator.api.status import CptRunStatus, Phase
 from cpt_operator.kube.builders import Object, RunRef
 from cpt_operator.kube.client import children_of
 from cpt_operator.kube.freshness import Shared, Signals, StorageView, acts, storage_due
-from cpt_operator.kube.handlers import reconcile_run
+from cpt_operator.kube.handlers import _job_moved, _watched, on_timer, reconcile_run
 from cpt_operator.kube.prometheus import NamespaceSeries, TrainerSeries, by_run
 from cpt_operator.kube.settings import ANNOTATION_STOP
 from cpt_operator.policy.types import EvalPoint
@@ -58,6 +60,28 @@ def test_a_shared_value_is_loaded_once_per_interval_and_key() -> None:
     assert loads == ["ml", "other", "ml"]
 
 
+def test_while_one_caller_loads_anew_the_others_take_the_last_value() -> None:
+    import threading
+
+    clock, started, release = Clock(), threading.Event(), threading.Event()
+    shared: Shared[str] = Shared(2.0, clock)
+    shared.get("ml", lambda: "old")
+    clock.now += 5
+
+    def slow() -> str:
+        started.set()
+        release.wait(5)
+        return "new"
+
+    loader = threading.Thread(target=shared.get, args=("ml", slow))
+    loader.start()
+    started.wait(5)
+    assert shared.get("ml", lambda: "not called")[0] == "old"
+    release.set()
+    loader.join(5)
+    assert shared.get("ml", lambda: "not called")[0] == "new"
+
+
 def test_a_failed_load_is_kept_for_the_interval_too() -> None:
     clock, calls = Clock(), []
     shared: Shared[str] = Shared(2.0, clock)
@@ -80,11 +104,11 @@ def _obj(kind: str, run: str, uid: str, attempt: int = 1) -> Object:
                                        "ownerReferences": [{"kind": "CptRun", "uid": uid}]}}
 
 
-def test_a_namespace_listing_gives_each_run_only_its_own_objects() -> None:
+def test_the_watched_objects_of_many_runs_give_each_run_only_its_own() -> None:
     listed = {"Job": [_obj("Job", "legal-7b", RUN.uid), _obj("Job", "other", "other-uid"),
                       _obj("Job", "legal-7b", "a-deleted-namesake")],
               "Pod": [_obj("Pod", "legal-7b", "job-uid"), _obj("Pod", "other", "job-uid")]}
-    mine = children_of(listed, RUN)
+    mine = children_of(listed, RUN)  # the watches key them by run label; a namesake's are not ours
     assert [o["metadata"]["ownerReferences"][0]["uid"] for o in mine["Job"]] == [RUN.uid]
     assert [o["metadata"]["labels"]["cpt.mlops.dev/run"] for o in mine["Pod"]] == ["legal-7b"]
 
@@ -158,7 +182,7 @@ def test_a_plan_acts_when_it_does_more_than_restate_what_is() -> None:
 
 # -- timer passes through reconcile_run ------------------------------------------------------------
 class Kube(FakeKube):
-    """Counts what is listed: per run (`children`) and per namespace (`namespace_children`)."""
+    """Counts the listings of a run's objects; `watched` is what the operator's watches hold."""
 
     def __init__(self, body: dict[str, Any]):
         super().__init__(body)
@@ -168,9 +192,8 @@ class Kube(FakeKube):
         self.listed.append("run")
         return super().children(run, kinds)
 
-    def namespace_children(self, namespace: str) -> dict[str, list[Object]]:
-        self.listed.append("namespace")
-        return {kind: [o for o in self.created if o["kind"] == kind] for kind in ("Job", "Pod")}
+    def watched(self) -> dict[str, list[Object]]:
+        return {kind: [_watched(o) for o in self.created if o["kind"] == kind] for kind in ("Job", "Pod")}
 
     def patch_annotations(self, namespace: str, name: str, annotations: dict[str, Any], version: str) -> str:
         return version
@@ -222,18 +245,18 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Kube, Prom
     rt.prometheus = prometheus  # type: ignore[assignment]
     reconcile_run(rt, RUN.namespace, RUN.name)  # attempt 1 starts
     assert kube.body["status"]["phase"] == "Running" and len(kube.jobs()) == 1
-    reconcile_run(rt, RUN.namespace, RUN.name, timer=True)  # the first look at attempt 1 reads it all
+    reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())  # the first look at attempt 1 reads it all
     kube.listed.clear(), prometheus.reads.clear(), storage_reads.clear()
-    rt.listings.forget(RUN.namespace), rt.series.forget(RUN.namespace)
+    rt.series.forget(RUN.namespace)
     return kube, prometheus, rt, storage_reads
 
 
 def test_steady_timer_passes_share_their_reads_and_leave_storage_alone(running: Any) -> None:
     kube, prometheus, rt, storage_reads = running
     for _ in range(5):
-        reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
-    assert storage_reads == []
-    assert kube.listed == ["namespace"] and prometheus.reads == ["namespace"]  # within one shared interval
+        reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
+    assert storage_reads == [] and kube.listed == []
+    assert prometheus.reads == ["namespace"]  # within one shared interval
     reconcile_run(rt, RUN.namespace, RUN.name)  # any other trigger reads afresh
     assert len(storage_reads) == 1 and kube.listed[-1] == "run" and prometheus.reads[-1] == "run"
 
@@ -242,21 +265,21 @@ def test_a_checkpoint_the_metrics_report_is_read_at_the_next_timer_pass(running:
     kube, prometheus, rt, storage_reads = running
     root = kube.body["spec"]["checkpoint"]["uri"]
     _checkpoint(root, 50)
-    reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
+    reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
     assert storage_reads == [] and "lastCheckpoint" not in kube.body["status"]
     prometheus.series = TrainerSeries(step=50, checkpoint_step=50)
     rt.series.forget(RUN.namespace)
-    reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
+    reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
     assert storage_reads and kube.body["status"]["lastCheckpoint"] == "attempt-001/step-00000050"
     read = len(storage_reads)  # twice: the new checkpoint is pinned, and pins are written from fresh reads only
-    reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
+    reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
     assert len(storage_reads) == read  # storage has caught up with the metrics
 
 
 def test_a_timer_pass_that_would_act_decides_again_from_fresh_reads(running: Any) -> None:
     kube, prometheus, rt, storage_reads = running
     kube.body["metadata"]["annotations"] = {ANNOTATION_STOP: "true"}
-    plan = reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
+    plan = reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
     assert plan is not None and plan.status.phase == Phase.stopped
     assert any(isinstance(a, StopAttempt) for a in plan.actions)
     assert kube.listed[-1] == "run" and prometheus.reads[-1] == "run" and len(storage_reads) == 1
@@ -267,8 +290,42 @@ def test_a_finished_runs_storage_view_is_forgotten(running: Any) -> None:
     assert set(rt.storage) == {RUN.uid}
     [job] = kube.jobs()
     job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
-    rt.listings.forget(RUN.namespace)
-    plan = reconcile_run(rt, RUN.namespace, RUN.name, timer=True)
+    plan = reconcile_run(rt, RUN.namespace, RUN.name, watched=kube.watched())
     assert plan is not None and plan.status.phase == Phase.succeeded
     assert rt.storage == {}
     assert json.dumps(kube.body["status"])  # recorded
+
+
+def test_the_timer_gives_a_pass_the_runs_watched_jobs_and_pods(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cpt_operator.kube.handlers as handlers
+
+    passes: list[Any] = []
+    monkeypatch.setattr(handlers, "reconcile_run", lambda rt, ns, name, watched: passes.append(watched))
+    mine, other = _obj("Job", "legal-7b", RUN.uid), _obj("Job", "other", "x")
+    indices = {"run_jobs": {("ml", "legal-7b"): [mine], ("ml", "other"): [other]}, "run_pods": {}}
+    on_timer(namespace="ml", name="legal-7b", memo=SimpleNamespace(runtime=None), logger=logging.getLogger(),
+             **indices)
+    assert passes == [{"Job": [mine], "Pod": []}]
+
+
+def test_a_watched_object_keeps_what_a_pass_needs_and_drops_the_rest() -> None:
+    pod = {"kind": "Pod", "metadata": {**_obj("Pod", "r", "u")["metadata"], "managedFields": [{"big": 1}],
+                                       "deletionTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"containers": [{"command": ["torchrun"]}]}, "status": {"phase": "Running"}}
+    kept = _watched(pod)
+    assert set(kept["metadata"]) == {"name", "labels", "ownerReferences", "deletionTimestamp"}
+    assert kept["status"] == {"phase": "Running"} and "spec" not in kept
+
+
+@pytest.mark.parametrize("event, body, now", [
+    ("MODIFIED", {"status": {"active": 1, "ready": 1}}, False),
+    ("ADDED", {}, False),
+    ("MODIFIED", {"status": {"conditions": [{"type": "FailureTarget", "status": "True"}]}}, True),
+    ("MODIFIED", {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, True),
+    ("MODIFIED", {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}, True),
+    ("DELETED", {}, True),
+], ids=["a running Job's counts moved", "a Job was created", "it is failing", "it completed",
+        "it is being deleted", "it is gone"])
+def test_a_job_event_triggers_a_pass_only_when_the_job_ended_failed_or_went(event: str, body: dict[str, Any],
+                                                                            now: bool) -> None:
+    assert _job_moved(body, type=event) is now
