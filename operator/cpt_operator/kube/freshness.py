@@ -98,7 +98,8 @@ class StorageView:
 
     identity: Hashable
     attempt: int
-    at: float
+    stale_at: float
+    """When a read is due whatever the signals say (`stale_at`)."""
     refs: list[CheckpointRef]
     records: Records
     anomalies: int = 0
@@ -112,11 +113,18 @@ class StorageView:
         return max(steps, default=None)
 
 
-def storage_due(view: StorageView | None, signals: Signals, now: float, max_age_s: float) -> bool:
+def stale_at(now: float, max_age_s: float, draw: float) -> float:
+    """When a read made `now` is too old: between half the maximum age and all of it, by `draw`
+    in [0, 1). Runs created together would otherwise read their storage all at once, every
+    maximum age, and the passes of that moment queue behind hundreds of requests."""
+    return now + max_age_s * (0.5 + 0.5 * draw)
+
+
+def storage_due(view: StorageView | None, signals: Signals, now: float) -> bool:
     """Whether a pass must read the run's storage again rather than use `view`."""
     if view is None or not signals.steady or view.identity != signals.identity or view.attempt != signals.attempt:
         return True
-    if now - view.at >= max_age_s or signals.anomalies != view.anomalies:
+    if now >= view.stale_at or signals.anomalies != view.anomalies:
         return True
     return _behind(view.newest_checkpoint(), signals.checkpoint_step) or _behind(view.newest_eval(),
                                                                                  signals.eval_step)

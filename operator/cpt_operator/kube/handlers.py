@@ -10,6 +10,7 @@ stop again, see `reconcile`), so no decision is lost and nothing is created twic
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .attempts import Attempts, Children, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
 from .client import WORKERS, Conflict, KubeClient, NotOurs, Rejected, children_of, load_config
-from .freshness import Shared, Signals, StorageView, acts, newest_eval, storage_due
+from .freshness import Shared, Signals, StorageView, acts, newest_eval, stale_at, storage_due
 from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
@@ -182,10 +183,11 @@ def _storage(rt: Runtime, run: RunRef, root: str, status: CptRunStatus, attempts
                       checkpoint_step=series.checkpoint_step if series else None,
                       eval_step=newest_eval(points, status.attempt),
                       anomalies=sum(series.anomalies.values()) if series else 0)
-    if shared and view is not None and not storage_due(view, signals, now, rt.settings.storage_max_age_s):
+    if shared and view is not None and not storage_due(view, signals, now):
         return view.refs, view.records
     refs, records = _checkpoints(rt, run, root), _records(rt, run, root)
-    rt.storage[run.uid] = StorageView(identity=signals.identity, attempt=status.attempt, at=now, refs=refs,
+    rt.storage[run.uid] = StorageView(identity=signals.identity, attempt=status.attempt, refs=refs,
+                                      stale_at=stale_at(now, rt.settings.storage_max_age_s, random.random()),
                                       records=records, anomalies=signals.anomalies)
     return refs, records
 

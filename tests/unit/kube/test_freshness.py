@@ -20,7 +20,7 @@ from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
 from cpt_operator.api.status import CptRunStatus, Phase
 from cpt_operator.kube.builders import Object, RunRef
 from cpt_operator.kube.client import children_of
-from cpt_operator.kube.freshness import Shared, Signals, StorageView, acts, storage_due
+from cpt_operator.kube.freshness import Shared, Signals, StorageView, acts, stale_at, storage_due
 from cpt_operator.kube.handlers import _job_moved, _watched, on_timer, reconcile_run
 from cpt_operator.kube.prometheus import NamespaceSeries, TrainerSeries, by_run
 from cpt_operator.kube.settings import ANNOTATION_STOP
@@ -138,7 +138,7 @@ def _ref(attempt: int, step: int, evals: bool = True) -> CheckpointRef:
     return CheckpointRef(f"attempt-{attempt:03d}/step-{step:08d}", "s3://x", manifest)
 
 
-VIEW = StorageView(identity=("s3://ckpt/r", None), attempt=2, at=100.0, refs=[_ref(1, 50), _ref(2, 100)],
+VIEW = StorageView(identity=("s3://ckpt/r", None), attempt=2, stale_at=120.0, refs=[_ref(1, 50), _ref(2, 100)],
                    records=Records(points=[EvalPoint(attempt=2, step=150, tokens=0, metrics={})]))
 STEADY = Signals(identity=("s3://ckpt/r", None), attempt=2, steady=True, checkpoint_step=100, eval_step=150)
 
@@ -156,7 +156,7 @@ STEADY = Signals(identity=("s3://ckpt/r", None), attempt=2, steady=True, checkpo
     (VIEW, Signals(**{**STEADY.__dict__, "anomalies": 1}), 110.0, True),
 ], ids=["nothing changed within the maximum age: the last read serves",
         "never read",
-        "the last read is as old as the maximum age",
+        "the last read is as old as its maximum age",
         "the attempt is not running undisturbed",
         "it would be read with another identity",
         "another attempt",
@@ -166,7 +166,12 @@ STEADY = Signals(identity=("s3://ckpt/r", None), attempt=2, steady=True, checkpo
         "the anomaly count moved (skip windows may have been written)"])
 def test_storage_is_read_again_only_when_it_can_have_changed(view: StorageView | None, signals: Signals,
                                                               now: float, due: bool) -> None:
-    assert storage_due(view, signals, now, max_age_s=20.0) is due
+    assert storage_due(view, signals, now) is due
+
+
+def test_reads_made_together_fall_due_apart_within_the_maximum_age() -> None:
+    ends = [stale_at(100.0, 20.0, draw) for draw in (0.0, 0.25, 0.5, 0.999)]
+    assert ends == sorted(set(ends)) and ends[0] == 110.0 and ends[-1] < 120.0
 
 
 def test_a_plan_acts_when_it_does_more_than_restate_what_is() -> None:
