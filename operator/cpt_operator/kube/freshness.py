@@ -4,9 +4,10 @@ With hundreds of runs reconciled every few seconds, reading everything afresh fo
 every pass costs more CPU than the operator's one core has. Most passes find nothing new, so a
 timer pass reads cheaply:
 
-* Kubernetes and Prometheus are read once per namespace and short interval (`Shared`): one list
-  of the namespace's Jobs and pods, one query per series shape, split by run. Only the operator's
-  identity reads them, so sharing them across runs shows a run nothing it could not see anyway.
+* Jobs and pods come from kopf indices fed by watches (`handlers.run_jobs`, `run_pods`), and
+  Prometheus is read once per namespace and short interval (`Shared`), one query per series shape
+  for all runs, split by run. Only the operator's identity reads these, so sharing them across
+  runs shows a run nothing it could not see anyway.
 * A run's storage (checkpoints, evaluation records, skip windows) is read again only when it can
   have changed (`storage_due`): the attempt is not running undisturbed, its metrics report a
   checkpoint or evaluation newer than storage showed, its anomaly count moved, or the last read

@@ -2,7 +2,8 @@
 
 Every trigger (create, resume, change, a timer every few seconds) runs the same pass for one
 CptRun: read it fresh -> observe (Job and pods, Prometheus, checkpoint manifests) -> `reconcile`
--> carry out the plan -> patch status. The order of writes is what makes a crash at any point
+-> carry out the plan -> patch status. A timer pass observes cheaply first and decides again from
+fresh reads before it acts (`kube.freshness`). The order of writes is what makes a crash at any point
 safe: a new attempt's objects are created before the status that names it (a repeat finds and
 adopts them), while a stop is recorded in status before the Job is deleted (a repeat issues the
 stop again, see `reconcile`), so no decision is lost and nothing is created twice.
@@ -150,8 +151,8 @@ def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any], attempt: int,
         return None, list(cache.points.values())
     prometheus, now = rt.prometheus, time.time()
     window = cache.window(parse_time(body["metadata"].get("creationTimestamp")), now)
-    # the namespace's read covers its last shared_window_s, up to shared_read_s old: it serves a
-    # run whose own window fits in it (not a run read for the first time, which needs its life)
+    # the namespace's read covers its last `wide` seconds and is up to shared_read_s old: it serves
+    # a run whose own window fits in that (not a run read for the first time, which needs its life)
     wide = rt.settings.interval_s * 2 + rt.settings.shared_read_s + PointCache.OVERLAP_S
     try:
         if shared and window + rt.settings.shared_read_s <= wide:
