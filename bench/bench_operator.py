@@ -1,11 +1,12 @@
 """Operator benchmark on the real control plane of tests/cluster.
 
-  python bench/bench_operator.py [--runs 200] [--interval 5] [--settle 30] [--out FILE]
+  python bench/bench_operator.py [--runs 200] [--interval 5] [--settle 30] [--soak 0] [--out FILE]
 
 Measures, with the operator running as in production (`python -m cpt_operator.kube`, one process):
   * time from creating N CptRuns at once until all N Jobs exist;
   * p50 / p99 of one reconcile pass (the operator's cpt_reconcile_seconds histogram, steady state);
-  * the operator's resident memory (now and peak);
+  * the operator's resident memory (now and peak), and again after `--soak` more seconds of the
+    steady state (memory must not grow over a long run);
   * breach-to-new-attempt latency: a trainer's exported general perplexity crosses a gate, the
     real Prometheus scrapes it (1 s), the operator deletes the Job and creates attempt 2.
 Pods are kwok's (nothing runs in them); the figures are the control plane's own.
@@ -85,6 +86,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used: unlike latency, not inflated by what
+    else runs on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def job_count(kube: Any, ns: str) -> int:
     out = kube.kubectl("get", "jobs", "-n", ns, "-o", "name")
     return len(out.split())
@@ -145,6 +153,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--interval", type=float, default=5.0, help="operator reconcile interval (s)")
     parser.add_argument("--settle", type=float, default=30.0, help="steady-state seconds measured")
+    parser.add_argument("--soak", type=float, default=0.0,
+                        help="then this many seconds more before memory is read again")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 
@@ -172,11 +182,16 @@ def main() -> int:
             applied = time.monotonic() - start
             kube.wait_for(lambda: job_count(kube, ns) >= args.runs, f"{args.runs} jobs", timeout=600, interval=0.5)
             all_jobs = time.monotonic() - start
-            before = urllib.request.urlopen(metrics_url).read().decode()
+            before, cpu0 = urllib.request.urlopen(metrics_url).read().decode(), cpu_s(op.pid)
             time.sleep(args.settle)
-            after = urllib.request.urlopen(metrics_url).read().decode()
+            after, cpu1 = urllib.request.urlopen(metrics_url).read().decode(), cpu_s(op.pid)
             latency = breach_latency(kube, prom, s3, ns, bucket)
             rss, peak = rss_mb(op.pid)
+            soak_start = time.monotonic()
+            while time.monotonic() - soak_start < args.soak:
+                time.sleep(5)
+                assert op.poll() is None, "the operator exited"
+            soaked = rss_mb(op.pid)[0]
         finally:
             os.killpg(op.pid, signal.SIGTERM)
             op.wait(30)
@@ -190,7 +205,10 @@ def main() -> int:
         "reconcile_p50_ms": round(1000 * quantile(steady, 0.5), 1),
         "reconcile_p99_ms": round(1000 * quantile(steady, 0.99), 1),
         "reconcile_mean_ms": round(1000 * (s1 - s0) / max(c1 - c0, 1), 1),
+        "operator_cpu_ms_per_pass": round(1000 * (cpu1 - cpu0) / max(c1 - c0, 1), 2),
+        "operator_cpu_cores": round((cpu1 - cpu0) / args.settle, 2),
         "operator_rss_mb": round(rss, 1), "operator_peak_rss_mb": round(peak, 1),
+        **({"soak_s": args.soak, "operator_rss_after_soak_mb": round(soaked, 1)} if args.soak else {}),
         "breach_to_new_attempt_s": round(latency, 2),
         "cpus": os.cpu_count(),
     }

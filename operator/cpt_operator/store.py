@@ -81,11 +81,13 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
     # does `claim`, whose listing of the root would otherwise hide every later attempt folder).
     fs.invalidate_cache()
     known = known or {}
-    if not fs.exists(base):
+    try:
+        listed = fs.ls(base, detail=False)
+    except FileNotFoundError:
         return [], []
     found: list[CheckpointRef] = []
     problems: list[Problem] = []
-    for attempt_path in sorted(p for p in fs.ls(base, detail=False) if attempt_of(posixpath.basename(p)) is not None):
+    for attempt_path in sorted(p for p in listed if attempt_of(posixpath.basename(p)) is not None):
         for ckpt_path in sorted(fs.ls(attempt_path, detail=False)):
             if step_of(ckpt_path) is None:
                 continue

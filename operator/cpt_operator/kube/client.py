@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Mapping, Sequence, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -99,6 +99,13 @@ def _api_message(exc: ApiException) -> str:
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def children_of(listed: Mapping[str, Sequence[Mapping[str, Any]]], run: RunRef) -> dict[str, list[dict[str, Any]]]:
+    """One run's objects out of objects of several runs, as `KubeClient.children` lists them."""
+    label = run_label(run.name)
+    return {kind: [dict(o) for o in items if (o.get("metadata", {}).get("labels") or {}).get(LABEL_RUN) == label
+                   and (kind == "Pod" or _owned_by(o, run.uid))] for kind, items in listed.items()}
 
 
 def _gone_ok(delete: Callable[[], Any]) -> bool:
@@ -203,7 +210,7 @@ class KubeClient:
         for kind in kinds:
             list_ = lists[kind]
             items = _raw(list_(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",
-                               _preload_content=False)).get("items") or []
+                               _preload_content=False, _request_timeout=self.timeout)).get("items") or []
             found[kind] = [o for o in items if kind == "Pod" or _owned_by(o, run.uid)]
         return found
 

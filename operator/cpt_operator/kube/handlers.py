@@ -2,7 +2,8 @@
 
 Every trigger (create, resume, change, a timer every few seconds) runs the same pass for one
 CptRun: read it fresh -> observe (Job and pods, Prometheus, checkpoint manifests) -> `reconcile`
--> carry out the plan -> patch status. The order of writes is what makes a crash at any point
+-> carry out the plan -> patch status. A timer pass observes cheaply first and decides again from
+fresh reads before it acts (`kube.freshness`). The order of writes is what makes a crash at any point
 safe: a new attempt's objects are created before the status that names it (a repeat finds and
 adopts them), while a stop is recorded in status before the Job is deleted (a repeat issues the
 stop again, see `reconcile`), so no decision is lost and nothing is created twice.
@@ -10,6 +11,7 @@ stop again, see `reconcile`), so no decision is lost and nothing is created twic
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +24,7 @@ from ..api import kueue
 from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
-from ..api.storage import credentials_scope, is_object_store
+from ..api.storage import RUN_CREDENTIALS, credentials_scope, is_object_store
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.admission import admission
@@ -34,15 +36,16 @@ from ..policy.types import EvalPoint
 from ..reconcile import AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
-from .attempts import Attempts, group
-from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, selector, trainer_config
+from .attempts import Attempts, Children, group
+from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
-from .client import WORKERS, Conflict, KubeClient, KueueMissing, NotOurs, Rejected, load_config
+from .client import WORKERS, Conflict, KubeClient, KueueMissing, NotOurs, Rejected, children_of, load_config
+from .freshness import Shared, Signals, StorageView, acts, newest_eval, stale_at, storage_due
 from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
-from .prometheus import PrometheusError, PrometheusReader, TrainerSeries
+from .prometheus import NamespaceSeries, PrometheusError, PrometheusReader, TrainerSeries
 from .settings import ANNOTATION_ALERT, FINALIZER, Settings
 
 SETTINGS = Settings.from_env()
@@ -77,6 +80,10 @@ class Runtime:
 
     manifests: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
     """Per run: the checkpoints whose manifests were read, by name."""
+    storage: dict[str, StorageView] = field(default_factory=dict)
+    """Per run: its storage as last read (timer passes decide from it while nothing changed)."""
+    series: Shared[NamespaceSeries] = field(default_factory=lambda: Shared(2.0))
+    """Per namespace: its runs' series in Prometheus, read once for the timer passes of all of them."""
 
     def lock(self, key: str) -> threading.Lock:
         with self.guard:
@@ -85,7 +92,7 @@ class Runtime:
     def forget(self, uid: str) -> None:
         """Drop what was kept for a run that finished or was deleted; a finished run that is
         resumed reads it all again."""
-        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records):
+        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records, self.storage):
             per_run.pop(uid, None)
 
     def record_alert(self, alert: Alerted) -> Admission:
@@ -120,7 +127,7 @@ def build_runtime(settings: Settings) -> Runtime:
     load_config()
     reader = PrometheusReader(settings.prometheus_url) if settings.prometheus_url else None
     return Runtime(settings=settings, kube=KubeClient(), launcher=IndexedJobLauncher(settings),
-                   prometheus=reader, metrics=OperatorMetrics())
+                   prometheus=reader, metrics=OperatorMetrics(), series=Shared(settings.shared_read_s))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -139,15 +146,22 @@ def _checkpoints(rt: Runtime, run: RunRef, root: str) -> list[CheckpointRef]:
     return refs
 
 
-def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any],
-            attempt: int) -> tuple[TrainerSeries | None, list[EvalPoint]]:
+def _series(rt: Runtime, run: RunRef, body: Mapping[str, Any], attempt: int,
+            shared: bool = False) -> tuple[TrainerSeries | None, list[EvalPoint]]:
     cache = rt.caches.setdefault(run.uid, PointCache())
     if rt.prometheus is None:
         return None, list(cache.points.values())
-    now = time.time()
+    prometheus, now = rt.prometheus, time.time()
     window = cache.window(parse_time(body["metadata"].get("creationTimestamp")), now)
+    # the namespace's read covers its last `wide` seconds and is up to shared_read_s old: it serves
+    # a run whose own window fits in that (not a run read for the first time, which needs its life)
+    wide = rt.settings.interval_s * 2 + rt.settings.shared_read_s + PointCache.OVERLAP_S
     try:
-        series = rt.prometheus.read(run.name, run.namespace, attempt, window)
+        if shared and window + rt.settings.shared_read_s <= wide:
+            read, _ = rt.series.get(run.namespace, lambda: prometheus.read_namespace(run.namespace, int(wide) + 1))
+            series = read.of(run.name, attempt)
+        else:
+            series = prometheus.read(run.name, run.namespace, attempt, window)
     except PrometheusError as exc:
         # without metrics no gate can fire, but failed pods are still restarted: go on
         log.warning("%s/%s: Prometheus unavailable: %s", run.namespace, run.name, exc)
@@ -160,6 +174,25 @@ def _records(rt: Runtime, run: RunRef, root: str) -> Records:
     if reader is None or reader.root != root.rstrip("/"):
         reader = rt.records[run.uid] = RunRecords(root)
     return reader.read()
+
+
+def _storage(rt: Runtime, run: RunRef, root: str, status: CptRunStatus, attempts: Attempts, state: str,
+             series: TrainerSeries | None, points: list[EvalPoint],
+             shared: bool) -> tuple[list[CheckpointRef], Records]:
+    """The run's checkpoints and records: read again unless a timer pass may use the last read."""
+    now, view = time.monotonic(), rt.storage.get(run.uid)
+    signals = Signals(identity=(root.rstrip("/"), RUN_CREDENTIALS.get()), attempt=status.attempt,
+                      steady=status.phase == Phase.running and state == "running" and not attempts.strays,
+                      checkpoint_step=series.checkpoint_step if series else None,
+                      eval_step=newest_eval(points, status.attempt),
+                      anomalies=sum(series.anomalies.values()) if series else 0)
+    if shared and view is not None and not storage_due(view, signals, now):
+        return view.refs, view.records
+    refs, records = _checkpoints(rt, run, root), _records(rt, run, root)
+    rt.storage[run.uid] = StorageView(identity=signals.identity, attempt=status.attempt, refs=refs,
+                                      stale_at=stale_at(now, rt.settings.storage_max_age_s, random.random()),
+                                      records=records, anomalies=signals.anomalies)
+    return refs, records
 
 
 # -- acting ----------------------------------------------------------------------------------
@@ -311,22 +344,57 @@ def _kueue_missing(rt: Runtime, run: RunRef, spec: CptRunSpec, plan: Plan) -> st
 
 
 # -- one pass --------------------------------------------------------------------------------
-def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus) -> Attempts:
+def _attempts(rt: Runtime, run: RunRef, status: CptRunStatus, watched: Children | None = None) -> Attempts:
     """The run's objects by attempt. While its attempt runs undisturbed (most passes) Jobs and
     pods tell everything that matters; ConfigMaps and Services, which hold no pods, are also
     listed on every pass that may start an attempt (so none is adopted with a stale config) or
-    follows a change, and on a finished run's passes, where their leftovers are swept."""
+    follows a change, and on a finished run's passes, where their leftovers are swept. A timer
+    pass takes Jobs and pods from the operator's watches (`watched`) when they show the attempt
+    running undisturbed; anything else is listed afresh for the run."""
+    if watched is not None:
+        attempts = group(children_of(watched, run), status.attempt)
+        if _steady(rt, status, attempts):
+            return attempts
     found = rt.kube.children(run, ("Job", "Pod"))
     attempts = group(found, status.attempt)
-    steady = status.phase == Phase.running and not attempts.strays and \
-        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
-    if steady:
+    if _steady(rt, status, attempts):
         return attempts
     return group({**found, **rt.kube.children(run, ("ConfigMap", "Service"))}, status.attempt)
 
 
+def _steady(rt: Runtime, status: CptRunStatus, attempts: Attempts) -> bool:
+    return status.phase == Phase.running and not attempts.strays and \
+        rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
+
+
+@dataclass(frozen=True)
+class _Decided:
+    plan: Plan
+    attempts: Attempts
+    state: AttemptState
+
+
+def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
+            root: str, resume: bool, watched: Children | None) -> _Decided:
+    """Observe the run (from watches, shared and earlier reads if `watched` is given) and reconcile."""
+    number, shared = status.attempt, watched is not None
+    attempts = _attempts(rt, run, status, watched)
+    state = _admission(rt, spec, attempts, rt.launcher.attempt_state(number, attempts.job, attempts.pods))
+    if status.phase in TERMINAL_PHASES and not resume:  # nothing left to decide from metrics
+        series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
+    else:
+        series, points = _series(rt, run, body, number, shared)
+        refs, records = _storage(rt, run, root, status, attempts, state.state, series, points, shared)
+    obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
+                   pods_left=attempts.pods_left, strays=attempts.strays)
+    return _Decided(reconcile(spec, status, obs), attempts, state)
+
+
 @credentials_scope
-def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
+def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children | None = None) -> Plan | None:
+    """One pass. A timer pass gives the Jobs and pods its watches saw (`watched`): it observes
+    from them and from shared and earlier reads (`kube.freshness`) and, if that would make it
+    act, observes everything afresh and decides again."""
     with rt.lock(f"{namespace}/{name}"), rt.metrics.reconcile_seconds.time():
         body = rt.kube.read_run(namespace, name)
         meta = body["metadata"]
@@ -350,18 +418,10 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
             if status.phase not in TERMINAL_PHASES or asks.resume:
                 _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
             return None
-        number = status.attempt
-        attempts = _attempts(rt, run, status)
-        state = _admission(rt, spec, attempts, rt.launcher.attempt_state(number, attempts.job, attempts.pods))
-        if status.phase in TERMINAL_PHASES and not asks.resume:  # nothing left to decide from metrics
-            series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
-        else:
-            series, points = _series(rt, run, body, number)
-            refs = _checkpoints(rt, run, root)
-            records = _records(rt, run, root)
-        obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
-                       pods_left=attempts.pods_left, strays=attempts.strays)
-        plan = reconcile(spec, status, obs)
+        decided = _decide(rt, run, body, spec, status, root, asks.resume, watched)
+        if watched is not None and acts(decided.plan, status.phase.value, rt.pinned.get(run.uid)):
+            decided = _decide(rt, run, body, spec, status, root, asks.resume, None)
+        plan, attempts, state = decided.plan, decided.attempts, decided.state
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
@@ -394,12 +454,12 @@ def reconcile_run(rt: Runtime, namespace: str, name: str) -> Plan | None:
 
 
 def _pass(memo: kopf.Memo, namespace: str | None, name: str | None,
-          logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+          logger: logging.Logger | logging.LoggerAdapter[Any], watched: Children | None = None) -> None:
     from kubernetes.client.exceptions import ApiException
 
     assert namespace and name, "CptRun is namespaced"
     try:
-        reconcile_run(memo.runtime, namespace, name)
+        reconcile_run(memo.runtime, namespace, name, watched=watched)
     except Conflict as exc:
         raise kopf.TemporaryError(str(exc), delay=1) from exc
     except NotOurs as exc:
@@ -465,8 +525,12 @@ def settled(status: Mapping[str, Any] | None, annotations: Mapping[str, str] | N
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.interval_s, sharp=False,
             when=lambda status, annotations, **_: not settled(status, annotations))
 def on_timer(*, namespace: str | None, name: str | None, memo: kopf.Memo,
-             logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    _pass(memo, namespace, name, logger)
+             logger: logging.Logger | logging.LoggerAdapter[Any], **indices: Any) -> None:
+    """A steady look at an active run, from what the watches saw (`run_jobs`, `run_pods`)."""
+    key = (namespace, run_label(name or ""))
+    # list() of a store is one C-level copy under the GIL: safe while kopf's loop updates it
+    watched = {kind: list(indices[index].get(key, [])) for kind, index in (("Job", "run_jobs"), ("Pod", "run_pods"))}
+    _pass(memo, namespace, name, logger, watched)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.finished_interval_s, sharp=False,
@@ -479,7 +543,36 @@ def on_finished_timer(*, namespace: str | None, name: str | None, memo: kopf.Mem
     _pass(memo, namespace, name, logger)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def _watched(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a timer pass needs of a Job or pod (names, uid, labels, owners, deletion, status): kept
+    for every one of them, so without the spec and managedFields."""
+    meta = body.get("metadata") or {}
+    kept = {k: meta[k] for k in ("name", "namespace", "uid", "labels", "ownerReferences", "deletionTimestamp")
+            if k in meta}
+    return {"kind": body.get("kind"), "metadata": kept, "status": dict(body.get("status") or {})}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def run_jobs(*, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    """Every run's Jobs, by (namespace, run label), as the watch last saw them."""
+    return {(namespace, labels[LABEL_RUN]): _watched(body)}
+
+
+@kopf.index("v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
+def run_pods(*, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    """Every run's pods, likewise: timer passes read these instead of listing them."""
+    return {(namespace, labels[LABEL_RUN]): _watched(body)}
+
+
+def _job_moved(body: Mapping[str, Any], **kwargs: Any) -> bool:
+    """A Job event worth a pass now: it ended, failed, or went. A running Job's other updates
+    (pods becoming ready, counts) change nothing a pass decides; the timer sees them."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return kwargs.get("type") == "DELETED" or bool(body.get("metadata", {}).get("deletionTimestamp")) or \
+        any(c.get("status") == "True" for c in conditions)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT}, when=_job_moved)
 def on_job_event(*, body: kopf.Body, namespace: str | None, memo: kopf.Memo,
                  logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     """A Job of a run changed (finished, failed, deleted): decide now rather than at the next tick."""

@@ -72,10 +72,13 @@ class PointCache:
     """Evaluations already read for one run, so each pass asks Prometheus only for the recent
     window rather than the run's whole life."""
 
+    OVERLAP_S = 60.0
+    """Each read goes this far back before the last one: samples a scrape delivered late."""
+
     points: dict[tuple[int, int], EvalPoint] = field(default_factory=dict)
     read_at: float | None = None
 
-    def window(self, created_at: float | None, now: float, overlap_s: float = 60.0) -> int:
+    def window(self, created_at: float | None, now: float, overlap_s: float = OVERLAP_S) -> int:
         start = self.read_at - overlap_s if self.read_at else (created_at or now - 3600) - overlap_s
         return max(int(now - start), 1)
 

@@ -47,10 +47,6 @@ def selector(run: str, namespace: str, attempt: int | None = None, **extra: str)
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
 
 
-def _names(run: str, namespace: str, attempt: int | None, *names: str) -> str:
-    return selector(run, namespace, attempt, __name__="|".join(names)).replace('__name__="', '__name__=~"')
-
-
 def by_name(series: Sequence[Series]) -> dict[str, list[Series]]:
     out: dict[str, list[Series]] = defaultdict(list)
     for s in series:
@@ -161,6 +157,51 @@ class TrainerSeries:
     anomalies: dict[str, int] = field(default_factory=dict)
     step: int = 0
     tokens: int = 0
+    checkpoint_step: int | None = None
+    """The step of the current attempt's newest committed checkpoint (cpt_last_checkpoint_step)."""
+
+
+EVAL_SERIES = ("cpt_eval_metric", "cpt_eval_step", "cpt_eval_tokens")
+NOW_SERIES = ("cpt_step", "cpt_tokens_total", "cpt_anomalies_total", "cpt_last_checkpoint_step")
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None and math.isfinite(value) else None
+
+
+def trainer_series(evals: Sequence[Series], base: Sequence[Series], now: Sequence[Series],
+                   attempt: int) -> TrainerSeries:
+    """One run's series from the three query results (evaluations of every attempt, the base's
+    values, the progress gauges, which count only for `attempt`)."""
+    named = by_name(evals)
+    points = eval_points(named["cpt_eval_metric"], named["cpt_eval_step"], named["cpt_eval_tokens"])
+    current = by_name([s for s in now if _attempt(s) == attempt])
+    anomalies = {k: int(v) for k, v in labelled_values(current["cpt_anomalies_total"], "kind").items()
+                 if math.isfinite(v)}
+    return TrainerSeries(points=points, base=labelled_values(base, "suite", "metric"), anomalies=anomalies,
+                         step=_int(scalar(current["cpt_step"])) or 0,
+                         tokens=_int(scalar(current["cpt_tokens_total"])) or 0,
+                         checkpoint_step=_int(scalar(current["cpt_last_checkpoint_step"])))
+
+
+@dataclass(frozen=True)
+class NamespaceSeries:
+    """The three query results for every run of a namespace, read at once, by run."""
+
+    window_s: int
+    evals: Mapping[str, list[Series]]
+    base: Mapping[str, list[Series]]
+    now: Mapping[str, list[Series]]
+
+    def of(self, run: str, attempt: int) -> TrainerSeries:
+        return trainer_series(self.evals.get(run, []), self.base.get(run, []), self.now.get(run, []), attempt)
+
+
+def by_run(series: Sequence[Series]) -> dict[str, list[Series]]:
+    out: dict[str, list[Series]] = defaultdict(list)
+    for s in series:
+        out[s["metric"].get("run", "")].append(s)
+    return dict(out)
 
 
 class PrometheusReader:
@@ -183,20 +224,21 @@ class PrometheusReader:
             raise PrometheusError(f"{promql}: {body.get('error', body)}")
         return list(body["data"]["result"])
 
+    def _three(self, labels: Mapping[str, str], window_s: int) -> tuple[list[Series], list[Series], list[Series]]:
+        # one query per shape rather than per series: a pass runs for every run every few seconds
+        window = f"[{max(int(window_s), 1)}s]"
+        matchers = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        evals = self.query(f'{{__name__=~"{"|".join(EVAL_SERIES)}",{matchers}}}{window}')
+        base = self.query(f"last_over_time(cpt_eval_base_metric{{{matchers}}}{window})")
+        now = self.query(f'{{__name__=~"{"|".join(NOW_SERIES)}",{matchers}}}')
+        return evals, base, now
+
     def read(self, run: str, namespace: str, attempt: int, window_s: int) -> TrainerSeries:
         """Evaluations of every attempt within the window, and the current attempt's progress."""
-        window = f"[{max(int(window_s), 1)}s]"
-        # one query per shape rather than per series: a pass runs for every run every few seconds
-        evals = by_name(self.query(_names(run, namespace, None, "cpt_eval_metric", "cpt_eval_step",
-                                          "cpt_eval_tokens") + window))
-        points = eval_points(evals["cpt_eval_metric"], evals["cpt_eval_step"], evals["cpt_eval_tokens"])
-        base = labelled_values(self.query(f"last_over_time(cpt_eval_base_metric{selector(run, namespace)}{window})"),
-                               "suite", "metric")
-        now = by_name(self.query(_names(run, namespace, attempt, "cpt_step", "cpt_tokens_total",
-                                        "cpt_anomalies_total")))
-        anomalies = {k: int(v) for k, v in labelled_values(now["cpt_anomalies_total"], "kind").items()
-                     if math.isfinite(v)}
-        step, tokens = scalar(now["cpt_step"]), scalar(now["cpt_tokens_total"])
-        return TrainerSeries(points=points, base=base, anomalies=anomalies,
-                             step=int(step) if step is not None and math.isfinite(step) else 0,
-                             tokens=int(tokens) if tokens is not None and math.isfinite(tokens) else 0)
+        evals, base, now = self._three({"run": run, "namespace": namespace}, window_s)
+        return trainer_series(evals, base, now, attempt)
+
+    def read_namespace(self, namespace: str, window_s: int) -> NamespaceSeries:
+        """The same for every run of a namespace, in three queries for all of them."""
+        evals, base, now = self._three({"namespace": namespace}, window_s)
+        return NamespaceSeries(window_s, by_run(evals), by_run(base), by_run(now))

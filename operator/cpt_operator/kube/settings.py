@@ -40,6 +40,12 @@ class Settings:
     """How often a finished (Succeeded, Failed, Stopped) run is: nothing is left to decide from
     its metrics; the pass only makes sure its attempt is gone and sweeps what is left of others
     (a change of the run or an event of its Jobs still triggers a pass at once)."""
+    storage_max_age_s: float = 20.0
+    """How long a timer pass may decide from an earlier read of a running run's storage when
+    nothing says it changed (`kube.freshness.storage_due`); a pass that acts reads it again."""
+    shared_read_s: float = 2.0
+    """How long one listing of a namespace's Jobs and pods, and one Prometheus read of its runs,
+    serve the timer passes of all its runs."""
     trainer_metrics_port: int = 9400
     rdzv_port: int = 29500
     run_as_user: int = 1000
@@ -64,6 +70,8 @@ class Settings:
             health_port=int(env.get("CPT_HEALTH_PORT") or 8082),
             interval_s=float(env.get("CPT_RECONCILE_INTERVAL") or 5.0),
             finished_interval_s=float(env.get("CPT_FINISHED_INTERVAL") or 300.0),
+            storage_max_age_s=float(env.get("CPT_STORAGE_MAX_AGE") or 20.0),
+            shared_read_s=float(env.get("CPT_SHARED_READ_TTL") or 2.0),
         )
 
 
