@@ -36,3 +36,13 @@ def test_plain_lines_show_the_last_evaluation_and_gate_headroom(tmp_path: Path,
     assert len([line for line in out if "evaluated step 6" in line]) == 1
     assert out[0].endswith("evaluated step 6: general.perplexity=42 | gate headroom: general-ppl +5.0%")
     assert out[1] == "step 7/12 attempt=1 loss=2.500 tok/s=900 lr=1.00e-04 eval=@6 general-ppl=+5.0%"
+
+
+def test_the_same_step_evaluated_by_the_next_attempt_is_printed_again(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    shown = Progress(spec(), enabled=False, world_size=1)
+    status = CptRunStatus(attempt=2, base_metrics={"general.perplexity": 40.0})
+    shown.evaluation(status, Evaluated(step=3, tokens=3072, metrics={"general.perplexity": 70.0}, time=1.0))
+    shown.evaluation(status, Evaluated(step=3, tokens=3072, metrics={"general.perplexity": 41.0}, time=2.0))
+    out = capsys.readouterr().out
+    assert "general-ppl -65.0%" in out and "general-ppl +7.5%" in out

@@ -28,8 +28,8 @@ class Progress:
         self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True) if self.bar_enabled else None
         self.last_line = 0.0
         self.last_step = -1
-        self.last_eval: tuple[int, int] | None = None
-        """(attempt, step) of the evaluation last printed."""
+        self.last_eval: tuple[int, float] | None = None
+        """(step, time) of the evaluation last printed: step alone repeats across attempts."""
 
     def note(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -44,9 +44,9 @@ class Progress:
 
     def evaluation(self, status: CptRunStatus, ev: Evaluated) -> None:
         """One line per new evaluation: every metric, then each gate's headroom."""
-        if self.last_eval == (status.attempt, ev.step):
+        if self.last_eval == (ev.step, ev.time):
             return
-        self.last_eval = (status.attempt, ev.step)
+        self.last_eval = (ev.step, ev.time)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ev.metrics.items()))
         what = "base" if ev.is_base else f"step {ev.step}"
         room = ", ".join(h.text() for h in self.gates(status, ev))

@@ -88,6 +88,10 @@ class LocalRun:
         obs = self.observer.observe(status.attempt, self.proc, stop=stop, resume=resume,
                                     rollback_to=rollback["to"] if rollback else None)
         plan = reconcile(self.spec, status, obs)
+        ended = self.observer.log(status.attempt).last_eval if status.attempt else None
+        if ended is not None and plan.status.attempt != status.attempt:
+            # the evaluation that ended the attempt (a gate firing) is shown before the decision
+            self.progress.evaluation(plan.status, ended)
         self.carry_out(plan)
         self.progress.update(plan.status, self.observer.log(plan.status.attempt) if plan.status.attempt else None)
         return plan
