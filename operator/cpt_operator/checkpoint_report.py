@@ -249,6 +249,8 @@ def _plot_metric(ax: Axes, status: CptRunStatus, rows: Sequence[Row], key: str, 
         start = starts.get(attempt)
         line = ([start] if start is not None and key in start.metrics else []) + own
         xs, ys = [_x(r, use_tokens) for r in line], [r.metrics[key] for r in line]
+        if start is None and base is not None and _from_base(status, attempt):
+            xs, ys = [0, *xs], [base, *ys]  # the curve starts where the attempt did: the base
         ax.plot(xs, ys, marker=".", color=color, alpha=1.0 if attempt == last_attempt else 0.45,
                 linestyle="-" if attempt == last_attempt else "--",
                 label=f"{key} (attempt {attempt})")
@@ -293,11 +295,22 @@ def _restore_points(status: CptRunStatus, rows: Sequence[Row]) -> dict[int, Row]
     return {rec.attempt + 1: by_name[rec.target] for rec in status.history if rec.target in by_name}
 
 
+def _from_base(status: CptRunStatus, attempt: int) -> bool:
+    """Did this attempt start from the base (the first one, or a rollback to the base)?"""
+    if attempt == 1:
+        return True
+    return any(rec.attempt + 1 == attempt and rec.target == "base" for rec in status.history)
+
+
 def _mark_rollbacks(ax: Axes, status: CptRunStatus, rows: Sequence[Row], use_tokens: bool) -> None:
-    """A vertical line where each rolled-back attempt's last checkpoint was written."""
+    """A vertical line where each rolled-back attempt's last checkpoint was written, naming every
+    gate that fired there (several gates can end one attempt)."""
+    gates: dict[int, list[str]] = {}
     for rec in status.history:
-        ends = [_x(r, use_tokens) for r in rows if r.attempt == rec.attempt]
+        gates.setdefault(rec.attempt, []).append(rec.gate)
+    for attempt, names in gates.items():
+        ends = [_x(r, use_tokens) for r in rows if r.attempt == attempt]
         if ends:
             ax.axvline(max(ends), color="red", linestyle=":", linewidth=1.2)
-            ax.annotate(f" rollback ({rec.gate})", (max(ends), 0.02),
+            ax.annotate(f" rollback ({', '.join(names)})", (max(ends), 0.02),
                         xycoords=("data", "axes fraction"), fontsize=7, color="red")
