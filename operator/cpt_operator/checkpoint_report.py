@@ -6,10 +6,11 @@ plane stored in the status (computed by the same function) are shown. The stabil
 `Δ_stab(t) = M_g(t) − M_g(0)` per general suite, read as "how much worse than the base"
 (`api.metrics.worse_by`, so a perplexity rise and an accuracy drop both count as positive).
 
-The plot (matplotlib, no torch): domain metrics on top, general metrics below, over tokens
-seen (steps when tokens were not recorded); one line per attempt, the base as a dashed
-horizontal line, the stability gap shaded where the general metric is worse than the base,
-frontier checkpoints circled, the chosen one starred, rollbacks as vertical lines.
+The plot (matplotlib, no torch): one panel per suite kind (domain, general, behaviour and safety
+as rates, drift), over tokens seen (steps when tokens were not recorded); one line per attempt,
+the base as a dotted horizontal line, each `baseline: base` gate's limit as a dash-dot line, the
+stability gap shaded where a general metric is worse than the base, frontier checkpoints
+circled, the chosen one starred, rollbacks as vertical lines.
 """
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ from typing import TYPE_CHECKING
 from .api.evaluation import Metric
 from .api.spec import CptRunSpec
 from .api.status import CptRunStatus
-from .policy import CheckpointEvals, select_checkpoint
+from .policy import CheckpointEvals, EvalPoint, select_checkpoint
+from .policy.headroom import headroom
 from .api.manifest import attempt_of as attempt_number
-from .api.metrics import worse_by
+from .api.metrics import gate_limit, metric_key, worse_by
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 _AXES = ("domain", "general", "behavior", "safety", "drift", "custom")
+_RATES = {Metric.json_valid, Metric.format_follow, Metric.refusal_rate}
 NEW_TOKEN_PREFIXES = ("new_token.", "new_tokens.")
 LEGEND = ("o on the Pareto frontier over (domain, general, safety) gains; * chosen: highest J "
           "on the frontier among checkpoints that pass every gate")
@@ -142,6 +145,30 @@ def table(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str]) -> lis
             for line in [header, *body]]
 
 
+def base_to_chosen(spec: CptRunSpec, base: Mapping[str, float],
+                   chosen: Mapping[str, float]) -> list[str]:
+    """Each metric's base -> chosen value with the gates on it (limit, headroom), then whether
+    every gate held at the chosen checkpoint."""
+    rooms = headroom(spec, base, [EvalPoint(attempt=0, step=0, metrics=chosen)])
+    suites = spec.suites_by_name()
+    lines = []
+    for key in sorted(set(base) & set(chosen), key=lambda k: (_AXES.index(axis_of(k, spec)), k)):
+        gates = []
+        for gate, room in ((g, r) for g in spec.gates for r in rooms if r.gate == g.name and r.metric == key):
+            limit = gate_limit(gate, suites[gate.suite], base)
+            at = f"limit {_fmt(limit)}, " if limit is not None else ""
+            gates.append(f"gate {gate.name}: {at}{'held' if room.left >= 0 else 'BREACHED'} "
+                         f"({room.text().rsplit(' ', 1)[-1]} left)")
+        lines.append(f"{key}: {_fmt(base[key])} -> {_fmt(chosen[key])}"
+                     + (f"   {'; '.join(gates)}" if gates else ""))
+    breached = [r.gate for r in rooms if r.left < 0]
+    judged = {r.gate for r in rooms}
+    unjudged = [g.name for g in spec.gates if g.name not in judged]
+    verdict = f"breached: {', '.join(breached)}" if breached else "every gate held"
+    lines.append(verdict + (f" (not judged: {', '.join(unjudged)})" if unjudged else ""))
+    return lines
+
+
 def stability_gaps(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str],
                    spec: CptRunSpec | None) -> list[str]:
     """The worst general regression against the base, per general metric."""
@@ -188,7 +215,7 @@ def write_plot(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str], p
     matplotlib.use("Agg")  # files only: no display on a server or in CI
     import matplotlib.pyplot as plt
 
-    panels = [(axis, [k for k in keys if axis_of(k, spec) == axis]) for axis in ("domain", "general")]
+    panels = [(axis, [k for k in keys if axis_of(k, spec) == axis]) for axis in _AXES]
     panels = [(axis, ks) for axis, ks in panels if ks] or [("metrics", list(keys))]
     use_tokens = any(r.tokens for r in rows)
     fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
@@ -197,8 +224,11 @@ def write_plot(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str], p
         for i, key in enumerate(ks):
             _plot_metric(ax, status, rows, key, f"C{i}", use_tokens, shade=axis == "general")
         _mark_rollbacks(ax, status, rows, use_tokens)
-        ax.set_title(f"{axis}   (dotted: base; o frontier; * chosen; shaded: worse than base)",
-                     loc="left", fontsize=9)
+        _mark_gate_limits(ax, status, ks, spec)
+        if all(metric_of(k) in _RATES for k in ks):
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{axis}   (dotted: base; dash-dot: gate limit; o frontier; * chosen; "
+                     f"shaded: worse than base)", loc="left", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[-1, 0].set_xlabel("tokens seen" if use_tokens else "step")
@@ -219,6 +249,8 @@ def _plot_metric(ax: Axes, status: CptRunStatus, rows: Sequence[Row], key: str, 
         start = starts.get(attempt)
         line = ([start] if start is not None and key in start.metrics else []) + own
         xs, ys = [_x(r, use_tokens) for r in line], [r.metrics[key] for r in line]
+        if start is None and base is not None and _from_base(status, attempt):
+            xs, ys = [0, *xs], [base, *ys]  # the curve starts where the attempt did: the base
         ax.plot(xs, ys, marker=".", color=color, alpha=1.0 if attempt == last_attempt else 0.45,
                 linestyle="-" if attempt == last_attempt else "--",
                 label=f"{key} (attempt {attempt})")
@@ -236,6 +268,23 @@ def _plot_metric(ax: Axes, status: CptRunStatus, rows: Sequence[Row], key: str, 
         ax.axhline(base, color=color, linestyle=":", linewidth=1)
 
 
+def _mark_gate_limits(ax: Axes, status: CptRunStatus, keys: Sequence[str],
+                      spec: CptRunSpec | None) -> None:
+    """A dash-dot line at the value where each `baseline: base` gate on these metrics breaches
+    (`api.metrics.gate_limit`, the limit the policy enforces)."""
+    if spec is None:
+        return
+    suites = spec.suites_by_name()
+    for gate in spec.gates:
+        suite = suites.get(gate.suite)
+        limit = None if suite is None else gate_limit(gate, suite, status.base_metrics)
+        if suite is None or limit is None or metric_key(suite) not in keys:
+            continue
+        ax.axhline(limit, color="red", linestyle="-.", linewidth=1)
+        ax.annotate(f"gate {gate.name}", (0.0, limit), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="red", va="bottom")
+
+
 def _x(row: Row, use_tokens: bool) -> int:
     return row.tokens if use_tokens else row.step
 
@@ -246,11 +295,22 @@ def _restore_points(status: CptRunStatus, rows: Sequence[Row]) -> dict[int, Row]
     return {rec.attempt + 1: by_name[rec.target] for rec in status.history if rec.target in by_name}
 
 
+def _from_base(status: CptRunStatus, attempt: int) -> bool:
+    """Did this attempt start from the base (the first one, or a rollback to the base)?"""
+    if attempt == 1:
+        return True
+    return any(rec.attempt + 1 == attempt and rec.target == "base" for rec in status.history)
+
+
 def _mark_rollbacks(ax: Axes, status: CptRunStatus, rows: Sequence[Row], use_tokens: bool) -> None:
-    """A vertical line where each rolled-back attempt's last checkpoint was written."""
+    """A vertical line where each rolled-back attempt's last checkpoint was written, naming every
+    gate that fired there (several gates can end one attempt)."""
+    gates: dict[int, list[str]] = {}
     for rec in status.history:
-        ends = [_x(r, use_tokens) for r in rows if r.attempt == rec.attempt]
+        gates.setdefault(rec.attempt, []).append(rec.gate)
+    for attempt, names in gates.items():
+        ends = [_x(r, use_tokens) for r in rows if r.attempt == attempt]
         if ends:
             ax.axvline(max(ends), color="red", linestyle=":", linewidth=1.2)
-            ax.annotate(f" rollback ({rec.gate})", (max(ends), 0.02),
+            ax.annotate(f" rollback ({', '.join(names)})", (max(ends), 0.02),
                         xycoords=("data", "axes fraction"), fontsize=7, color="red")

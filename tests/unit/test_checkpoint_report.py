@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from cpt_operator.api.evaluation import GateSpec
 from cpt_operator.api.spec import CptRunSpec
 from cpt_operator.api.status import CheckpointSummary, CptRunStatus, RollbackRecord
-from cpt_operator.checkpoint_report import render_report
+from cpt_operator.checkpoint_report import _mark_gate_limits, base_to_chosen, render_report
 
 SUITES = [
     {"name": "domain", "kind": "domain", "uri": "/e/d.jsonl"},
@@ -102,3 +105,35 @@ def test_the_plot_is_a_valid_png(tmp_path: Path) -> None:
 
 def test_a_run_without_checkpoints_says_so() -> None:
     assert render_report(CptRunStatus()) == "no checkpoints yet"
+
+
+def test_base_to_chosen_names_each_gate_its_limit_and_whether_it_held() -> None:
+    lines = base_to_chosen(spec(), BASE, {**BASE, "domain.perplexity": 17.0, "general.perplexity": 10.2})
+    assert "domain.perplexity: 20 -> 17" in lines
+    assert "general.perplexity: 10 -> 10.2   gate general-ppl: limit 11, held (+8.0% left)" in lines
+    assert lines[-1] == "every gate held"
+
+
+def test_base_to_chosen_says_which_gate_broke() -> None:
+    lines = base_to_chosen(spec(), BASE, {**BASE, "general.perplexity": 12.0})
+    assert "general.perplexity: 10 -> 12   gate general-ppl: limit 11, BREACHED (-10.0% left)" in lines
+    assert lines[-1] == "breached: general-ppl"
+
+
+def test_every_suite_kind_gets_a_panel_with_its_gate_limit(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gated = spec().model_copy(update={"gates": [*spec().gates, GateSpec(
+        name="refusals", suite="safety", threshold=0.2, relative=False)]})
+    _, ax = plt.subplots()
+    _mark_gate_limits(ax, status(), ["safety.refusal_rate"], gated)
+    assert [line.get_ydata()[0] for line in ax.lines] == [pytest.approx(0.7)]
+    plt.close("all")
+    out = tmp_path / "curves.png"
+    render_report(status(), plot=str(out), spec=gated)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out).shape[0] > 900  # domain, general and safety panels

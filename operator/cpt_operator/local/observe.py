@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..api.exit_codes import EXIT_REFUSED
 from ..api.manifest import EVENTS
-from ..api.events import Anomaly, Finished, Progress, Started
+from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
 from ..policy.types import CheckpointEvals
 from ..reconcile import AttemptState, Observed
 from ..records import RunRecords, merge_points
@@ -36,6 +36,7 @@ class AttemptLog:
     last_progress: Progress | None = None
     started: Started | None = None
     finished: Finished | None = None
+    last_eval: Evaluated | None = None
 
     def update(self) -> list[object]:
         events = self.follower.read_new()
@@ -52,6 +53,8 @@ class AttemptLog:
             self.started = ev
         elif isinstance(ev, Finished):
             self.finished = ev
+        elif isinstance(ev, Evaluated):
+            self.last_eval = ev
 
 
 class LocalObserver:

@@ -1,5 +1,10 @@
-"""What a person sees during `cptctl run`: one progress bar (step, loss, tokens/s, ETA) and a
-line for every decision. Without a terminal (CI, logs) it prints plain lines instead."""
+"""What a person sees during `cptctl run`: one progress bar (step, loss, tokens/s, ETA, the last
+evaluation's step and each gate's headroom) and a line for every decision and evaluation.
+Without a terminal (CI, logs) it prints plain lines instead.
+
+Headroom is `policy.headroom` on the attempt's newest evaluation against the base reference; a
+`baseline: best` gate is shown against the base as well (its moving baseline is the decision's
+business, not the display's)."""
 from __future__ import annotations
 
 import sys
@@ -7,18 +12,24 @@ import time
 
 from tqdm import tqdm
 
+from ..api.events import Evaluated
 from ..api.spec import CptRunSpec
 from ..api.status import CptRunStatus
+from ..policy.headroom import Headroom, headroom
+from ..policy.types import EvalPoint
 from .observe import AttemptLog
 
 
 class Progress:
     def __init__(self, spec: CptRunSpec, *, enabled: bool, world_size: int):
+        self.spec = spec
         self.total = spec.total_steps(world_size)
         self.bar_enabled = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True) if self.bar_enabled else None
         self.last_line = 0.0
         self.last_step = -1
+        self.last_eval: tuple[int, float] | None = None
+        """(step, time) of the evaluation last printed: step alone repeats across attempts."""
 
     def note(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -27,12 +38,32 @@ class Progress:
         else:
             print(f"{stamp} {message}", flush=True)
 
+    def gates(self, status: CptRunStatus, ev: Evaluated) -> list[Headroom]:
+        point = EvalPoint(attempt=status.attempt, step=ev.step, tokens=ev.tokens, metrics=ev.metrics)
+        return headroom(self.spec, status.base_metrics, [point])
+
+    def evaluation(self, status: CptRunStatus, ev: Evaluated) -> None:
+        """One line per new evaluation: every metric, then each gate's headroom."""
+        if self.last_eval == (ev.step, ev.time):
+            return
+        self.last_eval = (ev.step, ev.time)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ev.metrics.items()))
+        what = "base" if ev.is_base else f"step {ev.step}"
+        room = ", ".join(h.text() for h in self.gates(status, ev))
+        self.note(f"evaluated {what}: {metrics}" + (f" | gate headroom: {room}" if room else ""))
+
     def update(self, status: CptRunStatus, log: AttemptLog | None) -> None:
+        if log is not None and log.last_eval is not None:
+            self.evaluation(status, log.last_eval)
         progress = log.last_progress if log else None
         if progress is None:
             return
         postfix = {"attempt": status.attempt, "loss": "nan" if progress.loss is None else f"{progress.loss:.3f}",
                    "tok/s": f"{progress.tokens_per_s:,.0f}", "lr": f"{progress.lr:.2e}"}
+        ev = log.last_eval if log else None
+        if ev is not None and not ev.is_base:
+            postfix["eval"] = f"@{ev.step}"
+            postfix.update({h.gate: h.text().rsplit(" ", 1)[-1] for h in self.gates(status, ev)})
         if self.bar is not None:
             self.bar.n = min(progress.step, self.total)
             self.bar.set_postfix(postfix, refresh=False)

@@ -18,6 +18,7 @@ from ..api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
 from ..api.ownership import RunRecord, owner_problem
 from ..api.status import TERMINAL_PHASES, Phase
 from ..base_shape import ShapeUnavailable
+from ..checkpoint_report import base_to_chosen
 from ..planning import refusal, resized
 from ..policy.memory import memory_limit
 from ..api.manifest import CONFIG
@@ -87,6 +88,10 @@ class LocalRun:
         obs = self.observer.observe(status.attempt, self.proc, stop=stop, resume=resume,
                                     rollback_to=rollback["to"] if rollback else None)
         plan = reconcile(self.spec, status, obs)
+        ended = self.observer.log(status.attempt).last_eval if status.attempt else None
+        if ended is not None and plan.status.attempt != status.attempt:
+            # the evaluation that ended the attempt (a gate firing) is shown before the decision
+            self.progress.evaluation(plan.status, ended)
         self.carry_out(plan)
         self.progress.update(plan.status, self.observer.log(plan.status.attempt) if plan.status.attempt else None)
         return plan
@@ -186,7 +191,7 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     finally:
         rd.lock_file.unlink(missing_ok=True)
     display.close()
-    return _report(rd, phase)
+    return _report(rd, phase, run.spec)
 
 
 def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
@@ -203,15 +208,15 @@ def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
         return None
 
 
-def _report(rd: RunDir, phase: Phase) -> int:
+def _report(rd: RunDir, phase: Phase, spec: CptRunSpec) -> int:
     status = rd.read_status()
     print(f"run {phase.value}: {status.message}")
     if status.base_metrics and status.best_checkpoint:
         chosen = next((c for c in status.checkpoints if c.name == status.best_checkpoint), None)
         if chosen:
-            for key in sorted(status.base_metrics):
-                if key in chosen.metrics:
-                    print(f"  {key}: base {status.base_metrics[key]:.4g} -> {chosen.metrics[key]:.4g}")
+            print(f"base -> chosen checkpoint {chosen.name}:")
+            for line in base_to_chosen(spec, status.base_metrics, chosen.metrics):
+                print(f"  {line}")
     print(f"status: {rd.status_file}")
     return 0 if phase == Phase.succeeded else 1
 

@@ -58,7 +58,9 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               num_beams=1, pad_token_id=pad, eos_token_id=stops or None)
-    per_batch = batch_rows(seq_len, vocab_size(model), limit=16)
+    # generate() keeps only the last position's logits, so the logit budget bounds rows × vocab,
+    # not rows × seq_len × vocab (which allowed 5 prompts a batch on a 49k vocabulary at 256).
+    per_batch = batch_rows(1, vocab_size(model), limit=16)
     out: list[list[int]] = []
     for start in range(0, len(rows), per_batch):
         ids, mask = _pad_left(rows[start:start + per_batch], pad, device)

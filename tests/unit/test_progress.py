@@ -1,0 +1,48 @@
+"""What `cptctl run` prints without a terminal: each evaluation once, with the gates' headroom,
+and the step lines carry the last evaluation and the headroom too."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cpt_operator.api.events import Evaluated, Progress as ProgressEvent
+from cpt_operator.api.spec import CptRunSpec
+from cpt_operator.api.status import CptRunStatus
+from cpt_operator.local.events import EventFollower
+from cpt_operator.local.observe import AttemptLog
+from cpt_operator.local.progress import Progress
+
+
+def spec() -> CptRunSpec:
+    return CptRunSpec.model_validate({
+        "baseModel": {"uri": "/m"}, "data": {"sources": [{"name": "d", "role": "domain", "uri": "/d"}]},
+        "budget": {"steps": 12}, "schedule": {"warmupSteps": 1},
+        "evaluation": {"suites": [{"name": "general", "kind": "general", "uri": "/g"}]},
+        "gates": [{"name": "general-ppl", "suite": "general", "threshold": 0.1}]})
+
+
+def test_plain_lines_show_the_last_evaluation_and_gate_headroom(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    shown = Progress(spec(), enabled=False, world_size=1)
+    status = CptRunStatus(attempt=1, base_metrics={"general.perplexity": 40.0})
+    log = AttemptLog(1, EventFollower(tmp_path / "events.jsonl"))
+    log.last_eval = Evaluated(step=6, tokens=6144, metrics={"general.perplexity": 42.0}, time=0.0)
+    log.last_progress = ProgressEvent(step=7, tokens=7168, loss=2.5, lr=1e-4, grad_norm=1.0,
+                                      tokens_per_s=900.0, time=0.0)
+    shown.update(status, log)
+    shown.update(status, log)  # the same evaluation is not printed twice
+    out = capsys.readouterr().out.splitlines()
+    assert len([line for line in out if "evaluated step 6" in line]) == 1
+    assert out[0].endswith("evaluated step 6: general.perplexity=42 | gate headroom: general-ppl +5.0%")
+    assert out[1] == "step 7/12 attempt=1 loss=2.500 tok/s=900 lr=1.00e-04 eval=@6 general-ppl=+5.0%"
+
+
+def test_the_same_step_evaluated_by_the_next_attempt_is_printed_again(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    shown = Progress(spec(), enabled=False, world_size=1)
+    status = CptRunStatus(attempt=2, base_metrics={"general.perplexity": 40.0})
+    shown.evaluation(status, Evaluated(step=3, tokens=3072, metrics={"general.perplexity": 70.0}, time=1.0))
+    shown.evaluation(status, Evaluated(step=3, tokens=3072, metrics={"general.perplexity": 41.0}, time=2.0))
+    out = capsys.readouterr().out
+    assert "general-ppl -65.0%" in out and "general-ppl +7.5%" in out
