@@ -15,6 +15,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .runtime import batch_rows, vocab_size
 
+# Models are loaded with `config.use_cache = False` (packed training batches need the
+# per-document mask that a cache would drop), but generation of unpacked, left-padded prompts is
+# exact with one, and without it every new token recomputes the whole prefix
+# (bench/bench_generation.py measures both). A switch only so that the benchmark can compare.
+KV_CACHE = True
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model under DDP / FSDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
@@ -57,7 +63,8 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              num_beams=1, pad_token_id=pad, eos_token_id=stops or None)
+                              num_beams=1, pad_token_id=pad, eos_token_id=stops or None,
+                              use_cache=KV_CACHE)
     # generate() keeps only the last position's logits, so the logit budget bounds rows × vocab,
     # not rows × seq_len × vocab (which allowed 5 prompts a batch on a 49k vocabulary at 256).
     per_batch = batch_rows(1, vocab_size(model), limit=16)
