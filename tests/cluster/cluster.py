@@ -98,6 +98,12 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "versitygw": ("VERSITYGW_VERSION", ("versitygw",)),
     "toxiproxy": ("TOXIPROXY_VERSION", ("toxiproxy-server",)),
     "prometheus": ("PROMETHEUS_VERSION", ("prometheus", "promtool", "alertmanager", "amtool")),
+    # The real node (node.py).
+    "kubelet": ("KUBERNETES_VERSION", ("kubelet",)),
+    "containerd": ("CONTAINERD_VERSION", ("containerd", "containerd-shim-runc-v2", "ctr")),
+    "runc": ("RUNC_VERSION", ("runc",)),
+    "cni": ("CNI_PLUGINS_VERSION", ("bridge", "loopback", "host-local", "portmap")),
+    "pause": ("PAUSE_VERSION", ("pause",)),
 }
 
 
@@ -478,6 +484,9 @@ class KubeAPIServer:
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
             "--enable-priority-and-fairness=false",
+            # Node names (the default first choice) do not resolve here; the real node's
+            # InternalIP is the host's address (node.py).
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false",
             f"--cert-dir={workdir / 'certs'}",
             "--v=1",
