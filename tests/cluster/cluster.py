@@ -934,16 +934,17 @@ class S3Server:
     SECRET_KEY = "cpt-test-secret-key-0123456789"
     REGION = "us-east-1"
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, host: str = "127.0.0.1") -> None:
+        # host: the real node's pods reach the host at its own address, not at 127.0.0.1.
         self.wd = Workdir(root, "s3")
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self.key, self.secret = self.ACCESS_KEY, self.SECRET_KEY
         data, meta, iam = self.wd / "data", self.wd / "meta", self.wd / "iam"
         for folder in (data, meta, iam):
             folder.mkdir(exist_ok=True)
         self.process = Process("versitygw", [
-            binary("versitygw"), "--port", f"127.0.0.1:{self.port}",
+            binary("versitygw"), "--port", f"{host}:{self.port}",
             "--access", self.key, "--secret", self.secret, "--region", self.REGION, "--iam-dir", iam,
             # Metadata in a sidecar dir instead of xattrs, which not every
             # temp filesystem (overlayfs, tmpfs) supports.

@@ -76,6 +76,8 @@ image() {
   if ("$fn" "$ref" && rm -f "$archive.tmp" &&
       buildah_ push -q "$ref" "oci-archive:$archive.tmp:$ref") >"$log" 2>&1; then
     mv "$archive.tmp" "$archive"
+    # Older archives of this image are stale by construction (the tag hashes the inputs).
+    find "$out_dir" -maxdepth 1 -name "$name-*.oci.tar" ! -path "$archive" -delete
     say "$name: done in $((SECONDS - start)) s -> $archive ($(du -h "$archive" | cut -f1))"
     echo "$name $ref $archive"
   else

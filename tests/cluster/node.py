@@ -176,6 +176,8 @@ def kubelet_config(*, root: Path, socket: Path, cgroup_root: str, address: str, 
         "podLogsDir": str(pods_log_dir),
         "maxPods": max_pods,
         "failSwapOn": False,
+        # The host's iptables are shared with every other session: no KUBE-FIREWALL chains.
+        "makeIPTablesUtilChains": False,
         "oomScoreAdj": 0,  # see restrict_oom_score_adj: -999 cannot be set here
         # The disk is shared with other sessions' caches: no evictions for disk pressure.
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
@@ -358,6 +360,10 @@ class RealNode:
         for point in sorted((m for m in mounts if m.startswith(mine)), key=len, reverse=True):
             run(["umount", "-l", point], check=False)
         run(["ip", "link", "delete", self.bridge], check=False)
+        # The kubelet links every container log into the host-wide /var/log/containers.
+        for link in Path("/var/log/containers").glob("*.log"):
+            if link.is_symlink() and os.readlink(link).startswith(str(self.root)):
+                link.unlink(missing_ok=True)
         for hierarchy in CGROUP_V1.iterdir():
             top = hierarchy / self.cgroup_root.lstrip("/")
             if top.is_dir():

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.cluster import S3Server
 from tests.cluster.images import build_images
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(600)]
@@ -86,3 +87,24 @@ def test_the_operator_image_runs_cptctl_as_its_own_user_under_pod_security_restr
     assert "uid=10001(cpt) gid=10001(cpt)" in logs
     assert "usage: cptctl" in logs
     assert "no torch" in logs
+
+
+def test_a_pod_writes_to_the_s3_server_on_the_host_through_the_pod_network(
+        kube_cluster: Any, real_node: Any, namespace: str, operator_image: str,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Pods reach the host's servers at the node's address, over the CNI bridge."""
+    s3 = S3Server(tmp_path_factory.mktemp("s3-host"), host=real_node.ip).start()
+    try:
+        bucket = s3.create_bucket()
+        env = [{"name": k, "value": v} for k, v in s3.env.items()]
+        phase, pod, logs = run_pod(kube_cluster, real_node, namespace, "s3-writer", {
+            "image": operator_image, "securityContext": RESTRICTED, "env": env,
+            "command": ["python", "-c",
+                        f"import s3fs; s3fs.S3FileSystem().pipe('{bucket}/from-pod.txt', b'written in a pod');"
+                        " print('wrote')"],
+        })
+        assert phase == "Succeeded", (pod["status"], logs)
+        body = s3.client().get_object(Bucket=bucket, Key="from-pod.txt")["Body"].read()
+        assert body == b"written in a pod"
+    finally:
+        s3.stop()
