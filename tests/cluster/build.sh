@@ -9,7 +9,9 @@
 # place when complete, so an interrupted build never leaves a half-filled dir.
 #
 # Usage: build.sh [--force] [component ...]
-#   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue (default: all)
+#   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue
+#               kubelet containerd runc cni pause (the real node; `node` names all five)
+#               (default: all)
 #   --force      rebuild even when the binaries are present
 # Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2)
 set -euo pipefail
@@ -37,12 +39,16 @@ selected=()
 for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     kubernetes | etcd | kwok | helm | versitygw | toxiproxy | prometheus | kueue) selected+=("$arg") ;;
+    kubelet | containerd | runc | cni | pause) selected+=("$arg") ;;
+    node) selected+=(kubelet containerd runc cni pause) ;;
     *) echo "build.sh: unknown component '$arg'" >&2; exit 2 ;;
   esac
 done
-[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue)
+# kubelet after kubernetes: it reuses most of the control plane's compiled packages.
+[[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue
+  kubelet containerd runc cni pause)
 
 say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -106,6 +112,22 @@ build_kubernetes() {
     k8s.io/kubernetes/cmd/kubectl
 }
 
+# The kubelet of the real node, from the same tools module (and so the same
+# version and ldflags) as the control plane, but cached apart so that adding it
+# does not rebuild the control plane.
+build_kubelet() {
+  local out=$1 minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  local ldflags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  cd "$here/tools/k8s"
+  GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath -ldflags "$ldflags" -o "$out/" \
+    k8s.io/kubernetes/cmd/kubelet
+}
+
 # --- etcd: a tools module of its own (Debian's 3.4.23 lacks RequestWatchProgress)
 build_etcd() {
   local out=$1
@@ -147,6 +169,57 @@ build_kueue() {
   cp "$module"/crd/bases/*.yaml "$1/crds/"
   cp "$module/webhook/manifests.yaml" "$1/webhooks.yaml"
   chmod -R u+w "$1"
+}
+
+# --- The real node's container runtime ---------------------------------------
+# containerd 2.x from its Go module. Without cgo the btrfs snapshotter is left
+# out (overlayfs and native remain); the version ldflag is what `ctr version`
+# and the CRI report to the kubelet.
+build_containerd() {
+  GOBIN=$1 "$go" install -p "$parallelism" -trimpath \
+    -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+}
+# CNI plugins for the pod network: a bridge with host-local addresses, the
+# loopback in each pod and hostPort mappings.
+build_cni() {
+  local m=github.com/containernetworking/plugins/plugins p
+  local pkgs=()
+  for p in main/bridge main/loopback ipam/host-local meta/portmap; do pkgs+=("$m/$p@$CNI_PLUGINS_VERSION"); done
+  GOBIN=$1 "$go" install -p "$parallelism" -trimpath -ldflags "-s -w" "${pkgs[@]}"
+}
+
+# apt_install PACKAGE... : installs Debian packages (root or sudo) unless their
+# commands are already there (the caller checks), retrying after an update.
+apt_install() {
+  local sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  command -v apt-get >/dev/null || { echo "no apt-get: install $* yourself"; return 1; }
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "$@" || {
+    $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+      --no-install-recommends "$@"
+  }
+}
+# runc from Debian: its Go module needs cgo and libseccomp headers (nsexec is C).
+build_runc() {
+  command -v runc >/dev/null || apt_install runc
+  ln -s "$(command -v runc)" "$1/runc"
+  runc --version
+}
+
+# The pod sandbox's pause program, from the C source in the Kubernetes module
+# (what registry.k8s.io/pause is built from), linked statically as upstream
+# does; the node fixture puts it in an image, so no registry is needed.
+build_pause() {
+  command -v gcc >/dev/null && [[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] || apt_install gcc libc6-dev
+  local src
+  src=$(cd "$here/tools/k8s" && "$go" list -m -f '{{.Dir}}' k8s.io/kubernetes)
+  [[ -n $src && -d $src ]] || src=$(cd "$here/tools/k8s" && GOFLAGS=-mod=mod "$go" mod download -json k8s.io/kubernetes |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  gcc -Os -Wall -Werror -static "-DVERSION=v$PAUSE_VERSION" -o "$1/pause" "$src/build/pause/linux/pause.c"
+  "$1/pause" -v
 }
 
 # --- Prometheus and Alertmanager from Debian ---------------------------------
@@ -200,6 +273,12 @@ for c in "${selected[@]}"; do
     kueue) component kueue "$KUEUE_VERSION" build_kueue kueue crds ;;
     prometheus) component prometheus "$PROMETHEUS_VERSION" build_prometheus \
       prometheus promtool alertmanager amtool ;;
+    kubelet) component kubelet "$KUBERNETES_VERSION" build_kubelet kubelet ;;
+    containerd) component containerd "$CONTAINERD_VERSION" build_containerd \
+      containerd containerd-shim-runc-v2 ctr ;;
+    runc) component runc "$RUNC_VERSION" build_runc runc ;;
+    pause) component pause "$PAUSE_VERSION" build_pause pause ;;
+    cni) component cni "$CNI_PLUGINS_VERSION" build_cni bridge loopback host-local portmap ;;
   esac
 done
 if [[ ${#failed[@]} -gt 0 ]]; then

@@ -99,6 +99,12 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "toxiproxy": ("TOXIPROXY_VERSION", ("toxiproxy-server",)),
     "kueue": ("KUEUE_VERSION", ("kueue", "crds")),  # crds/: a folder of its manifests, see build.sh
     "prometheus": ("PROMETHEUS_VERSION", ("prometheus", "promtool", "alertmanager", "amtool")),
+    # The real node (node.py).
+    "kubelet": ("KUBERNETES_VERSION", ("kubelet",)),
+    "containerd": ("CONTAINERD_VERSION", ("containerd", "containerd-shim-runc-v2", "ctr")),
+    "runc": ("RUNC_VERSION", ("runc",)),
+    "cni": ("CNI_PLUGINS_VERSION", ("bridge", "loopback", "host-local", "portmap")),
+    "pause": ("PAUSE_VERSION", ("pause",)),
 }
 
 
@@ -479,6 +485,9 @@ class KubeAPIServer:
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
             "--enable-priority-and-fairness=false",
+            # Node names (the default first choice) do not resolve here; the real node's
+            # InternalIP is the host's address (node.py).
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false",
             f"--cert-dir={workdir / 'certs'}",
             "--v=1",
@@ -935,16 +944,17 @@ class S3Server:
     SECRET_KEY = "cpt-test-secret-key-0123456789"
     REGION = "us-east-1"
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, host: str = "127.0.0.1") -> None:
+        # host: the real node's pods reach the host at its own address, not at 127.0.0.1.
         self.wd = Workdir(root, "s3")
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self.key, self.secret = self.ACCESS_KEY, self.SECRET_KEY
         data, meta, iam = self.wd / "data", self.wd / "meta", self.wd / "iam"
         for folder in (data, meta, iam):
             folder.mkdir(exist_ok=True)
         self.process = Process("versitygw", [
-            binary("versitygw"), "--port", f"127.0.0.1:{self.port}",
+            binary("versitygw"), "--port", f"{host}:{self.port}",
             "--access", self.key, "--secret", self.secret, "--region", self.REGION, "--iam-dir", iam,
             # Metadata in a sidecar dir instead of xattrs, which not every
             # temp filesystem (overlayfs, tmpfs) supports.

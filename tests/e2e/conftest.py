@@ -13,6 +13,7 @@ Function fixtures: namespace, s3_bucket
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import uuid
@@ -71,6 +72,27 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.K
         yield kube
     finally:
         kube.stop()
+
+
+@pytest.fixture(scope="session")
+def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real node (containerd + runc + CNI + kubelet) registered as ``real-0``, tainted so
+    that only pods with ``real_node.placement`` (nodeSelector + toleration) land there;
+    ``load_image(archive)``, ``ctr(*args)``. See tests/cluster/node.py."""
+    from tests.cluster import node
+
+    if os.geteuid() != 0:
+        pytest.skip("the real node needs root (namespaces, cgroups, mounts)")
+    _ensure(list(node.NODE_COMPONENTS))
+    real = node.RealNode(kube_cluster, tmp_path_factory.mktemp("node"))
+    try:
+        real.start()
+    except cluster.ComponentError as exc:
+        pytest.fail(f"the real node did not start: {exc}", pytrace=False)
+    try:
+        yield real
+    finally:
+        real.stop()
 
 
 @pytest.fixture
