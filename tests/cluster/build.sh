@@ -94,8 +94,10 @@ component() {
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the staging
 # modules with local paths); tools/k8s/go.mod repeats those replace lines
 # against the published tags (regenerate with tools/k8s/gen.sh on a bump).
-build_kubernetes() {
+# k8s_build OUT CMD... : Kubernetes commands from the tools module, with the version ldflags.
+k8s_build() {
   local out=$1 minor=${KUBERNETES_VERSION#v1.}
+  shift
   minor=${minor%%.*}
   local ldflags="-s -w" pkg
   # Without these the binaries report v0.0.0 and clients (kubectl, helm)
@@ -106,27 +108,12 @@ build_kubernetes() {
   done
   cd "$here/tools/k8s"
   GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath -ldflags "$ldflags" -o "$out/" \
-    k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl
+    "${@/#/k8s.io/kubernetes/cmd/}"
 }
-
-# The kubelet of the real node, from the same tools module (and so the same
-# version and ldflags) as the control plane, but cached apart so that adding it
-# does not rebuild the control plane.
-build_kubelet() {
-  local out=$1 minor=${KUBERNETES_VERSION#v1.}
-  minor=${minor%%.*}
-  local ldflags="-s -w" pkg
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
-  cd "$here/tools/k8s"
-  GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath -ldflags "$ldflags" -o "$out/" \
-    k8s.io/kubernetes/cmd/kubelet
-}
+build_kubernetes() { k8s_build "$1" kube-apiserver kube-controller-manager kube-scheduler kubectl; }
+# The kubelet of the real node: the same version and ldflags as the control plane, but cached
+# apart so that adding it does not rebuild the control plane.
+build_kubelet() { k8s_build "$1" kubelet; }
 
 # --- etcd: a tools module of its own (Debian's 3.4.23 lacks RequestWatchProgress)
 build_etcd() {

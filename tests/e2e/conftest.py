@@ -7,6 +7,8 @@ component stay under the session's temp dir; a failing readiness wait quotes
 the last lines.
 
 Session fixtures:  kube_cluster, prometheus, alertmanager, s3_server, helm_bin
+Module fixtures:   operator (the CRD installed and `python -m cpt_operator.kube` running; one
+                   per module, so each module's operator state starts afresh)
 Function fixtures: namespace, s3_bucket
 """
 
@@ -165,3 +167,13 @@ def helm_bin() -> Path:
     path = cluster.binary("helm")
     subprocess.run([str(path), "version", "--short"], check=True, capture_output=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, prometheus, s3_server,  # type: ignore[no-untyped-def]
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from tests.e2e.operator_harness import install_crd, running_operator
+
+    install_crd(kube_cluster)
+    yield from running_operator(kube_cluster, prometheus, s3_server,
+                                tmp_path_factory.mktemp("operator") / "operator.log")

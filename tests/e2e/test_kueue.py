@@ -13,8 +13,7 @@ import pytest
 
 from cpt_operator.api import kueue as kq
 from tests.cluster.kueue import Kueue
-from tests.e2e.operator_harness import (OperatorProcess, condition, events, install_crd, job_names, running_operator,
-                                        status_of, trainer_config)
+from tests.e2e.operator_harness import (OperatorProcess, condition, events, job_names, status_of, trainer_config)
 from tests.e2e.test_operator import cptrun, write_checkpoint
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(240)]
@@ -22,14 +21,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytes
 GPUS = 8  # per node: a 2-node run takes both kwok H100 nodes, all the ClusterQueue's quota
 PODS_READY_TIMEOUT_S = 10
 """Kueue's waitForPodsReady.timeout here (kwok's pods are ready at once, unless unschedulable)."""
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    install_crd(kube_cluster)
-    yield from running_operator(kube_cluster, prometheus, s3_server,
-                                tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +61,10 @@ def admitted(kube: Any, ns: str, run: str) -> dict[str, Any]:
 def test_without_kueue_a_queued_run_is_refused_with_a_clear_condition(
         kube_cluster: Any, operator: OperatorProcess, namespace: str, s3_bucket: str) -> None:
     kube = kube_cluster
-    if kube.kubectl_result("get", f"crd/workloads.{kq.GROUP}").returncode == 0:
-        pytest.skip("Kueue's CRDs are installed already (this test runs first in its module)")
+    # the test needs a cluster without Kueue: it runs before this module's `kueue` fixture, and no
+    # other module installs Kueue's CRDs
+    assert kube.kubectl_result("get", f"crd/workloads.{kq.GROUP}").returncode != 0, \
+        "Kueue's CRDs are installed already: this test must run before anything starts Kueue"
     kube.apply(queued("nokueue", s3_bucket), namespace=namespace)
     cond = kube.wait_for(lambda: (c := condition(status_of(kube, namespace, "nokueue"), "SpecValid"))
                          .get("status") == "False" and c, "SpecValid=False", timeout=30)

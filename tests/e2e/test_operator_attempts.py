@@ -7,26 +7,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.e2e.operator_harness import OperatorProcess, condition, events, job_names, running_operator, status_of
+from tests.e2e.operator_harness import OperatorProcess, condition, events, job_names, status_of
 from tests.e2e.test_operator import cptrun
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(180)]
 
 HOLD = "cpt-test/hold"
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    from tests.e2e.operator_harness import install_crd
-
-    install_crd(kube_cluster)
-    yield from running_operator(kube_cluster, prometheus, s3_server,
-                                tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 def pod_of(kube: Any, ns: str, run: str, attempt: int, index: int) -> dict[str, Any] | None:

@@ -8,26 +8,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from cpt_operator.api.exit_codes import EXIT_REFUSED
-from tests.e2e.operator_harness import (OperatorProcess, condition, events, get_run, install_crd, job_names,
-                                        running_operator, status_of, trainer_config)
+from tests.e2e.operator_harness import (OperatorProcess, condition, events, get_run, job_names,
+                                        status_of, trainer_config)
 from tests.e2e.test_operator import cptrun, write_checkpoint
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.timeout(180)]
 
 POOL = {"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "h100"}}
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    install_crd(kube_cluster)
-    yield from running_operator(kube_cluster, prometheus, s3_server,
-                                tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 def running_pod(kube: Any, namespace: str, selector: str) -> dict[str, Any]:

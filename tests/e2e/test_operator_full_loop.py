@@ -27,14 +27,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pytest
 
 from cpt_operator.api.events import Evaluated, Finished, Started, parse_event
 from cpt_operator.store import CheckpointRef, list_checkpoints
-from tests.e2e.operator_harness import (OperatorProcess, condition, events, free_port, install_crd,
-                                        job_names, running_operator, status_of, trainer_config)
+from tests.e2e.operator_harness import (OperatorProcess, condition, events, free_port, job_names, status_of,
+                                        trainer_config)
 from tests.integration.harness import forgetting_files, pretrain_on_code
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.slow,
@@ -211,15 +211,7 @@ class Kubelet:
         local.reported = True
 
 
-# -- fixtures and helpers ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def operator(kube_cluster: Any, prometheus: Any, s3_server: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    install_crd(kube_cluster)
-    yield from running_operator(kube_cluster, prometheus, s3_server,
-                                tmp_path_factory.mktemp("operator") / "operator.log")
-
-
+# -- helpers ---------------------------------------------------------------------------------
 def forgetful_run(bucket: str, tmp: Path, tiny_model_dir: Path, corpora: dict[str, Path]) -> dict[str, Any]:
     """LR 3e-2 after a 10-step warmup with 2 % replay: the checkpoint at step 4 is still within
     the gate (Python perplexity at most +30 %), from step 6 to the end of the budget evaluations are
