@@ -99,3 +99,25 @@ def test_pipeline_reads_s3_with_endpoint_and_credentials_from_the_environment(
                             + "\n").encode())
     changed = DataPipeline(cfg, tokenizer, 0, 2, workers=0, unit_bytes=512)
     assert changed.data_version != pipes[0].data_version
+
+
+def test_a_producer_in_its_forked_worker_reads_s3_like_one_in_the_trainer(
+        s3_server: Any, s3_bucket: str, tmp_path: Path, tiny_model_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's producer runs in a DataLoader worker forked from the trainer, which has
+    already listed the sources; s3fs refuses to run in a forked child with its parent's
+    filesystem object ("This class is not fork-safe"), so the worker must open its own."""
+    from transformers import AutoTokenizer
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _put_corpus(s3_server.client(), s3_bucket)
+    cfg = _config(tmp_path, s3_bucket)
+    forked = DataPipeline(cfg, tokenizer, 0, 1, workers=1, unit_bytes=512)
+    try:
+        batches = [forked.next_batch(4).input_ids for _ in range(3)]
+    finally:
+        forked.close()
+    here = DataPipeline(cfg, tokenizer, 0, 1, workers=0, unit_bytes=512)
+    assert all(torch.equal(b, here.next_batch(4).input_ids) for b in batches)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,11 +178,23 @@ class SourceReader:
     def __init__(self, source: DataSource, report: CurationReport, *,
                  unit_bytes: int = UNIT_BYTES):
         self.source, self.report = source, report
-        self.fs, self.files = list_files(source.uri)
+        self._fs, self.files = list_files(source.uri)
+        self._fs_pid = os.getpid()
         groups = [self._row_groups(f) for f in self.files] \
             if source.format == SourceFormat.parquet else []
         self.units = cut_units(source.format, self.files, groups, unit_bytes)
         self._bytes = [0]
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """This process's filesystem. The producer's DataLoader worker is forked from the trainer,
+        and fsspec's async filesystems (s3fs, gcsfs) refuse to run in a child with their parent's
+        object ("This class is not fork-safe"); fsspec empties its instance cache in a new
+        process, so opening the source again there gives the child one of its own."""
+        if self._fs_pid != os.getpid():
+            self._fs, _ = open_fs(self.source.uri)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     @property
     def hash(self) -> str:
