@@ -1,10 +1,13 @@
 """Rank 0's event stream: one `cpt_operator.api.events` model a line in `<runDir>/events.jsonl`.
 
 Each line is flushed as soon as it is written: the local runner tails this file, and a trainer
-that is SIGKILLed must not take its last events with it.
+that is SIGKILLed must not take its last events with it. Each event is also logged (`event
+{json}`): in a pod the run directory is a scratch volume gone with the pod, and the container's
+log is what `kubectl logs` shows of its progress.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import IO, Any, Union
@@ -15,6 +18,7 @@ from cpt_operator.api.manifest import EVENTS
 EventModel = type[Started] | type[Progress] | type[Anomaly] | type[Evaluated] | \
     type[CheckpointSaved] | type[Finished]
 Event = Union[Started, Progress, Anomaly, Evaluated, CheckpointSaved, Finished]
+log = logging.getLogger(__name__)
 
 
 class EventLog:
@@ -31,8 +35,10 @@ class EventLog:
         if self._file is None:
             return None
         event = kind(time=time.time(), **fields)
-        self._file.write(event.model_dump_json(by_alias=True) + "\n")
+        line = event.model_dump_json(by_alias=True)
+        self._file.write(line + "\n")
         self._file.flush()
+        log.info("event %s", line)
         return event
 
     def close(self) -> None:
