@@ -122,18 +122,35 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.1) -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def processes_of(config: Path) -> set[int]:
+    """Live processes of the trainer started on `config` (its path is on their command line)."""
+    needle = str(config).encode()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+            except OSError:  # exited meanwhile
+                pass
+    return pids
+
+
 def kill_after_checkpoint(config: Path, nproc: int, checkpoints: Path, step: int,
                           timeout: float = 300) -> Path:
-    """Start the trainer, SIGKILL its whole process tree as soon as checkpoint `step` is
-    committed, and check the run had not ended by itself. Returns the checkpoint."""
+    """Start the trainer, SIGKILL its process group as soon as checkpoint `step` is committed,
+    and check that no process of it lives on (torchrun's workers are in sessions of their own:
+    they must die with it) and that the run had not ended by itself. Returns the checkpoint."""
     from cpt_operator.api.manifest import checkpoint_name
 
     target = checkpoints / checkpoint_name(step)
     proc = start(config, nproc=nproc)
     wait_for(lambda: (target / "manifest.json").exists(), timeout, f"the step-{step} checkpoint",
              poll=0.01)
+    assert len(processes_of(config)) > nproc  # the workers (and their data workers) are seen
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for(lambda: not processes_of(config), 5, "every process of the killed trainer to exit")
     assert not of("finished", events(config)), "the run ended before the kill; it needs more steps"
     return target
 

@@ -9,9 +9,16 @@ import sys
 from cpt_operator.api.trainer_config import TrainerConfig
 
 from .hostmem import fix_mmap_threshold
+from .lifetime import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun starts each worker in a session of its own, so a SIGKILL of the launcher's
+        # process group (a local stop past its grace; a pod's PID 1 on a runtime without a PID
+        # namespace) would leave the workers training on, beside the next attempt, into the
+        # same checkpoint root. In a container the PID namespace takes them anyway.
+        die_with_parent()
     parser = argparse.ArgumentParser(prog="cpt_trainer", description=__doc__)
     parser.add_argument("--config", required=True, help="resolved trainer config (JSON)")
     args = parser.parse_args(argv)

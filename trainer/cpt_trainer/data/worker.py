@@ -13,17 +13,17 @@ the wait cannot deadlock; with a prefetch shorter than the lag it does not happe
 """
 from __future__ import annotations
 
-import ctypes
+import functools
 import multiprocessing
 import os
 import queue
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..lifetime import die_with_parent
 from .packing import Window
 from .producer import FEEDBACK_LAG, Plan, Producer
 
@@ -61,28 +61,23 @@ class WindowDataset(IterableDataset):  # type: ignore[type-arg]
                 producer.feed(int(message[1]), message[2])
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
 def start(plan: Plan, state: dict[str, Any]) -> tuple[Iterator[dict[str, Any]], Any]:
     """(item iterator, message queue) of a fresh worker that continues from `state`."""
     messages = multiprocessing.get_context().Queue()
     loader = DataLoader(WindowDataset(plan, state, messages), batch_size=None, num_workers=1,
-                        prefetch_factor=PREFETCH_WINDOWS, worker_init_fn=_leave_stops_to_trainer,
+                        prefetch_factor=PREFETCH_WINDOWS,
+                        worker_init_fn=functools.partial(_leave_stops_to_trainer, os.getpid()),
                         pin_memory=torch.cuda.is_available())
     return iter(loader), messages
 
 
-def _leave_stops_to_trainer(_: int) -> None:
+def _leave_stops_to_trainer(trainer_pid: int, _: int) -> None:
     """Ctrl-C and a stop sent to the trainer's process group must not reach this worker: the
     trainer answers them with a checkpoint, which needs the worker alive until then. So the
     worker gets a process group of its own (the DataLoader can still terminate it), and the
     kernel kills it if the trainer dies first."""
     os.setpgid(0, 0)
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the trainer died before the line above took effect
-        os._exit(1)
+    die_with_parent(trainer_pid)
 
 
 def _tensors(window: Window) -> dict[str, torch.Tensor]:
