@@ -8,6 +8,7 @@ listed only when its manifest parses and every file it names exists with the rec
 """
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Mapping
@@ -40,6 +41,28 @@ class CheckpointRef:
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
     return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def put_atomic(uri: str, rel: str, data: bytes) -> None:
+    """Write `<uri>/<rel>` so that a reader sees all of it or nothing (the old content until
+    then). Local: temporary name + fsync + rename, since writing in place truncates first and a
+    reader in between gets an empty file; object stores: one PUT (an object appears whole)."""
+    fs, root = _fs(uri)
+    path = f"{root.rstrip('/')}/{rel}"
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # two writers of one file must not share a temporary
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def _sizes(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, FileEntry]:
@@ -109,8 +132,7 @@ def claim(root: str, record: RunRecord) -> RunRecord:
     fs.invalidate_cache(base)  # a listing cached before another process wrote the record
     path = f"{base}/{RUN_RECORD}"
     if not fs.exists(path):
-        fs.makedirs(base, exist_ok=True)
-        fs.pipe_file(path, record.model_dump_json(by_alias=True).encode())
+        put_atomic(root, RUN_RECORD, record.model_dump_json(by_alias=True).encode())
         fs.invalidate_cache(base)
     return RunRecord.model_validate_json(fs.cat_file(path))
 
@@ -126,10 +148,9 @@ def owner(root: str) -> RunRecord | None:
 
 def pin(root: str, names: list[str], judged: Mapping[str, int] | None = None) -> None:
     """Replace the root's pins with `names` (`attempt-NNN/step-XXXXXXXX`) and the judged marks:
-    one PUT, so a reader sees the old set or the new one, never a mixture."""
-    fs, base = _fs(root)
-    fs.makedirs(base, exist_ok=True)
-    fs.pipe_file(f"{base}/{PINNED}", Pins.of(names, dict(judged or {})).model_dump_json(by_alias=True).encode())
+    written whole (`put_atomic`), so a reader sees the old set or the new one, never a mixture
+    nor an empty file."""
+    put_atomic(root, PINNED, Pins.of(names, dict(judged or {})).model_dump_json(by_alias=True).encode())
 
 
 def pins(root: str) -> Pins:

@@ -53,10 +53,6 @@ def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
@@ -131,7 +127,7 @@ def read_json(uri: str, name: str) -> Any:
 # ---------------------------------------------------------------------------------- writing
 
 def is_local(uri: str) -> bool:
-    return _is_local(_fs(uri)[0])
+    return store.is_local(_fs(uri)[0])
 
 
 def prepare(uri: str, step: int) -> str:
@@ -196,24 +192,8 @@ def commit(uri: str, step: int, tokens: int, files: dict[str, FileEntry], lineag
     manifest = Manifest(step=step, tokens=tokens, lineage=lineage, files=files, evals=evals,
                         train_loss=train_loss, stable=stable,
                         created_at=dt.datetime.now(dt.timezone.utc).isoformat())
-    put_atomic(f"{uri.rstrip('/')}/{checkpoint_name(step)}", MANIFEST,
-               manifest.model_dump_json(by_alias=True, indent=1).encode())
-
-
-def put_atomic(uri: str, rel: str, data: bytes) -> None:
-    """Write `<uri>/<rel>` so that a reader sees all of it or nothing. Local: temporary name +
-    fsync + rename; object stores: one PUT (an object appears whole)."""
-    fs, root = _fs(uri)
-    path = f"{root}/{rel}"
-    if _is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    else:
-        fs.pipe_file(path, data)
+    store.put_atomic(f"{uri.rstrip('/')}/{checkpoint_name(step)}", MANIFEST,
+                     manifest.model_dump_json(by_alias=True, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------------- restoring
@@ -221,7 +201,7 @@ def put_atomic(uri: str, rel: str, data: bytes) -> None:
 def local_path(uri: str) -> str:
     """Where `fetch` puts a verified copy of `uri` on this node (the path itself when local)."""
     fs, path = _fs(uri)
-    return path if _is_local(fs) else _cache_dir(uri)
+    return path if store.is_local(fs) else _cache_dir(uri)
 
 
 def fetch(uri: str, parts: tuple[str, ...] | None = None) -> list[str]:
@@ -237,7 +217,7 @@ def fetch(uri: str, parts: tuple[str, ...] | None = None) -> list[str]:
     wanted = {rel: e for rel, e in manifest.files.items()
               if parts is None or "/" not in rel or rel.split("/", 1)[0] in parts}
     fs, path = _fs(uri)
-    if _is_local(fs):
+    if store.is_local(fs):
         return _verify(fs, path, wanted)
     local = _cache_dir(uri)
     with _locked(local + ".lock"):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PreTrainedModel
 
+from cpt_operator import store
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
 from cpt_operator.api.manifest import (MODEL_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
@@ -465,8 +466,8 @@ class Attempt:
         evaluation from the records, whatever a metrics scrape happened to catch."""
         event = self.events.emit(Evaluated, **fields)
         if event is not None:
-            checkpoint.put_atomic(self.cfg.checkpoint_uri, eval_record_name(event.step),
-                                  event.model_dump_json(by_alias=True).encode())
+            store.put_atomic(self.cfg.checkpoint_uri, eval_record_name(event.step),
+                             event.model_dump_json(by_alias=True).encode())
 
     def _checkpoint_due(self) -> bool:
         return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
@@ -509,8 +510,8 @@ class Attempt:
                                    restore_from=self.start.uri, world_size=self.dist.world_size,
                                    metrics_url=self.metrics.url, base_sha256=self.base_sha)
         if started is not None:  # where the control plane learns the digest the run records
-            checkpoint.put_atomic(cfg.checkpoint_uri, STARTED,
-                                  started.model_dump_json(by_alias=True).encode())
+            store.put_atomic(cfg.checkpoint_uri, STARTED,
+                             started.model_dump_json(by_alias=True).encode())
         self.metrics.up(True)
         self.metrics.gates(self.spec, {})
         if self.evaluator is not None and self.start.uri is None and self.step == 0:
@@ -641,7 +642,7 @@ class Attempt:
         operator cannot read this attempt's events)."""
         self.skips = skips
         if self.dist.is_main:
-            checkpoint.put_atomic(self.cfg.checkpoint_uri, SKIPS, SKIP_LIST.dump_json(skips, by_alias=True))
+            store.put_atomic(self.cfg.checkpoint_uri, SKIPS, SKIP_LIST.dump_json(skips, by_alias=True))
 
     def _skip_window(self) -> DataSkip | None:
         """The stretch of the most blamed source read by the current run of anomalous steps."""
