@@ -39,9 +39,12 @@ def test_ctrl_c_stops_after_a_checkpoint_and_the_same_command_resumes(tmp_path, 
     file = write_run(tmp_path, spec)
     run_dir = tmp_path / "runs" / "tiny"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Ctrl-C as a terminal sends it. A test session started in the background (`cmd &` in a
+    # script) ignores SIGINT, and so would cptctl, which inherits that: give it the default back.
     proc = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "1",
                              "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpts = run_dir / "checkpoints" / "attempt-001"
     wait_for(lambda: any((p / "manifest.json").exists() for p in ckpts.glob("step-*")), 240,
              "a first checkpoint")
