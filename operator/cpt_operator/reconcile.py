@@ -9,6 +9,7 @@ State machine (phase):
   Pending --start attempt 1--> Running
   Running --gate/anomaly: rollback|tune--> RollingBack --old attempt gone--> Running (attempt+1)
   Running --attempt failed--> Running (attempt+1 from its last checkpoint; bounded) | Failed
+  Running --pods not started by the start deadline / failed before the trainer ran--> Failed
   Running --budget reached / plateau--> Succeeded (checkpoint chosen on the Pareto frontier)
   Running --stop requested--> Stopping --attempt gone--> Stopped
   Running --gate: stop / rollbacks exhausted--> Failed
@@ -16,6 +17,7 @@ State machine (phase):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Literal, Mapping, Sequence, Union
 
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
@@ -29,6 +31,7 @@ from .policy import decide, select_checkpoint
 from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
+from .policy.start import Cause, Start, deadline, instant, overdue
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
 
 AttemptPhase = Literal["absent", "running", "succeeded", "failed", "stopped"]
@@ -48,6 +51,9 @@ class AttemptState:
     attempt would fail again, so no restart is spent on it."""
     admission: Admission | None = None
     """What Kueue says of the attempt's Job (resources.queue only)."""
+    start: Start | None = None
+    """How the attempt's start goes, from its pods (a cluster's backend; None where nothing is
+    known of pods: the local backend, an attempt without a Job)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +183,8 @@ class _Planner:
         self.emit("Normal", "AttemptStarted", f"attempt {st.attempt} from {origin} ({reason})")
         set_condition(st, ConditionType.progressing, True, "AttemptRunning",
                       f"attempt {st.attempt} running from {origin}", self.obs.now)
+        if _condition(st, ConditionType.started) is not None:  # the backend watches starts
+            _not_begun(self)
         if self.spec.resources.queue:
             set_condition(st, ConditionType.admitted, False, Reason.queued.value,
                           f"attempt {st.attempt} waits for admission by LocalQueue {self.spec.resources.queue}",
@@ -186,10 +194,10 @@ class _Planner:
         if self.obs.attempt.state == "running":
             self.actions.append(StopAttempt(self.status.attempt, reason, checkpoint))
 
-    def finish(self, phase: Phase, reason: str, message: str) -> None:
+    def finish(self, phase: Phase, reason: str, message: str, checkpoint: bool = True) -> None:
         st = self.status
         st.phase, st.message = phase, message
-        self.stop_attempt(message)
+        self.stop_attempt(message, checkpoint)
         set_condition(st, ConditionType.progressing, False, reason, message, self.obs.now)
         set_condition(st, ConditionType.ready, phase == Phase.succeeded, reason, message, self.obs.now)
         if phase == Phase.succeeded:
@@ -197,6 +205,10 @@ class _Planner:
         elif phase == Phase.failed:
             set_condition(st, ConditionType.failed, True, reason, message, self.obs.now)
         self.emit("Normal" if phase == Phase.succeeded else "Warning", reason, message)
+
+
+def _condition(status: CptRunStatus, type_: ConditionType) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_.value), None)
 
 
 def _latest_in_lineage(p: _Planner) -> str | None:
@@ -328,13 +340,68 @@ def _evicted(p: _Planner) -> None:
     p.start(_latest_in_lineage(p), f"resumed after eviction {st.evictions}")
 
 
+def _not_begun(p: _Planner) -> None:
+    waits = " (it waits for Kueue to admit it)" if p.spec.resources.queue else ""
+    set_condition(p.status, ConditionType.started, False, Reason.starting.value,
+                  f"attempt {p.status.attempt}: its Job has not started yet{waits}", p.obs.now)
+
+
+def _show_start(p: _Planner) -> Cause | None:
+    """The Started condition from how the attempt's start goes, with a Warning event when a
+    fault appears; returns the cause while the attempt starts. Once Started is True for the
+    attempt (reset by each new attempt) nothing is looked at again."""
+    start, st = p.obs.attempt.start, p.status
+    started = _condition(st, ConditionType.started)
+    if start is None or (started is not None and started.status == "True"):
+        return None
+    if start.state == "started":
+        set_condition(st, ConditionType.started, True, Reason.trainers_running.value,
+                      f"attempt {st.attempt}: every trainer is running", p.obs.now)
+        return None
+    if start.cause is None:  # queued: no clock yet
+        _not_begun(p)
+        return None
+    cause, by = start.cause, deadline(start, p.spec.resources.start_timeout_seconds)
+    if cause.fault and (started is None or started.reason != cause.reason.value):
+        p.emit("Warning", cause.reason.value, f"attempt {st.attempt}: {cause.describe()}")
+    when = f" (start deadline {by.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ})" if by else ""
+    set_condition(st, ConditionType.started, False, cause.reason.value,
+                  f"attempt {st.attempt}: {cause.describe()}{when}", p.obs.now)
+    return cause
+
+
+def _start_overdue(p: _Planner) -> bool:
+    """The attempt did not start within resources.startTimeoutSeconds: its pods go at once (there
+    is no trainer state to save) and the run fails, without a restart, which would fail the same
+    way. True when it ended the run."""
+    cause, start = _show_start(p), p.obs.attempt.start
+    timeout = p.spec.resources.start_timeout_seconds
+    if cause is None or start is None or not overdue(start, instant(p.obs.now), timeout):
+        return False
+    p.finish(Phase.failed, Reason.start_timeout.value,
+             f"attempt {p.status.attempt} did not start within {timeout} s: {cause.describe()}", checkpoint=False)
+    return True
+
+
+def _start_failed(p: _Planner) -> bool:
+    """The attempt's Job failed before every trainer ran, of a fault (a container that could not
+    start): the run fails without a restart. True when it ended the run."""
+    cause = _show_start(p)
+    if cause is None or not cause.fault:
+        return False
+    p.finish(Phase.failed, Reason.start_failed.value,
+             f"attempt {p.status.attempt} failed before its trainers ran: {cause.describe()}")
+    return True
+
+
 def _running(p: _Planner) -> None:
     attempt = p.obs.attempt
     evicted = attempt.admission is not None and attempt.admission.state == "evicted"
     if (evicted or _was_evicted(p)) and attempt.state != "succeeded":
         _evicted(p)
     elif attempt.state == "running":
-        _apply(p, decide(p.spec, _observations(p)))
+        if not _start_overdue(p):
+            _apply(p, decide(p.spec, _observations(p)))
     elif attempt.state == "succeeded":
         decision = decide(p.spec, _observations(p, budget_reached=True))
         if decision.action == Action.cont:  # the policy had nothing against finishing
@@ -345,6 +412,8 @@ def _running(p: _Planner) -> None:
         set_condition(p.status, ConditionType.progressing, False, "Interrupted", p.status.message, p.obs.now)
     elif attempt.refused:
         p.finish(Phase.failed, "Refused", f"attempt {attempt.number}: {attempt.message}")
+    elif attempt.state == "failed" and _start_failed(p):
+        return
     elif _must_wait(p):  # a failed Job's other pods are still stopping (its FailureTarget comes first)
         return
     else:  # failed, or gone without a trace (node loss, deleted Job)
@@ -454,6 +523,30 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
             _running(p)
     _admission(p)
     return _plan(p)
+
+
+def reconcile_unreadable(spec: CptRunSpec, status: CptRunStatus, obs: Observed, problem: str) -> Plan:
+    """A pass of a running run whose storage may not be touched: the Secret in
+    resources.s3SecretRef cannot be used (SpecValid=False, reason S3SecretUnreadable, `problem`
+    naming it and why). Nothing that needs storage is decided (gates, restarts, the choice of a
+    checkpoint, pins), but a stop request is carried out, and an attempt whose pods cannot start
+    (lacking that very Secret, most likely) still fails at its start deadline rather than hold
+    its GPUs."""
+    p = _Planner(spec, status, obs)
+    st = p.status
+    st.observed_generation = obs.generation if obs.generation is not None else st.observed_generation
+    before = _condition(st, ConditionType.spec_valid)
+    if before is None or (before.status, before.reason, before.message) != \
+            ("False", Reason.s3_secret_unreadable.value, problem):
+        p.emit("Warning", Reason.s3_secret_unreadable.value, problem)
+    set_condition(st, ConditionType.spec_valid, False, Reason.s3_secret_unreadable.value, problem, obs.now)
+    if st.phase in TERMINAL_PHASES:
+        p.stop_attempt(f"run is {st.phase.value}")
+    elif obs.stop_requested:
+        p.finish(Phase.stopped, "StopRequested", "stopped on request")
+    elif st.phase == Phase.running and obs.attempt.state == "running":
+        _start_overdue(p)
+    return Plan(tuple(p.actions), st)
 
 
 def _plan(p: _Planner) -> Plan:

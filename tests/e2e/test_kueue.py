@@ -1,12 +1,14 @@
 """Gang admission by a real Kueue (tests/cluster/kueue.py) on the real control plane.
 
 Two 2-node runs against a ClusterQueue with GPUs for one: the second waits with a condition and
-no pod until the first is done. A higher-priority run preempts a lower one mid-training; the
-lower one resumes from its last checkpoint once re-admitted, without spending a restart. kwok
-plays the pods; Kueue, the Job controller and the scheduler are real.
+no pod until the first is done, longer than its start deadline, which counts from its admission.
+A higher-priority run preempts a lower one mid-training; the lower one resumes from its last
+checkpoint once re-admitted, without spending a restart. kwok plays the pods; Kueue, the Job
+controller and the scheduler are real.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -21,6 +23,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytes
 GPUS = 8  # per node: a 2-node run takes both kwok H100 nodes, all the ClusterQueue's quota
 PODS_READY_TIMEOUT_S = 10
 """Kueue's waitForPodsReady.timeout here (kwok's pods are ready at once, unless unschedulable)."""
+START_TIMEOUT_S = 30
+"""resources.startTimeoutSeconds of a run that waits in the queue for longer."""
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +84,31 @@ def test_two_gangs_against_quota_for_one_queue_instead_of_half_starting(
     kube.wait_for(lambda: running_pods(kube, namespace, "first", 1), "first's gang running", timeout=60)
     kube.wait_for(lambda: admitted(kube, namespace, "first").get("status") == "True", "first admitted", timeout=30)
 
-    kube.apply(queued("second", s3_bucket), namespace=namespace)
+    # its start deadline is shorter than its wait in the queue: it counts from the admission only
+    kube.apply(queued("second", s3_bucket, resources={"startTimeoutSeconds": START_TIMEOUT_S}), namespace=namespace)
+    applied = time.monotonic()
     waiting = kube.wait_for(lambda: (c := admitted(kube, namespace, "second")).get("reason") == "Pending" and c,
                             "second waiting with Kueue's reason", timeout=30)
     assert waiting["status"] == "False" and "insufficient" in waiting["message"], waiting
     job = kube.kubectl_json("get", "job", "second-a1", "-n", namespace)
     assert job["spec"]["suspend"] is True and pods(kube, namespace, "second") == []
+    assert "startTime" not in job.get("status", {})  # the start clock has not begun
     table = kube.kubectl("get", "cptruns", "-n", namespace)
     assert "ADMISSION" in table and "Admitted" in table and "Pending" in table, table
+    time.sleep(max(0.0, START_TIMEOUT_S + 5 - (time.monotonic() - applied)))
+    status = status_of(kube, namespace, "second")
+    assert status["phase"] == "Running", status
+    assert condition(status, "Started")["message"] == "attempt 1: its Job has not started yet (it waits for Kueue " \
+        "to admit it)", status
 
     kube.annotate_pods(namespace, "cpt.mlops.dev/run=first", "cpt-test/complete=true")
     kube.wait_for(lambda: running_pods(kube, namespace, "second", 1), "second's gang running once first is done",
                   timeout=60)
     kube.wait_for(lambda: admitted(kube, namespace, "second").get("status") == "True", "second admitted", timeout=30)
-    assert status_of(kube, namespace, "second")["restarts"] == 0
+    kube.wait_for(lambda: condition(status_of(kube, namespace, "second"), "Started").get("status") == "True",
+                  "second started", timeout=30)
+    status = status_of(kube, namespace, "second")
+    assert (status["restarts"], status["phase"]) == (0, "Running"), status
 
 
 def test_a_preempted_run_resumes_from_its_last_checkpoint_without_spending_a_restart(

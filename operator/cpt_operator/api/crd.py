@@ -94,6 +94,8 @@ def _printer_columns() -> list[Schema]:
         col("Checkpoint", ".status.lastCheckpoint"),
         col("Rollbacks", ".status.rollbacks", "integer"),
         col("Admission", '.status.conditions[?(@.type=="Admitted")].reason'),
+        # what holds an attempt's pods back (ImagePullFailed, Unschedulable...), TrainersRunning once not
+        col("Start", '.status.conditions[?(@.type=="Started")].reason'),
         col("Age", ".metadata.creationTimestamp", "date"),
         col("Message", ".status.message", priority=1),
     ]

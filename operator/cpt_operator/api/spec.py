@@ -360,6 +360,15 @@ class ResourcesSpec(SpecModel):
     the pods' terminationGracePeriodSeconds, and torchrun waits this long less a margin before
     it kills its workers. Size it to the storage: a fullState save writes ~16 bytes a
     parameter over all ranks (8B: ~130 GB, 70B: ~1.1 TB)."""
+    start_timeout_seconds: int = Field(default=900, ge=30, le=86_400)
+    """How long an attempt may take to start: from its Job's start (with `queue`, from Kueue's
+    admission: a queued attempt is not starting yet) until every pod's trainer container runs.
+    Meanwhile condition Started names what holds a pod back (reason ImagePullFailed,
+    ContainerConfigError, ContainerCreateFailed, ContainerRunFailed or Unschedulable; the
+    message names the pod and quotes the kubelet or the scheduler). When it passes, the attempt's
+    Job is deleted (its GPUs are freed) and the run ends Failed, reason StartTimeout, naming the
+    cause; no restart is spent, since a restart would fail the same way. Leave room for pulling
+    the trainer image onto a fresh node."""
 
     @property
     def procs_per_node(self) -> int:

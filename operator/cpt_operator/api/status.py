@@ -44,6 +44,11 @@ class ConditionType(str, Enum):
     checkpoints_pinned = "CheckpointsPinned"
     """False (reason PinFailed) while what the run may still restore could not be pinned at the
     checkpoint root: retried every pass, and no attempt starts meanwhile."""
+    started = "Started"
+    """On a cluster: False while the attempt's pods start, its reason saying what holds one back
+    (one of `START_CAUSES`, else Starting) and its message the pod and what the kubelet or the
+    scheduler said; True (reason TrainersRunning) once every pod's trainer runs. Reset to False at
+    each new attempt."""
 
 
 class Reason(str, Enum):
@@ -75,6 +80,36 @@ class Reason(str, Enum):
     s3_secret_unreadable = "S3SecretUnreadable"
     """The Secret in resources.s3SecretRef cannot be read or lacks a key: the run's storage is not
     touched with any other identity, and no attempt starts; the message names the Secret and why."""
+    starting = "Starting"
+    """Started=False: the attempt's pods are on their way (queued, scheduled, pulling, creating)."""
+    trainers_running = "TrainersRunning"
+    """Started=True: every pod of the attempt runs its trainer."""
+    image_pull_failed = "ImagePullFailed"
+    """Started=False: the kubelet cannot get the image (ErrImagePull, ImagePullBackOff,
+    ErrImageNeverPull, InvalidImageName...): a wrong `resources.image`, a missing pull secret."""
+    container_config_error = "ContainerConfigError"
+    """Started=False: the kubelet cannot build the container's config (CreateContainerConfigError):
+    a Secret or ConfigMap it names, or a key of one, is missing."""
+    container_create_failed = "ContainerCreateFailed"
+    """Started=False: the runtime refused to create the container (CreateContainerError)."""
+    container_run_failed = "ContainerRunFailed"
+    """Started=False: the container was created but did not run (RunContainerError, or ended with
+    StartError: e.g. its command is not in the image)."""
+    unschedulable = "Unschedulable"
+    """Started=False: the scheduler finds no node for a pod (too few free GPUs, no node matching
+    `resources.nodeSelector`, an untolerated taint); its message says which."""
+    start_timeout = "StartTimeout"
+    """Failed: the attempt's pods did not all run their trainer within
+    `resources.startTimeoutSeconds`; the Job was deleted (its GPUs freed) and no restart spent."""
+    start_failed = "StartFailed"
+    """Failed: the attempt's Job failed before every trainer ran (a container that could not
+    start): a restart would fail the same way, so none is spent."""
+
+
+START_CAUSES = (Reason.image_pull_failed, Reason.container_config_error, Reason.container_create_failed,
+                Reason.container_run_failed, Reason.unschedulable)
+"""Started=False reasons that name a fault (each posts a Warning event when it appears), most
+telling first: what the user must fix before anything else can help."""
 
 
 class Condition(SpecModel):

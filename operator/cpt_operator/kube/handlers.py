@@ -33,7 +33,8 @@ from ..policy.memory import estimate, memory_limit
 from ..policy.memory_fix import usage, wont_fit
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
-from ..reconcile import AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile, set_condition
+from ..reconcile import (AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile,
+                         reconcile_unreadable, set_condition)
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
@@ -367,6 +368,33 @@ def _steady(rt: Runtime, status: CptRunStatus, attempts: Attempts) -> bool:
         rt.launcher.attempt_state(status.attempt, attempts.job, attempts.pods).state == "running"
 
 
+def _observe_attempt(rt: Runtime, spec: CptRunSpec, attempts: Attempts, number: int) -> AttemptState:
+    """The attempt as its Job and pods tell it: its state, how its start goes, what Kueue says."""
+    state = rt.launcher.attempt_state(number, attempts.job, attempts.pods)
+    state = replace(state, start=rt.launcher.start(spec, attempts.job, attempts.pods))
+    return _admission(rt, spec, attempts, state)
+
+
+def _unreadable(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
+                problem: str, watched: Children | None) -> Plan:
+    """A pass of a running run whose Secret cannot be used: what its Job and pods show is still
+    acted on (`reconcile_unreadable`), its storage is not touched. Like any pass, it acts only
+    on fresh reads."""
+    def decide(children: Children | None) -> tuple[Plan, Attempts]:
+        attempts = _attempts(rt, run, status, children)
+        obs = observed(body=body, attempt=_observe_attempt(rt, spec, attempts, status.attempt), series=None,
+                       points=[], refs=[], pods_left=attempts.pods_left, strays=attempts.strays)
+        return reconcile_unreadable(spec, status, obs, problem), attempts
+
+    plan, attempts = decide(watched)
+    if watched is not None and acts(plan, status.phase.value, None):
+        plan, attempts = decide(None)
+    _carry_out(rt, run, spec, body, plan, Requests(), status, attempts)
+    if plan.status.phase in TERMINAL_PHASES:
+        rt.forget(run.uid)
+    return plan
+
+
 @dataclass(frozen=True)
 class _Decided:
     plan: Plan
@@ -379,7 +407,7 @@ def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec,
     """Observe the run (from watches, shared and earlier reads if `watched` is given) and reconcile."""
     number, shared = status.attempt, watched is not None
     attempts = _attempts(rt, run, status, watched)
-    state = _admission(rt, spec, attempts, rt.launcher.attempt_state(number, attempts.job, attempts.pods))
+    state = _observe_attempt(rt, spec, attempts, number)
     if status.phase in TERMINAL_PHASES and not resume:  # nothing left to decide from metrics
         series, points, refs, records = None, list[EvalPoint](), list[CheckpointRef](), Records()
     else:
@@ -415,6 +443,8 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
         try:  # every storage access below is the run's own
             use_run_credentials(rt.kube, run, spec)
         except SecretUnreadable as exc:  # a finished run keeps the status it ended with
+            if status.phase == Phase.running and status.attempt:
+                return _unreadable(rt, run, body, spec, status, str(exc), watched)
             if status.phase not in TERMINAL_PHASES or asks.resume:
                 _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
             return None

@@ -14,6 +14,7 @@ from ..api.exit_codes import EXIT_REFUSED
 from ..api.kueue import LABEL_PRIORITY, LABEL_QUEUE
 from ..api.spec import CptRunSpec
 from ..api.trainer_config import TrainerConfig
+from ..policy.start import Start, assess, clock_start
 from ..reconcile import AttemptState
 from .attempts import alive
 from .builders import (CONFIG_DIR, CONFIG_FILE, WORK_DIR, Object, RunRef, attempt_name,
@@ -35,6 +36,11 @@ class Launcher(Protocol):
 
     def attempt_state(self, number: int, workload: Mapping[str, Any] | None,
                       pods: Sequence[Mapping[str, Any]]) -> AttemptState:
+        ...
+
+    def start(self, spec: CptRunSpec, workload: Mapping[str, Any] | None,
+              pods: Sequence[Mapping[str, Any]]) -> Start | None:
+        """How the attempt's start goes (None without a live workload: nothing is starting)."""
         ...
 
 
@@ -220,3 +226,11 @@ class IndexedJobLauncher:
             return AttemptState(number=number, state="failed", message=_failure_message(workload, pods),
                                 refused=refused)
         return AttemptState(number=number, state="running")
+
+    def start(self, spec: CptRunSpec, workload: Mapping[str, Any] | None,
+              pods: Sequence[Mapping[str, Any]]) -> Start | None:
+        """From the Job's clock (its startTime: Kueue's admission for a queued Job) and its pods,
+        one a node (`policy.start`)."""
+        if workload is None or workload.get("metadata", {}).get("deletionTimestamp"):
+            return None
+        return assess(pods, expected=spec.resources.nodes, since=clock_start(workload))

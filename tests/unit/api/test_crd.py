@@ -41,9 +41,11 @@ def test_status_and_printer_columns() -> None:
     version = crd()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:8] == ["Phase", "Attempt", "Step", "Tokens", "Checkpoint", "Rollbacks", "Admission", "Age"]
-    [admission] = [c for c in version["additionalPrinterColumns"] if c["name"] == "Admission"]
-    assert admission["jsonPath"] == '.status.conditions[?(@.type=="Admitted")].reason'
+    assert names[:9] == ["Phase", "Attempt", "Step", "Tokens", "Checkpoint", "Rollbacks", "Admission", "Start",
+                         "Age"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Admission"] == '.status.conditions[?(@.type=="Admitted")].reason'
+    assert columns["Start"] == '.status.conditions[?(@.type=="Started")].reason'
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert {"phase", "conditions", "observedGeneration", "history", "frontier"} <= set(status)
 

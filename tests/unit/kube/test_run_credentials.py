@@ -7,6 +7,7 @@ instance was made with (the e2e test in test_checkpoint_s3.py uses the real S3 s
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +19,8 @@ from kubernetes.client.exceptions import ApiException
 from cpt_operator.api.manifest import RUN_RECORD
 from cpt_operator.api.status import ConditionType, Reason
 from cpt_operator.api.storage import RUN_CREDENTIALS
-from cpt_operator.kube.handlers import reconcile_run
+from cpt_operator.kube.builders import labels
+from cpt_operator.kube.handlers import _watched, reconcile_run
 from tests.unit.kube.cases import RUN, spec_doc
 from tests.unit.kube.test_memory_check import FakeKube, _condition, _runtime
 
@@ -110,3 +112,50 @@ def test_s3_keys_do_not_open_a_checkpoint_root_on_another_store(tmp_path: Path, 
     cond = _condition(kube.body, ConditionType.spec_valid)
     assert cond["reason"] == Reason.s3_secret_unreadable.value and "is not on S3" in cond["message"]
     assert kube.jobs() == []
+
+
+class StartingKube(Kube):
+    """The Secret goes after the attempt started: the kubelet cannot build the trainer's
+    environment, and the operator cannot read the run's storage."""
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        self.created = [o for o in self.created if o["kind"] != "Job"]
+        return True
+
+    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+        self.created = [o for o in self.created if o["kind"] != "Pod"]
+
+    def job_started(self, ago_s: float) -> None:
+        start = datetime.now(timezone.utc) - timedelta(seconds=ago_s)
+        self.jobs()[0]["status"] = {"startTime": start.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        waiting = {"reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}
+        self.created = [o for o in self.created if o["kind"] != "Pod"] + [{
+            "kind": "Pod", "metadata": {"name": "legal-7b-a1-0-abcde", "labels": labels(RUN, 1)},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": waiting}}]}}]
+
+
+def test_a_secret_gone_after_the_start_still_ends_the_stuck_attempt_at_its_deadline(tmp_path: Path) -> None:
+    doc = _body(f"s3://ckpt-{tmp_path.name}")
+    doc["spec"]["resources"] |= {"nodes": 1, "startTimeoutSeconds": 60}
+    kube, events = StartingKube(doc, SECRET), []
+    rt = _runtime(kube, events)
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    RecordingStore.clear_instance_cache()  # any later access to the store makes a new instance
+    reads = len(RecordingStore.keys)
+    kube.secret = ApiException(status=404, reason="Not Found")
+    kube.job_started(ago_s=5)
+    for _ in range(2):  # a second pass repeats nothing
+        reconcile_run(rt, RUN.namespace, RUN.name)
+    assert _condition(kube.body, ConditionType.spec_valid)["reason"] == Reason.s3_secret_unreadable.value
+    started = _condition(kube.body, ConditionType.started)
+    assert (started["reason"], kube.body["status"]["phase"]) == (Reason.container_config_error.value, "Running")
+    assert 'CreateContainerConfigError: secret "s3-creds" not found' in started["message"]
+    assert [r for _, r, _ in events][-2:] == [Reason.s3_secret_unreadable.value, Reason.container_config_error.value]
+
+    kube.job_started(ago_s=61)
+    watched = {kind: [_watched(o) for o in kube.created if o["kind"] == kind] for kind in ("Job", "Pod")}
+    reconcile_run(rt, RUN.namespace, RUN.name, watched=watched)  # a timer pass: it acts on fresh reads
+    assert kube.body["status"]["phase"] == "Failed" and kube.jobs() == []
+    assert _condition(kube.body, ConditionType.failed)["reason"] == Reason.start_timeout.value
+    assert 'secret "s3-creds" not found' in kube.body["status"]["message"]
+    assert len(RecordingStore.keys) == reads  # the storage was not touched without the run's keys
