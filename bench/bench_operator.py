@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,12 +33,6 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 import cluster  # noqa: E402  (tests/cluster/cluster.py)
 
 from cpt_operator.api.manifest import FileEntry, Lineage, Manifest  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cptrun(name: str, bucket: str, pool: str = "cpu") -> dict[str, Any]:
@@ -166,7 +159,7 @@ def main() -> int:
         ns, bucket = "bench", s3.create_bucket()
         kube.kubectl("create", "namespace", ns)
         kube.wait_for_default_service_account(ns)
-        ports = {k: str(free_port()) for k in ("CPT_METRICS_PORT", "CPT_WEBHOOK_PORT", "CPT_HEALTH_PORT")}
+        ports = {k: str(cluster.free_port()) for k in ("CPT_METRICS_PORT", "CPT_WEBHOOK_PORT", "CPT_HEALTH_PORT")}
         env = {**os.environ, **s3.env, **ports, "KUBECONFIG": str(kube.kubeconfig), "PROMETHEUS_URL": prom.url,
                "CPT_RECONCILE_INTERVAL": str(args.interval), "CPT_WEBHOOK_TOKEN": "bench"}
         log = open(kube.root / "operator.log", "wb")

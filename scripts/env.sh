@@ -16,6 +16,10 @@ if [ ! -x "$VENV/bin/cptctl" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e "$ROOT[all]"
   echo "== environment ready in $(( $(date +%s) - start ))s"
+  # Environments of older pins are 6 GB each (torch with its CUDA libraries): only the newest stays.
+  for old in "$CPT_CACHE_DIR"/venv-*; do
+    [ "$old" = "$VENV" ] || { echo "== removing the older environment $old"; rm -rf "$old"; }
+  done
 else
   # the checkout may have moved (fresh clone): re-point the editable install, no downloads
   "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >/dev/null

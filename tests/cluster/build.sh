@@ -4,16 +4,20 @@
 #
 # Idempotent: a component whose binaries are all present is reused as is, so
 # a warm run takes seconds. Go module and build caches live under the same
-# cache dir (gomod/, gocache/) so a rebuild after a version bump only compiles
-# what changed. Each component is built into a temporary dir and moved into
-# place when complete, so an interrupted build never leaves a half-filled dir.
+# cache dir (gomod/, gocache/) while building and are emptied after a build
+# that compiled something: about 10 GB that the images and the test run need
+# more (CPT_KEEP_GO_CACHE=1 keeps them, for a session that rebuilds often).
+# Each component is built into a temporary dir and moved into place when
+# complete, so an interrupted build never leaves a half-filled dir.
 #
 # Usage: build.sh [--force] [component ...]
 #   components: kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue
-#               kubelet containerd runc cni pause (the real node; `node` names all five)
+#               kubelet containerd runc cni pause coredns nftables (the real node; `node`
+#               names all seven)
 #               (default: all)
 #   --force      rebuild even when the binaries are present
-# Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2)
+# Environment: CPT_CACHE_DIR, GO (go binary), BUILD_PARALLELISM (go build -p, default 2),
+#   CPT_KEEP_GO_CACHE (1: keep gomod/ and gocache/ after a build)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,16 +43,16 @@ selected=()
 for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     kubernetes | etcd | kwok | helm | versitygw | toxiproxy | prometheus | kueue) selected+=("$arg") ;;
-    kubelet | containerd | runc | cni | pause) selected+=("$arg") ;;
-    node) selected+=(kubelet containerd runc cni pause) ;;
+    kubelet | containerd | runc | cni | pause | coredns | nftables) selected+=("$arg") ;;
+    node) selected+=(kubelet containerd runc cni pause coredns nftables) ;;
     *) echo "build.sh: unknown component '$arg'" >&2; exit 2 ;;
   esac
 done
 # kubelet after kubernetes: it reuses most of the control plane's compiled packages.
 [[ ${#selected[@]} -gt 0 ]] || selected=(kubernetes etcd kwok helm versitygw toxiproxy prometheus kueue
-  kubelet containerd runc cni pause)
+  kubelet containerd runc cni pause coredns nftables)
 
 say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -60,6 +64,7 @@ have() {
 }
 
 failed=()
+built=0
 
 # component NAME VERSION BUILD_FUNCTION BINARY...
 # Runs BUILD_FUNCTION TMPDIR unless the binaries are cached, times it, and
@@ -81,6 +86,7 @@ component() {
   if (set -e; "$fn" "$tmp") >"$log" 2>&1 && have "$tmp" "$@"; then
     rm -rf "$dir"
     mv "$tmp" "$dir"
+    built=1
     say "$name $version: done in $((SECONDS - start)) s -> $dir"
   else
     say "$name $version: FAILED after $((SECONDS - start)) s; last lines of $log:"
@@ -178,6 +184,14 @@ build_cni() {
   GOBIN=$1 "$go" install -p "$parallelism" -trimpath -ldflags "-s -w" "${pkgs[@]}"
 }
 
+# The real node's cluster DNS: CoreDNS with only the plugins it uses (tools/coredns/main.go sets
+# dnsserver.Directives, as CoreDNS documents for custom builds), from a tools module of its own.
+build_coredns() {
+  cd "$here/tools/coredns"
+  GOFLAGS=-mod=readonly "$go" build -p "$parallelism" -trimpath -ldflags "-s -w" -o "$1/coredns" .
+  "$1/coredns" -version
+}
+
 # apt_install PACKAGE... : installs Debian packages (root or sudo) unless their
 # commands are already there (the caller checks), retrying after an update.
 apt_install() {
@@ -194,6 +208,14 @@ build_runc() {
   command -v runc >/dev/null || apt_install runc
   ln -s "$(command -v runc)" "$1/runc"
   runc --version
+}
+
+# nft from Debian: the node's stand-in for kube-proxy's rule for the `kubernetes` Service is a
+# DNAT in an nftables table of the node's own (node.py), so it never edits shared chains.
+build_nftables() {
+  command -v nft >/dev/null || apt_install nftables
+  ln -s "$(command -v nft)" "$1/nft"
+  "$1/nft" --version
 }
 
 # The pod sandbox's pause program, from the C source in the Kubernetes module
@@ -266,8 +288,14 @@ for c in "${selected[@]}"; do
     runc) component runc "$RUNC_VERSION" build_runc runc ;;
     pause) component pause "$PAUSE_VERSION" build_pause pause ;;
     cni) component cni "$CNI_PLUGINS_VERSION" build_cni bridge loopback host-local portmap ;;
+    coredns) component coredns "$COREDNS_VERSION" build_coredns coredns ;;
+    nftables) component nftables "$NFTABLES_VERSION" build_nftables nft ;;
   esac
 done
+if [[ $built == 1 && ${CPT_KEEP_GO_CACHE:-0} != 1 ]]; then
+  say "emptying the Go caches ($(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | cut -f1 | paste -sd+)); CPT_KEEP_GO_CACHE=1 keeps them"
+  "$go" clean -cache -modcache || true
+fi
 if [[ ${#failed[@]} -gt 0 ]]; then
   say "FAILED: ${failed[*]} (see $log_dir)"
   exit 1

@@ -105,6 +105,8 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "runc": ("RUNC_VERSION", ("runc",)),
     "cni": ("CNI_PLUGINS_VERSION", ("bridge", "loopback", "host-local", "portmap")),
     "pause": ("PAUSE_VERSION", ("pause",)),
+    "coredns": ("COREDNS_VERSION", ("coredns",)),
+    "nftables": ("NFTABLES_VERSION", ("nft",)),
 }
 
 
@@ -166,11 +168,25 @@ def ensure_binaries(components: Iterable[str], *, build: bool | None = None) -> 
 # --------------------------------------------------------------------------
 
 
+_ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now and never handed out before by this process.
+
+    The kernel may give the port of a socket just closed to the next bind, so two calls in a row
+    could return one port twice: a CI run's etcd once got the same client and peer port and died
+    on "address already in use".
+    """
+    with _ports_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _ports_handed_out:
+                _ports_handed_out.add(port)
+                return port
 
 
 _PR_SET_PDEATHSIG = 1
@@ -286,6 +302,28 @@ class Process:
                 break
             except subprocess.TimeoutExpired:
                 continue
+
+
+def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, input: str | None = None,
+        timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end; ComponentError with its stderr when it fails and ``check``."""
+    proc = subprocess.run([str(a) for a in argv], input=input, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise ComponentError(f"{' '.join(map(str, argv))} exited {proc.returncode}: "
+                             f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def host_ip() -> str | None:
+    """The address the host sends from by default (None without a default route). The real
+    node's InternalIP: the kubelet refuses a loopback one, and pods on the node's bridge reach
+    the host's servers there."""
+    proc = subprocess.run(["ip", "-4", "-json", "route", "get", "1.1.1.1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return str(json.loads(proc.stdout)[0]["prefsrc"])
 
 
 def http_get(url: str, context: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -460,25 +498,37 @@ def etcd_compact(url: str) -> int:
     return revision
 
 
-class KubeAPIServer:
-    SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = "10.0.0.0/24"
+# The `kubernetes` Service: the first address of the service range, port 443. Pods' in-cluster
+# config dials it (KUBERNETES_SERVICE_HOST/PORT); on the real node a DNAT sends it to the API
+# server (podnet.py).
+KUBERNETES_SERVICE = (str(next(ipaddress.ip_network(SERVICE_CIDR).hosts())), 443)
 
+
+class KubeAPIServer:
     def __init__(self, workdir: Workdir, pki: PKI, etcd_url: str) -> None:
         self.workdir, self.pki = workdir, pki
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
+        # Clients on the host dial 127.0.0.1; pods on the real node dial the `kubernetes`
+        # Service's address, which a DNAT sends to the host's own address (podnet.py), so the
+        # server listens on every address and its certificate names all three.
+        self.host_ip = host_ip()
+        ips = ["127.0.0.1", KUBERNETES_SERVICE[0], *([self.host_ip] if self.host_ip else [])]
         cert, key = pki.issue(
-            "apiserver", "kube-apiserver", server=True, ips=["127.0.0.1", "10.0.0.1"],
+            "apiserver", "kube-apiserver", server=True, ips=ips,
             dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                  "kubernetes.default.svc.cluster.local"])
         self.process = Process("kube-apiserver", [
             binary("kube-apiserver"),
             "--etcd-servers", etcd_url,
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            # Advertised (the `kubernetes` Endpoints) as 127.0.0.1 still: without kube-proxy
+            # nothing reads them, and some hosts have no default route to pick another.
+            "--bind-address=0.0.0.0", "--advertise-address=127.0.0.1",
             f"--secure-port={self.port}",
             f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
             f"--client-ca-file={pki.ca_cert}",
-            f"--service-cluster-ip-range={self.SERVICE_CIDR}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
@@ -604,6 +654,25 @@ class KubeCluster:
     def _track(self, process: Process) -> None:
         self.processes.append(process)
 
+    @property
+    def port(self) -> int:
+        """The API server's port (it listens on every address, see KubeAPIServer)."""
+        return int(urllib.parse.urlparse(self.server).port or 443)
+
+    def user_kubeconfig(self, name: str, user: str, rules: list[dict[str, Any]]) -> Path:
+        """A kubeconfig for a client of its own (a certificate for ``user``) allowed only
+        ``rules`` cluster-wide, through a ClusterRole and binding ``cpt-test-<name>``."""
+        role = f"cpt-test-{name}"
+        subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}
+        self.apply([
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": role}, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": role}, "subjects": [subject],
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}},
+        ])
+        return self._component_kubeconfig(name, user)
+
     def _component_kubeconfig(self, name: str, user: str) -> Path:
         cert, key = self.pki.issue(name, user)
         return write_kubeconfig(self.root / f"{name}.kubeconfig", self.server,
@@ -640,7 +709,7 @@ class KubeCluster:
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={self.pki.sa_key}",
             f"--root-ca-file={self.pki.ca_cert}",
-            f"--service-cluster-ip-range={KubeAPIServer.SERVICE_CIDR}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allocate-node-cidrs=false",
             # Quick reactions in tests (defaults are tuned for large clusters).
             "--concurrent-gc-syncs=5", "--node-monitor-grace-period=40s",
@@ -778,19 +847,94 @@ class KubeCluster:
 # --------------------------------------------------------------------------
 
 
+SCRAPE_ANNOTATION = "prometheus.io/scrape"
+PORT_ANNOTATION = "prometheus.io/port"
+PATH_ANNOTATION = "prometheus.io/path"
+
+
+def pod_targets(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """file_sd target groups for the pods annotated ``prometheus.io/scrape: "true"``: what
+    ``kubernetes_sd_configs`` (role pod) with the usual annotation relabelling gives.
+
+    A stand-in: Debian's Prometheus 2.42 is built without the Kubernetes discovery (it refuses
+    ``kubernetes_sd_configs``: "field kubernetes_sd_configs not found"), so the harness lists
+    pods itself. Same rules: ``prometheus.io/port`` (else every declared container port),
+    ``prometheus.io/path`` (else /metrics), targets labelled ``namespace`` and ``pod`` as a
+    PodMonitor labels them; pods without an IP yet, and pods that have ended, are left out.
+    """
+    groups = []
+    for pod in pods:
+        meta, status = pod.get("metadata", {}), pod.get("status", {})
+        annotations = meta.get("annotations") or {}
+        ip = status.get("podIP")
+        if annotations.get(SCRAPE_ANNOTATION) != "true" or not ip \
+                or status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        ports = [annotations[PORT_ANNOTATION]] if PORT_ANNOTATION in annotations else [
+            str(p["containerPort"]) for c in pod.get("spec", {}).get("containers", [])
+            for p in c.get("ports") or []]
+        labels = {"namespace": meta.get("namespace", ""), "pod": meta.get("name", ""),
+                  "__metrics_path__": annotations.get(PATH_ANNOTATION) or "/metrics"}
+        groups += [{"targets": [f"{ip}:{port}"], "labels": labels} for port in ports]
+    return groups
+
+
+class PodDiscovery:
+    """Lists the cluster's pods every ``interval`` seconds and writes ``pod_targets`` into a
+    file_sd file (only when it changed): the stand-in for ``kubernetes_sd_configs``."""
+
+    def __init__(self, kube: KubeCluster, path: Path, interval: float = 1.0) -> None:
+        self.kube, self.path, self.interval = kube, path, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pod-discovery", daemon=True)
+        self.write([])
+
+    def write(self, groups: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups, indent=2))
+        tmp.replace(self.path)  # atomic: Prometheus never reads half a file
+
+    def start(self) -> PodDiscovery:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        last: list[dict[str, Any]] = []
+        while not self._stop.wait(self.interval):
+            status, body = http_get(f"{self.kube.server}/api/v1/pods", self.kube.ssl_context)
+            if status != 200:
+                continue  # the API server is restarting or gone; the last targets stay
+            groups = pod_targets(json.loads(body)["items"])
+            if groups != last:
+                self.write(groups)
+                last = groups
+
+
 class Prometheus:
     """Prometheus scraping targets listed in a file_sd JSON file the test writes.
 
     ``add_target("127.0.0.1:9000", {"job_kind": "trainer"})`` rewrites the file;
     Prometheus notices it (inotify) and scrapes every second. Rule files go in
     ``rules_dir`` (``add_rules``) and are loaded by ``reload()``.
+
+    With ``discover_pods`` (a KubeCluster) a second job, ``kubernetes-pods``, scrapes the
+    pods annotated ``prometheus.io/scrape: "true"`` at their pod IP (reachable from the host for
+    pods on the real node's bridge), found by ``PodDiscovery`` (a stand-in for
+    ``kubernetes_sd_configs``, which Debian's build lacks). ``host``: the address it listens
+    on; pods on the real node reach it at ``real_node.ip``, not at 127.0.0.1.
     """
 
     def __init__(self, root: Path | None = None, alertmanager_url: str | None = None,
-                 scrape_interval: str = "1s") -> None:
+                 scrape_interval: str = "1s", discover_pods: KubeCluster | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.wd = Workdir(root, "prometheus")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.targets_file = self.wd / "targets.json"
         self.rules_dir = self.wd / "rules"
         self.rules_dir.mkdir(exist_ok=True)
@@ -806,15 +950,23 @@ class Prometheus:
                 "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}],
             }],
         }
+        self.pod_discovery: PodDiscovery | None = None
+        if discover_pods is not None:
+            pods_file = self.wd / "pods.json"
+            self.pod_discovery = PodDiscovery(discover_pods, pods_file)
+            config["scrape_configs"].append({
+                "job_name": "kubernetes-pods",
+                "file_sd_configs": [{"files": [str(pods_file)], "refresh_interval": "1s"}],
+            })
         if alertmanager_url:
-            host = urllib.parse.urlparse(alertmanager_url).netloc
-            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [host]}]}]}
+            alertmanager = urllib.parse.urlparse(alertmanager_url).netloc
+            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
         self.config_file = self.wd / "prometheus.yml"
         self.config_file.write_text(json.dumps(config, indent=2))
         self.process = Process("prometheus", [
             binary("prometheus"), f"--config.file={self.config_file}",
             f"--storage.tsdb.path={self.wd / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--web.listen-address={host}:{self.port}",
             "--web.enable-lifecycle", "--web.enable-admin-api", "--log.level=warn",
         ], self.wd / "prometheus.log")
 
@@ -822,9 +974,13 @@ class Prometheus:
         ensure_binaries(["prometheus"])
         self.process.start()
         self.process.wait_until(lambda: _http_ok(f"{self.url}/-/ready"), "ready (/-/ready)", timeout)
+        if self.pod_discovery is not None:
+            self.pod_discovery.start()
         return self
 
     def stop(self) -> None:
+        if self.pod_discovery is not None:
+            self.pod_discovery.stop()
         self.process.stop()
 
     def _write_targets(self) -> None:

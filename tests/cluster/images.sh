@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the images the real node runs, with no registry and no daemon, into OCI archives:
-#   ${CPT_CACHE_DIR:-$HOME/.cache/cpt-operator}/images/<name>-<tag>.oci.tar
+#   ${CPT_CACHE_DIR:-$HOME/.cache/cpt-operator}/images/<name>-<tag>.<oci|docker>.tar
 # each holding the image localhost/cpt-<name>:<tag> (pause: localhost/pause:<version>), which
 # tests/cluster/node.py imports into the node's containerd.
 #
@@ -8,12 +8,13 @@
 #   base      Debian bookworm from Debian's packages (mmdebstrap, minbase + python3-venv):
 #             what python:3.11-slim-bookworm gives the Dockerfiles, made here
 #   operator  operator/Dockerfile built FROM base (its PYTHON_IMAGE build argument); pip
-#             downloads from PyPI through a cache mount kept between builds
+#             downloads from PyPI
+#   trainer   trainer/Dockerfile built FROM base the same way: torch with its CUDA libraries
 #
 # The tag is a hash of what goes in, so an archive present is up to date; --force rebuilds.
 # Builder: buildah (Debian), overlay storage under the cache dir ($BUILDAH_STORAGE_DRIVER),
 # run as root.
-# Usage: images.sh [--force] [pause|base|operator ...]   (default: pause base)
+# Usage: images.sh [--force] [pause|base|operator|trainer ...]   (default: pause base)
 # Prints "NAME REF ARCHIVE" per image on stdout, progress on stderr.
 set -euo pipefail
 
@@ -34,8 +35,8 @@ selected=()
 for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
-    pause | base | operator) selected+=("$arg") ;;
+    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    pause | base | operator | trainer) selected+=("$arg") ;;
     *) echo "images.sh: unknown image '$arg'" >&2; exit 2 ;;
   esac
 done
@@ -48,9 +49,10 @@ need() {  # need COMMAND PACKAGE: apt-get install PACKAGE when COMMAND is missin
   command -v "$1" >/dev/null && return 0
   local sudo=""
   [[ $(id -u) == 0 ]] || sudo=sudo
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "$2" || {
-    $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
-      --no-install-recommends "$2"
+  # Waits for a dpkg lock held by another install (build.sh may be installing at the same time).
+  local apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends)
+  DEBIAN_FRONTEND=noninteractive $sudo "${apt[@]}" install "$2" || {
+    $sudo "${apt[@]}" update && DEBIAN_FRONTEND=noninteractive $sudo "${apt[@]}" install "$2"
   }
 }
 
@@ -65,11 +67,14 @@ tag_of() {  # a short hash of its arguments
   printf '%s\n' "$@" | sha256sum | cut -c1-12
 }
 
-# image NAME REF BUILD_FUNCTION: BUILD_FUNCTION REF commits REF into buildah's storage; the
-# archive is written next to the others and renamed into place when complete.
+# image NAME REF BUILD_FUNCTION [FORMAT]: BUILD_FUNCTION REF commits REF into buildah's storage;
+# the archive is written next to the others and renamed into place when complete. FORMAT `oci`
+# (default): an OCI archive with gzipped layers. `docker`: a docker-archive, whose layers are
+# stored uncompressed: for GBs of layers, gzip on push and gunzip on import cost more than the
+# bytes (buildah's --disable-compression does not apply to oci-archive).
 image() {
-  local name=$1 ref=$2 fn=$3
-  local archive=$out_dir/$name-${ref##*:}.oci.tar log=$log_dir/image-$name.log
+  local name=$1 ref=$2 fn=$3 format=${4:-oci}
+  local archive=$out_dir/$name-${ref##*:}.$format.tar log=$log_dir/image-$name.log
   if [[ $force == 0 && -s $archive ]]; then
     say "$name: cached ($archive)"
     echo "$name $ref $archive"
@@ -78,10 +83,11 @@ image() {
   say "$name: building $ref (log: $log)"
   local start=$SECONDS
   if ("$fn" "$ref" && rm -f "$archive.tmp" &&
-      buildah_ push -q "$ref" "oci-archive:$archive.tmp:$ref") >"$log" 2>&1; then
+      buildah_ push -q "$ref" "$format-archive:$archive.tmp:$ref") >"$log" 2>&1; then
     mv "$archive.tmp" "$archive"
     # Older archives of this image are stale by construction (the tag hashes the inputs).
-    find "$out_dir" -maxdepth 1 -name "$name-*.oci.tar" ! -path "$archive" -delete
+    find "$out_dir" -maxdepth 1 -name "$name-*.tar" ! -path "$archive" -delete
+    prune "$ref" >>"$log" 2>&1 || say "$name: pruning older builds failed (see $log)"
     say "$name: done in $((SECONDS - start)) s -> $archive ($(du -h "$archive" | cut -f1))"
     echo "$name $ref $archive"
   else
@@ -90,6 +96,22 @@ image() {
     rm -f "$archive.tmp"
     return 1
   fi
+}
+
+# prune REF: older builds of REF's image leave buildah's storage, with the untagged layer images
+# only they used. A trainer build whose dependencies changed holds a layer of its own of 6 GB,
+# so without this the storage grows by that much per pyproject.toml change; REF's own layers
+# stay as the next build's cache (untagged images with children are not dangling).
+prune() {
+  local ref=$1 old
+  for old in $(buildah_ images --format '{{.Name}}:{{.Tag}}' | grep -F "${ref%:*}:" | grep -vxF "$ref"); do
+    buildah_ rmi "$old"
+  done
+  # Removing an image can leave its parent dangling: repeat while there are any.
+  for _ in $(seq 30); do
+    [[ -n $(buildah_ images -q --filter dangling=true) ]] || break
+    buildah_ rmi --prune >/dev/null
+  done
 }
 
 build_pause() {
@@ -128,6 +150,8 @@ source_tag() {
 build_dockerfile() {
   local dockerfile=$1 arg=$2 ref=$3
   local base_ref base_archive
+  # A RUN step needs an OCI runtime, which buildah only recommends.
+  need runc runc
   read -r _ base_ref base_archive < <(bash "$here/images.sh" base | awk '$1 == "base"')
   [[ -n $base_ref ]]
   # FROM must find it in the storage (which may have been wiped), or buildah asks a registry.
@@ -139,6 +163,7 @@ build_dockerfile() {
     --build-arg "$arg=$base_ref" -f "$dockerfile" -t "$ref" .)
 }
 build_operator() { build_dockerfile operator/Dockerfile PYTHON_IMAGE "$1"; }
+build_trainer() { build_dockerfile trainer/Dockerfile PYTHON_IMAGE "$1"; }
 
 need buildah buildah
 rc=0
@@ -153,6 +178,8 @@ for i in "${selected[@]}"; do
         build_base || rc=1 ;;
     operator)
       image operator "localhost/cpt-operator:$(source_tag operator/Dockerfile)" build_operator || rc=1 ;;
+    trainer)
+      image trainer "localhost/cpt-trainer:$(source_tag trainer/Dockerfile)" build_trainer docker || rc=1 ;;
   esac
 done
 exit $rc

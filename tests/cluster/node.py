@@ -6,6 +6,9 @@ them with runc in their own namespaces on a CNI bridge. Images come from OCI arc
 here (``images.sh``), imported with ``ctr``; there is no registry, so pods on this node use
 ``imagePullPolicy: Never`` (or IfNotPresent with a non-``latest`` tag).
 
+Pods get cluster DNS and the `kubernetes` Service (the in-cluster config's API address) from
+stand-ins for what kube-proxy and a CoreDNS Deployment would give: see podnet.py.
+
 Several test sessions share one machine (CI, other worktrees), so everything that lives
 outside the session's temp dir is named per node: the cgroup parent (``/cpt-<id>`` in every
 v1 hierarchy), the bridge (``cpt<id>``) and its subnet, and the kubelet's ports. The node
@@ -20,6 +23,7 @@ crash left behind (tasks, mounts, the bridge, cgroups) is removed by hand after.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -32,7 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import podnet
 from .cluster import (
+    KUBERNETES_SERVICE,
     ComponentError,
     KubeCluster,
     Process,
@@ -40,11 +46,13 @@ from .cluster import (
     binary,
     ensure_binaries,
     free_port,
+    host_ip,
+    run,
     versions,
     write_kubeconfig,
 )
 
-NODE_COMPONENTS = ("kubelet", "containerd", "runc", "cni", "pause")
+NODE_COMPONENTS = ("kubelet", "containerd", "runc", "cni", "pause", "coredns", "nftables")
 REAL_NODE_TAINT = {"key": "cpt-test/real-node", "value": "true", "effect": "NoSchedule"}
 REAL_NODE_LABEL = ("type", "real")
 # A pod spec fragment that lets a pod (and only it) onto the real node.
@@ -55,6 +63,8 @@ REAL_NODE_PLACEMENT: dict[str, Any] = {
 }
 K8S_NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin keeps its images in
 CGROUP_V1 = Path("/sys/fs/cgroup")
+HOST_LOCK = Path("/run/cpt-node/real-node.lock")
+"""Held by the one real node of this machine: the kubelet's device-plugin socket is host-wide."""
 
 
 def pause_image() -> str:
@@ -87,18 +97,10 @@ def host_routes() -> list[ipaddress.IPv4Network]:
     return nets
 
 
-def host_ip() -> str:
-    """The address the host sends from by default: the node's InternalIP. The kubelet refuses
-    a loopback node IP, and pods (on the bridge) reach the host's servers there."""
-    out = subprocess.run(["ip", "-4", "-json", "route", "get", "1.1.1.1"],
-                         capture_output=True, text=True, check=True).stdout
-    return str(json.loads(out)[0]["prefsrc"])
-
-
 def cni_conflist(bridge: str, subnet: ipaddress.IPv4Network, data_dir: Path) -> dict[str, Any]:
     """The pod network: one bridge per node, host-local addresses kept in the node's temp dir,
     hostPort mappings; no masquerade (pods reach the host's servers on the bridge address)."""
-    gateway = str(next(subnet.hosts()))
+    gateway = podnet.gateway(subnet)
     return {
         "cniVersion": "1.0.0", "name": "cpt-pods",
         "plugins": [
@@ -157,7 +159,8 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 
 
 def kubelet_config(*, root: Path, socket: Path, cgroup_root: str, address: str, port: int,
-                   healthz_port: int, pods_log_dir: Path, max_pods: int = 20) -> dict[str, Any]:
+                   healthz_port: int, pods_log_dir: Path, cluster_dns: str,
+                   max_pods: int = 20) -> dict[str, Any]:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
         # This VM has cgroup v1 only; v1.35+ refuses it unless told.
@@ -186,19 +189,13 @@ def kubelet_config(*, root: Path, socket: Path, cgroup_root: str, address: str, 
         "serializeImagePulls": False,
         "syncFrequency": "5s", "fileCheckFrequency": "5s",
         "nodeStatusUpdateFrequency": "5s",
+        # Pods' resolv.conf: the node's CoreDNS, `<ns>.svc.cluster.local` and co. as search
+        # paths, ndots:5 (dnsPolicy ClusterFirst, the default).
+        "clusterDNS": [cluster_dns], "clusterDomain": podnet.CLUSTER_DOMAIN,
         "resolvConf": "/etc/resolv.conf",
         "staticPodPath": str(root / "manifests"),
         "volumePluginDir": str(root / "volume-plugins"),
     }
-
-
-def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True,
-        timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise ComponentError(f"{' '.join(map(str, argv))} exited {proc.returncode}: "
-                             f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
 
 
 class RealNode:
@@ -222,12 +219,17 @@ class RealNode:
         self.socket = self.sock_dir / "containerd.sock"
         self.processes: list[Process] = []
         self.subnet: ipaddress.IPv4Network | None = None
+        self.ip = ""  # the node's InternalIP: the host's own address
+        self.dns_ip = ""  # the node's CoreDNS: its bridge's gateway address
+        self._table = ""  # its nftables table (podnet.py), once made
         self.placement = REAL_NODE_PLACEMENT
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self, timeout: float = 90.0) -> RealNode:
+    def start(self, timeout: float = 90.0, lock_timeout: float = 3600.0) -> RealNode:
         ensure_binaries(NODE_COMPONENTS)
+        self._lock_host(lock_timeout)
         try:
+            self._start_network()
             self._start_containerd()
             self._load_pause()
             self._start_kubelet(timeout)
@@ -236,11 +238,44 @@ class RealNode:
             raise
         return self
 
+    def _lock_host(self, timeout: float) -> None:
+        """Wait for the machine's real-node lock: a second kubelet would take over the first's
+        device-plugin socket, so sessions sharing a machine take turns instead."""
+        HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = HOST_LOCK.open("a")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._lock.close()
+                    raise ComponentError(f"another real node held {HOST_LOCK} for {timeout:.0f} s") from None
+                time.sleep(2)
+
+    def _start_network(self) -> None:
+        """The bridge with its gateway address, the `kubernetes` Service's DNAT and CoreDNS on
+        that address (podnet.py), before the kubelet writes any pod's resolv.conf."""
+        ip = host_ip()
+        if ip is None:
+            raise ComponentError("the host has no default route: no address for the node")
+        self.ip = ip
+        self.subnet = pick_subnet(host_routes(), random.Random())
+        podnet.make_bridge(self.bridge, self.subnet)
+        self._table = self.bridge
+        podnet.route_kubernetes_service(self._table, self.bridge, KUBERNETES_SERVICE,
+                                        (self.ip, self.kube.port))
+        self.dns_ip = podnet.gateway(self.subnet)
+        dns = podnet.ClusterDNS(self.kube, self.root / "coredns", self.dns_ip).start()
+        assert dns.process is not None
+        self.processes.append(dns.process)
+
     def _start_containerd(self) -> None:
         self.sock_dir.mkdir(parents=True, exist_ok=True)
         cni_conf = self.root / "cni" / "net.d"
         cni_conf.mkdir(parents=True, exist_ok=True)
-        self.subnet = pick_subnet(host_routes(), random.Random())
+        assert self.subnet is not None
         (cni_conf / "10-cpt.conflist").write_text(json.dumps(
             cni_conflist(self.bridge, self.subnet, self.root / "cni" / "ipam"), indent=2))
         config = self.root / "containerd.toml"
@@ -258,8 +293,10 @@ class RealNode:
                    check=check, timeout=timeout)
 
     def load_image(self, archive: Path) -> None:
-        """Import an OCI archive (``images.sh`` output) so that pods can use it by its name."""
-        self.ctr("images", "import", "--local", "--no-unpack=false", str(archive))
+        """Import an OCI or docker archive (``images.sh`` output) so that pods can use it by its
+        name. Unpacked, its layer blobs are dropped from the content store: the snapshots are
+        what containers run from, and the trainer's would otherwise be on disk twice (6.5 GB)."""
+        self.ctr("images", "import", "--local", "--discard-unpacked-layers", str(archive), timeout=900)
 
     def _load_pause(self) -> None:
         from .images import pause_archive
@@ -298,11 +335,10 @@ class RealNode:
         (kroot / "manifests").mkdir(parents=True, exist_ok=True)
         config = self.root / "kubelet.yaml"
         self.kubelet_port, healthz = free_port(), free_port()
-        self.ip = host_ip()
         config.write_text(json.dumps(kubelet_config(
             root=kroot, socket=self.socket, cgroup_root=self.cgroup_root, address=self.ip,
-            port=self.kubelet_port,
-            healthz_port=healthz, pods_log_dir=self.root / "pod-logs"), indent=2))
+            port=self.kubelet_port, healthz_port=healthz, pods_log_dir=self.root / "pod-logs",
+            cluster_dns=self.dns_ip), indent=2))
         labels = ",".join(f"{k}={v}" for k, v in self.labels.items())
         proc = Process("kubelet", [
             binary("kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
@@ -330,6 +366,14 @@ class RealNode:
             proc.stop()
         self.processes.clear()
         self._clean_host()
+        # Its images' snapshots are GBs (the trainer's alone 6.5 GB) and pytest keeps the temp
+        # dirs of the last three sessions: the node's state goes with it, its logs stay.
+        for state in ("containerd", "kubelet"):
+            shutil.rmtree(self.root / state, ignore_errors=True)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()  # releases the flock
+            self._lock = None
 
     def _drain(self, timeout: float = 60.0) -> None:
         self.kube.kubectl_result("delete", "pods", "--all-namespaces", "--grace-period=1",
@@ -359,6 +403,9 @@ class RealNode:
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         for point in sorted((m for m in mounts if m.startswith(mine)), key=len, reverse=True):
             run(["umount", "-l", point], check=False)
+        # The table before the bridge: a table whose bridge is gone counts as a leftover.
+        if self._table:
+            podnet.remove_table(self._table)
         run(["ip", "link", "delete", self.bridge], check=False)
         # The kubelet links every container log into the host-wide /var/log/containers.
         for link in Path("/var/log/containers").glob("*.log"):

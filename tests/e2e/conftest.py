@@ -9,6 +9,7 @@ the last lines.
 Session fixtures:  kube_cluster, prometheus, alertmanager, s3_server, helm_bin
 Module fixtures:   operator (the CRD installed and `python -m cpt_operator.kube` running; one
                    per module, so each module's operator state starts afresh)
+Module fixtures on the real node: base_image, operator_image (built by images.sh, imported)
 Function fixtures: namespace, s3_bucket
 """
 
@@ -80,7 +81,8 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.K
 def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real node (containerd + runc + CNI + kubelet) registered as ``real-0``, tainted so
     that only pods with ``real_node.placement`` (nodeSelector + toleration) land there;
-    ``load_image(archive)``, ``ctr(*args)``. See tests/cluster/node.py."""
+    ``ip`` (the host's address, where pods reach host servers), ``dns_ip`` (its CoreDNS),
+    ``load_image(archive)``, ``ctr(*args)``. See tests/cluster/node.py and podnet.py."""
     from tests.cluster import node
 
     if os.geteuid() != 0:
@@ -95,6 +97,42 @@ def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPa
         yield real
     finally:
         real.stop()
+
+
+@pytest.fixture(scope="module")
+def base_image(real_node) -> str:  # type: ignore[no-untyped-def]
+    """The Debian base image (images.sh), imported into the real node's containerd; its ref."""
+    from tests.cluster.images import build_images
+
+    image = build_images("base")["base"]
+    real_node.load_image(image.archive)
+    return image.ref
+
+
+@pytest.fixture(scope="module")
+def operator_image(real_node) -> str:  # type: ignore[no-untyped-def]
+    """The operator image (operator/Dockerfile on the base), imported into the real node."""
+    from tests.cluster.images import build_images
+
+    image = build_images("operator")["operator"]
+    real_node.load_image(image.archive)
+    return image.ref
+
+
+@pytest.fixture(scope="session")
+def trainer_image(real_node) -> str:  # type: ignore[no-untyped-def]
+    """The trainer image (trainer/Dockerfile on the base, torch from PyPI), imported into the
+    real node once per session (~6 GB, ~50 s); its ref."""
+    import time
+
+    from tests.cluster.images import build_images
+
+    image = build_images("trainer")["trainer"]
+    start = time.monotonic()
+    real_node.load_image(image.archive)
+    print(f"\ntrainer image {image.ref}: {image.archive.stat().st_size / 2**30:.2f} GiB archive, "
+          f"imported in {time.monotonic() - start:.0f} s")
+    return image.ref
 
 
 @pytest.fixture

@@ -14,16 +14,10 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
+from tests.cluster.cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-webhook-token"
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class OperatorProcess:
     """`python -m cpt_operator.kube` with the test cluster's kubeconfig; restartable."""

@@ -12,47 +12,9 @@ from typing import Any
 import pytest
 
 from tests.cluster.cluster import S3Server
-from tests.cluster.images import build_images
+from tests.e2e.real_pods import RESTRICTED, run_pod
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def base_image(real_node: Any) -> str:
-    image = build_images("base")["base"]
-    real_node.load_image(image.archive)
-    return image.ref
-
-
-@pytest.fixture(scope="module")
-def operator_image(real_node: Any) -> str:
-    image = build_images("operator")["operator"]
-    real_node.load_image(image.archive)
-    return image.ref
-
-
-RESTRICTED = {  # what Pod Security "restricted" asks of a container
-    "runAsNonRoot": True, "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-}
-
-
-def run_pod(kube: Any, node: Any, namespace: str, name: str, container: dict[str, Any],
-            timeout: float = 180) -> tuple[str, dict[str, Any], str]:
-    """Run one container to its end on the real node: (phase, pod, logs)."""
-    kube.apply({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
-        "spec": {**node.placement, "restartPolicy": "Never", "automountServiceAccountToken": False,
-                 "containers": [{"name": "main", "imagePullPolicy": "Never", **container}]},
-    })
-
-    def done() -> str | None:
-        phase = kube.kubectl("get", "pod", name, "-n", namespace, "-o", "jsonpath={.status.phase}")
-        return phase if phase in ("Succeeded", "Failed") else None
-
-    phase = kube.wait_for(done, f"pod {name} to finish on the real node", timeout=timeout)
-    return phase, kube.kubectl_json("get", "pod", name, "-n", namespace), \
-        kube.kubectl("logs", name, "-n", namespace)
 
 
 def test_a_pod_runs_on_the_real_node_and_its_logs_are_the_containers_output(

@@ -239,7 +239,10 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     # the fault-free run
     ns = new_namespace(kube, f"faults-clean-{SEED}")
     kube.apply(s3_secret(s3_server), namespace=ns)
-    op = OperatorProcess(operator_env(kube, prometheus, s3_server), tmp_path / "operator-clean.log").start()
+    # Each operator watches only its own run's namespace: the faulted run's operators must not
+    # find the finished fault-free run, nor the other way round.
+    op = OperatorProcess({**operator_env(kube, prometheus, s3_server), "CPT_NAMESPACES": ns},
+                         tmp_path / "operator-clean.log").start()
     try:
         clean, clean_kubelet = drive(kube, prometheus, s3_server, ns, clean_bucket, clean_run, tmp_path / "node-clean")
     finally:
@@ -249,7 +252,7 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
 
     # the faulted run: the trainers reach S3 through the proxy too (the Secret names it)
     ns = new_namespace(kube, f"faults-chaos-{SEED}")
-    env = proxied_env(kube, prometheus, s3_server, toxiproxy, tmp_path)
+    env = {**proxied_env(kube, prometheus, s3_server, toxiproxy, tmp_path), "CPT_NAMESPACES": ns}
     secret = s3_secret(s3_server)
     secret["stringData"].update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")})
     kube.apply(secret, namespace=ns)

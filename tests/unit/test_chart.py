@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cpt_operator.kube.builders import CONFIG_DIR, CONFIG_FILE
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "cpt-operator"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -115,8 +117,9 @@ def test_images_install_their_extra_from_the_repository_pyproject(dockerfile: st
     assert extra in PYPROJECT["project"]["optional-dependencies"]
     assert "COPY pyproject.toml" in text
     assert re.search(rf'pip install "\.\[{extra}\]"', text), f"{dockerfile} must pip install .[{extra}]"
+    # Dependencies come only from the extra; the package's own wheel goes in without any.
     installs = re.findall(r"pip install ([^\n&]+)", text)
-    assert all(f"[{extra}]" in line for line in installs), installs
+    assert all(f"[{extra}]" in line or line.startswith("--no-deps ") for line in installs), installs
     names = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower()
              for dep in PYPROJECT["project"]["optional-dependencies"][extra]}
     assert forbidden not in names
@@ -125,13 +128,21 @@ def test_images_install_their_extra_from_the_repository_pyproject(dockerfile: st
     assert VALUES["operator"]["podSecurityContext"]["runAsUser"] == 10001
 
 
-def test_trainer_image_is_cuda_based_and_operator_image_is_slim_python() -> None:
+def test_both_images_build_from_a_python_base_given_as_a_build_argument() -> None:
+    """No CUDA base for the trainer: PyPI's torch wheels bring the CUDA libraries, the node the
+    driver. The tests build both FROM a local Debian base through the same argument."""
     trainer = (ROOT / "trainer" / "Dockerfile").read_text()
     operator = (ROOT / "operator" / "Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.-]+-runtime-", trainer, re.M)
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", operator, re.M)
+    for text in (trainer, operator):
+        assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
+        assert re.findall(r"^FROM (\S+)", text, re.M)[0] == "${PYTHON_IMAGE}"
+    assert not [line for line in re.findall(r"^(?:FROM|ARG) .*", trainer, re.M) if "cuda" in line.lower()]
+    assert "apt-get" not in trainer and "add-apt-repository" not in trainer
     assert 'CMD ["python", "-m", "cpt_operator.kube"]' in operator
-    assert '"-m", "cpt_trainer", "--config", "/etc/cpt/trainer-config.json"' in trainer
+    # The operator's pods set their own command; the default runs the same launcher on one process.
+    assert not re.search(r"^ENTRYPOINT", trainer, re.M)
+    assert re.search(r'^CMD \["python", "-m", "cpt_trainer.launch", .*"-m", "cpt_trainer", "--config", '
+                     rf'"{CONFIG_DIR}/{CONFIG_FILE}"\]$', trainer, re.M)
 
 
 @pytest.mark.parametrize("dockerfile, repository", [

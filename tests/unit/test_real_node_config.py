@@ -52,11 +52,19 @@ def test_containerd_keeps_every_path_in_the_nodes_dir_and_uses_cgroupfs(tmp_path
 def test_the_kubelet_runs_on_cgroup_v1_under_its_own_parent_and_taints_its_node(tmp_path: Path) -> None:
     config = node.kubelet_config(root=tmp_path, socket=Path("/s.sock"), cgroup_root="/cpt-abc",
                                  address="192.0.2.2", port=10250, healthz_port=10248,
-                                 pods_log_dir=tmp_path / "logs")
+                                 pods_log_dir=tmp_path / "logs", cluster_dns="10.201.7.1")
     assert config["failCgroupV1"] is False
     assert (config["cgroupDriver"], config["cgroupRoot"]) == ("cgroupfs", "/cpt-abc")
     assert config["containerRuntimeEndpoint"] == "unix:///s.sock"
     assert config["registerWithTaints"] == [node.REAL_NODE_TAINT]
+
+
+def test_the_kubelet_gives_pods_the_nodes_coredns_and_the_cluster_domain(tmp_path: Path) -> None:
+    config = node.kubelet_config(root=tmp_path, socket=Path("/s.sock"), cgroup_root="/cpt-abc",
+                                 address="192.0.2.2", port=10250, healthz_port=10248,
+                                 pods_log_dir=tmp_path / "logs", cluster_dns="10.201.7.1")
+    assert config["clusterDNS"] == ["10.201.7.1"]
+    assert config["clusterDomain"] == "cluster.local"
 
 
 def test_the_placement_tolerates_exactly_the_real_nodes_taint() -> None:

@@ -48,7 +48,9 @@ class Settings:
     serve the timer passes of all its runs."""
     trainer_metrics_port: int = 9400
     rdzv_port: int = 29500
-    run_as_user: int = 1000
+    run_as_user: int = 10001
+    """uid and gid of the trainer pods: the user trainer/Dockerfile makes, a name in /etc/passwd
+    rather than an anonymous uid (getpass, which torch's debug and cache paths call, fails on one)."""
     rollback_grace_s: int = 15
     """Grace of a rolled-back attempt's pods: its progress is being discarded, so it only needs
     time to exit, not to save (a stop or finish keeps the pods' full grace to checkpoint)."""
