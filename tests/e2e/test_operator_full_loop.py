@@ -32,6 +32,7 @@ from typing import Any, Callable, TypeVar
 import pytest
 
 from cpt_operator.api.events import Evaluated, Finished, Started, parse_event
+from cpt_operator.api.manifest import EVENTS
 from cpt_operator.store import CheckpointRef, list_checkpoints
 from tests.e2e.operator_harness import (OperatorProcess, condition, events, free_port, job_names, status_of,
                                         trainer_config)
@@ -66,6 +67,11 @@ class LocalPod:
     deleted_while_running: bool = False
     reported: bool = False
 
+    @property
+    def serving(self) -> bool:
+        """The trainer is up: rank 0 opened its event log (with its metrics endpoint)."""
+        return (self.run_dir / EVENTS).exists()
+
 
 def host_path(mounts: dict[str, Path], path: str) -> str:
     """Where a path inside the container lies on this machine (itself when on no volume)."""
@@ -89,13 +95,13 @@ def field_value(pod: dict[str, Any], path: str) -> str:
     return str(pod[head][attr])
 
 
-def localised_config(text: str, mounts: dict[str, Path]) -> str:
+def localised_config(text: str, mounts: dict[str, Path], metrics_port: int) -> str:
     """The pod's trainer config for this machine: its run directory on the work volume's local
-    directory, and metricsPort 0 (the trainer picks a free port and writes it to
-    <runDir>/metrics-port), since every attempt here shares one network namespace."""
+    directory, and a free metrics port of the kubelet's choosing, since every attempt here shares
+    one network namespace."""
     doc = json.loads(text)
     doc["runDir"] = host_path(mounts, doc["runDir"])
-    doc["metricsPort"] = 0
+    doc["metricsPort"] = metrics_port
     return json.dumps(doc, indent=2)
 
 
@@ -146,8 +152,9 @@ class Kubelet:
         root = self.root / meta["name"]
         mounts = {m["mountPath"]: root / "volumes" / m["name"] for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        metrics_port = free_port()
         for m in container.get("volumeMounts", []):
-            self._fill(volumes[m["name"]], mounts[m["mountPath"]], mounts)
+            self._fill(volumes[m["name"]], mounts[m["mountPath"]], mounts, metrics_port)
         env = self._env(pod, container, mounts)
         argv = [host_path(mounts, expand(a, env)) for a in container["command"] + container.get("args", [])]
         argv[argv.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
@@ -155,19 +162,26 @@ class Kubelet:
         log = root / "trainer.log"
         # the pod stays Terminating until the process exits (kwok's pod-delete stage waits for this)
         self.kube.kubectl_result("annotate", "pod", meta["name"], "-n", self.namespace, f"{RUNNING}=true")
+        # The target exists from the container's start, as a pod's does for Kubernetes discovery
+        # once it has an address: Prometheus applies discovered targets at most every 5 s, and an
+        # attempt stopped soon after its breach may expose its metrics for less than that.
+        # The target labels are those a PodMonitor gives a pod's endpoint (honorLabels: false).
+        metrics = f"127.0.0.1:{metrics_port}"
+        self.prometheus.add_target(metrics, {"pod": meta["name"], "namespace": self.namespace})
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         return LocalPod(name=meta["name"], attempt=int(meta["labels"]["cpt.mlops.dev/attempt"]), proc=proc,
-                        run_dir=Path(config["runDir"]), log=log,
+                        run_dir=Path(config["runDir"]), log=log, metrics=metrics,
                         grace_s=float(spec.get("terminationGracePeriodSeconds", 30)))
 
-    def _fill(self, volume: dict[str, Any], directory: Path, mounts: dict[str, Path]) -> None:
+    def _fill(self, volume: dict[str, Any], directory: Path, mounts: dict[str, Path], metrics_port: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         if "configMap" in volume:
             cm = self.kube.kubectl_json("get", "configmap", volume["configMap"]["name"], "-n", self.namespace)
             for key, text in cm["data"].items():
-                (directory / key).write_text(localised_config(text, mounts) if key == CONFIG_FILE else text)
+                local = localised_config(text, mounts, metrics_port) if key == CONFIG_FILE else text
+                (directory / key).write_text(local)
 
     def _env(self, pod: dict[str, Any], container: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
         # the image's PATH (this venv); one BLAS thread: two cores are shared with the control plane
@@ -185,11 +199,6 @@ class Kubelet:
         return env
 
     def _watch(self, local: LocalPod, pod: dict[str, Any] | None) -> None:
-        port_file = local.run_dir / "metrics-port"
-        if local.metrics is None and port_file.exists():
-            local.metrics = f"127.0.0.1:{port_file.read_text().strip()}"
-            # the target labels a PodMonitor gives a pod's endpoint (honorLabels: false)
-            self.prometheus.add_target(local.metrics, {"pod": local.name, "namespace": self.namespace})
         if pod is not None and not pod["metadata"].get("deletionTimestamp"):
             return
         if local.kill_at is None:
@@ -270,7 +279,7 @@ def until(kubelet: Kubelet, check: Callable[[], T | None], what: str, timeout: f
 
 
 def trainer_events(local: LocalPod) -> list[Any]:
-    path = local.run_dir / "events.jsonl"
+    path = local.run_dir / EVENTS
     return [parse_event(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -96,7 +96,7 @@ def milestones(status: dict[str, Any], kubelet: Kubelet) -> set[str]:
     """What the run has reached, from the trainers' own records (the status lags a pass behind)."""
     reached = {"applied"}
     pods = list(kubelet.pods.values())
-    training = {p.attempt for p in pods if p.metrics and p.proc.poll() is None}
+    training = {p.attempt for p in pods if p.serving and p.proc.poll() is None}
     saved = {p.attempt for p in pods if saved_by(p)}
     if 1 in training:
         reached.add("a1-training")
