@@ -162,12 +162,16 @@ class Kubelet:
         log = root / "trainer.log"
         # the pod stays Terminating until the process exits (kwok's pod-delete stage waits for this)
         self.kube.kubectl_result("annotate", "pod", meta["name"], "-n", self.namespace, f"{RUNNING}=true")
-        # The target exists from the container's start, as a pod's does for Kubernetes discovery
-        # once it has an address: Prometheus applies discovered targets at most every 5 s, and an
+        # Prometheus scrapes the pod before its container starts, as Kubernetes discovery finds a
+        # pod once it has an address: discovered targets are applied at most every 5 s, and an
         # attempt stopped soon after its breach may expose its metrics for less than that.
         # The target labels are those a PodMonitor gives a pod's endpoint (honorLabels: false).
         metrics = f"127.0.0.1:{metrics_port}"
         self.prometheus.add_target(metrics, {"pod": meta["name"], "namespace": self.namespace})
+        deadline = time.monotonic() + 30
+        while not any(t["discoveredLabels"].get("__address__") == metrics for t in self.prometheus.targets()):
+            assert time.monotonic() < deadline, f"Prometheus did not take up the target {metrics}"
+            time.sleep(0.2)
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
