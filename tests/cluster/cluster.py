@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -805,6 +805,14 @@ class KubeCluster:
                 "get", f"crd/{crd}", "-o",
                 "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout == "True",
             f"CRD {crd} established", timeout=timeout)
+
+    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> str:
+        """A new namespace, with `labels`, once pods can be created in it; its name."""
+        self.kubectl("create", "namespace", name)
+        if labels:
+            self.kubectl("label", "namespace", name, *(f"{k}={v}" for k, v in labels.items()))
+        self.wait_for_default_service_account(name)
+        return name
 
     def wait_for_default_service_account(self, namespace: str, timeout: float = 30.0) -> None:
         """Pods are refused until the namespace's ``default`` ServiceAccount exists."""

@@ -138,9 +138,7 @@ def trainer_image(real_node) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def namespace(kube_cluster: cluster.KubeCluster) -> Iterator[str]:
     """A fresh namespace (with its default ServiceAccount), deleted after the test."""
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kube_cluster.kubectl("create", "namespace", name)
-    kube_cluster.wait_for_default_service_account(name)
+    name = kube_cluster.create_namespace(f"t-{uuid.uuid4().hex[:10]}")
     try:
         yield name
     finally:

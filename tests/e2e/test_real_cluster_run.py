@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.helm, pyte
               pytest.mark.prometheus, pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUN = "two-pods"
-RESTRICTED_NS = "pod-security.kubernetes.io/enforce=restricted"
+RESTRICTED_NS = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,7 @@ def host_prometheus(kube_cluster: Any, real_node: Any,
 
 
 def new_namespace(kube: Any, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    kube.kubectl("create", "namespace", name)
-    kube.kubectl("label", "namespace", name, RESTRICTED_NS)
-    kube.wait_for_default_service_account(name)
-    return name
+    return str(kube.create_namespace(f"{prefix}-{uuid.uuid4().hex[:6]}", RESTRICTED_NS))
 
 
 def upload_inputs(s3: S3Server, bucket: str, tmp: Path, model: Path, corpora: dict[str, Path]) -> str:

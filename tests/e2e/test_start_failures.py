@@ -88,9 +88,7 @@ def applied(kube_cluster: Any, operator: OperatorProcess, s3_server: Any,
     test; the real node's two once their pods are on it (or the run has already failed), so that
     the Secret test's cordon cannot hold them back."""
     kube = kube_cluster
-    ns, bucket = f"t-{uuid.uuid4().hex[:10]}", s3_server.create_bucket()
-    kube.kubectl("create", "namespace", ns)
-    kube.wait_for_default_service_account(ns)
+    ns, bucket = kube.create_namespace(f"t-{uuid.uuid4().hex[:10]}"), s3_server.create_bucket()
     real_node = request.getfixturevalue("real_node") if os.geteuid() == 0 else None
     try:
         kube.apply(too_big(bucket), namespace=ns)

@@ -215,12 +215,6 @@ def proxied_env(kube: Any, prometheus: Any, s3_server: Any, proxy: Toxiproxy, tm
             "AWS_ENDPOINT_URL": s3, "AWS_ENDPOINT_URL_S3": s3}
 
 
-def new_namespace(kube: Any, name: str) -> str:
-    kube.kubectl("create", "namespace", name)
-    kube.wait_for_default_service_account(name)
-    return name
-
-
 # -- the test ---------------------------------------------------------------------------------
 def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
         kube_cluster: Any, prometheus: Any, s3_server: Any, toxiproxy: Toxiproxy, tmp_path: Path,
@@ -237,7 +231,7 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     faulty_run = json.loads(json.dumps(clean_run).replace(f"s3://{clean_bucket}/", f"s3://{faulty_bucket}/"))
 
     # the fault-free run
-    ns = new_namespace(kube, f"faults-clean-{SEED}")
+    ns = kube.create_namespace(f"faults-clean-{SEED}")
     kube.apply(s3_secret(s3_server), namespace=ns)
     # Each operator watches only its own run's namespace: the faulted run's operators must not
     # find the finished fault-free run, nor the other way round.
@@ -251,7 +245,7 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
           f"chosen {clean.status.get('bestCheckpoint')}")
 
     # the faulted run: the trainers reach S3 through the proxy too (the Secret names it)
-    ns = new_namespace(kube, f"faults-chaos-{SEED}")
+    ns = kube.create_namespace(f"faults-chaos-{SEED}")
     env = {**proxied_env(kube, prometheus, s3_server, toxiproxy, tmp_path), "CPT_NAMESPACES": ns}
     secret = s3_secret(s3_server)
     secret["stringData"].update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")})
