@@ -120,7 +120,8 @@ class Checkpointer:
         self.restore_from = restore_from
         # Background collectives get their own group: the training step's collectives on the
         # default group would otherwise interleave with them in another order on each rank.
-        self._group = dist.new_group(backend="gloo") if dist_info.enabled else None
+        self._group = dist.new_group(backend="gloo", timeout=dist_info.timeout) \
+            if dist_info.enabled else None
         self._stager = HostStager(pinned=dist_info.device.type == "cuda")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future[Saved] | None = None

@@ -18,6 +18,8 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    timeout: timedelta = timedelta(minutes=30)
+    """How long a collective may wait (`parallelism.collectiveTimeoutSeconds`)."""
 
     @property
     def is_main(self) -> bool:
@@ -28,8 +30,9 @@ class Dist:
         return dist.is_available() and dist.is_initialized()
 
 
-def setup(use_cuda: bool) -> Dist:
-    """Join the process group torchrun describes in the environment (if any)."""
+def setup(use_cuda: bool, timeout: timedelta = timedelta(minutes=30)) -> Dist:
+    """Join the process group torchrun describes in the environment (if any). A collective that
+    waits longer than `timeout` (a peer is gone, or took another code path) fails the attempt."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -37,10 +40,9 @@ def setup(use_cuda: bool) -> Dist:
     if use_cuda:
         torch.cuda.set_device(device)
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        # A step that stalls for this long means a peer is gone; fail instead of hanging.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, timeout)
 
 
 def teardown() -> None:

@@ -32,6 +32,7 @@ import os
 import signal
 import time
 from collections import Counter
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,8 @@ class Attempt:
     def __init__(self, cfg: TrainerConfig):
         self.cfg, self.spec = cfg, cfg.spec
         use_cuda = torch.cuda.is_available()
-        self.dist = distributed.setup(use_cuda)
+        self.dist = distributed.setup(use_cuda, timedelta(
+            seconds=cfg.spec.training.parallelism.collective_timeout_seconds))
         self.device = self.dist.device
         precision = self.spec.training.precision
         self.autocast_dtype = torch.bfloat16 if (

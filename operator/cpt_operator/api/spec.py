@@ -275,6 +275,11 @@ class ParallelismSpec(SpecModel):
     """fsdp/hsdp only: keep the sharded parameters, gradients and optimizer state in host memory
     (FSDP2 CPUOffloadPolicy; the AdamW step runs on the CPU). Frees most GPU memory for
     activations, at the cost of host-device traffic every step."""
+    collective_timeout_seconds: int = Field(default=1800, ge=10, le=86_400)
+    """How long a rank waits in one collective (an all-gather, a barrier) before the process
+    group fails the attempt instead of hanging: a peer that died or took another code path is
+    reported after this long. Long enough for the slowest step, save or evaluation a rank can
+    wait on; short values are for tests."""
 
     @model_validator(mode="after")
     def _offload_needs_sharding(self) -> "ParallelismSpec":
