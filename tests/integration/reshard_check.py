@@ -1,5 +1,6 @@
 """Run under torchrun: load a checkpoint into an FSDP model and optimizer on this world size
-with the trainer's own code, and compare every tensor, gathered, with the files read whole.
+with the trainer's own code (each rank reads its slices through the verified block reader), and
+compare every tensor, gathered, with the files read whole; report the bytes each rank read.
 
     torchrun --nproc-per-node N tests/integration/reshard_check.py CHECKPOINT_DIR OUT.json
 """
@@ -18,7 +19,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from cpt_operator.api.manifest import MODEL_DIR, OPTIMIZER_DIR
 from cpt_operator.api.spec import ParallelismSpec, Sharding
 from cpt_trainer import distributed
+from cpt_trainer.checkpoint import read_manifest
 from cpt_trainer.checkpointer import Checkpointer
+from cpt_trainer.load.verified import CheckpointSource, open_blocks
 from cpt_trainer.model import skeleton
 from cpt_trainer.parallel import parallelize
 
@@ -49,8 +52,11 @@ def main(directory: str, out: str) -> None:
         [{"params": [p for p in model.parameters() if p.ndim >= 2]},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}])
     checkpointer = Checkpointer(f"{out}.unused", info, keep=1)
-    checkpointer.load_model(parallel.model, directory)
-    checkpointer.load_optimizer(parallel.model, optimizer, directory)
+    source = CheckpointSource(directory, directory, open_blocks(directory, read_manifest(directory)))
+    checkpointer.load_model(parallel.model, source)
+    checkpointer.load_optimizer(parallel.model, optimizer, source)
+    read = [0] * info.world_size
+    dist.all_gather_object(read, source.bytes_read)
     sharded = any(p.to_local().numel() < p.numel() for p in model.parameters())  # type: ignore[attr-defined]
     model_sd = get_model_state_dict(model, options=FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
@@ -59,6 +65,7 @@ def main(directory: str, out: str) -> None:
         with open(out, "w") as f:
             json.dump({"world_size": info.world_size, "sharded": sharded,
                        "model_tensors": len(saved_model), "optimizer_tensors": len(saved_optim),
+                       "bytes_read": read,
                        "model_mismatches": mismatches(model_sd, saved_model),
                        "optimizer_mismatches": mismatches(optim_sd, saved_optim)}, f)
     checkpointer.close()

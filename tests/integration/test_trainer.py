@@ -197,7 +197,7 @@ def test_a_base_changed_after_the_first_start_is_refused_naming_both_digests(tmp
     from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
     from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
     from cpt_operator.records import RunRecords
-    from cpt_trainer.model import digest
+    from cpt_trainer.load.node_copy import digest
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)

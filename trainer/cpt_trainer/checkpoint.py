@@ -26,22 +26,20 @@ keeps every checkpoint the control plane pinned.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
 from cpt_operator import store
-from cpt_operator.api.manifest import (MANIFEST, FileEntry, Lineage, Manifest, Problem, checkpoint_name,
-                                       root_of, step_of, verify, writer_rank)
+from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileEntry, Lineage, Manifest, Problem,
+                                       checkpoint_name, root_of, step_of, verify, writer_rank)
 from cpt_operator.api.ownership import RunRecord, owner_problem
 
-from .node_cache import node_cache
+from .node_cache import locked, node_cache
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +109,19 @@ def list_checkpoints(uri: str, deep: bool = True) -> tuple[list[tuple[str, Manif
     return valid, problems
 
 
-def latest_valid(uri: str, stable_only: bool = False) -> tuple[str, Manifest] | None:
-    valid, problems = list_checkpoints(uri)
+def latest_valid(uri: str, stable_only: bool = False, deep: bool = True) -> tuple[str, Manifest] | None:
+    valid, problems = list_checkpoints(uri, deep)
     for problem in problems:
         log.warning("ignoring checkpoint %s: %s", problem.checkpoint, problem.reason)
     candidates = [(n, m) for n, m in valid if m.stable or not stable_only]
     return candidates[-1] if candidates else None
+
+
+def manifest_digest(uri: str) -> str:
+    """The sha256 of a checkpoint's manifest: it names the sha256 of every file, so it stands for
+    the whole checkpoint (a checkpoint used as a base is identified by it)."""
+    fs, path = _fs(uri)
+    return hashlib.sha256(fs.cat_file(f"{path}/{MANIFEST}")).hexdigest()
 
 
 def read_json(uri: str, name: str) -> Any:
@@ -166,20 +171,45 @@ def own_files(directory: str, rank: int) -> list[str]:
     return sorted(found)
 
 
-def seal(directory: str, rel_paths: list[str], target_uri: str | None = None) -> dict[str, FileEntry]:
+def seal(directory: str, rel_paths: list[str], target_uri: str | None = None
+         ) -> tuple[dict[str, FileEntry], dict[str, list[str]]]:
     """Make this rank's files durable and describe them: fsync in place, or upload to
     `target_uri` (an object store) from the local staging directory. Hashing happens here,
-    on the local bytes, so nobody downloads a shard again to hash it."""
-    entries = {}
+    on the local bytes, so nobody downloads a shard again to hash it. Returns each file's entry
+    and its blocks' digests (`BlockTable`), from one read."""
+    entries, blocks = {}, {}
     fs, target = _fs(target_uri) if target_uri else (None, "")
     for rel in rel_paths:
         local = os.path.join(directory, rel)
         with open(local, "rb") as f:
             os.fsync(f.fileno())
-        entries[rel] = digest(_LOCAL, local)
+        entries[rel], blocks[rel] = hash_blocks(local, BLOCK_BYTES)
         if fs is not None:
             fs.put_file(local, f"{target}/{rel}")
-    return entries
+    return entries, blocks
+
+
+BLOCK_BYTES = 16 << 20
+"""Verification granularity of a streamed restore: a rank reading a range reads (and hashes)
+the whole blocks around it; 16 MiB is a good size of a ranged GET on object stores."""
+
+
+def hash_blocks(path: str, block_size: int) -> tuple[FileEntry, list[str]]:
+    """The file's size and sha256, and the sha256 of each `block_size` block of it."""
+    whole, blocks, size = hashlib.sha256(), [], 0
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            whole.update(block)
+            blocks.append(hashlib.sha256(block).hexdigest())
+            size += len(block)
+    return FileEntry(size=size, sha256=whole.hexdigest()), blocks
+
+
+def write_blocks(target_uri: str, block_size: int, blocks: dict[str, list[str]]) -> FileEntry:
+    """Write the checkpoint's `BlockTable` (rank 0, before the manifest that lists it)."""
+    data = BlockTable(block_size=block_size, files=blocks).model_dump_json(by_alias=True).encode()
+    store.put_atomic(target_uri, BLOCKS, data)
+    return FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 _LOCAL = fsspec.filesystem("file")
@@ -220,7 +250,7 @@ def fetch(uri: str, parts: tuple[str, ...] | None = None) -> list[str]:
     if store.is_local(fs):
         return _verify(fs, path, wanted)
     local = _cache_dir(uri)
-    with _locked(local + ".lock"):
+    with locked(local + ".lock"):
         done = local + ".verified.json"
         have = _verified(done)
         # A cached file counts only with the digest the manifest now gives: a checkpoint
@@ -252,19 +282,6 @@ def _verify(fs: fsspec.AbstractFileSystem, root: str, files: dict[str, FileEntry
 
 def _cache_dir(uri: str) -> str:
     return str(node_cache("checkpoints", hashlib.sha256(uri.encode()).hexdigest()[:16]))
-
-
-@contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """An exclusive lock among the processes of this node (a lock file next to the copy, so
-    the copy's own files are only the checkpoint's)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------- retention

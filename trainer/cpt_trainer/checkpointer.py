@@ -28,17 +28,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, StorageReader
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from cpt_operator.api.manifest import (CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
+from cpt_operator.api.manifest import (BLOCKS, CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
                                        FileEntry, Lineage, Manifest, checkpoint_name, data_file, rng_file)
 
 from . import checkpoint, distributed
 from .distributed import Dist
+from .errors import Refused
+from .load.verified import CheckpointSource
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +169,9 @@ class Checkpointer:
                      process_group=self._group)
         remote = None if staging == target_uri else target_uri
         mine = checkpoint.seal(staging, checkpoint.own_files(staging, self.dist.rank), remote)
-        files = self._gather(mine)
+        files, blocks = self._gather(mine)
         if self.dist.is_main:
+            files[BLOCKS] = checkpoint.write_blocks(target_uri, checkpoint.BLOCK_BYTES, blocks)
             checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
                               snap.train_loss, snap.stable)
             valid, _ = checkpoint.list_checkpoints(self.uri, deep=False)  # sizes only: one listing
@@ -191,12 +195,18 @@ class Checkpointer:
             names.add(self.restore_from.rstrip("/").rsplit("/", 1)[1])
         return names
 
-    def _gather(self, mine: dict[str, FileEntry]) -> dict[str, FileEntry]:
+    def _gather(self, mine: tuple[dict[str, FileEntry], dict[str, list[str]]]
+                ) -> tuple[dict[str, FileEntry], dict[str, list[str]]]:
+        """Every rank's file entries and block digests, merged on rank 0."""
         if self._group is None:
             return mine
         parts: list[Any] = [None] * self.dist.world_size if self.dist.is_main else []
         dist.gather_object(mine, parts if self.dist.is_main else None, dst=0, group=self._group)
-        return {rel: entry for part in parts for rel, entry in (part or {}).items()}
+        files, blocks = {}, {}
+        for part in parts:
+            files.update(part[0] if part else {})
+            blocks.update(part[1] if part else {})
+        return files, blocks
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raises its failure."""
@@ -219,19 +229,30 @@ class Checkpointer:
             self._stager.close()
 
     # ----------------------------------------------------------------------------- loading
-    def load_model(self, model: torch.nn.Module, directory: str) -> None:
-        """Weights from a verified local checkpoint directory into `model`, whatever its
-        sharding (each rank reads only the slices it holds)."""
+    def load_model(self, model: torch.nn.Module, source: CheckpointSource) -> None:
+        """A checkpoint's weights into `model`, whatever its sharding: each rank reads only the
+        slices it holds (straight from the store, verified block by block, when the checkpoint
+        has a block table)."""
         state = get_model_state_dict(model)
-        dcp.load(state, checkpoint_id=os.path.join(directory, MODEL_DIR), process_group=self._group)
+        self._load(state, source.reader(MODEL_DIR))
         set_model_state_dict(model, state)
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       directory: str) -> None:
+                       source: CheckpointSource) -> None:
         state = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
-        dcp.load(state, checkpoint_id=os.path.join(directory, OPTIMIZER_DIR),
-                 process_group=self._group)
+        self._load(state, source.reader(OPTIMIZER_DIR))
         set_optimizer_state_dict(model, optimizer, state, options=_OPTIM)
+
+    def _load(self, state: dict[str, Any], reader: StorageReader) -> None:
+        """DCP's collective load; a rank's refusal (a block that fails its digest) reaches every
+        rank through DCP's gathered failures and ends the attempt as refused on all of them."""
+        try:
+            dcp.load(state, storage_reader=reader, process_group=self._group)
+        except CheckpointException as exc:
+            refused = [failure for failure, _ in exc.failures.values() if isinstance(failure, Refused)]
+            if refused:
+                raise Refused(str(refused[0])) from None
+            raise
 
 
 def _remove_tree(directory: str) -> None:

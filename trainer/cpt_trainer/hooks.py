@@ -28,8 +28,18 @@ class RunHook:
         return True
 
     def fit(self, model: PreTrainedModel) -> None:
-        """Adapt a whole model before sharding: the trained one, the reference, a reloaded
-        base. A no-op for weights that already carry the change."""
+        """Adapt a whole model (loaded in one piece) before sharding. A no-op for weights that
+        already carry the change."""
+
+    def grow(self, model: PreTrainedModel) -> list[str]:
+        """Adapt a model's shapes before its weights are loaded (a skeleton on the meta device
+        is fine); returns the state-dict names of tensors that may now be larger than the
+        weights on disk, whose new parts `fill_rows` sets once the rest is loaded."""
+        return []
+
+    def fill_rows(self, model: PreTrainedModel) -> None:
+        """Set what `grow` added, after the weights are loaded; called on every rank (it may be
+        a collective)."""
 
     def accepts(self, checkpoint_tokenizer_hash: str, mode: RestoreMode) -> bool:
         """Whether a checkpoint of another tokenizer may start this run anyway."""

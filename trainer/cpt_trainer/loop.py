@@ -38,13 +38,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PreTrainedModel
 
 from cpt_operator import store
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
-from cpt_operator.api.manifest import (MODEL_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
+from cpt_operator.api.manifest import (MODEL_DIR, OPTIMIZER_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, eval_record_name, rng_file)
 from cpt_operator.api.skips import SKIP_LIST, DataSkip, merge_skips
 from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Precision, RestoreMode,
@@ -59,9 +58,10 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .model import (attention_backend, check_digest, check_recorded_digest, digest, is_meta,
-                    load_checkpoint_model, load_model, load_tokenizer, local_copy, model_source,
-                    skeleton)
+from .load.node_copy import base_digest, local_copy
+from .load.verified import CheckpointSource, open_blocks
+from .load.weights import Weights, build, fill, refill
+from .model import attention_backend, check_digest, check_recorded_digest, load_tokenizer
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
 from .schedule import build_schedule
@@ -78,9 +78,7 @@ class StartPoint:
     uri: str | None
     """Checkpoint URI, or None for the base model."""
     mode: RestoreMode
-    directory: str
-    """Local directory (or GGUF file's directory) to load the model from."""
-    gguf_file: str | None = None
+    weights: Weights
 
 
 @dataclass
@@ -117,6 +115,8 @@ class Attempt:
         """Per source, tokens consumed before the current run of anomalous steps began."""
         self._streak_step = 0
         self._blamed: list[str] = []
+        self.grown: list[str] = []
+        """Tensors the run's hook made larger than the base's (refilled with the base)."""
 
     # ------------------------------------------------------------------------------ setup
     def _start_point(self) -> StartPoint:
@@ -126,15 +126,31 @@ class Attempt:
         if uri is None and base.format == ModelFormat.checkpoint:
             uri = base.uri
         if uri is None:
-            directory, gguf = model_source(base, local_copy(base.uri))
-            return StartPoint(None, RestoreMode.weights_only, directory, gguf)
-        directory = self._fetch(uri, None if mode == RestoreMode.full_state else (MODEL_DIR,))
+            return StartPoint(None, RestoreMode.weights_only, self._base_weights())
+        source = self._open(uri, (MODEL_DIR, OPTIMIZER_DIR) if mode == RestoreMode.full_state else (MODEL_DIR,))
         self.restored_manifest = checkpoint.read_manifest(uri)
-        return StartPoint(uri, mode, directory)
+        return StartPoint(uri, mode, Weights.of_checkpoint(source))
+
+    def _base_weights(self) -> Weights:
+        """The immutable base (the start of a first attempt, the KL reference)."""
+        base = self.spec.base_model
+        if base.format == ModelFormat.checkpoint:
+            return Weights.of_checkpoint(self._open(base.uri, (MODEL_DIR,)))
+        return Weights.of_base(base, self.base_path)
+
+    def _open(self, uri: str, parts: tuple[str, ...]) -> CheckpointSource:
+        """Checkpoint `uri` for a restore: its small top-level files verified on this node, its
+        DCP `parts` read by each rank from the store, verified block by block (or, for a
+        checkpoint without a block table, from a verified copy of the parts on this node)."""
+        directory = self._fetch(uri, ())
+        blocks = open_blocks(uri, checkpoint.read_manifest(uri))
+        if blocks is None:
+            directory = self._fetch(uri, parts)
+        return CheckpointSource(uri, directory, blocks)
 
     def _fetch(self, uri: str, parts: tuple[str, ...] | None) -> str:
-        """A verified local copy of checkpoint `uri`: one process per node downloads and hashes,
-        the others wait and load the same verified bytes."""
+        """A verified local copy of checkpoint `uri` (its top-level files and `parts`): one
+        process per node downloads and hashes, the others wait and load the same verified bytes."""
         problems = checkpoint.fetch(uri, parts) if self.dist.local_rank == 0 else []
         problems = distributed.gather_problems(problems)
         if problems:
@@ -159,12 +175,12 @@ class Attempt:
         self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.asynchronous,
                                          root=cfg.checkpoint_root, restore_from=cfg.restore_from)
-        self.start = self._start_point()
         self.attention = attention_backend(spec.training.attention, self.device)
-        self.base_path = local_copy(spec.base_model.uri)
-        # Hashing a large base takes a while: rank 0 does it, the others take its answer.
+        self.base_path = self._base_path()
+        # Hashing a large local base takes a while: rank 0 does it, the others take its answer.
         self.base_sha = distributed.broadcast_object(
-            digest(self.base_path) if self.dist.is_main else None)
+            self._base_digest() if self.dist.is_main else None)
+        self.start = self._start_point()
         check_digest(spec.base_model, self.base_sha)
         check_recorded_digest(spec.base_model.uri, cfg.base_sha256, self.base_sha)
         self.tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, self.base_path)
@@ -206,36 +222,47 @@ class Attempt:
         self.total = spec.total_steps(self.dist.world_size)
         self.schedule = build_schedule(spec, self.total, cfg.overrides.lr_scale)
         if self.start.uri is not None and self.start.mode == RestoreMode.full_state:
-            self._load_full_state(self.start.directory)
+            self._load_full_state()
         self.config_hash = hashlib.sha256(cfg.spec.model_dump_json(by_alias=True).encode()
                                           + cfg.overrides.model_dump_json().encode()).hexdigest()
         self.flops_token = flops_per_token(self.model, spec.packing.seq_len)
         self.peak = peak_flops(self.device) if self.device.type == "cuda" else None
 
+    def _base_path(self) -> str:
+        """A local path of the base: itself, this node's verified copy of a remote one (every
+        rank asks; one downloads), or a checkpoint base's verified top-level files."""
+        base = self.spec.base_model
+        path = self._fetch(base.uri, ()) if base.format == ModelFormat.checkpoint else local_copy(base.uri)
+        if not os.path.exists(path):
+            raise Refused(f"baseModel.uri {base.uri} does not exist")
+        return path
+
+    def _base_digest(self) -> str:
+        base = self.spec.base_model
+        if base.format == ModelFormat.checkpoint:  # its manifest pins every file's sha256
+            return checkpoint.manifest_digest(base.uri)
+        return base_digest(base.uri)
+
     def _build_model(self) -> Parallel:
-        """The model, wrapped for the run's strategy, with the start point's weights. A
-        checkpoint's weights go straight into each rank's shards; a base (HF / GGUF) or a
-        checkpoint that the run's hook still has to fit (`RunHook.carried_by`) is loaded whole
-        first."""
-        attention = self.attention
-        if self.start.uri is None:
-            model = load_model(self.start.directory, attention=attention,
-                               gguf_file=self.start.gguf_file)
-        else:
-            model = skeleton(self.start.directory, attention=attention)
-            if not self.hook.carried_by(model):
-                model = load_checkpoint_model(self.start.directory, attention=attention)
-        self.hook.fit(model)  # a no-op for weights that already carry it
-        loaded = not is_meta(model)
-        parallel = parallelize(model, self.spec.training.parallelism, self.dist,
+        """The model, wrapped for the run's strategy, with the start point's weights: built on
+        the meta device, sharded, then each rank reads only its own slices (`load/weights.py`)."""
+        weights = self.start.weights
+        loading = build(weights, self.hook, attention=self.attention)
+        parallel = parallelize(loading.model, self.spec.training.parallelism, self.dist,
                                procs_per_node=self.spec.resources.procs_per_node,
                                compute_dtype=self.autocast_dtype)
-        if not loaded:
-            self.checkpointer.load_model(parallel.model, self.start.directory)
-        log.info("model on %s x %d: %s, attention %s, compute %s", self.device.type,
+        fill(loading, weights, self.hook, self.checkpointer)
+        self.grown = loading.grown
+        log.info("model on %s x %d: %s, attention %s, compute %s, weights from %s%s", self.device.type,
                  self.dist.world_size, parallel.strategy.value if parallel.strategy else "single",
-                 attention, "bf16" if self.autocast_dtype is not None else "fp32")
+                 self.attention, "bf16" if self.autocast_dtype is not None else "fp32",
+                 weights.describe(), self._read_note(weights))
         return parallel
+
+    @staticmethod
+    def _read_note(weights: Weights) -> str:
+        read = weights.source.bytes_read if weights.source is not None else 0
+        return f" ({read / 2**20:.1f} MiB read from the store by this rank)" if read else ""
 
     def _check_lineage(self) -> None:
         """Refuse a checkpoint that another tokenizer, base or data stream produced."""
@@ -255,15 +282,13 @@ class Attempt:
 
     def _reference_model(self) -> torch.nn.Module:
         """The frozen base for KL terms: always the immutable base, never the restore point;
-        sharded like the trained model and in bf16 on GPU."""
-        base = self.spec.base_model
-        if base.format == ModelFormat.checkpoint:
-            ref = load_checkpoint_model(self._fetch(base.uri, (MODEL_DIR,)))
-        else:
-            directory, gguf = model_source(base, self.base_path)
-            ref = load_model(directory, gguf_file=gguf)
-        self.hook.fit(ref)  # the run's vocabulary, so KL terms line up
-        return shard_frozen(ref, self.parallel, self.dist, self.autocast_dtype)
+        sharded like the trained model (each rank reads only its slices) and in bf16 on GPU."""
+        weights = self._base_weights()
+        dtype = self.autocast_dtype or torch.float32
+        loading = build(weights, self.hook, dtype=dtype, attention=self.attention)
+        ref = shard_frozen(loading.model, self.parallel, self.dist, dtype)
+        fill(loading, weights, self.hook, self.checkpointer)
+        return ref
 
     def _evaluator(self) -> Any:
         if self.spec.evaluation is None:
@@ -286,10 +311,12 @@ class Attempt:
         return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
     # --------------------------------------------------------------------------- restore
-    def _load_full_state(self, directory: str) -> None:
+    def _load_full_state(self) -> None:
         """Optimizer, counters, anomaly window, data positions and RNG of a fullState start.
         Another world size is fine: shards are re-cut by DCP, data positions re-dealt."""
-        uri = self.start.uri
+        uri, source = self.start.uri, self.start.weights.source
+        assert source is not None
+        directory = source.directory
         state = _read_json(directory, TRAIN_STATE)
         saved_world = int(state["worldSize"])
         data_states = [_read_json(directory, data_file(r)) for r in range(saved_world)]
@@ -299,7 +326,7 @@ class Attempt:
                           f"give {self.data.data_version}. Use restoreMode weightsOnly to start a "
                           "new data stream from these weights.")
         self.data.load_state_dicts(data_states)
-        self.checkpointer.load_optimizer(self.model, self.optimizer, directory)
+        self.checkpointer.load_optimizer(self.model, self.optimizer, source)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.anomaly.load_state_dict(state["anomaly"])
         if saved_world == self.dist.world_size:
@@ -313,31 +340,26 @@ class Attempt:
         """Anomaly recovery: weights and optimizer of the last stable checkpoint of this attempt
         (or of its start point); the data stream moves on, past the slice that hurt."""
         self.checkpointer.wait()
+        # sizes only: the restore verifies every block it reads
         found = distributed.broadcast_object(
-            checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True)
+            checkpoint.latest_valid(self.cfg.checkpoint_uri, stable_only=True, deep=False)
             if self.dist.is_main else None)
         own = checkpoint.join(self.cfg.checkpoint_uri, found[0]) if found else None  # type: ignore[index]
-        source = own or self.start.uri
-        if source is None:
-            self._reload_base()
-        else:
-            directory = self._fetch(source, None)
-            self.checkpointer.load_model(self.model, directory)
+        uri = own or self.start.uri
         # Optimizer moments belong to the weights they were taken with: keep them only when the
         # source carries them for this run (our own checkpoint, or a fullState start).
-        if source is not None and (own is not None or self.start.mode == RestoreMode.full_state):
-            self.checkpointer.load_optimizer(self.model, self.optimizer, directory)
+        with_state = uri is not None and (own is not None or self.start.mode == RestoreMode.full_state)
+        if uri is None:
+            refill(self.model, self.start.weights, self.hook, self.checkpointer, self.grown)
         else:
+            source = self._open(uri, (MODEL_DIR, OPTIMIZER_DIR) if with_state else (MODEL_DIR,))
+            self.checkpointer.load_model(self.model, source)
+            if with_state:
+                self.checkpointer.load_optimizer(self.model, self.optimizer, source)
+        if not with_state:
             self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
-        return source or f"base {self.spec.base_model.uri}"
-
-    def _reload_base(self) -> None:
-        fresh = load_model(self.start.directory, attention=self.attention,
-                           gguf_file=self.start.gguf_file)
-        self.hook.fit(fresh)
-        set_model_state_dict(self.model, fresh.state_dict(),
-                             options=StateDictOptions(full_state_dict=True))
+        return uri or f"base {self.spec.base_model.uri}"
 
     # ------------------------------------------------------------------------------ step
     def _forward_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

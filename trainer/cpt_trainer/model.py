@@ -1,20 +1,17 @@
-"""Loading the starting weights: an HF model directory, a GGUF file, or one of our checkpoints.
+"""The model and tokenizer a run names: architecture skeletons, whole-model loads for tools and
+GGUF bases, the tokenizer, and the checks that a base is the one the spec and the run recorded.
 
-Remote URIs (any fsspec URL) are copied into a local cache first, because transformers loads
-from local files; the base itself is only ever read. Every load is checked against the spec's
-`baseModel.sha256` when one is given, so a run never silently trains another model.
-
-The base digest is the sha256 of the file (GGUF) or, for a directory, the sha256 over the
-sorted `name:sha256` lines of its files: stable across copies, sensitive to any byte.
+Training ranks never load a whole base: `load/weights.py` builds a skeleton here, shards it and
+reads each rank's slices. Remote URIs (any fsspec URL) are copied once per node and hashed on the
+way (`load/node_copy.py`); the base itself is only ever read. Every load is checked against the
+spec's `baseModel.sha256` when one is given, so a run never silently trains another model.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
-import fsspec
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
@@ -23,48 +20,9 @@ from cpt_operator.api.manifest import MODEL_DIR
 from cpt_operator.api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
 
 from .errors import Refused
-from .node_cache import node_cache
+from .load.node_copy import base_digest, local_copy
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 8 << 20
-
-
-def cache_root() -> Path:
-    return node_cache("remote")
-
-
-def local_copy(uri: str) -> str:
-    """A local path holding `uri` (itself when it is already local)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return path
-    target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(path).name
-    done = target.with_name(target.name + ".complete")
-    if not done.exists():
-        log.info("copying %s to %s", uri, target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(path, str(target), recursive=fs.isdir(path))
-        done.touch()
-    return str(target)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def digest(path: str) -> str:
-    p = Path(path)
-    if p.is_file():
-        return _file_sha256(p)
-    lines = [f"{f.relative_to(p).as_posix()}:{_file_sha256(f)}"
-             for f in sorted(p.rglob("*")) if f.is_file()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def check_digest(base: BaseModelSpec, actual: str) -> None:
@@ -205,7 +163,7 @@ def load_base(base: BaseModelSpec, tokenizer: TokenizerSpec | None = None, *,
     if not os.path.exists(path):
         raise Refused(f"baseModel.uri {base.uri} does not exist")
     if base.sha256:
-        check_digest(base, digest(path))
+        check_digest(base, base_digest(base.uri))
     directory, gguf = model_source(base, path)
     model = load_model(directory, dtype=dtype, attention=attention, gguf_file=gguf)
     return model, load_tokenizer(base, tokenizer, path)

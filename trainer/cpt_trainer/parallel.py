@@ -186,11 +186,17 @@ def parallelize(model: nn.Module, spec: ParallelismSpec, dist: Dist, *, procs_pe
 def shard_frozen(model: nn.Module, parallel: Parallel, dist: Dist,
                  dtype: torch.dtype | None) -> nn.Module:
     """A frozen model (the reference base) laid out like the trained one: sharded under fsdp,
-    in bf16 on GPU, never part of the optimizer."""
+    in bf16 on GPU, never part of the optimizer. A skeleton gets only this rank's slices."""
     model.requires_grad_(False).eval()
     if dtype is not None:
         model.to(dtype)
+    meta = is_meta(model)
     if parallel.sharded and parallel.mesh is not None:
+        if not meta:
+            model.to(dist.device)
+        shard(model, parallel.mesh)
+    elif not meta:
         model.to(dist.device)
-        return shard(model, parallel.mesh)
-    return model.to(dist.device)
+    if meta:
+        materialize(model, dist.device)
+    return model

@@ -50,6 +50,10 @@ to skip in the attempts after a rollback."""
 STARTED = "started.json"
 """In each attempt's folder: the attempt's `Started` event, written once it has verified its
 start point; it carries the base's digest the run records at its first start."""
+BLOCKS = "blocks.json"
+"""The sha256 of every fixed-size block of every shard file (`BlockTable`), listed in the
+manifest like any file: a rank restoring from the store reads only the byte ranges it needs and
+verifies each block as it arrives, instead of downloading and hashing whole files first."""
 MODEL_FILES = ("config.json", "generation_config.json")
 """The model's architecture at the top (with the tokenizer files), so a checkpoint says what
 it holds without loading it."""
@@ -138,6 +142,13 @@ def step_of(name: str) -> int | None:
 class FileEntry(SpecModel):
     size: int
     sha256: str
+
+
+class BlockTable(SpecModel):
+    block_size: int
+    files: dict[str, list[str]]
+    """Relative path -> sha256 of bytes `[i·blockSize, (i+1)·blockSize)` for each block i (the
+    last one shorter)."""
 
 
 class Lineage(SpecModel):

@@ -32,6 +32,12 @@ class ExtensionHook(RunHook):
     def fit(self, model: PreTrainedModel) -> None:
         self.ext.fit(model)
 
+    def grow(self, model: PreTrainedModel) -> list[str]:
+        return self.ext.grow(model)
+
+    def fill_rows(self, model: PreTrainedModel) -> None:
+        self.ext.fill_rows(model)
+
     def accepts(self, checkpoint_tokenizer_hash: str, mode: RestoreMode) -> bool:
         return self.ext.accepts(checkpoint_tokenizer_hash, mode)
 

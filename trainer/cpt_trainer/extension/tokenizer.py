@@ -34,7 +34,7 @@ from cpt_operator.api.trainer_config import TrainerConfig
 from .. import distributed
 from ..data.tokenizer_hash import tokenizer_hash
 from ..errors import Refused
-from .rows import mean_init
+from .rows import fill_rows, grow, grown_names
 from .terms import domain_sample, running_form, select_terms
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,28 @@ class Extension:
         return getattr(model.config, CONFIG_KEY, None) == self.hash
 
     def fit(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Give `model` the new rows unless its weights already carry this extension."""
+        """Give a whole `model` the new rows unless its weights already carry this extension."""
+        if self.grow(model):
+            fill_rows(model, self.tokens)
+        return model
+
+    def grow(self, model: PreTrainedModel) -> list[str]:
+        """Make room for the new rows (a skeleton is fine) unless the weights carry this
+        extension; returns the names of the tensors that grew (`fill_rows` must follow once
+        the old rows are loaded), empty when nothing is to fill."""
         carried = getattr(model.config, CONFIG_KEY, None)
         if carried == self.hash:
-            return model
+            return []
         if carried is not None:
             raise Refused(f"the weights carry tokenizer extension {carried}, this run builds "
                           f"{self.hash}")
-        mean_init(model, self.tokens)
+        grow(model, self.tokens)
         setattr(model.config, CONFIG_KEY, self.hash)
-        return model
+        return grown_names(model)
+
+    def fill_rows(self, model: PreTrainedModel) -> None:
+        """The new rows' mean initialisation, on every rank (a collective when sharded)."""
+        fill_rows(model, self.tokens)
 
     def accepts(self, checkpoint_hash: str, mode: RestoreMode) -> bool:
         """A checkpoint trained before the extension may start it (its weights get the

@@ -1,0 +1,60 @@
+"""Byte ranges of files on any fsspec store: `pread` on local files, ranged GETs on object
+stores. Every read is counted, so a load can say how many bytes it cost the store."""
+from __future__ import annotations
+
+import os
+
+import fsspec
+import torch
+
+from ..errors import Refused
+
+
+class Ranges:
+    def __init__(self, uri: str):
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.root = self.root.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local = "file" in protocols or "local" in protocols
+        self.bytes_read = 0
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def read(self, path: str, start: int, end: int) -> bytes:
+        """Bytes `[start, end)` of `path` (a full path under this store); short only at EOF."""
+        if self.local:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), end - start, start)
+        else:
+            data = bytes(self.fs.cat_file(path, start=start, end=end))
+        self.bytes_read += len(data)
+        return data
+
+    def read_into(self, path: str, start: int, buffer: torch.Tensor) -> None:
+        """Fill a contiguous CPU tensor's bytes from `path` at `start`, or refuse a short file."""
+        view = memoryview(buffer.view(-1).view(torch.uint8).numpy()).cast("B")
+        if self.local:
+            with open(path, "rb") as f:
+                done = 0
+                while done < len(view):
+                    n = os.preadv(f.fileno(), [view[done:]], start + done)
+                    if n <= 0:
+                        break
+                    done += n
+        else:
+            data = self.fs.cat_file(path, start=start, end=start + len(view))
+            done = len(data)
+            view[:done] = data
+        self.bytes_read += done
+        if done != len(view):
+            raise Refused(f"{path} ends before byte {start + len(view)}: a truncated file")
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(path))
+
+    def listing(self) -> list[str]:
+        return sorted(self.fs.ls(self.root, detail=False))
+
+
+__all__ = ["Ranges"]
