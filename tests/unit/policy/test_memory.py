@@ -72,17 +72,9 @@ PARTS = [
                  id="refKL adds the reference logits and two fp32 copies for the KL term"),
     pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "parameters", 4 * P,
                  id="a CPU run plans fp32 without autocast copies"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "staging", 12 * P,
-                 id="a CPU run stages its parameters and AdamW state for asynchronous saves"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}, "checkpoint": {"asynchronous": False}},
-                 "staging", 0, id="synchronous saves stage nothing"),
     pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2},
-                  "training": {"parallelism": {"strategy": "fsdp"}}}, "staging", 12 * P // 2,
-                 id="under fsdp a CPU rank stages only its shard"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "data_worker", 3 * GIB // 4 + 4 * P,
-                 id="a CPU rank's data worker holds libraries and the parameters it forked with"),
-    pytest.param({}, "staging", 0, id="staging is host memory, not planned for a GPU"),
-    pytest.param({}, "data_worker", 0, id="the data worker is host memory, not planned for a GPU"),
+                  "training": {"parallelism": {"strategy": "fsdp", "cpuOffload": True}}}, "optimizer", 0,
+                 id="a CPU run's offloaded state is the host plan's, not counted twice"),
 ]
 
 
