@@ -1,11 +1,13 @@
 """The host plan: each rank's parts while loading and while training, and the pod's total."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from cpt_operator.policy.memory import GIB, estimate
+from cpt_operator.policy.memory_fix import smallest_fix, wont_fit
 from cpt_operator.policy.memory_host import MIB, host_estimate
 from tests.unit.policy.memory_cases import LLAMA3_8B, TINY, spec
 
@@ -105,3 +107,77 @@ def test_llama_3_8b_on_eight_gpus_needs_about_112_gib_of_host_memory() -> None:
     offload = host_estimate(spec(**OFFLOAD), LLAMA3_8B)
     assert 110 * GIB < plain.total < 115 * GIB
     assert offload.total - plain.total == 8 * 16 * P // 8
+
+
+def _host_total(**sections: Any) -> int:
+    return host_estimate(spec(**sections), LLAMA3_8B).total
+
+
+def _with(sections: dict[str, Any], **resources: Any) -> dict[str, Any]:
+    return {**sections, "resources": {**sections.get("resources", {}), **resources}}
+
+
+NO_GPU_LIMIT = {"gpuMemory": None}
+SELECTIVE = {"parallelism": {"strategy": "fsdp", "activationCheckpointing": "selective"}}
+FIXES = [
+    pytest.param(lambda: _with(FSDP, memory=str(_host_total(**FSDP, **SYNC))), "checkpoint.asynchronous: false",
+                 id="staging that does not fit is dropped first"),
+    pytest.param(lambda: _with(OFFLOAD, memory=str(_host_total(**FSDP))), "training.parallelism.cpuOffload: false",
+                 id="offload the GPUs can do without is turned off first"),
+    pytest.param(lambda: _with(OFFLOAD, memory=str(max(_host_total(**FSDP), _host_total(**OFFLOAD, **SYNC)))),
+                 "training.parallelism.cpuOffload: false",
+                 id="where either would fit offload is turned off before staging: offload costs every step"),
+    pytest.param(lambda: _with(OFFLOAD, memory=str(_host_total(**OFFLOAD, **SYNC)),
+                               gpuMemory=str(estimate(spec(**OFFLOAD), LLAMA3_8B).total)),
+                 "checkpoint.asynchronous: false", id="offload the GPUs need stays and the staging goes"),
+    pytest.param(lambda: _with({}, memory=str(_host_total(**FSDP)), **NO_GPU_LIMIT),
+                 "training.parallelism.strategy: fsdp", id="replicated staging is sharded first"),
+    pytest.param(lambda: _with({**CPU, **SYNC}, memory=str(_host_total(**{**CPU, **SYNC, "training": SELECTIVE})),
+                               **NO_GPU_LIMIT),
+                 "training.parallelism.activationCheckpointing: selective",
+                 id="a CPU run's step is host memory, which activation checkpointing saves"),
+    pytest.param(lambda: _with({**GGUF, **FSDP}, memory="256Gi"),
+                 f"resources.memory: {-(-_host_total(**GGUF, **FSDP) // GIB)}Gi",
+                 id="a pod nothing else fits asks for the memory it needs, in whole GiB"),
+    pytest.param(lambda: _with({}, memory=str(_host_total(**FSDP, **SYNC))),
+                 "training.parallelism.strategy: fsdp, checkpoint.asynchronous: false",
+                 id="when no single change fits both memories the changes are combined"),
+    pytest.param(lambda: _with({"training": {"microBatchSize": 2}}, memory="900Gi",
+                               gpuMemory=str(estimate(spec(training={"microBatchSize": 2, "parallelism": {
+                                   "strategy": "fsdp", "activationCheckpointing": "full"}}), LLAMA3_8B).total)),
+                 "training.parallelism.strategy: fsdp, training.parallelism.activationCheckpointing: full",
+                 id="a change the combination does not need is dropped again"),
+    pytest.param(lambda: _with({}, memory="16Gi"),
+                 f"training.parallelism.strategy: fsdp, resources.memory: {-(-_host_total(**FSDP) // GIB)}Gi",
+                 id="when the pod cannot hold its ranks whatever else changes the GPU's fix asks for memory"),
+]
+
+
+@pytest.mark.parametrize("sections, changes", FIXES)
+def test_smallest_fix_for_host_memory(sections: Callable[[], dict[str, Any]], changes: str) -> None:
+    run = spec(**sections())
+    assert wont_fit(run, LLAMA3_8B) is not None
+    fix = smallest_fix(run, LLAMA3_8B)
+    assert fix is not None and ", ".join(fix.changes) == changes
+    assert all(u.fits for u in fix.usages) and fix.usages[-1].what == "host memory per pod"
+
+
+def test_a_pod_that_does_not_fit_names_host_memory_its_largest_parts_and_the_fix() -> None:
+    message = wont_fit(spec(**_with(FSDP, memory="64Gi")), LLAMA3_8B)
+    assert message is not None
+    head, _, fix = message.partition("; smallest fix: ")
+    assert head == ("host memory per pod 112.2 GiB of 64.0 GiB does not fit (8 rank(s) × 14.0 GiB while training "
+                    "+ launcher 512.0 MiB; largest a rank: staging 11.2 GiB, process 2.0 GiB)")
+    assert fix == ("set checkpoint.asynchronous: false "
+                   "(per-GPU 59.2 GiB of 80.0 GiB, host memory per pod 22.5 GiB of 64.0 GiB)")
+
+
+def test_each_memory_that_does_not_fit_is_named() -> None:
+    message = wont_fit(spec(**_with({}, memory="64Gi")), LLAMA3_8B)
+    assert message is not None
+    assert message.startswith("per-GPU 177.0 GiB of 80.0 GiB does not fit (ddp over 8 GPUs; ")
+    assert "; host memory per pod 740.5 GiB of 64.0 GiB does not fit (8 rank(s) × 92.5 GiB while training" in message
+
+
+def test_a_pod_that_fits_has_no_message() -> None:
+    assert wont_fit(spec(**_with(FSDP, memory="128Gi")), LLAMA3_8B) is None
