@@ -33,12 +33,16 @@ training, from the first checkpoint on:
 - staging (`checkpoint.asynchronous`): the host copy of the parameters and AdamW state an
   asynchronous save writes while training goes on, 12 B/param over the shard count (pinned on a
   GPU node); the stager keeps it for the next save.
-- data worker: the DataLoader worker each rank forks: its own interpreter and libraries
-  (0.75 GiB) and, on CPU runs, the pages of the parameters and AdamW moments it forked with,
-  which the optimizer then rewrites in place, each write copying a page for the trainer
-  (12 B/param over the shard count: a resumed attempt forks after its restore; a fresh one forks
-  before AdamW has state and keeps 4 B). On a GPU node the state is on the GPU, or offloaded to
-  pinned pages, which the NVIDIA driver maps shared: a fork copies none of them.
+- data worker: the DataLoader worker each rank forks. The fork shares the trainer's pages until
+  either writes one, but the worker's garbage collector writes the header of every object it
+  inherited: over a run it comes to hold its own copy of the interpreter's heap, planned as a
+  whole interpreter (0.75 GiB; about 80 MiB of its own were measured two steps after the fork,
+  tests/integration/test_host_memory.py). On CPU runs it also holds the pages of the parameters
+  and AdamW moments it forked with, which the optimizer rewrites in place, each write copying a
+  page for the trainer (12 B/param over the shard count: a resumed attempt forks after its
+  restore; a fresh one forks before AdamW has state and keeps 4 B). On a GPU node the state is on
+  the GPU, or offloaded to pinned pages, which the NVIDIA driver maps shared: a fork copies none
+  of them.
 
 A pod holds its ranks at the same moment, and torchrun's launcher: 0.5 GiB (its process was
 measured at 730 MiB resident, of which about 300 MiB its own; the rest are library pages the
