@@ -2,17 +2,18 @@
 ranks under fsdp, with asynchronous checkpoints.
 
 A resumed attempt is what the plan is for: it forks its data worker after restoring AdamW's
-state, which the worker then keeps as the optimizer rewrites it. Every process of the attempt is
-sampled every 50 ms (the torchrun launcher, each rank, each rank's data worker): a rank's host
-memory is its trainer's resident memory plus the pages its data worker holds alone (the libraries
-they share counted once, as the plan counts them). The planned rank must be within 25 % of the
-measured peak of the larger rank. On a shared 2-core VM: 3.46 GiB planned, 3.01 GiB measured
-(1.15x); each trainer 2.43 GiB against 2.22 GiB planned (process, step, staging), each data
-worker 0.58 GiB of its own against 1.25 GiB planned (the moments and parameters it forked with,
-0.50 GiB, and a whole interpreter, of which a young fork has written little: see memory_host.py).
+state, which the worker then keeps as the optimizer rewrites it. A rank's host memory is its
+trainer's peak resident memory (VmHWM, read every 50 ms) plus the most its data worker held alone
+(private pages, read every 0.5 s), so the libraries they share count once. The planned rank must
+be within 25 % of the measured peak of the larger rank. On a shared 2-core VM: 3.46 GiB planned,
+3.01 GiB measured (1.15x); each trainer 2.43 GiB against 2.22 GiB planned (process, step,
+staging), each data worker 0.58 GiB of its own against 1.25 GiB planned (the moments and
+parameters it forked with, 0.50 GiB, and a whole interpreter, of which a young fork has written
+little: see memory_host.py).
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -119,7 +120,5 @@ def test_the_planned_rank_is_within_25_percent_of_a_resumed_attempts_peak(
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
-    import json
-
     config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
     return config

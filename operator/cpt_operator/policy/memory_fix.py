@@ -167,9 +167,9 @@ def _needed(spec: CptRunSpec, shape: ModelShape, changes: list[Change], last: li
 
 def _kinds(spec: CptRunSpec) -> list[list[Change]]:
     layout, p = Layout.of(spec), spec.training.parallelism
-    replicated = resolve_strategy(spec, layout) not in SHARDED and layout.world > 1
-    host = host_memory_limit(spec) is not None
-    return [[_offload(False)] if layout.gpu and p.cpu_offload else [],
+    strategy, host = resolve_strategy(spec, layout), host_memory_limit(spec) is not None
+    replicated = strategy not in SHARDED and layout.world > 1
+    return [[_offload(False)] if layout.gpu and p.cpu_offload and strategy in SHARDED else [],
             [_strategy_fsdp()] if replicated else [],
             [_synchronous()] if host and spec.checkpoint.asynchronous else [],
             [_checkpointing(ActivationCheckpointing.full)],
