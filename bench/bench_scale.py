@@ -50,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cpt_operator.api.spec import CptRunSpec  # noqa: E402
 from cpt_operator.policy.memory import Layout, MemoryPlan, estimate  # noqa: E402
+from cpt_operator.policy.memory_host import HostPlan, host_estimate  # noqa: E402
 from cpt_operator.policy.model_shape import ModelShape  # noqa: E402
 
 WORLD = 4
@@ -216,23 +217,25 @@ def torchrun(worker: str, out_dir: Path, *extra: str) -> list[dict[str, Any]]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-def planned(strategy: str, seq_len: int, batch: int) -> MemoryPlan:
+def planned(strategy: str, seq_len: int, batch: int) -> tuple[MemoryPlan, HostPlan]:
+    """The step's plan and the host plan of the same spec and layout."""
     spec = CptRunSpec.model_validate({
         "baseModel": {"uri": "random"}, "data": {"sources": [{"name": "d", "role": "domain", "uri": "d"}]},
         "budget": {"steps": 1000}, "packing": {"seqLen": seq_len},
         "resources": {"nprocPerNode": WORLD},
         "training": {"microBatchSize": batch, "parallelism": {"strategy": strategy}}})
-    return estimate(spec, ModelShape.from_hf_config(llama_config().to_dict()),
-                    Layout(nodes=1, procs_per_node=WORLD, gpu=False))
+    shape = ModelShape.from_hf_config(llama_config().to_dict())
+    layout = Layout(nodes=1, procs_per_node=WORLD, gpu=False)
+    return estimate(spec, shape, layout), host_estimate(spec, shape, layout)
 
 
-def memory_summary(ranks: list[dict[str, Any]], plan: MemoryPlan) -> dict[str, Any]:
+def memory_summary(ranks: list[dict[str, Any]], plan: MemoryPlan, host: HostPlan) -> dict[str, Any]:
     """Measured against planned. The plan's parameters and gradients include, under fsdp, the
     unsharded copies of two blocks and the root that exist only inside forward / backward; after
     the step they are freed, so the measured state is compared with the plan less those copies
-    ("steady") as well as with the whole plan. The plan's total is compared with the peak RSS
-    both whole and less the two host parts of a CPU run that this one-step process does not
-    have (the DataLoader worker, a separate process, and the checkpoint staging copy)."""
+    ("steady") as well as with the whole plan. The step's plan is compared with the peak RSS, and
+    so is the host plan of a rank (the step with the data worker and the checkpoint staging copy
+    this one-step process does not have)."""
     shape = ModelShape.from_hf_config(llama_config().to_dict())
     gathered = 4 * (2 * shape.block_params + shape.root_params) if plan.strategy == "fsdp" else 0
     state = max(sum(r["state"].values()) for r in ranks)
@@ -240,14 +243,14 @@ def memory_summary(ranks: list[dict[str, Any]], plan: MemoryPlan) -> dict[str, A
     plan_state = plan.parameters + plan.gradients + plan.optimizer
     return {"state_bytes_per_rank": state, "state_parts_rank0": ranks[0]["state"],
             "peak_rss_per_rank": peak, "rss_rank0": ranks[0]["rss"], "step_s": ranks[0]["step_s"],
-            "planned": plan.parts(), "planned_total": plan.total, "planned_state": plan_state,
+            "planned": plan.parts(), "planned_total": host.rank, "planned_state": plan_state,
             "planned_transient_gathers": 2 * gathered,
             "planned_steady_state_over_measured": (plan_state - 2 * gathered) / state,
             "planned_state_over_measured": plan_state / state,
-            "planned_total_over_peak_rss": plan.total / peak,
+            "planned_total_over_peak_rss": host.rank / peak,
             # this measuring process runs one step: no data worker, no checkpoint staging copy
-            "planned_step_total": plan.total - plan.staging - plan.data_worker,
-            "planned_step_total_over_peak_rss": (plan.total - plan.staging - plan.data_worker) / peak}
+            "planned_step_total": plan.total,
+            "planned_step_total_over_peak_rss": plan.total / peak}
 
 
 def save_summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -376,7 +379,7 @@ def main() -> int:
                  "fsdp": torchrun("memory", tmp / "fsdp", "--strategy", "fsdp", *shape,
                                   "--saves", str(args.save_rounds), "--ckpt-dir", str(tmp / "ckpt"))}
         data = None if args.skip_data else measure_data(tmp, args)
-    mem = {s: memory_summary(r, planned(s, args.seq_len, args.batch)) for s, r in ranks.items()}
+    mem = {s: memory_summary(r, *planned(s, args.seq_len, args.batch)) for s, r in ranks.items()}
     mem["fsdp_over_ddp_state"] = mem["fsdp"]["state_bytes_per_rank"] / mem["ddp"]["state_bytes_per_rank"]
     mem["fsdp_over_ddp_peak_rss"] = mem["fsdp"]["peak_rss_per_rank"] / mem["ddp"]["peak_rss_per_rank"]
     result = {"benchmark": "4 CPU ranks: fsdp vs ddp memory, checkpoint stall, data share",

@@ -42,21 +42,19 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """0: fits (or no limit to check), 1: does not fit (the smallest fix named), 2: no plan."""
+    """0: fits (or no memory to check), 1: does not fit (the smallest fix named), 2: no plan."""
     from .base_shape import ShapeUnavailable, read_shape
-    from .planning import plan_lines, resized
-    from .policy.memory import memory_limit
-    from .policy.memory_fix import wont_fit
+    from .planning import plan_lines, refusal, resized
 
     try:
-        spec = resized(load_run(args.file).spec, args.nodes, args.gpus_per_node, args.gpu_memory)
+        spec = resized(load_run(args.file).spec, args.nodes, args.gpus_per_node, args.gpu_memory,
+                       memory=args.memory)
         shape = read_shape(spec.base_model)
+        lines, problem = plan_lines(spec, shape), refusal(spec, shape)
     except (InvalidSpec, OSError, ShapeUnavailable, ValueError) as exc:
         print(f"{args.file}: cannot plan: {exc}", file=sys.stderr)
         return 2
-    limit = memory_limit(spec)
-    print("\n".join(plan_lines(spec, shape, limit)))
-    problem = wont_fit(spec, shape, limit) if limit is not None else None
+    print("\n".join(lines))
     if problem:
         print(problem, file=sys.stderr)
     return 1 if problem else 0
@@ -162,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.set_defaults(func=cmd_crd)
 
-    p = sub.add_parser("plan", help="per-GPU memory by part; exit 1 (naming the smallest fix) if it won't fit")
+    p = sub.add_parser("plan", help="per-GPU and host memory by part; exit 1 (naming the smallest fix) "
+                                    "if it won't fit")
     p.add_argument("file")
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80Gi (default: resources.gpuMemory)")
+    p.add_argument("--memory", help="host memory of one pod (one node's ranks), e.g. 512Gi "
+                                    "(default: resources.memory)")
     p.add_argument("--nodes", type=int, help="default: resources.nodes")
     p.add_argument("--gpus-per-node", type=int, help="default: resources.gpusPerNode (0 plans a CPU run)")
     p.set_defaults(func=cmd_plan)

@@ -1,4 +1,5 @@
-"""`cptctl plan`: the table by part, and exit codes 0 (fits), 1 (won't fit, fix named), 2 (no plan)."""
+"""`cptctl plan`: the tables by part (GPU, host), and exit codes 0 (fits), 1 (won't fit, fix named),
+2 (no plan)."""
 from __future__ import annotations
 
 import json
@@ -41,6 +42,16 @@ CASES = [
                  id="more nodes on the command line are planned"),
     pytest.param(FSDP, {}, ["--gpus-per-node", "0"], 0, "CPU run: fp32",
                  id="a CPU run plans host memory per process in fp32 and says so"),
+    pytest.param(FSDP, {"gpuMemory": "80Gi", "memory": "64Gi"}, [], 1,
+                 "host memory per pod 112.2 GiB of 64.0 GiB does not fit",
+                 id="a pod whose host memory cannot hold its ranks does not fit"),
+    pytest.param(FSDP, {"memory": "64Gi"}, [], 1, "smallest fix: set checkpoint.asynchronous: false",
+                 id="and the smallest fix of host memory is named"),
+    pytest.param(FSDP, {"memory": "64Gi"}, ["--memory", "128Gi"], 0,
+                 "(host memory per pod 112.2 GiB of 128.0 GiB: fits)",
+                 id="more pod memory on the command line overrides the spec's"),
+    pytest.param(FSDP, {}, ["--gpus-per-node", "0", "--memory", "64Gi"], 1, "largest a rank: step",
+                 id="a CPU run's step is host memory and counts against the pod's"),
 ]
 
 
@@ -50,8 +61,26 @@ def test_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], parallelism: d
     assert main(["plan", write_run(tmp_path, parallelism, resources), *flags]) == code
     out = capsys.readouterr()
     assert needle in out.out + out.err
-    for part in ("parameters", "gradients", "optimizer", "activations", "logits", "reference", "buffers"):
-        assert part in out.out
+    for part in ("parameters", "gradients", "optimizer", "activations", "logits", "reference", "buffers",
+                 "process", "load", "data_worker", "rank", "pod"):
+        assert f"\n  {part} " in out.out
+
+
+def test_the_host_table_shows_each_moment_and_the_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    offload = {"strategy": "fsdp", "cpuOffload": True}
+    assert main(["plan", write_run(tmp_path, offload, {"gpuMemory": "80Gi", "memory": "256Gi"})]) == 0
+    host = capsys.readouterr().out.split("host memory per rank")[1].splitlines()[1:]
+    assert host == [
+        "                   loading    training",
+        "  process          2.0 GiB     2.0 GiB",
+        "  weights          3.7 GiB           -",
+        "  load           250.5 MiB           -",
+        "  offloaded              -    15.0 GiB",
+        "  staging                -    11.2 GiB",
+        "  data_worker            -   768.0 MiB",
+        "  rank             6.0 GiB    28.9 GiB",
+        "  pod            231.9 GiB  = 8 × 28.9 GiB + launcher 512.0 MiB  "
+        "(host memory per pod 231.9 GiB of 256.0 GiB: fits)"]
 
 
 def test_an_unreadable_config_cannot_be_planned_and_says_where(tmp_path: Path,

@@ -339,7 +339,17 @@ class ResourcesSpec(SpecModel):
     image: str | None = None
     """Trainer image; default: the chart's trainer image."""
     cpu: str | None = None
-    memory: str | None = None
+    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Host memory of one pod (a quantity such as `512Gi`): the request and the limit of its
+    trainer container, which runs torchrun and one node's ranks. When set, the pod's host memory
+    is planned before each attempt starts, as `gpuMemory` is (`cptctl plan`, the operator,
+    `cptctl run`), and the run refused (SpecValid=False, reason WontFit, naming host memory and the
+    smallest change that fits) if it cannot hold, per rank at its peak: the process itself (with
+    the CUDA runtime's host side on a GPU), the load of its slices of the base (GGUF bases are
+    dequantised whole on every rank: small models only), the staging copy of asynchronous
+    checkpoints (12 B/param over the shard count), `cpuOffload`'s state (16 B/param over the
+    shard count) and the data worker; on CPU runs also the whole training step. Not counted: the
+    page cache, which the kernel reclaims within the limit."""
     shared_memory: str = "8Gi"
     gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """Memory of one GPU of the pool (a quantity such as `80Gi`). When set, the run is planned

@@ -36,8 +36,9 @@ class ConditionType(str, Enum):
     failed = "Failed"
     spec_valid = "SpecValid"
     memory_planned = "MemoryPlanned"
-    """True when the memory planner checked the run against `resources.gpuMemory` and it fits;
-    False (reason PlanUnavailable) when the base's shape could not be read: the run goes on."""
+    """True when the memory planner checked the run against `resources.gpuMemory` and
+    `resources.memory` (those the spec sets) and it fits; False (reason PlanUnavailable) when the
+    base's shape could not be read: the run goes on."""
     admitted = "Admitted"
     """With resources.queue: True once Kueue admitted the attempt's gang; False while it waits
     (Kueue's reason and message) or after an eviction (reason Evicted)."""
@@ -56,7 +57,8 @@ class Reason(str, Enum):
 
     invalid_spec = "InvalidSpec"
     wont_fit = "WontFit"
-    """The planned per-GPU memory exceeds `resources.gpuMemory`; the message names the fix."""
+    """The planned per-GPU memory exceeds `resources.gpuMemory`, or a pod's planned host memory
+    `resources.memory`; the message names which, and the fix."""
     fits = "Fits"
     plan_unavailable = "PlanUnavailable"
     invalid_object = "InvalidObject"

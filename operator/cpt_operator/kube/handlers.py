@@ -29,8 +29,8 @@ from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Re
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.admission import admission
 from ..policy.alerts import Admission, Alerted, admit
-from ..policy.memory import estimate, memory_limit
-from ..policy.memory_fix import usage, wont_fit
+from ..planning import refusal
+from ..policy.memory_fix import checked, usages
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
 from ..reconcile import (AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile,
@@ -281,18 +281,17 @@ def _shape(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec) 
 
 
 def _wont_fit(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, plan: Plan) -> str | None:
-    """Why the attempt `plan` starts cannot fit `resources.gpuMemory` (None: go on). A base whose
-    shape cannot be read does not block the run; the MemoryPlanned condition says so."""
-    limit = memory_limit(spec)
-    if limit is None or not any(isinstance(a, StartAttempt) for a in plan.actions):
+    """Why the attempt `plan` starts cannot fit `resources.gpuMemory` or `resources.memory` (None:
+    go on). A base whose shape cannot be read does not block the run; MemoryPlanned says so."""
+    if not checked(spec) or not any(isinstance(a, StartAttempt) for a in plan.actions):
         return None
     shape, now = _shape(rt, run, body, spec), now_rfc3339()
     if isinstance(shape, str):
         set_condition(plan.status, ConditionType.memory_planned, False, Reason.plan_unavailable.value, shape, now)
         return None
-    problem = wont_fit(spec, shape, limit)
+    problem = refusal(spec, shape)
     if problem is None:
-        fits = usage(estimate(spec, shape), limit)
+        fits = "; ".join(map(str, usages(spec, shape)))
         set_condition(plan.status, ConditionType.memory_planned, True, Reason.fits.value, fits, now)
     return problem
 

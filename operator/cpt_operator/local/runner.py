@@ -20,7 +20,7 @@ from ..api.status import TERMINAL_PHASES, Phase
 from ..base_shape import ShapeUnavailable
 from ..checkpoint_report import base_to_chosen
 from ..planning import refusal, resized
-from ..policy.memory import memory_limit
+from ..policy.memory_fix import checked
 from ..api.manifest import CONFIG
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, attempt_config, reconcile
 from ..store import claim, pin
@@ -195,9 +195,9 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
 
 
 def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
-    """The operator's memory check, on this machine's layout (one node, `nproc` processes). A base
-    whose shape cannot be read is not a reason to refuse: it is only reported."""
-    if memory_limit(spec) is None:
+    """The operator's memory check (GPU and host), on this machine's layout (one node, `nproc`
+    processes). A base whose shape cannot be read is not a reason to refuse: it is only reported."""
+    if not checked(spec):
         return None
     gpus = spec.resources.gpus_per_node > 0
     try:

@@ -1,11 +1,15 @@
 """Per-rank memory of a CptRun's training step, planned from the spec and the base's shape.
 
-What is counted on each GPU (or, for CPU runs, in each process's host memory, all fp32):
+This is the plan of the device the step runs on: each GPU's memory, or for CPU runs (all fp32)
+each process's share of host memory. The rest of host memory (a process's fixed cost beside a
+GPU, the load peak, checkpoint staging, offloaded state, the data worker, the pod as a whole)
+is planned in `memory_host.py`, which counts a CPU run's step as one of its parts. Counted here:
 
 - parameters, gradients, optimizer: fp32 master weights (4 B/param), fp32 gradients (4 B) and
   AdamW's two moments (8 B), divided by the shard count: 1 for ddp and a single process, the
   world size for fsdp, the processes per node for hsdp (sharded within a node, replicated
-  across nodes). With `cpuOffload` these live in host memory and the GPU holds none of them.
+  across nodes). With `cpuOffload` these live in host memory (`memory_host.py` counts them) and
+  the device holds none of them.
   ddp assumes the trainer lets DDP's buckets alias the gradients (`gradient_as_bucket_view`);
   otherwise DDP keeps a second fp32 copy of the gradients (+4 B/param).
   - ddp / single process on GPU in bf16: autocast casts each weight to bf16 once per forward and
@@ -20,20 +24,14 @@ What is counted on each GPU (or, for CPU runs, in each process's host memory, al
 - reference: the frozen base (when `spec.needs_reference`), bf16 on GPU and fp32 on CPU, sharded
   like the model under fsdp/hsdp, whole under ddp. It is not offloaded. Its transient gathers
   are freed before the backward pass, where the peak is, and are not counted.
-- staging (CPU runs with asynchronous checkpoints): the host copy of this rank's parameters and
-  AdamW state that a save writes out while training goes on (12 B/param over the shard count);
-  the stager keeps it for the next save, so it is resident from the first checkpoint on.
-- data worker (CPU runs): the DataLoader worker process each rank forks for its data pipeline:
-  its own interpreter and libraries, and the rank's parameters as they were when it forked (the
-  fork shares them; each in-place optimizer step leaves the old pages to the worker).
 - buffers: CUDA context and kernels (~0.5-1 GiB on recent GPUs), NCCL communicators and
   buffers (a few hundred MiB), cuBLAS workspaces: a fixed 1.5 GiB per GPU, plus 5 % of the rest
   for the caching allocator's fragmentation. A CPU process: 0.75 GiB (the interpreter, torch,
   transformers and the tokenizer: 784 MiB measured after the trainer's imports) plus the same 5 %.
 
 Not counted: evaluation (it runs between steps, without gradients, on batches whose logits are
-bounded to 256 MiB), the data pipeline's buffers, and host memory of a GPU run (staging, the
-data worker, an offloaded run's state).
+bounded to 256 MiB), the data pipeline's buffers, and on CPU runs the parts `memory_host.py`
+adds (checkpoint staging, the data worker, the load peak).
 """
 from __future__ import annotations
 
@@ -82,14 +80,12 @@ class MemoryPlan:
     activations: int
     logits: int
     reference: int
-    staging: int
-    data_worker: int
     buffers: int
 
     def parts(self) -> dict[str, int]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
                 "activations": self.activations, "logits": self.logits, "reference": self.reference,
-                "staging": self.staging, "data_worker": self.data_worker, "buffers": self.buffers}
+                "buffers": self.buffers}
 
     @property
     def total(self) -> int:
@@ -132,20 +128,18 @@ def estimate(spec: CptRunSpec, shape: ModelShape, layout: Layout | None = None) 
     tokens = spec.packing.seq_len * spec.training.micro_batch_size
     acts = activation_bytes(shape, tokens, dt, spec.training.parallelism.activation_checkpointing)
     logits = logit_bytes(shape, tokens, dt, kl=spec.regularization.ref_kl.beta > 0)
-    ref = _reference(spec, shape, strategy, layout)
-    staging, worker = _host_side(spec, shape, strategy, layout)
-    subtotal = params + grads + optim + acts + logits + ref + staging + worker
+    ref = reference_bytes(spec, shape, strategy, layout)
+    subtotal = params + grads + optim + acts + logits + ref
     return MemoryPlan(strategy=strategy, layout=layout, parameters=params, gradients=grads,
                       optimizer=optim, activations=acts, logits=logits, reference=ref,
-                      staging=staging, data_worker=worker, buffers=_buffers(subtotal, layout.gpu))
+                      buffers=_buffers(subtotal, layout.gpu))
 
 
 def _model_state(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout,
                  dt: Dtypes) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer) bytes on one rank."""
     n, p = shards(strategy, layout), shape.params
-    offload = spec.training.parallelism.cpu_offload and strategy in SHARDED
-    params, grads, optim = (0, 0, 0) if offload else (4 * p // n, 4 * p // n, 8 * p // n)
+    params, grads, optim = (0, 0, 0) if offloaded(spec, strategy) else (4 * p // n, 4 * p // n, 8 * p // n)
     if strategy not in SHARDED:
         autocast_copy = 2 * p if dt.compute == 2 else 0
         return params + autocast_copy, grads, optim
@@ -154,20 +148,16 @@ def _model_state(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Lay
     return params + dt.compute * gathered, grads + dt.compute * gathered + reduce_copy, optim
 
 
-def _reference(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout) -> int:
+def offloaded(spec: CptRunSpec, strategy: str) -> bool:
+    """Whether FSDP2 keeps the sharded state in host memory (`cpuOffload` means nothing to ddp)."""
+    return spec.training.parallelism.cpu_offload and strategy in SHARDED
+
+
+def reference_bytes(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout) -> int:
     if not spec.needs_reference:
         return 0
     per_param = 2 if layout.gpu and spec.training.precision != Precision.fp32 else 4
     return per_param * shape.params // shards(strategy, layout)
-
-
-def _host_side(spec: CptRunSpec, shape: ModelShape, strategy: str, layout: Layout) -> tuple[int, int]:
-    """(staging, data worker) bytes: host memory, so part of the plan of CPU runs only."""
-    if layout.gpu:
-        return 0, 0
-    n = shards(strategy, layout)
-    staging = (4 + 8) * shape.params // n if spec.checkpoint.asynchronous else 0
-    return staging, FIXED_CPU_BYTES + 4 * shape.params // n
 
 
 def _buffers(subtotal: int, gpu: bool) -> int:

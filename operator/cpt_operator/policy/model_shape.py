@@ -51,6 +51,12 @@ class ModelShape:
     def params(self) -> int:
         return self.layers * self.block_params + self.root_params
 
+    @property
+    def largest_tensor(self) -> int:
+        """Elements of the largest single weight: the embedding (or head), else an MLP or the q
+        projection's matrix."""
+        return self.hidden * max(self.vocab, self.intermediate, self.q_dim)
+
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> ModelShape:
         """From a transformers `config.json` (Llama, Mistral, Qwen-style keys)."""

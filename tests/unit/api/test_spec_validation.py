@@ -79,6 +79,8 @@ BAD_SPECS = [
      "spec.training.parallelism", "cpuOffload"),
     ("a GPU memory that is not a quantity is refused", _set("spec.resources", {"gpuMemory": "80 gigs"}),
      "spec.resources.gpuMemory", "pattern"),
+    ("a pod memory that is not a quantity is refused", _set("spec.resources", {"memory": "900 gigs"}),
+     "spec.resources.memory", "pattern"),
     ("a bad run name is refused", _set("metadata.name", "Bad_Name"), "metadata.name", "pattern"),
     ("an http data source is refused", _set("spec.data.sources.0.uri", "http://169.254.169.254/latest/"),
      "spec.data.sources[0].uri", "pattern"),

@@ -1,5 +1,6 @@
-"""The operator plans memory before it creates an attempt's Job: a run that cannot fit gets
-SpecValid=False (WontFit) naming the fix and no Job; an unreadable base does not block the run.
+"""The operator plans memory before it creates an attempt's Job: a run that cannot fit its GPUs or
+its pods' host memory gets SpecValid=False (WontFit) naming the fix and no Job; an unreadable base
+does not block the run.
 
 The operator reads bases and checkpoints only from object storage; here `gs://` is served by
 fsspec's in-memory filesystem (the `memory_object_store` stand-in; e2e tests use the S3 server)."""
@@ -52,11 +53,11 @@ class FakeKube:
         return [o for o in self.created if o["kind"] == "Job"]
 
 
-def _body(tmp_path: Path, config: dict[str, Any] | None, **parallelism: Any) -> dict[str, Any]:
+def _body(tmp_path: Path, config: dict[str, Any] | None, memory: str = "900Gi", **parallelism: Any) -> dict[str, Any]:
     base = f"gs://bases/{tmp_path.name}"
     if config is not None:
         fsspec.filesystem("gs").pipe(f"{base}/config.json", json.dumps(config).encode())
-    spec = spec_doc(nodes=1, gpuMemory="80Gi")
+    spec = spec_doc(nodes=1, gpuMemory="80Gi", memory=memory)
     del spec["resources"]["s3SecretRef"]  # read with the operator's identity (test_run_credentials)
     spec["baseModel"]["uri"] = base
     spec["checkpoint"]["uri"] = f"gs://checkpoints/{tmp_path.name}"
@@ -100,12 +101,26 @@ def test_a_run_that_cannot_fit_is_refused_with_the_fix_and_no_job(tmp_path: Path
     assert [(t, r) for t, r, _ in events] == [("Warning", "WontFit")]
 
 
+def test_a_pod_whose_host_memory_cannot_fit_is_refused_naming_host_memory(tmp_path: Path) -> None:
+    kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, memory="64Gi", strategy="fsdp")), []
+    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is None
+    valid = _condition(kube.body, ConditionType.spec_valid)
+    assert (valid["status"], valid["reason"]) == ("False", Reason.wont_fit.value)
+    assert valid["message"].startswith("host memory per pod 112.2 GiB of 64.0 GiB does not fit")
+    assert "largest a rank: staging 11.2 GiB" in valid["message"]
+    assert "smallest fix: set checkpoint.asynchronous: false" in valid["message"]
+    assert kube.body["status"]["message"].startswith("not started: host memory per pod")
+    assert kube.jobs() == []
+    assert [(t, r) for t, r, _ in events] == [("Warning", "WontFit")]
+
+
 def test_a_run_that_fits_starts_and_records_the_plan(tmp_path: Path) -> None:
     kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp")), []
     assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is not None
     assert len(kube.jobs()) == 1
     planned = _condition(kube.body, ConditionType.memory_planned)
-    assert (planned["status"], planned["reason"]) == ("True", "Fits") and "of 80.0 GiB" in planned["message"]
+    assert (planned["status"], planned["reason"]) == ("True", "Fits")
+    assert planned["message"] == "per-GPU 59.2 GiB of 80.0 GiB; host memory per pod 112.2 GiB of 900.0 GiB"
 
 
 def test_an_unreadable_config_does_not_block_the_run(tmp_path: Path) -> None:

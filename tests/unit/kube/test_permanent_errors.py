@@ -86,7 +86,8 @@ pytestmark = pytest.mark.usefixtures("memory_object_store")
 
 
 def body(tmp_path: Path, **resources: Any) -> dict[str, Any]:
-    spec = spec_doc(**resources)
+    # no pod memory to plan against: the base is not in the test's store (test_memory_check plans)
+    spec = spec_doc(**{"memory": None, **resources})
     spec["checkpoint"]["uri"] = f"gs://checkpoints/{tmp_path.name}"  # the memory_object_store stand-in
     del spec["resources"]["s3SecretRef"]  # read with the operator's identity (test_run_credentials)
     return {"metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "generation": 1,

@@ -72,17 +72,9 @@ PARTS = [
                  id="refKL adds the reference logits and two fp32 copies for the KL term"),
     pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "parameters", 4 * P,
                  id="a CPU run plans fp32 without autocast copies"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "staging", 12 * P,
-                 id="a CPU run stages its parameters and AdamW state for asynchronous saves"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}, "checkpoint": {"asynchronous": False}},
-                 "staging", 0, id="synchronous saves stage nothing"),
     pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2},
-                  "training": {"parallelism": {"strategy": "fsdp"}}}, "staging", 12 * P // 2,
-                 id="under fsdp a CPU rank stages only its shard"),
-    pytest.param({"resources": {"gpusPerNode": 0, "nprocPerNode": 2}}, "data_worker", 3 * GIB // 4 + 4 * P,
-                 id="a CPU rank's data worker holds libraries and the parameters it forked with"),
-    pytest.param({}, "staging", 0, id="staging is host memory, not planned for a GPU"),
-    pytest.param({}, "data_worker", 0, id="the data worker is host memory, not planned for a GPU"),
+                  "training": {"parallelism": {"strategy": "fsdp", "cpuOffload": True}}}, "optimizer", 0,
+                 id="a CPU run's offloaded state is the host plan's, not counted twice"),
 ]
 
 
@@ -140,23 +132,29 @@ FIXES = [
 ]
 
 
+def _gpu_memory(sections: dict[str, Any], limit: int) -> dict[str, Any]:
+    return {**sections, "resources": {**sections.get("resources", {}), "gpuMemory": str(limit)}}
+
+
 @pytest.mark.parametrize("sections, fitting, changes", FIXES)
 def test_smallest_fix(sections: dict[str, Any], fitting: dict[str, Any], changes: str) -> None:
     limit = estimate(spec(**fitting), LLAMA3_8B).total
-    assert not estimate(spec(**sections), LLAMA3_8B).fits(limit)
-    fix = smallest_fix(spec(**sections), LLAMA3_8B, limit)
+    tight = spec(**_gpu_memory(sections, limit))
+    assert not estimate(tight, LLAMA3_8B).fits(limit)
+    fix = smallest_fix(tight, LLAMA3_8B)
     assert fix is not None and ", ".join(fix.changes) == changes
-    assert fix.sentence(limit) == f"set {changes} (per-GPU {format_bytes(fix.plan.total)} of {format_bytes(limit)})"
+    assert fix.sentence() == f"set {changes} (per-GPU {format_bytes(fix.usages[0].used)} of {format_bytes(limit)})"
 
 
 def test_nothing_fits_in_a_gigabyte() -> None:
-    message = wont_fit(spec(), LLAMA3_8B, parse_quantity("1Gi"))
-    assert smallest_fix(spec(), LLAMA3_8B, parse_quantity("1Gi")) is None
+    tiny_gpus = spec(resources={"gpuMemory": "1Gi"})
+    message = wont_fit(tiny_gpus, LLAMA3_8B)
+    assert smallest_fix(tiny_gpus, LLAMA3_8B) is None
     assert message is not None and "no change tried makes it fit" in message
 
 
 def test_a_run_that_fits_has_no_message() -> None:
-    assert wont_fit(spec(), TINY, parse_quantity("80Gi")) is None
+    assert wont_fit(spec(), TINY) is None
 
 
 def test_llama_3_8b_on_eight_80gi_gpus_needs_fsdp() -> None:
