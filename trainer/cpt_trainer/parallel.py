@@ -186,11 +186,15 @@ def parallelize(model: nn.Module, spec: ParallelismSpec, dist: Dist, *, procs_pe
 def shard_frozen(model: nn.Module, parallel: Parallel, dist: Dist,
                  dtype: torch.dtype | None) -> nn.Module:
     """A frozen model (the reference base) laid out like the trained one: sharded under fsdp,
-    in bf16 on GPU, never part of the optimizer."""
+    in bf16 on GPU, never part of the optimizer. Sharded, it frees its parameters after every
+    forward, the root's included: FSDP2 keeps a root gathered after a forward for the backward
+    that follows, which never comes for a frozen model (a whole base on every rank)."""
     model.requires_grad_(False).eval()
     if dtype is not None:
         model.to(dtype)
     if parallel.sharded and parallel.mesh is not None:
         model.to(dist.device)
-        return shard(model, parallel.mesh)
+        frozen = shard(model, parallel.mesh)
+        frozen.set_reshard_after_forward(True)  # type: ignore[operator]
+        return frozen
     return model.to(dist.device)
