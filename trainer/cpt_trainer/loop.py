@@ -406,14 +406,13 @@ class Attempt:
 
     # ------------------------------------------------------------------- evals, checkpoints
     def evaluate(self, is_base: bool = False) -> dict[str, float]:
-        # A sharded model's forward is a collective: every rank evaluates the same samples in
-        # step; replicas leave it to rank 0.
+        # Every rank evaluates its share of the samples and ends with the same results
+        # (`evals/evaluator.py`), whatever the strategy.
         results: dict[str, float] = {}
-        if self.evaluator is not None and (self.dist.is_main or self.parallel.sharded):
+        if self.evaluator is not None:
             results = self.evaluator.evaluate(self.model)
             results.update(self.hook.evaluate(self.model, self.evaluator))
             self.parallel.reshard()
-        results = distributed.broadcast_object(results)  # type: ignore[assignment]
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
 
