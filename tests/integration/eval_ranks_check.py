@@ -36,11 +36,6 @@ TIMEOUT = timedelta(seconds=20)
 """A rank that waits this long in one collective fails the run instead of hanging."""
 
 
-def odd_length(text: str) -> bool:
-    """A refusal classifier whose verdicts differ from sample to sample."""
-    return len(text) % 2 == 1
-
-
 def load(model_dir: str, stops: list[int], *, perturb: bool) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = stops

@@ -71,7 +71,7 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
         {"name": "json", "kind": "behavior", "metric": "json_valid", **generation},
         {"name": "format", "kind": "behavior", "metric": "format_follow", **generation},
         {"name": "safety", "kind": "safety", "metric": "refusal_rate", **generation,
-         "refusalClassifier": "tests.integration.eval_ranks_check:odd_length"},
+         "refusalClassifier": "tests.integration.harness:odd_length"},
         {"name": "chat", "kind": "drift", "uri": chat, "metric": "kl_to_base", "maxNewTokens": MAX_NEW},
     ]
 

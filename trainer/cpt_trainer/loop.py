@@ -64,6 +64,7 @@ from .model import (attention_backend, check_digest, check_recorded_digest, dige
                     skeleton)
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
+from .refkl import replay_kl
 from .schedule import build_schedule
 
 log = logging.getLogger(__name__)
@@ -359,13 +360,11 @@ class Attempt:
         if beta > 0 and self.reference is not None and self.replay_ids:
             replay = torch.isin(batch.source_ids[:, 1:],
                                 torch.tensor(self.replay_ids, device=self.device)) & mask
-            if replay.any():
-                with torch.no_grad(), autocast:
-                    ref = self.reference(**inputs).logits.view(*batch.input_ids.shape, -1)[:, :-1]
-                ref_logp = F.log_softmax(ref.float()[replay], dim=-1)
-                logp = F.log_softmax(logits[replay], dim=-1)
-                # KL(p_base || p_theta) per replay token, summed: anchors replay predictions.
-                kl = beta * (ref_logp.exp() * (ref_logp - logp)).sum()
+            # Entered on every micro-batch when the reference is sharded (a collective).
+            term = replay_kl(self.reference, batch, logits, replay, flatten=self.flatten,
+                             collective=self.parallel.sharded, autocast=autocast)
+            if term is not None:
+                kl = beta * term
         return nll, mask, kl
 
     def train_step(self) -> StepOutcome:
