@@ -9,7 +9,8 @@ What must be equal. Every rank reads its own share of the data, so other world s
 other batches: the base evaluation (before the first step) must agree across 1, 2 and 4 ranks
 (perplexity rel 1e-5, rates exactly, kl_to_base within abs 1e-6), and on the same 2 ranks fsdp
 (the reference sharded, entered on every micro-batch) must train the losses of ddp (a replicated
-reference, run only where there is replay) within rel 1e-5, and evaluate the same.
+reference, run only where there is replay) within rel 1e-5, and evaluate the same (perplexity
+within rel 1e-4 once trained: the two strategies' weights differ by fp32 rounding).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 GLOBAL_WINDOWS = 4
+"""Windows per optimizer step on every world size (one per micro-batch)."""
 PROMPTS = ["Permission is hereby granted", "def main(", "THE SOFTWARE IS PROVIDED",
            "Return a JSON object:", "This program is free software"]
 
