@@ -16,6 +16,12 @@ from cpt_operator.api import TrainerConfig
 from cpt_operator.api.events import parse_event
 
 
+def odd_length(text: str) -> bool:
+    """A refusal classifier (`tests.integration.harness:odd_length`) whose verdicts differ from
+    output to output even on a random model, which never writes a refusal phrase."""
+    return len(text) % 2 == 1
+
+
 def tiny_spec(model: Path, corpora: dict[str, Path], **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "baseModel": {"uri": str(model), "format": "hf"},

@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,16 @@ def broadcast_object(obj: object) -> object:
     return holder[0]
 
 
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    parts: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts  # type: ignore[return-value]
+
+
 def gather_problems(problems: list[str]) -> list[str]:
     """Every rank's list of problems, merged (in rank order, without repeats), on every rank:
     one rank that cannot go on stops them all with its reason."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return problems
-    lists: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(lists, problems)
-    return list(dict.fromkeys(p for part in lists for p in part or ()))
+    return list(dict.fromkeys(p for part in gather_objects(problems) for p in part))

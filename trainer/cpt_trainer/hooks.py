@@ -65,7 +65,8 @@ class RunHook:
 
     # evaluations and checkpoints
     def evaluate(self, model: torch.nn.Module, evaluator: Any) -> dict[str, float]:
-        """Metrics added to each evaluation (on the ranks that evaluate)."""
+        """Metrics added to each evaluation: on every rank, as a collective (each rank
+        measures its share and all return the same values, as `Evaluator.evaluate` does)."""
         return {}
 
     def checkpoint_metrics(self) -> dict[str, float]:

@@ -64,6 +64,7 @@ from .load.weights import Weights, build, fill, refill
 from .model import attention_backend, check_digest, check_recorded_digest, load_tokenizer
 from .parallel import Parallel, parallelize, shard_frozen
 from .perf import flops_per_token, peak_flops
+from .refkl import replay_kl
 from .schedule import build_schedule
 
 log = logging.getLogger(__name__)
@@ -381,13 +382,11 @@ class Attempt:
         if beta > 0 and self.reference is not None and self.replay_ids:
             replay = torch.isin(batch.source_ids[:, 1:],
                                 torch.tensor(self.replay_ids, device=self.device)) & mask
-            if replay.any():
-                with torch.no_grad(), autocast:
-                    ref = self.reference(**inputs).logits.view(*batch.input_ids.shape, -1)[:, :-1]
-                ref_logp = F.log_softmax(ref.float()[replay], dim=-1)
-                logp = F.log_softmax(logits[replay], dim=-1)
-                # KL(p_base || p_theta) per replay token, summed: anchors replay predictions.
-                kl = beta * (ref_logp.exp() * (ref_logp - logp)).sum()
+            # Entered on every micro-batch when the reference is sharded (a collective).
+            term = replay_kl(self.reference, batch, logits, replay, flatten=self.flatten,
+                             collective=self.parallel.sharded, autocast=autocast)
+            if term is not None:
+                kl = beta * term
         return nll, mask, kl
 
     def train_step(self) -> StepOutcome:
@@ -428,14 +427,13 @@ class Attempt:
 
     # ------------------------------------------------------------------- evals, checkpoints
     def evaluate(self, is_base: bool = False) -> dict[str, float]:
-        # A sharded model's forward is a collective: every rank evaluates the same samples in
-        # step; replicas leave it to rank 0.
+        # Every rank evaluates its share of the samples and ends with the same results
+        # (`evals/evaluator.py`), whatever the strategy.
         results: dict[str, float] = {}
-        if self.evaluator is not None and (self.dist.is_main or self.parallel.sharded):
+        if self.evaluator is not None:
             results = self.evaluator.evaluate(self.model)
             results.update(self.hook.evaluate(self.model, self.evaluator))
             self.parallel.reshard()
-        results = distributed.broadcast_object(results)  # type: ignore[assignment]
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
 

@@ -11,8 +11,8 @@ gradient reduction and AdamW stay fp32 (`MixedPrecisionPolicy`). Activation chec
 blocks before they are sharded (full: every block, selective: every other one).
 
 Everything the loop does differently per strategy goes through `Parallel`: the module to call,
-gradient sync during accumulation, clipping, and whether evaluation must run on every rank
-(a sharded model's forward is a collective).
+gradient sync during accumulation, clipping, and freeing what a forward-only pass left gathered
+(a sharded model's forward is a collective: evaluation runs on every rank, `evals/sharing.py`).
 """
 from __future__ import annotations
 
@@ -186,7 +186,10 @@ def parallelize(model: nn.Module, spec: ParallelismSpec, dist: Dist, *, procs_pe
 def shard_frozen(model: nn.Module, parallel: Parallel, dist: Dist,
                  dtype: torch.dtype | None) -> nn.Module:
     """A frozen model (the reference base) laid out like the trained one: sharded under fsdp,
-    in bf16 on GPU, never part of the optimizer. A skeleton gets only this rank's slices."""
+    in bf16 on GPU, never part of the optimizer; a skeleton gets only this rank's slices.
+    Sharded, it frees its parameters after every forward, the root's included: FSDP2 keeps a
+    root gathered after a forward for the backward that follows, which never comes for a frozen
+    model (a whole base on every rank)."""
     model.requires_grad_(False).eval()
     if dtype is not None:
         model.to(dtype)
@@ -194,7 +197,7 @@ def shard_frozen(model: nn.Module, parallel: Parallel, dist: Dist,
     if parallel.sharded and parallel.mesh is not None:
         if not meta:
             model.to(dist.device)
-        shard(model, parallel.mesh)
+        shard(model, parallel.mesh).set_reshard_after_forward(True)  # type: ignore[operator]
     elif not meta:
         model.to(dist.device)
     if meta:

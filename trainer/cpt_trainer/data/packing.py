@@ -72,6 +72,12 @@ class Batch:
             ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
         return {"input_ids": ids, "position_ids": positions, "use_cache": False}
 
+    def rows(self, keep: torch.Tensor) -> Batch:
+        """The windows where the [B] mask `keep` is true."""
+        labels = self.labels[keep]
+        return Batch(self.input_ids[keep], labels, self.position_ids[keep], self.source_ids[keep],
+                     int((labels != IGNORE).sum()))
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device),
                      self.position_ids.to(device), self.source_ids.to(device), self.num_tokens)

@@ -18,17 +18,23 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .runtime import batch_rows, logits_of, pad_right, vocab_size
+from .runtime import batch_rows, idle, logits_of, pad_right, vocab_size
+from .sharing import ALONE, Share
 
 
 def kl_sum(model: torch.nn.Module, reference: torch.nn.Module, rows: Sequence[tuple[list[int], int]],
-           *, seq_len: int, device: torch.device, pad_id: int) -> tuple[float, int]:
-    """(Σ KL_t, #positions) for rows of (prompt + response ids, prompt length)."""
+           *, seq_len: int, device: torch.device, pad_id: int,
+           share: Share = ALONE) -> tuple[float, int]:
+    """(Σ KL_t, #positions) over this rank's share of rows of (prompt + response ids, prompt
+    length); all of them by default."""
     # Both models' logits are alive at once, hence half the usual batch.
     per_batch = max(1, batch_rows(seq_len, vocab_size(model)) // 2)
     total, count = 0.0, 0
-    for start in range(0, len(rows), per_batch):
-        chunk = rows[start:start + per_batch]
+    for chunk in share.batches(rows, per_batch):
+        if not chunk:  # a padding batch: both models, in the order a real batch runs them
+            idle(model, device, pad_id)
+            idle(reference, device, pad_id)
+            continue
         ids, mask = pad_right([r for r, _ in chunk], pad_id, device)
         positions = _response_mask(chunk, ids.shape[1], device)
         log_theta = F.log_softmax(logits_of(model, ids, mask), dim=-1)

@@ -3,12 +3,18 @@
 Samples are read, checked and tokenised once, when the evaluator is built (a broken suite stops
 the run before the first step, not at the first evaluation); `evaluate` then only runs the model.
 The drift suites' base responses are generated once, on first use, from the reference model.
+
+Under torchrun every rank calls `evaluate` (it is a collective) and every rank returns the same
+results. Each rank runs the model on its share of each suite (`sharing.py`: rank-strided, in
+lock step where the model is sharded) and the shares are combined (`collective.py`): NLL and KL
+by their sums and counts, generation suites by per-sample verdicts gathered in sample order.
+The base responses of drift suites are generated the same way, once, and kept on every rank.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,12 +23,14 @@ from cpt_operator.api.evaluation import EvaluationSpec, Metric, SuiteSpec
 from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
+from .collective import in_order, share_of, summed
 from .data import Sample, load_samples
 from .drift import kl_sum
 from .generation import decode, greedy, prompt_rows, unwrap
-from .perplexity import document_ids, token_nll
+from .perplexity import NllResult, document_ids, token_nll
 from .runtime import inference
 from .scoring import follows_format, has_json_object, load_classifier, rate
+from .sharing import Share
 
 _TEXT_METRICS = {Metric.perplexity, Metric.nll}
 
@@ -61,8 +69,9 @@ class Evaluator:
         return out
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        # The bare module: a DDP wrapper's forward would start collectives that the other
-        # ranks (not evaluating) never join.
+        """Every suite's metric; a collective under torchrun (every rank calls it and gets the
+        same results)."""
+        # The bare module: a DDP wrapper's forward would add collectives of its own.
         model = unwrap(model)
         with contextlib.ExitStack() as stack:
             stack.enter_context(inference(model, self.device, self.autocast_dtype))
@@ -70,25 +79,38 @@ class Evaluator:
                 stack.enter_context(inference(self.reference, self.device, self.autocast_dtype))
             return {metric_key(s): self._suite(s, model) for s in self.spec.suites}
 
+    def nll(self, model: torch.nn.Module, docs: Sequence[Sequence[int]]) -> NllResult:
+        """The NLL of `docs` over all ranks' shares (a collective); call inside `inference`."""
+        part = token_nll(model, docs, seq_len=self.seq_len, device=self.device,
+                         pad_id=self._pad_id(), share=share_of(model))
+        nll_sum, tokens = summed([part.nll_sum, part.tokens])
+        return NllResult(nll_sum, int(tokens))
+
     def _suite(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
         if suite.metric in _TEXT_METRICS:
-            result = token_nll(model, self._docs[suite.name], seq_len=self.seq_len,
-                               device=self.device, pad_id=self._pad_id())
+            result = self.nll(model, self._docs[suite.name])
             return result.perplexity if suite.metric == Metric.perplexity else result.nll
         if suite.metric == Metric.kl_to_base:
-            total, count = kl_sum(model, self._reference(), self._drift(suite), seq_len=self.seq_len,
-                                  device=self.device, pad_id=self._pad_id())
-            return total / count if count else math.nan
-        outputs = self._generate(model, self._prompts[suite.name], suite.max_new_tokens)
+            return self._kl(suite, model)
+        samples = self.samples[suite.name]
+        share = share_of(model)
+        outputs = self._generate(model, self._prompts[suite.name], suite.max_new_tokens, share)
         texts = [decode(self.tokenizer, ids) for ids in outputs]
-        self.last_generations[suite.name] = texts
-        return rate(self._score(suite, texts))
+        scored = in_order(list(zip(texts, self._score(suite, texts, share.take(samples)))))
+        self.last_generations[suite.name] = [text for text, _ in scored]
+        return rate([verdict for _, verdict in scored])
 
-    def _score(self, suite: SuiteSpec, outputs: list[str]) -> list[bool]:
+    def _kl(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
+        reference = self._reference()
+        part = kl_sum(model, reference, self._drift(suite), seq_len=self.seq_len,
+                      device=self.device, pad_id=self._pad_id(), share=share_of(model, reference))
+        total, count = summed(part)
+        return total / count if count else math.nan
+
+    def _score(self, suite: SuiteSpec, outputs: list[str], samples: list[Sample]) -> list[bool]:
         if suite.metric == Metric.json_valid:
             return [has_json_object(t) for t in outputs]
         if suite.metric == Metric.format_follow:
-            samples = self.samples[suite.name]
             return [follows_format(t, s.pattern or "") for t, s in zip(outputs, samples)]
         classify = self._classifiers[suite.name]
         return [bool(classify(t)) for t in outputs]
@@ -98,9 +120,10 @@ class Evaluator:
         if suite.name not in self._drift_rows:
             samples, prompts = self.samples[suite.name], self._prompts[suite.name]
             missing = [i for i, s in enumerate(samples) if not s.response]
-            generated = dict(zip(missing, self._generate(self._reference(),
-                                                         [prompts[i] for i in missing],
-                                                         suite.max_new_tokens)))
+            reference = self._reference()
+            mine = self._generate(reference, [prompts[i] for i in missing], suite.max_new_tokens,
+                                  share_of(reference))
+            generated = dict(zip(missing, in_order(mine)))
             rows = []
             for i, (sample, prompt) in enumerate(zip(samples, prompts)):
                 response = generated.get(i) or self._encode(sample.response or "")
@@ -109,11 +132,11 @@ class Evaluator:
             self._drift_rows[suite.name] = rows
         return self._drift_rows[suite.name]
 
-    def _generate(self, model: torch.nn.Module, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        if not rows:
-            return []
+    def _generate(self, model: torch.nn.Module, rows: list[list[int]], max_new_tokens: int,
+                  share: Share) -> list[list[int]]:
+        """Outputs for this rank's share of `rows`."""
         return greedy(model, self.tokenizer, rows, max_new_tokens=max_new_tokens,
-                      device=self.device, seq_len=self.seq_len)
+                      device=self.device, seq_len=self.seq_len, share=share)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

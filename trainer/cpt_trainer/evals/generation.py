@@ -5,6 +5,12 @@ appended), since that is how a chat model is served; otherwise they are encoded 
 encodes any text for inference. A prompt longer than `seq_len − max_new_tokens` keeps its end.
 Prompts are left-padded into batches in their fixed order and decoded greedily (no sampling,
 one beam), so the same weights give the same outputs on every call.
+
+Across ranks each rank generates for its share of the prompts (`sharing.Share`). A sharded
+model's every decoding step is a forward, hence a collective, so in lock step every rank makes
+as many `generate` calls as the largest share needs (a padding call decodes a one-token prompt
+and drops it) and each call stops in sync (`synced_gpus`): a rank whose outputs have all ended
+keeps stepping, its results dropped, until every rank's have, so the forwards stay paired.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .runtime import batch_rows, vocab_size
+from .sharing import ALONE, Share
 
 # Models are loaded with `config.use_cache = False` (packed training batches need the
 # per-document mask that a cache would drop), but generation of unpacked, left-padded prompts is
@@ -57,8 +64,10 @@ def stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list
 
 
 def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], *,
-           max_new_tokens: int, device: torch.device, seq_len: int) -> list[list[int]]:
-    """New token ids for each prompt row, up to and including the first stop token."""
+           max_new_tokens: int, device: torch.device, seq_len: int,
+           share: Share = ALONE) -> list[list[int]]:
+    """New token ids for each prompt row of this rank's share (all of them by default), up to
+    and including the first stop token."""
     model = unwrap(model)
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
@@ -69,11 +78,11 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
     # not rows × seq_len × vocab (which allowed 5 prompts a batch on a 49k vocabulary at 256).
     per_batch = batch_rows(1, vocab_size(model), limit=16)
     out: list[list[int]] = []
-    for start in range(0, len(rows), per_batch):
-        ids, mask = _pad_left(rows[start:start + per_batch], pad, device)
+    for chunk in share.batches(rows, per_batch):
+        ids, mask = _pad_left(chunk or [[pad]], pad, device)
         generated = model.generate(input_ids=ids, attention_mask=mask,  # type: ignore[operator]
-                                   generation_config=config)
-        for row in generated[:, ids.shape[1]:].tolist():
+                                   generation_config=config, synced_gpus=share.lockstep)
+        for row in generated[:len(chunk), ids.shape[1]:].tolist():
             out.append(_until_stop(row, stops))
     return out
 

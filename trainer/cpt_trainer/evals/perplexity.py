@@ -10,7 +10,8 @@ token has nothing to be predicted from.
 
 Sums are taken in float64 on the host in a fixed order, so a second call with the same weights
 gives the same number bit for bit. Windows are batched (right-padded, padding masked out of
-attention and loss) to keep a GPU busy.
+attention and loss) to keep a GPU busy. Across ranks, each rank sums its share of the windows
+(`sharing.Share`) and the evaluator adds the ranks' sums (`collective.summed`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from ..data.tokenization import encode_texts, eos_id
-from .runtime import batch_rows, logits_of, pad_right, vocab_size
+from .runtime import batch_rows, idle, logits_of, pad_right, vocab_size
+from .sharing import ALONE, Share
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,18 @@ def document_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
 
 
 def token_nll(model: torch.nn.Module, docs: Sequence[Sequence[int]], *, seq_len: int,
-              device: torch.device, pad_id: int, max_batch: int | None = None) -> NllResult:
-    """Summed NLL and predicted-token count; call inside `runtime.inference`."""
+              device: torch.device, pad_id: int, max_batch: int | None = None,
+              share: Share = ALONE) -> NllResult:
+    """Summed NLL and predicted-token count over this rank's share of the windows (all of them
+    by default); call inside `runtime.inference`."""
     rows = [w for ids in docs for w in windows(ids, seq_len)]
     per_batch = batch_rows(seq_len, vocab_size(model), max_batch)
     total, count = 0.0, 0
-    for start in range(0, len(rows), per_batch):
-        ids, mask = pad_right(rows[start:start + per_batch], pad_id, device)
+    for chunk in share.batches(rows, per_batch):
+        if not chunk:
+            idle(model, device, pad_id)
+            continue
+        ids, mask = pad_right(chunk, pad_id, device)
         logits = logits_of(model, ids, mask)[:, :-1]
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

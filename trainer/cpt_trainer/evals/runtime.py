@@ -66,3 +66,9 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> 
     out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     logits: torch.Tensor = out.logits
     return logits.float()
+
+
+def idle(model: torch.nn.Module, device: torch.device, pad_id: int) -> None:
+    """A forward on one token whose result is dropped: a padding batch (`sharing.py`). It
+    enters every collective a sharded model's forward holds, and computes next to nothing."""
+    model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False)

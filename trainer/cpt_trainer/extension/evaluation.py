@@ -1,6 +1,7 @@
 """The new-terms evaluation slice: `new_terms.perplexity` over the evaluation texts (held out
 and decontaminated by construction) that contain a new token. It tells whether the new rows
-learnt their terms, which the run's other evaluations average away."""
+learnt their terms, which the run's other evaluations average away. It is measured the way the
+evaluator measures perplexity (`Evaluator.nll`): over the ranks, each on its share."""
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ class NewTermsEvaluation:
         return [d for d in docs if new.intersection(d)]
 
     def __call__(self, model: torch.nn.Module, evaluator: Any) -> dict[str, float]:
+        """A collective like the evaluator's own suites: every rank calls it, each measures its
+        share of the slice and every rank returns the same value."""
         from ..evals.generation import unwrap
-        from ..evals.perplexity import token_nll
         from ..evals.runtime import inference
 
         if self._docs is None:
@@ -38,8 +40,7 @@ class NewTermsEvaluation:
             return {}
         model = unwrap(model)
         with inference(model, evaluator.device, evaluator.autocast_dtype):
-            result = token_nll(model, self._docs, seq_len=evaluator.seq_len,
-                               device=evaluator.device, pad_id=int(self.tokenizer.pad_token_id))
+            result = evaluator.nll(model, self._docs)
         return {"new_terms.perplexity": result.perplexity}
 
 
