@@ -34,6 +34,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -1099,6 +1100,20 @@ class Alertmanager:
 # --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class S3Request:
+    """One request the server answered (versitygw logs no byte counts: it writes 0)."""
+
+    bucket: str
+    key: str
+    status: int
+
+
+# owner bucket [time] ip requester request-id operation key request-uri status ...
+_ACCESS = re.compile(r"^\S+ (?P<bucket>\S+) \[[^]]*\] \S+ \S+ \S+ (?P<operation>\S+) (?P<key>\S+) "
+                     r"\S+ (?P<status>\d+) ")
+
+
 class S3Server:
     """versitygw serving a posix dir as S3 (path-style, region us-east-1). The keys it starts
     with are its root account's, which reaches every bucket; `create_user` adds accounts that
@@ -1117,9 +1132,11 @@ class S3Server:
         data, meta, iam = self.wd / "data", self.wd / "meta", self.wd / "iam"
         for folder in (data, meta, iam):
             folder.mkdir(exist_ok=True)
+        self.access_log = self.wd / "access.log"
         self.process = Process("versitygw", [
             binary("versitygw"), "--port", f"{host}:{self.port}",
             "--access", self.key, "--secret", self.secret, "--region", self.REGION, "--iam-dir", iam,
+            "--access-log", self.access_log,
             # Metadata in a sidecar dir instead of xattrs, which not every
             # temp filesystem (overlayfs, tmpfs) supports.
             "posix", "--sidecar", meta, data,
@@ -1135,6 +1152,17 @@ class S3Server:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def requests(self, operation: str = "s3_GetObject") -> list[S3Request]:
+        """What the server has answered so far, from its access log (AWS's server access log
+        format), of one operation."""
+        found = []
+        if self.access_log.exists():
+            for line in self.access_log.read_text().splitlines():
+                match = _ACCESS.match(line)
+                if match and match["operation"] == operation:
+                    found.append(S3Request(match["bucket"], match["key"], int(match["status"])))
+        return found
 
     def create_user(self, key: str, secret: str) -> None:
         """An account that reaches only the buckets it owns (none yet)."""

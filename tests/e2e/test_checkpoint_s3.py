@@ -1,11 +1,14 @@
-"""Checkpoints on a real S3 server (versitygw): written by 2 FSDP ranks, restored by 1, exported;
-claimed by one CptRun, so that a second one on the same checkpoint.uri is refused.
+"""Bases and checkpoints on a real S3 server (versitygw): 4 FSDP ranks of one "node" start from
+a base in S3 and write checkpoints there, 4 ranks restore one, the export tool serves it; a
+checkpoint root claimed by one CptRun is refused to a second one.
 
 The trainer and the export tool get the endpoint and credentials from the standard AWS
-environment variables (as in test_data_s3.py); the spec names only `s3://` URIs. Every rank
-uploads its own shards from a local staging directory, rank 0 PUTs the manifest last; a
-restore downloads the checkpoint once into the node's cache (`CPT_CACHE_DIR/checkpoints/`),
-verifies it there and records that in `<cache>.verified.json`.
+environment variables (as in test_data_s3.py); the spec names only `s3://` URIs. The base is
+downloaded once for the node (one GET a file, in the server's access log) under the node's lock,
+hashed on the way, and each rank reads only its rows from that copy. Every rank uploads its own
+shards from a local staging directory, rank 0 PUTs the block table and then the manifest. A
+restore reads each rank's shards straight from the bucket, verified block by block: about a
+quarter of the checkpoint per rank, and no shard lands in the node's cache.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,12 @@ import pytest
 import s3fs
 import torch
 
-from cpt_operator.api.manifest import PINNED, RUN_RECORD, STARTED, checkpoint_name
+from cpt_operator.api.manifest import BLOCKS, PINNED, RUN_RECORD, STARTED, checkpoint_name
 from cpt_trainer import checkpoint
+from cpt_trainer.load.node_copy import copy_path, digest
 from cpt_trainer.model import load_checkpoint_model
 
+from tests.conftest import build_tiny_model
 from tests.e2e.operator_harness import (OperatorProcess, condition, events as run_events, get_run,
                                         install_crd, job_names, operator_env, status_of)
 from tests.e2e.test_operator import cptrun
@@ -31,10 +37,12 @@ from tests.integration.harness import events, log_tail, of, run, tiny_spec, writ
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(900)]
 
+RANKS = 4
 
-def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
-        s3_server: Any, s3_bucket: str, tmp_path: Path, tiny_model_dir: Path,
-        corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_from_s3(
+        s3_server: Any, s3_bucket: str, tmp_path: Path, corpora: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     cache = tmp_path / "cache"
@@ -42,32 +50,54 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
     staging = tmp_path / "tmp"  # where ranks stage files before uploading them
     staging.mkdir()
     monkeypatch.setenv("TMPDIR", str(staging))
+    # big enough that its shards, not what every rank reads (DCP's metadata, AdamW's step counts
+    # and hyperparameters: about 1 MB here), make up a checkpoint
+    model = build_tiny_model(tmp_path / "base", hidden=512, layers=4)
+    s3_server.filesystem().put(f"{model}/", f"{s3_bucket}/base/", recursive=True)
+    base = f"s3://{s3_bucket}/base"
     root = f"s3://{s3_bucket}/runs/r/checkpoints"
-    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 6},
-                     training={"microBatchSize": 2, "gradAccumulation": 1,
-                               "parallelism": {"strategy": "fsdp"}})
+    spec = tiny_spec(model, corpora, baseModel={"uri": base, "format": "hf"}, budget={"steps": 6},
+                     training={"microBatchSize": 1, "gradAccumulation": 1,
+                               "parallelism": {"strategy": "fsdp", "collectiveTimeoutSeconds": 120}})
 
-    # Two ranks write every checkpoint straight to the bucket.
+    # Four ranks of one node start from the S3 base: one download, verified bytes.
     first = write_config(tmp_path, spec, attempt=1, checkpoints=f"{root}/attempt-001")
-    assert run(first, nproc=2, timeout=400) == 0, log_tail(first)
-    assert of("started", events(first))[0].world_size == 2
+    assert run(first, nproc=RANKS, timeout=400) == 0, log_tail(first)
+    started = of("started", events(first))[0]
+    base_files = sorted(p.name for p in model.iterdir())
+    gets = Counter(r.key for r in s3_server.requests() if r.key.startswith("base/"))
+    assert gets == Counter({f"base/{name}": 1 for name in base_files})
+    copy = copy_path(base)
+    assert sorted(p.name for p in copy.iterdir()) == base_files
+    assert started.base_sha256 == digest(str(model)) == digest(str(copy))
+    assert json.loads(Path(f"{copy}.verified.json").read_text())["digest"] == started.base_sha256
+    tensors = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    assert len(started.loaded_bytes) == RANKS
+    for loaded in started.loaded_bytes:  # each rank's rows, read from the node's copy
+        assert loaded == pytest.approx(tensors / RANKS, rel=0.1)
+
     valid, problems = checkpoint.list_checkpoints(f"{root}/attempt-001")  # deep: every sha256
     assert problems == []
     assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6)]
     for _, manifest in valid:
-        assert {"model/__0_0.distcp", "model/__1_0.distcp", "optimizer/__1_0.distcp",
-                "data-rank00001.json", "rng-rank00001.json", "config.json"} <= set(manifest.files)
+        assert {BLOCKS, "model/__0_0.distcp", "model/__3_0.distcp", "optimizer/__3_0.distcp",
+                "data-rank00003.json", "rng-rank00003.json", "config.json"} <= set(manifest.files)
     assert not list(staging.glob("cpt-ckpt-*")), "a rank left its upload staging behind"
 
-    # One process resumes the full state from the bucket through the node's verified cache,
-    # saving every step and keeping one: retention deletes on S3 too.
+    # Four ranks resume the full state straight from the bucket, saving every step and keeping
+    # one: retention deletes on S3 too.
     step3 = f"{root}/attempt-001/{checkpoint_name(3)}"
+    shards = sum(e.size for rel, e in checkpoint.read_manifest(step3).files.items() if rel.endswith(".distcp"))
     second = write_config(tmp_path, {**spec, "checkpoint": {"every": 1, "keep": 1}}, attempt=2,
                           checkpoints=f"{root}/attempt-002", restore_from=step3,
                           restore_mode="fullState")
-    assert run(second, nproc=1, timeout=400) == 0, log_tail(second)
+    assert run(second, nproc=RANKS, timeout=400) == 0, log_tail(second)
     started = of("started", events(second))[0]
-    assert (started.step, started.world_size) == (3, 1)
+    assert (started.step, started.world_size) == (3, RANKS)
+    for loaded in started.loaded_bytes:  # its model and optimizer shards, and what all ranks read
+        assert loaded == pytest.approx(shards / RANKS, rel=0.1)
+    cached = Path(checkpoint.local_path(step3))
+    assert not list(cached.rglob("*.distcp")), "a restore downloaded shards into the node cache"
     assert sorted(e.step for e in of("progress", events(second))) == [4, 5, 6]
     (name, resumed), = checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
     assert name == checkpoint_name(6)
@@ -76,28 +106,22 @@ def test_fsdp_checkpoints_on_s3_verify_restore_on_one_rank_and_export(
     left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
     assert {k.split("/")[4] for k in left} == {checkpoint_name(6), STARTED}  # and the attempt's start record
 
-    copy = Path(checkpoint.local_path(step3))
-    assert copy.parent == cache / "checkpoints"
-    manifest = checkpoint.read_manifest(step3)
-    verified = json.loads(Path(f"{copy}.verified.json").read_text())
-    # fullState: every file, each one hashed and recorded with the digest it matched
-    assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()}
-    assert checkpoint.fetch(step3) == []  # the cached bytes still match the manifest
-    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
-
-    # `cptctl export s3://...` exports from the same verified copy (nothing downloaded again).
+    # `cptctl export s3://...` serves the checkpoint from a verified copy on this node.
     out = tmp_path / "served"
     done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step3,
                            "--to", str(out)], capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert done.returncode == 0, done.stderr
-    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == stamps
+    manifest = checkpoint.read_manifest(step3)
+    verified = json.loads(Path(f"{cached}.verified.json").read_text())
+    assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()  # no optimizer state
+                        if not rel.startswith("optimizer/")}
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     with torch.no_grad():
         served = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
-        saved = load_checkpoint_model(str(copy)).eval()(input_ids=ids).logits
+        saved = load_checkpoint_model(str(cached)).eval()(input_ids=ids).logits
     assert torch.equal(served, saved)
 
 

@@ -35,8 +35,9 @@ from typing import Any
 import fsspec
 
 from cpt_operator import store
-from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileEntry, Lineage, Manifest, Problem,
-                                       checkpoint_name, root_of, step_of, verify, writer_rank)
+from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks, FileEntry, Lineage,
+                                       Manifest, Problem, block_size_for, checkpoint_name, root_of,
+                                       step_of, verify, writer_rank)
 from cpt_operator.api.ownership import RunRecord, owner_problem
 
 from .node_cache import locked, node_cache
@@ -172,7 +173,7 @@ def own_files(directory: str, rank: int) -> list[str]:
 
 
 def seal(directory: str, rel_paths: list[str], target_uri: str | None = None
-         ) -> tuple[dict[str, FileEntry], dict[str, list[str]]]:
+         ) -> tuple[dict[str, FileEntry], dict[str, FileBlocks]]:
     """Make this rank's files durable and describe them: fsync in place, or upload to
     `target_uri` (an object store) from the local staging directory. Hashing happens here,
     on the local bytes, so nobody downloads a shard again to hash it. Returns each file's entry
@@ -183,31 +184,27 @@ def seal(directory: str, rel_paths: list[str], target_uri: str | None = None
         local = os.path.join(directory, rel)
         with open(local, "rb") as f:
             os.fsync(f.fileno())
-        entries[rel], blocks[rel] = hash_blocks(local, BLOCK_BYTES)
+        entries[rel], blocks[rel] = hash_blocks(local, block_size_for(os.path.getsize(local)))
         if fs is not None:
             fs.put_file(local, f"{target}/{rel}")
     return entries, blocks
 
 
-BLOCK_BYTES = 16 << 20
-"""Verification granularity of a streamed restore: a rank reading a range reads (and hashes)
-the whole blocks around it; 16 MiB is a good size of a ranged GET on object stores."""
-
-
-def hash_blocks(path: str, block_size: int) -> tuple[FileEntry, list[str]]:
-    """The file's size and sha256, and the sha256 of each `block_size` block of it."""
+def hash_blocks(path: str, block_size: int) -> tuple[FileEntry, FileBlocks]:
+    """The file's size and sha256, and the sha256 of each `block_size` block of it (the
+    verification granularity of a streamed restore: a rank reads and hashes whole blocks)."""
     whole, blocks, size = hashlib.sha256(), [], 0
     with open(path, "rb") as f:
         while block := f.read(block_size):
             whole.update(block)
             blocks.append(hashlib.sha256(block).hexdigest())
             size += len(block)
-    return FileEntry(size=size, sha256=whole.hexdigest()), blocks
+    return FileEntry(size=size, sha256=whole.hexdigest()), FileBlocks(block_size=block_size, sha256=blocks)
 
 
-def write_blocks(target_uri: str, block_size: int, blocks: dict[str, list[str]]) -> FileEntry:
+def write_blocks(target_uri: str, blocks: dict[str, FileBlocks]) -> FileEntry:
     """Write the checkpoint's `BlockTable` (rank 0, before the manifest that lists it)."""
-    data = BlockTable(block_size=block_size, files=blocks).model_dump_json(by_alias=True).encode()
+    data = BlockTable(files=blocks).model_dump_json(by_alias=True).encode()
     store.put_atomic(target_uri, BLOCKS, data)
     return FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 

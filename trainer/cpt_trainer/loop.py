@@ -59,6 +59,7 @@ from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
 from .load.node_copy import base_digest, local_copy
+from .load.ranges import total_read
 from .load.verified import CheckpointSource, open_blocks
 from .load.weights import Weights, build, fill, refill
 from .model import attention_backend, check_digest, check_recorded_digest, load_tokenizer
@@ -104,6 +105,7 @@ class Attempt:
         self.events = EventLog(cfg.run_dir, enabled=self.dist.is_main)
         self.metrics = Metrics(cfg, serve=self.dist.is_main)
         self.stop_requested = False
+        self.began = time.monotonic()
         self.step = 0
         self.tokens = 0
         self.unstable = False
@@ -129,7 +131,7 @@ class Attempt:
         if uri is None:
             return StartPoint(None, RestoreMode.weights_only, self._base_weights())
         source = self._open(uri, (MODEL_DIR, OPTIMIZER_DIR) if mode == RestoreMode.full_state else (MODEL_DIR,))
-        self.restored_manifest = checkpoint.read_manifest(uri)
+        self.restored_manifest = source.manifest
         return StartPoint(uri, mode, Weights.of_checkpoint(source))
 
     def _base_weights(self) -> Weights:
@@ -144,10 +146,11 @@ class Attempt:
         DCP `parts` read by each rank from the store, verified block by block (or, for a
         checkpoint without a block table, from a verified copy of the parts on this node)."""
         directory = self._fetch(uri, ())
-        blocks = open_blocks(uri, checkpoint.read_manifest(uri))
+        manifest = checkpoint.read_manifest(uri)
+        blocks = open_blocks(uri, manifest, copy=directory)
         if blocks is None:
             directory = self._fetch(uri, parts)
-        return CheckpointSource(uri, directory, blocks)
+        return CheckpointSource(uri, directory, blocks, manifest)
 
     def _fetch(self, uri: str, parts: tuple[str, ...] | None) -> str:
         """A verified local copy of checkpoint `uri` (its top-level files and `parts`): one
@@ -528,9 +531,11 @@ class Attempt:
         """Set up, announce the attempt, and measure the base once when starting from it."""
         self.setup()
         cfg = self.cfg
+        loaded = distributed.gather_objects(total_read())
         started = self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
                                    restore_from=self.start.uri, world_size=self.dist.world_size,
-                                   metrics_url=self.metrics.url, base_sha256=self.base_sha)
+                                   metrics_url=self.metrics.url, base_sha256=self.base_sha,
+                                   loaded_bytes=loaded, setup_seconds=time.monotonic() - self.began)
         if started is not None:  # where the control plane learns the digest the run records
             store.put_atomic(cfg.checkpoint_uri, STARTED,
                              started.model_dump_json(by_alias=True).encode())

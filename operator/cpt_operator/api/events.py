@@ -23,6 +23,12 @@ class Started(SpecModel):
     metrics_url: str | None = None
     base_sha256: str | None = None
     """Digest of the base's bytes this attempt verified (the run records the first one)."""
+    loaded_bytes: list[int] = Field(default_factory=list)
+    """Bytes each rank read to load its start (weights of the model and the reference, and a
+    fullState restore's optimizer state), by rank: from the store, or from this node's copy of
+    a remote base. Each rank reads its own shards, so each holds about 1/world of the total."""
+    setup_seconds: float | None = None
+    """From the trainer's start to this event: loading, restoring, the base's evaluation excluded."""
     time: float
 
 

@@ -144,11 +144,31 @@ class FileEntry(SpecModel):
     sha256: str
 
 
-class BlockTable(SpecModel):
+class FileBlocks(SpecModel):
     block_size: int
-    files: dict[str, list[str]]
-    """Relative path -> sha256 of bytes `[i·blockSize, (i+1)·blockSize)` for each block i (the
-    last one shorter)."""
+    sha256: list[str]
+    """sha256 of bytes `[i·blockSize, (i+1)·blockSize)` for each block i (the last one shorter)."""
+
+
+class BlockTable(SpecModel):
+    files: dict[str, FileBlocks]
+    """Relative path -> its blocks."""
+
+
+MIN_BLOCK = 64 << 10
+MAX_BLOCK = 16 << 20
+"""16 MiB: a good size of a ranged GET on object stores, and a table of 64 bytes a block
+(4 MB for a 1 TB checkpoint)."""
+
+
+def block_size_for(size: int) -> int:
+    """The block size of a file of `size` bytes: about 32 blocks a file, a power of two between
+    64 KiB and 16 MiB. A rank that needs a few bytes of another rank's file (a replicated scalar
+    DCP wrote once) reads one block of it, which must be small against its own shards."""
+    block = MIN_BLOCK
+    while block < MAX_BLOCK and block * 32 < size:
+        block *= 2
+    return block
 
 
 class Lineage(SpecModel):

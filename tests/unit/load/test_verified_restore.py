@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.manifest import BLOCKS, MODEL_DIR, BlockTable, Lineage, Manifest
+from cpt_operator.api.manifest import BLOCKS, MODEL_DIR, BlockTable, Lineage, Manifest, block_size_for
 from cpt_trainer import checkpoint
 from cpt_trainer.checkpointer import Checkpointer, Snapshot
 from cpt_trainer.distributed import Dist
@@ -26,7 +26,7 @@ def blocks_of(data: bytes, size: int, tmp: Path) -> Blocks:
     (tmp / "f.bin").write_bytes(data)
     entry, digests = checkpoint.hash_blocks(str(tmp / "f.bin"), size)
     manifest = Manifest(step=1, tokens=0, created_at="", lineage=LINEAGE, files={"f.bin": entry})
-    return Blocks(str(tmp), manifest, BlockTable(block_size=size, files={"f.bin": digests}))
+    return Blocks(str(tmp), manifest, BlockTable(files={"f.bin": digests}))
 
 
 @pytest.mark.parametrize("start, length", [
@@ -77,8 +77,7 @@ def save(tmp_path: Path) -> tuple[str, LlamaForCausalLM]:
     return uri, model
 
 
-def test_a_checkpoint_restores_through_its_block_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "BLOCK_BYTES", 4096)  # several blocks a shard
+def test_a_checkpoint_restores_through_its_block_table(tmp_path):
     uri, model = save(tmp_path)
     manifest = checkpoint.read_manifest(uri)
     assert BLOCKS in manifest.files and checkpoint.problems_of(uri)[1] == []
@@ -88,7 +87,7 @@ def test_a_checkpoint_restores_through_its_block_table(tmp_path, monkeypatch):
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     model_files = sum(e.size for rel, e in manifest.files.items() if rel.startswith(MODEL_DIR + "/"))
-    assert model_files <= source.bytes_read < model_files + 4096 * 2  # the part, to the block
+    assert source.bytes_read == model_files  # the part, each block once
 
 
 def test_a_corrupt_shard_refuses_the_restore(tmp_path):
@@ -100,6 +99,15 @@ def test_a_corrupt_shard_refuses_the_restore(tmp_path):
     source = CheckpointSource(uri, uri, open_blocks(uri, checkpoint.read_manifest(uri)))
     with pytest.raises(Refused, match=r"cannot restore from .* block \d+ of model/__0_0.distcp"):
         Checkpointer(str(tmp_path / "other"), ONE, keep=1).load_model(LlamaForCausalLM(model.config), source)
+
+
+@pytest.mark.parametrize("size, block", [
+    pytest.param(100, 64 << 10, id="a small file is one block of the smallest size"),
+    pytest.param(10 << 20, 512 << 10, id="a 10 MiB file has about 32 blocks"),
+    pytest.param(1 << 40, 16 << 20, id="a huge file has blocks of at most 16 MiB"),
+])
+def test_block_sizes_follow_the_file(size, block):
+    assert block_size_for(size) == block
 
 
 def test_a_block_table_that_differs_from_the_manifest_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """Byte ranges of files on any fsspec store: `pread` on local files, ranged GETs on object
-stores. Every read is counted, so a load can say how many bytes it cost the store."""
+stores. Every read is counted, by the reader and for the whole process (`total_read`), so a load
+can say how many bytes it cost."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,14 @@ import fsspec
 import torch
 
 from ..errors import Refused
+
+
+_TOTAL = [0]
+
+
+def total_read() -> int:
+    """Bytes read through any `Ranges` of this process so far."""
+    return _TOTAL[0]
 
 
 class Ranges:
@@ -28,7 +37,7 @@ class Ranges:
                 data = os.pread(f.fileno(), end - start, start)
         else:
             data = bytes(self.fs.cat_file(path, start=start, end=end))
-        self.bytes_read += len(data)
+        self._count(len(data))
         return data
 
     def read_into(self, path: str, start: int, buffer: torch.Tensor) -> None:
@@ -46,9 +55,13 @@ class Ranges:
             data = self.fs.cat_file(path, start=start, end=start + len(view))
             done = len(data)
             view[:done] = data
-        self.bytes_read += done
+        self._count(done)
         if done != len(view):
             raise Refused(f"{path} ends before byte {start + len(view)}: a truncated file")
+
+    def _count(self, n: int) -> None:
+        self.bytes_read += n
+        _TOTAL[0] += n
 
     def size(self, path: str) -> int:
         return int(self.fs.size(path))

@@ -2,11 +2,14 @@
 rank only the byte ranges it holds, and every byte is checked before torch sees it.
 
 A checkpoint lists the sha256 of every fixed-size block of every file (`blocks.json`, itself
-listed in the manifest). `VerifiedFile` serves reads from whole blocks: it fetches the blocks a
-read touches (a ranged GET on object stores, `pread` on local files), compares each with the
-table and keeps the last one for the reads that follow. A rank restoring on N ranks thus reads
-about 1/N of the checkpoint and hashes what it reads, once, instead of downloading and hashing
-every file first; DCP's pickled `.metadata` is verified like any file before it is unpickled.
+listed in the manifest; `api.manifest.block_size_for` picks each file's block size).
+`VerifiedFile` serves reads from whole blocks: it fetches the blocks a read touches (a ranged
+GET on object stores, `pread` on local files), compares each with the table and keeps the last
+few for the reads that follow. A rank restoring on N ranks thus reads about 1/N of the
+checkpoint and hashes what it reads, once, instead of downloading and hashing every file first;
+DCP's pickled `.metadata` is verified like any file before it is unpickled. Saves put what every
+rank reads (replicated scalars, hyperparameters) at the front of rank 0's files
+(`checkpointer.py`), so those cost a block or two, not one block per parameter.
 
 Checkpoints written before block tables have none: `CheckpointSource` then falls back to the
 verified node copy (`checkpoint.fetch`).
@@ -65,9 +68,9 @@ class Blocks:
         return data
 
     def _fetch(self, rel: str, i: int) -> bytes:
-        size, step = self.sizes[rel], self.table.block_size
+        size, step = self.sizes[rel], self.table.files[rel].block_size
         data = self.ranges.read(self.ranges.path(rel), i * step, min(size, (i + 1) * step))
-        want = self.table.files[rel][i]
+        want = self.table.files[rel].sha256[i]
         if hashlib.sha256(data).hexdigest() != want:
             raise CorruptCheckpoint(f"cannot restore from {self.uri}: block {i} of {rel} ({len(data)} "
                                     f"bytes at {i * step}) does not match its sha256 in {BLOCKS}")
@@ -78,12 +81,14 @@ class Blocks:
         return self.ranges.bytes_read
 
 
-def open_blocks(uri: str, manifest: Manifest) -> Blocks | None:
-    """The checkpoint's verified block table, or None for a checkpoint written without one."""
+def open_blocks(uri: str, manifest: Manifest, copy: str | None = None) -> Blocks | None:
+    """The checkpoint's verified block table, or None for a checkpoint written without one.
+    `copy`: a local directory holding a copy of the checkpoint's top-level files to read the
+    table from (this node already fetched it) instead of the store."""
     entry = manifest.files.get(BLOCKS)
     if entry is None:
         return None
-    ranges = Ranges(uri)
+    ranges = Ranges(copy or uri)
     data = ranges.read(ranges.path(BLOCKS), 0, entry.size + 1)  # one more: a longer file is wrong too
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise CorruptCheckpoint(f"cannot restore from {uri}: {BLOCKS} does not match the manifest")
@@ -122,7 +127,7 @@ class VerifiedFile(io.RawIOBase):
         end = min(self.size, self.pos + len(view))
         done = 0
         while self.pos < end:
-            i, at = divmod(self.pos, self.blocks.table.block_size)
+            i, at = divmod(self.pos, self.blocks.table.files[self.rel].block_size)
             data = self.blocks.block(self.rel, i)
             n = min(len(data) - at, end - self.pos)
             view[done:done + n] = data[at:at + n]
@@ -195,8 +200,8 @@ class CheckpointSource:
     """Where a restore reads a checkpoint's DCP parts from: the store, block-verified, or
     (for a checkpoint without a block table) the verified local copy in `directory`."""
 
-    def __init__(self, uri: str, directory: str, blocks: Blocks | None):
-        self.uri, self.directory, self.blocks = uri, directory, blocks
+    def __init__(self, uri: str, directory: str, blocks: Blocks | None, manifest: Manifest | None = None):
+        self.uri, self.directory, self.blocks, self.manifest = uri, directory, blocks, manifest
 
     def reader(self, part: str) -> StorageReader:
         if self.blocks is None:
