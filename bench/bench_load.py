@@ -203,7 +203,16 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "cpt-operator" / "bench-load")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 run (no versitygw here)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    parser.add_argument("--report", action="store_true",
+                        help="print the figures of --out again, with the planner as it is now")
     args = parser.parse_args()
+    if args.report:
+        result = json.loads(args.out.read_text())
+        work = args.work / result["size"]
+        result["plan"] = planned(work / "local" / "trainer-config.json", work / "base")
+        args.out.write_text(json.dumps(result, indent=1))
+        report(result)
+        return 0
 
     import bench_data_shard
     from bench_data import train_tokenizer
@@ -248,6 +257,7 @@ def from_s3(work: Path, corpus: Path, base: Path, env: dict[str, str]) -> dict[s
         out = run_trainer(config, {**env, **s3.env}, "progress")
         out["gets"] = len([r for r in s3.requests() if r.key.startswith("base/")])
         out["files"] = len(list(base.iterdir()))
+        out["copies"] = len(list((work / "node-cache" / "remote").glob("*/*.verified.json")))
         s3.delete_bucket(bucket)
         return out
     finally:
@@ -270,11 +280,15 @@ def report(r: dict[str, Any]) -> None:
               f"{'within' if peak <= limit else 'ABOVE'}, {peak / limit:.2f} of it); read a rank "
               f"{', '.join(f'{b / stored:.3f}' for b in loaded)} of the files; "
               f"setup {r[name]['started']['setupSeconds']:.0f} s")
-    print(f"  planned a rank: loading {plan['loading'] / GIB:.2f} GiB, training {plan['training'] / GIB:.2f} GiB; "
-          f"measured after one step {max(r['local']['end_peak']) / GIB:.2f} GiB "
-          f"({plan['training'] / max(r['local']['end_peak']):.2f}x)")
+    load_peak = max(r["local"]["load_peak"])
+    print(f"  planned a rank while loading {plan['loading'] / GIB:.2f} GiB, measured {load_peak / GIB:.2f} GiB "
+          f"({plan['loading'] / load_peak:.2f}x); after one step {max(r['local']['end_peak']) / GIB:.2f} GiB "
+          f"(the plan's training moment, {plan['training'] / GIB:.2f} GiB, adds the checkpoint staging and "
+          "data worker of a run past its first checkpoint)")
     if "s3" in r:
-        print(f"  s3: {r['s3']['gets']} GETs of the base's {r['s3']['files']} files for {WORLD} ranks")
+        print(f"  s3: {r['s3'].get('copies', 1)} copy on the node, {r['s3']['gets']} GETs of the base's "
+              f"{r['s3']['files']} files ({stored / GIB:.2f} GiB) for {WORLD} ranks: one download in "
+              "s3fs's 50 MiB ranges")
     whole = r["whole"]
     print(f"  whole-model load (each rank before): {whole / GIB:.2f} GiB a rank, "
           f"{whole / max(r['local']['load_peak']):.2f}x the sharded load; {WORLD} ranks: "

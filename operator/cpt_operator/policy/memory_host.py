@@ -8,7 +8,8 @@ part exists at once, so each rank is planned at two moments and its peak is the 
 loading, while the trainer sets up: no optimizer state yet (AdamW makes it at the first step),
 nothing staged, no data worker (forked at the first batch).
 - process: the interpreter, torch, transformers and the tokenizer (0.75 GiB, 784 MiB measured
-  after the trainer's imports); with a GPU also the CUDA runtime's host side (the context,
+  after the trainer's imports; 1.04 GiB at the end of a setup with next to no weights, with the
+  process group and the data pipeline started: bench/bench_load.py); with a GPU also the CUDA runtime's host side (the context,
   cuBLAS and NCCL's host buffers, the pinned pool of host-to-device copies): 1.25 GiB, an
   estimate, not measured.
 - weights: what the loads leave on the host. A CPU run's fp32 shard of the parameters
@@ -23,6 +24,10 @@ nothing staged, no data worker (forked at the first batch).
   measured for a 60 M Q8_0 Llama, 2.0x for F16): 8 B/param of the whole model. The reference,
   when the run has one, is loaded the same way after the model: counted as if both loads' weights
   were resident during one load's transient.
+- gathered (sharded CPU runs): the setup ends with a forward (the document-isolation check), in
+  which FSDP2 all-gathers the root group and prefetches the next block while one computes: fp32
+  copies of the root and two blocks. Measured on a 0.84 B Llama on 4 CPU ranks: a load peak of
+  2.45 GiB a rank, 0.63 GiB of it this forward (bench/bench_load.py).
 
 training, from the first checkpoint on:
 - process, as above.
@@ -114,7 +119,7 @@ def host_estimate(spec: CptRunSpec, shape: ModelShape, layout: Layout | None = N
     process = FIXED_CPU_BYTES + (CUDA_HOST_BYTES if lay.gpu else 0)
     offload = offloaded(spec, step.strategy)
     loading = {"process": process, "weights": _loaded_weights(step, shape, offload),
-               "load": _load_transient(spec, shape, n)}
+               "load": _load_transient(spec, shape, n), "gathered": _first_forward(step, shape)}
     training = {"process": process, "step": 0 if lay.gpu else step.total - FIXED_CPU_BYTES,
                 "offloaded": STATE_BYTES_PER_PARAM * p // n if offload else 0,
                 "staging": STAGED_BYTES_PER_PARAM * p // n if spec.checkpoint.asynchronous else 0,
@@ -129,6 +134,15 @@ def _loaded_weights(step: MemoryPlan, shape: ModelShape, offload: bool) -> int:
     cpu = not step.layout.gpu
     params = 4 * shape.params // shards(step.strategy, step.layout) if cpu or offload else 0
     return params + (step.reference if cpu else 0)
+
+
+def _first_forward(step: MemoryPlan, shape: ModelShape) -> int:
+    """A sharded CPU run's first forward, at the end of its setup (the document-isolation
+    check): FSDP2 all-gathers the root group (embeddings, head) and prefetches the next block
+    while one computes, in fp32 on the host. On a GPU the gathered copies are on the GPU."""
+    if step.layout.gpu or step.strategy not in ("fsdp", "hsdp"):
+        return 0
+    return 4 * (shape.root_params + 2 * shape.block_params)
 
 
 def _load_transient(spec: CptRunSpec, shape: ModelShape, n: int) -> int:
