@@ -186,11 +186,15 @@ def whole_model_peak(base: Path) -> int:
 
 
 def planned(config: Path, base: Path) -> dict[str, Any]:
-    spec = CptRunSpec.model_validate(json.loads(config.read_text())["spec"])
-    shape = ModelShape.from_hf_config(json.loads((base / "config.json").read_text()))
-    plan = host_estimate(spec, shape)
+    """The host plan of the run, with the spec and model config it was made from (so that
+    tests/unit/policy/test_plan_against_bench.py can plan them again)."""
+    spec_doc = json.loads(config.read_text())["spec"]
+    model_config = json.loads((base / "config.json").read_text())
+    shape = ModelShape.from_hf_config(model_config)
+    plan = host_estimate(CptRunSpec.model_validate(spec_doc), shape)
     return {"loading": sum(plan.loading.values()), "training": sum(plan.training.values()),
-            "params": shape.params, "block_params": shape.block_params}
+            "params": shape.params, "block_params": shape.block_params,
+            "spec": spec_doc, "model_config": model_config}
 
 
 def bound(fixed: int, params: int, block_params: int, models: int = 1) -> int:

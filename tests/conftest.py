@@ -60,15 +60,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-@pytest.fixture(scope="session")
-def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real text on disk: `domain` (license texts, one file each) and `replay` (Python stdlib
-    source as JSONL)."""
+def corpora_in(root: Path) -> dict[str, Path]:
+    """Real text on disk under `root`: `domain` (license texts, one file each) and `replay`
+    (Python stdlib source as JSONL)."""
     import json
 
-    root = tmp_path_factory.mktemp("corpora")
     domain = root / "domain"
-    domain.mkdir()
+    domain.mkdir(parents=True)
     for i, text in enumerate(_license_texts()):
         (domain / f"doc{i:03d}.txt").write_text(text)
     replay = root / "replay"
@@ -77,6 +75,12 @@ def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for text in _python_texts():
             f.write(json.dumps({"text": text}) + "\n")
     return {"domain": domain, "replay": replay}
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`corpora_in` a session directory."""
+    return corpora_in(tmp_path_factory.mktemp("corpora"))
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
     s3_server.filesystem().put(f"{model}/", f"{s3_bucket}/base/", recursive=True)
     base = f"s3://{s3_bucket}/base"
     root = f"s3://{s3_bucket}/runs/r/checkpoints"
-    spec = tiny_spec(model, corpora, baseModel={"uri": base, "format": "hf"}, budget={"steps": 6},
+    spec = tiny_spec(model, corpora, baseModel={"uri": base, "format": "hf"}, budget={"steps": 4},
+                     checkpoint={"every": 2, "keep": 10},
                      training={"microBatchSize": 1, "gradAccumulation": 1,
                                "parallelism": {"strategy": "fsdp", "collectiveTimeoutSeconds": 120}})
 
@@ -78,7 +79,7 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
 
     valid, problems = checkpoint.list_checkpoints(f"{root}/attempt-001")  # deep: every sha256
     assert problems == []
-    assert [name for name, _ in valid] == [checkpoint_name(3), checkpoint_name(6)]
+    assert [name for name, _ in valid] == [checkpoint_name(2), checkpoint_name(4)]
     for _, manifest in valid:
         assert {BLOCKS, "model/__0_0.distcp", "model/__3_0.distcp", "optimizer/__3_0.distcp",
                 "data-rank00003.json", "rng-rank00003.json", "config.json"} <= set(manifest.files)
@@ -86,33 +87,33 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
 
     # Four ranks resume the full state straight from the bucket, saving every step and keeping
     # one: retention deletes on S3 too.
-    step3 = f"{root}/attempt-001/{checkpoint_name(3)}"
-    shards = sum(e.size for rel, e in checkpoint.read_manifest(step3).files.items() if rel.endswith(".distcp"))
+    step2 = f"{root}/attempt-001/{checkpoint_name(2)}"
+    shards = sum(e.size for rel, e in checkpoint.read_manifest(step2).files.items() if rel.endswith(".distcp"))
     second = write_config(tmp_path, {**spec, "checkpoint": {"every": 1, "keep": 1}}, attempt=2,
-                          checkpoints=f"{root}/attempt-002", restore_from=step3,
+                          checkpoints=f"{root}/attempt-002", restore_from=step2,
                           restore_mode="fullState")
     assert run(second, nproc=RANKS, timeout=400) == 0, log_tail(second)
     started = of("started", events(second))[0]
-    assert (started.step, started.world_size) == (3, RANKS)
+    assert (started.step, started.world_size) == (2, RANKS)
     for loaded in started.loaded_bytes:  # its model and optimizer shards, and what all ranks read
         assert loaded == pytest.approx(shards / RANKS, rel=0.1)
-    cached = Path(checkpoint.local_path(step3))
+    cached = Path(checkpoint.local_path(step2))
     assert not list(cached.rglob("*.distcp")), "a restore downloaded shards into the node cache"
-    assert sorted(e.step for e in of("progress", events(second))) == [4, 5, 6]
+    assert sorted(e.step for e in of("progress", events(second))) == [3, 4]
     (name, resumed), = checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
-    assert name == checkpoint_name(6)
-    assert resumed.lineage.restore_mode == "fullState"  # parent: step 5, pruned (keep 1)
-    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(5)}"
+    assert name == checkpoint_name(4)
+    assert resumed.lineage.restore_mode == "fullState"  # parent: step 3, pruned (keep 1)
+    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(3)}"
     left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
-    assert {k.split("/")[4] for k in left} == {checkpoint_name(6), STARTED}  # and the attempt's start record
+    assert {k.split("/")[4] for k in left} == {checkpoint_name(4), STARTED}  # and the attempt's start record
 
     # `cptctl export s3://...` serves the checkpoint from a verified copy on this node.
     out = tmp_path / "served"
-    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step3,
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step2,
                            "--to", str(out)], capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert done.returncode == 0, done.stderr
-    manifest = checkpoint.read_manifest(step3)
+    manifest = checkpoint.read_manifest(step2)
     verified = json.loads(Path(f"{cached}.verified.json").read_text())
     assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()  # no optimizer state
                         if not rel.startswith("optimizer/")}

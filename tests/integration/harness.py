@@ -22,6 +22,16 @@ def odd_length(text: str) -> bool:
     return len(text) % 2 == 1
 
 
+def with_repo_path(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with the repository root first on PYTHONPATH: a process
+    started elsewhere than the repository (a script, `cptctl run` in a temp dir) imports `tests`
+    modules then (a refusal classifier named as `tests.integration.harness:odd_length`)."""
+    env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def tiny_spec(model: Path, corpora: dict[str, Path], **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "baseModel": {"uri": str(model), "format": "hf"},

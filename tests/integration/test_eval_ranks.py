@@ -31,6 +31,7 @@ from cpt_trainer.distributed import Dist
 from cpt_trainer.evals.generation import decode, greedy, prompt_rows
 
 from tests.integration import eval_ranks_check as check
+from tests.integration.harness import with_repo_path
 
 pytestmark = pytest.mark.slow
 
@@ -115,18 +116,11 @@ def ranks(request, case, tiny_model_dir, tmp_path_factory) -> dict[str, list[dic
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={world}", check.__file__, str(tiny_model_dir),
                            str(case), str(out)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _with_root()},
+                          env=with_repo_path({**os.environ, "OMP_NUM_THREADS": "1"}),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in range(world)]
             for s in ("fsdp", "ddp")}
-
-
-def _with_root() -> str:
-    """PYTHONPATH with the repository root first: the ranks run a script, so `tests` (the
-    refusal classifier's module) is not on their path otherwise."""
-    root = str(Path(__file__).resolve().parents[2])
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
 def assert_close(got: dict[str, float], want: dict[str, float]) -> None:

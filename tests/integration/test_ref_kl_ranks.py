@@ -1,91 +1,131 @@
-"""KL-to-base on 1, 2 and 4 fsdp ranks through the real trainer (`torchrun -m cpt_trainer`, gloo).
+"""KL-to-base and a gate that rolls back, on 1, 2 and 4 fsdp ranks and on 2 ddp ranks, through
+`cptctl run --nproc N` (the local control plane over `torchrun -m cpt_trainer`, gloo).
 
-A low replay weight, one window per micro-batch and short windows leave most micro-batches of
-most ranks without a replay token, so a rank that ran the sharded reference only where it had
-replay tokens would wait in the reference's all-gather while another waits in the backward's
-reduce-scatter; the 30 s collective timeout turns such a hang into a failed run.
+The base is a tiny Llama first taught Python source (its "general" ability); the run trains it
+on license text at a far too high LR, with `refKL.beta: 0.1`, a behaviour, a safety and a drift
+suite beside the gated general suite. A low replay weight, one window per micro-batch and short
+windows leave most micro-batches of most ranks without a replay token, so a rank that ran the
+sharded reference only where it had replay tokens would wait in the reference's all-gather while
+another waits in the backward's reduce-scatter; the 30 s collective timeout turns such a hang
+into a failed run.
 
 What must be equal. Every rank reads its own share of the data, so other world sizes train on
-other batches: the base evaluation (before the first step) must agree across 1, 2 and 4 ranks
-(perplexity rel 1e-5, rates exactly, kl_to_base within abs 1e-6), and on the same 2 ranks fsdp
-(the reference sharded, entered on every micro-batch) must train the losses of ddp (a replicated
-reference, run only where there is replay) within rel 1e-5, and evaluate the same (perplexity
-within rel 1e-4 once trained: the two strategies' weights differ by fp32 rounding).
+other batches and measure other values; what the control plane decides must not differ: the
+general gate breaches in attempt 1, the run rolls back once, to the base, with the gate's tuned LR
+and replay, and the tuned attempt ends Succeeded with the same checkpoint chosen (the step at
+which a breach is acted on depends on how fast the runner reads the evaluations, so it is not
+compared). The base's evaluation, on the same weights everywhere, agrees (perplexity rel 1e-5,
+rates exactly, kl_to_base within 1e-6). On the same 2 ranks, fsdp (the reference sharded, entered
+on every micro-batch) trains the losses of ddp (a replicated reference, run only where there is
+replay) within rel 1e-5, and evaluates the same (perplexity within rel 1e-4 once trained: the two
+strategies' weights differ by fp32 rounding).
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.integration.harness import events, log_tail, of, run, tiny_spec, write_config
+from tests.integration.harness import forgetting_files, pretrain_on_code, with_repo_path
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
 GLOBAL_WINDOWS = 4
 """Windows per optimizer step on every world size (one per micro-batch)."""
+RUNS = [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (2, "ddp")]
 PROMPTS = ["Permission is hereby granted", "def main(", "THE SOFTWARE IS PROVIDED",
            "Return a JSON object:", "This program is free software"]
 
-HELD_OUT = ["The licensee may copy the work for any purpose, provided that this notice is kept.",
-            "for name in sorted(paths):\n    print(name, len(name))\n",
-            "No part of this document may be reproduced without the written consent of the owner."]
 
-
-def evaluation(root: Path) -> dict[str, Any]:
+def suites(root: Path) -> list[dict[str, Any]]:
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
     chat = root / "chat.jsonl"
     chat.write_text("".join(json.dumps({"text": p, **({"response": " See the license."} if i % 2 else {})})
                             + "\n" for i, p in enumerate(PROMPTS)))
-    held_out = root / "held-out.jsonl"
-    held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT))
     generation = {"uri": str(prompts), "maxNewTokens": 7}
-    return {"every": 2, "suites": [
-        {"name": "held-out", "kind": "domain", "uri": str(held_out), "metric": "perplexity"},
+    return [
         {"name": "json", "kind": "behavior", "metric": "json_valid", **generation},
         {"name": "safety", "kind": "safety", "metric": "refusal_rate", **generation,
          "refusalClassifier": "tests.integration.harness:odd_length"},
         {"name": "chat", "kind": "drift", "uri": str(chat), "metric": "kl_to_base", "maxNewTokens": 6},
-    ]}
+    ]
 
 
-def spec(model: Path, corpora: dict[str, Path], root: Path, world: int, strategy: str) -> dict[str, Any]:
-    return tiny_spec(
-        model, corpora, budget={"steps": STEPS}, checkpoint={"every": STEPS, "keep": 2},
-        data={"sources": [
+def run_spec(base: Path, corpora: dict[str, Path], files: dict[str, Path], root: Path, world: int,
+             strategy: str) -> dict[str, Any]:
+    general = {"name": "general", "kind": "general", "uri": str(files["code_eval"]), "maxSamples": 8}
+    return {
+        "baseModel": {"uri": str(base), "format": "hf"},
+        "data": {"sources": [
             {"name": "legal", "role": "domain", "uri": f"{corpora['domain']}/*.txt", "weight": 0.85},
-            {"name": "code", "role": "replay", "uri": f"{corpora['replay']}/*.jsonl",
-             "format": "jsonl", "weight": 0.15}]},
-        packing={"seqLen": 32, "boundary": "documentMask"},
-        regularization={"refKL": {"beta": 0.1}},
-        evaluation=evaluation(root),
-        training={"microBatchSize": 1, "gradAccumulation": GLOBAL_WINDOWS // world,
-                  "parallelism": {"strategy": strategy, "collectiveTimeoutSeconds": 30}})
+            {"name": "code", "role": "replay", "uri": str(files["code_train"]), "format": "jsonl",
+             "weight": 0.15},
+        ], "curation": {"decontaminate": False}},
+        "packing": {"seqLen": 32, "boundary": "documentMask"},
+        "optimizer": {"lr": 3e-2, "weightDecay": 0.0},
+        "schedule": {"warmupSteps": 1, "decay": "constant"},
+        "budget": {"steps": STEPS},
+        "regularization": {"refKL": {"beta": 0.1}},
+        "training": {"microBatchSize": 1, "gradAccumulation": GLOBAL_WINDOWS // world,
+                     "parallelism": {"strategy": strategy, "collectiveTimeoutSeconds": 30}},
+        "checkpoint": {"every": 2, "keep": 10},
+        "evaluation": {"every": 2, "suites": [general, *suites(root)]},
+        "gates": [{"name": "forgetting", "suite": "general", "baseline": "base", "threshold": 0.25,
+                   "relative": True, "action": "rollback", "rollbackTo": "lastGood",
+                   "tune": {"lrFactor": 0.02, "replayDelta": 0.3}}],
+        "stopPolicy": {"maxRollbacks": 2},
+    }
 
 
-def train(tmp: Path, model: Path, corpora: dict[str, Path], world: int, strategy: str) -> list[Any]:
-    root = tmp / f"{strategy}-{world}"
-    root.mkdir()
-    config = write_config(root, spec(model, corpora, root, world, strategy))
-    assert run(config, nproc=world, timeout=240) == 0, log_tail(config)
-    evs = events(config)
-    assert of("finished", evs)[-1].reason == "budget", log_tail(config)
-    return evs
+def cptctl_run(root: Path, spec: dict[str, Any], world: int) -> Path:
+    file = root / "run.yaml"
+    file.write_text(yaml.safe_dump({"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun",
+                                    "metadata": {"name": "gated"}, "spec": spec}))
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", str(world),
+                           "--no-progress"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=with_repo_path())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root / "runs" / "gated"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, corpora) -> dict[str, list[Any]]:
-    tmp = tmp_path_factory.mktemp("ref-kl")
-    return {f"{strategy}-{world}": train(tmp, tiny_model_dir, corpora, world, strategy)
-            for world, strategy in [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (2, "ddp")]}
+def runs(tmp_path_factory, tiny_model_dir, corpora) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("ref-kl-ranks")
+    base = pretrain_on_code(tiny_model_dir, tmp / "base")
+    files = forgetting_files(tmp, sorted(Path(corpora["domain"]).glob("*.txt")))
+    out = {}
+    for world, strategy in RUNS:
+        root = tmp / f"{strategy}-{world}"
+        root.mkdir()
+        out[f"{strategy}-{world}"] = cptctl_run(root, run_spec(base, corpora, files, root, world, strategy), world)
+    return out
 
 
-def evaluations(evs: list[Any]) -> dict[int, dict[str, float]]:
-    return {e.step: e.metrics for e in of("evaluated", evs)}
+def status(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "status.json").read_text())  # type: ignore[no-any-return]
+
+
+def events(run_dir: Path, attempt: int, kind: str) -> list[dict[str, Any]]:
+    lines = (run_dir / f"attempt-{attempt:03d}" / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def decisions(state: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """What the control plane decided, without the values it measured."""
+    return [(h["gate"], h["attempt"], h["metric"], h["target"], json.dumps(h["overrides"], sort_keys=True))
+            for h in state["history"]]
+
+
+def base_evaluation(run_dir: Path) -> dict[str, float]:
+    (base,) = [e for e in events(run_dir, 1, "evaluated") if e.get("isBase")]
+    return dict(base["metrics"])
 
 
 def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-5) -> None:
@@ -100,19 +140,26 @@ def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-
 
 
 @pytest.mark.parametrize("name", ["fsdp-2", "fsdp-4", "ddp-2"])
-def test_every_world_size_finishes_and_measures_the_base_as_one_process(runs, name):
-    alone, evs = evaluations(runs["fsdp-1"]), evaluations(runs[name])
-    assert sorted(evs) == sorted(alone) == [0, 2, 4]
-    assert 0 < alone[0]["safety.refusal_rate"] < 1  # verdicts that differ from sample to sample
-    assert_close(evs[0], alone[0])
+def test_every_world_size_decides_and_measures_the_base_as_one_process(runs, name):
+    alone, other = status(runs["fsdp-1"]), status(runs[name])
+    assert (alone["phase"], alone["rollbacks"]) == ("Succeeded", 1), alone["history"]
+    assert decisions(alone)[0][:4] == ("forgetting", 1, "general.perplexity", "base")
+    assert (other["phase"], other["rollbacks"], decisions(other)) == ("Succeeded", 1, decisions(alone))
+    assert other["bestCheckpoint"] == alone["bestCheckpoint"]
+    chosen = next(c for c in other["checkpoints"] if c["name"] == other["bestCheckpoint"])
+    assert chosen["passedGates"] and chosen["name"].startswith("attempt-002/")
+    assert_close(base_evaluation(runs[name]), base_evaluation(runs["fsdp-1"]))
 
 
 def test_a_sharded_reference_trains_and_evaluates_as_a_replicated_one(runs):
     sharded, replicated = runs["fsdp-2"], runs["ddp-2"]
-    losses = {e.step: e.loss for e in of("progress", sharded)}
-    want = {e.step: e.loss for e in of("progress", replicated)}
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in want.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5), (step, losses, want)
-    for step, metrics in evaluations(replicated).items():
-        assert_close(evaluations(sharded)[step], metrics, rel=1e-4)
+    for attempt in (1, 2):
+        losses = {e["step"]: e["loss"] for e in events(sharded, attempt, "progress")}
+        want = {e["step"]: e["loss"] for e in events(replicated, attempt, "progress")}
+        common = sorted(losses.keys() & want.keys())  # attempt 1 may be stopped at another step
+        assert common[:2] == [1, 2], (attempt, losses, want)
+        for step in common:
+            assert losses[step] == pytest.approx(want[step], rel=1e-5), (attempt, step, losses, want)
+    evals = {e["step"]: e["metrics"] for e in events(sharded, 2, "evaluated")}
+    for e in events(replicated, 2, "evaluated"):
+        assert_close(evals[e["step"]], e["metrics"], rel=1e-4)

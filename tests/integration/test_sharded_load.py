@@ -1,4 +1,4 @@
-"""Sharded loading on 2 and 4 gloo ranks (`sharded_load_check.py` under torchrun, a 30 s
+"""Sharded loading on 4 gloo ranks (`sharded_load_check.py` under torchrun, a 30 s
 collective timeout): a bf16 base saved as several safetensors files lands in an fp32 FSDP2 model
 and a bf16 frozen reference exactly as transformers loads it whole, with the tokenizer
 extension's mean-initialised rows, while each rank reads only about its share of the bytes."""
@@ -27,8 +27,8 @@ def base(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4], ids=["two ranks", "four ranks"])
-def test_each_rank_reads_its_slices_and_the_model_is_the_whole_base(base, tmp_path, world):
+def test_each_rank_reads_its_slices_and_the_model_is_the_whole_base(base, tmp_path):
+    world = 4  # rows split unevenly (1000 + 4 grown rows of the embedding)
     out = tmp_path / "report.json"
     check = Path(__file__).with_name("sharded_load_check.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -85,8 +85,9 @@ _STATE_FILE = re.compile(r"^[a-z]+-rank\d{5}\.json$")
 
 def is_model_file(rel: str) -> bool:
     """A top-level file a server needs besides the weights (config, generation config,
-    tokenizer): everything at the top but the trainer's own state and the manifest."""
-    return ("/" not in rel and rel not in (MANIFEST, TRAIN_STATE, CONFIG)
+    tokenizer): everything at the top but the trainer's own state, the block table and the
+    manifest."""
+    return ("/" not in rel and rel not in (MANIFEST, TRAIN_STATE, CONFIG, BLOCKS)
             and _STATE_FILE.match(rel) is None)
 
 

@@ -42,7 +42,7 @@ training, from the first checkpoint on:
   either writes one, but the worker's garbage collector writes the header of every object it
   inherited: over a run it comes to hold its own copy of the interpreter's heap, planned as a
   whole interpreter (0.75 GiB; about 80 MiB of its own were measured two steps after the fork,
-  tests/integration/test_host_memory.py). On CPU runs it also holds the pages of the parameters
+  bench/bench_host_memory.py). On CPU runs it also holds the pages of the parameters
   and AdamW moments it forked with, which the optimizer rewrites in place, each write copying a
   page for the trainer (12 B/param over the shard count: a resumed attempt forks after its
   restore; a fresh one forks before AdamW has state and keeps 4 B). On a GPU node the state is on
