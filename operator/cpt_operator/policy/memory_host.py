@@ -9,9 +9,9 @@ loading, while the trainer sets up: no optimizer state yet (AdamW makes it at th
 nothing staged, no data worker (forked at the first batch).
 - process: the interpreter, torch, transformers and the tokenizer (0.75 GiB, 784 MiB measured
   after the trainer's imports; 1.04 GiB at the end of a setup with next to no weights, with the
-  process group and the data pipeline started: bench/bench_load.py); with a GPU also the CUDA runtime's host side (the context,
-  cuBLAS and NCCL's host buffers, the pinned pool of host-to-device copies): 1.25 GiB, an
-  estimate, not measured.
+  process group and the data pipeline started: bench/bench_load.py); with a GPU also the CUDA
+  runtime's host side (the context, cuBLAS and NCCL's host buffers, the pinned pool of
+  host-to-device copies): 1.25 GiB, an estimate, not measured.
 - weights: what the loads leave on the host. A CPU run's fp32 shard of the parameters
   (4 B/param over the shard count) and of the reference; with `cpuOffload` the fp32 shard of the
   parameters FSDP2 keeps on the host; on a GPU otherwise none: each slice goes to the GPU as it
