@@ -51,13 +51,13 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
     staging.mkdir()
     monkeypatch.setenv("TMPDIR", str(staging))
     # big enough that its shards, not what every rank reads (DCP's metadata, AdamW's step counts
-    # and hyperparameters: about 1 MB here), make up a checkpoint
-    model = build_tiny_model(tmp_path / "base", hidden=512, layers=4)
+    # and hyperparameters: about 1 MB here), make up most of a checkpoint
+    model = build_tiny_model(tmp_path / "base", hidden=384, layers=4)
     s3_server.filesystem().put(f"{model}/", f"{s3_bucket}/base/", recursive=True)
     base = f"s3://{s3_bucket}/base"
     root = f"s3://{s3_bucket}/runs/r/checkpoints"
-    spec = tiny_spec(model, corpora, baseModel={"uri": base, "format": "hf"}, budget={"steps": 4},
-                     checkpoint={"every": 2, "keep": 10},
+    spec = tiny_spec(model, corpora, baseModel={"uri": base, "format": "hf"}, budget={"steps": 2},
+                     checkpoint={"every": 1, "keep": 10}, schedule={"warmupSteps": 1},
                      training={"microBatchSize": 1, "gradAccumulation": 1,
                                "parallelism": {"strategy": "fsdp", "collectiveTimeoutSeconds": 120}})
 
@@ -79,7 +79,7 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
 
     valid, problems = checkpoint.list_checkpoints(f"{root}/attempt-001")  # deep: every sha256
     assert problems == []
-    assert [name for name, _ in valid] == [checkpoint_name(2), checkpoint_name(4)]
+    assert [name for name, _ in valid] == [checkpoint_name(1), checkpoint_name(2)]
     for _, manifest in valid:
         assert {BLOCKS, "model/__0_0.distcp", "model/__3_0.distcp", "optimizer/__3_0.distcp",
                 "data-rank00003.json", "rng-rank00003.json", "config.json"} <= set(manifest.files)
@@ -87,33 +87,33 @@ def test_four_ranks_load_an_s3_base_once_and_restore_a_quarter_each_straight_fro
 
     # Four ranks resume the full state straight from the bucket, saving every step and keeping
     # one: retention deletes on S3 too.
-    step2 = f"{root}/attempt-001/{checkpoint_name(2)}"
-    shards = sum(e.size for rel, e in checkpoint.read_manifest(step2).files.items() if rel.endswith(".distcp"))
-    second = write_config(tmp_path, {**spec, "checkpoint": {"every": 1, "keep": 1}}, attempt=2,
-                          checkpoints=f"{root}/attempt-002", restore_from=step2,
+    step1 = f"{root}/attempt-001/{checkpoint_name(1)}"
+    shards = sum(e.size for rel, e in checkpoint.read_manifest(step1).files.items() if rel.endswith(".distcp"))
+    second = write_config(tmp_path, {**spec, "budget": {"steps": 3}, "checkpoint": {"every": 1, "keep": 1}},
+                          attempt=2, checkpoints=f"{root}/attempt-002", restore_from=step1,
                           restore_mode="fullState")
     assert run(second, nproc=RANKS, timeout=400) == 0, log_tail(second)
     started = of("started", events(second))[0]
-    assert (started.step, started.world_size) == (2, RANKS)
+    assert (started.step, started.world_size) == (1, RANKS)
     for loaded in started.loaded_bytes:  # its model and optimizer shards, and what all ranks read
         assert loaded == pytest.approx(shards / RANKS, rel=0.1)
-    cached = Path(checkpoint.local_path(step2))
+    cached = Path(checkpoint.local_path(step1))
     assert not list(cached.rglob("*.distcp")), "a restore downloaded shards into the node cache"
-    assert sorted(e.step for e in of("progress", events(second))) == [3, 4]
+    assert sorted(e.step for e in of("progress", events(second))) == [2, 3]
     (name, resumed), = checkpoint.list_checkpoints(f"{root}/attempt-002")[0]
-    assert name == checkpoint_name(4)
-    assert resumed.lineage.restore_mode == "fullState"  # parent: step 3, pruned (keep 1)
-    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(3)}"
+    assert name == checkpoint_name(3)
+    assert resumed.lineage.restore_mode == "fullState"  # parent: step 2, pruned (keep 1)
+    assert resumed.lineage.parent == f"{root}/attempt-002/{checkpoint_name(2)}"
     left = _keys(s3_server.client(), s3_bucket, "runs/r/checkpoints/attempt-002/")
-    assert {k.split("/")[4] for k in left} == {checkpoint_name(4), STARTED}  # and the attempt's start record
+    assert {k.split("/")[4] for k in left} == {checkpoint_name(3), STARTED}  # and the attempt's start record
 
     # `cptctl export s3://...` serves the checkpoint from a verified copy on this node.
     out = tmp_path / "served"
-    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step2,
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "export", step1,
                            "--to", str(out)], capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert done.returncode == 0, done.stderr
-    manifest = checkpoint.read_manifest(step2)
+    manifest = checkpoint.read_manifest(step1)
     verified = json.loads(Path(f"{cached}.verified.json").read_text())
     assert verified == {rel: entry.sha256 for rel, entry in manifest.files.items()  # no optimizer state
                         if not rel.startswith("optimizer/")}

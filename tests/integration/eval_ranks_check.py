@@ -5,8 +5,11 @@ first FSDP2-sharded, then as DDP replicas, and write what every rank ends with.
 
 CASE.json holds `evaluation` (an EvaluationSpec), `stops` (token ids that end a generation,
 so some outputs end early and others run to maxNewTokens), `newTerms` (token ids for the
-tokenizer extension's new-terms slice) and `logitBudget` (small, so that suites span several
-batches and ranks with smaller shares run padding batches). Each rank writes
+tokenizer extension's new-terms slice), `logitBudget` (small, so that suites span several
+batches and ranks with smaller shares run padding batches) and `klWindows` (token windows, each
+with the source id of every token: the training loss's KL-to-base term is taken over them, each
+rank on its rank-strided share of micro-batches of one window, so some ranks have micro-batches
+with no replay token at all). Each rank writes
 OUT_DIR/<strategy>-rank<r>.json. Without torchrun one process evaluates alone (`evaluate`,
 which the test also calls in-process for the one-rank reference).
 """
@@ -76,9 +79,37 @@ def evaluate(model_dir: str, case: dict[str, Any], strategy: Sharding, info: Dis
         results = evaluator.evaluate(parallel.forward)
         new_terms = NewTermsEvaluation(tokenizer, torch.tensor(case["newTerms"]))
         results.update(new_terms(parallel.forward, evaluator))
-    return {"results": results, "generations": evaluator.last_generations,
+    kl = kl_term(parallel, reference, case["klWindows"], info)
+    return {"results": results, "generations": evaluator.last_generations, "kl": kl,
             "forwards": {name: count[0] for name, count in calls.items()},
             "reference_sharded": all(isinstance(p, DTensor) for p in reference.parameters())}
+
+
+def kl_term(parallel: Any, reference: torch.nn.Module, windows: list[dict[str, list[int]]],
+            info: Dist) -> float:
+    """The refKL term (`refkl.replay_kl`, replay = source 1) summed over every window, each rank
+    taking windows rank, rank+W, ...; every rank runs as many micro-batches (the longest share),
+    as the training loop does; the sum is all-reduced so every rank holds the total."""
+    from cpt_trainer.data import Batch
+    from cpt_trainer.refkl import replay_kl
+
+    per_rank = -(-len(windows) // info.world_size)
+    mine = windows[info.rank::info.world_size]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(per_rank):
+        window = mine[i] if i < len(mine) else {"ids": [0, 0], "sources": [0, 0]}  # a domain-only filler
+        ids = torch.tensor([window["ids"]])
+        sources = torch.tensor([window["sources"]])
+        batch = Batch(ids, ids.clone(), torch.arange(ids.shape[1]).unsqueeze(0), sources, ids.shape[1])
+        with torch.no_grad():
+            logits = parallel.forward(**batch.model_inputs()).logits[:, :-1].float()
+        replay = sources[:, 1:] == 1
+        term = replay_kl(reference, batch, logits, replay, flatten=False, collective=parallel.sharded,
+                         autocast=contextlib.nullcontext())
+        if term is not None and i < len(mine):
+            total += term.double()
+    parallel.reshard()
+    return float(distributed.all_reduce_sum(total).item())
 
 
 def main(model_dir: str, case_file: str, out_dir: str) -> None:

@@ -96,10 +96,18 @@ def case(tmp_path_factory, tiny_model_dir, corpora) -> Path:
     new_terms = tokenizer(" warranty", add_special_tokens=False)["input_ids"]
     doc = {"evaluation": {"suites": suites(root, texts, outputs)},
            "stops": [tokenizer.eos_token_id, stop], "newTerms": new_terms,
-           "logitBudget": 2 * len(tokenizer)}
+           "logitBudget": 2 * len(tokenizer), "klWindows": kl_windows(tokenizer, texts)}
     path = root / "case.json"
     path.write_text(json.dumps(doc))
     return path
+
+
+def kl_windows(tokenizer: Any, texts: list[str]) -> list[dict[str, list[int]]]:
+    """Five windows of 16 tokens: windows 0 and 3 all replay, window 4 half, the rest domain, so
+    that on 2 and 4 ranks some ranks hold no replay token in any micro-batch."""
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    sources = [[1] * 16, [0] * 16, [0] * 16, [1] * 16, [0] * 8 + [1] * 8]
+    return [{"ids": ids[16 * i:16 * (i + 1)], "sources": s} for i, s in enumerate(sources)]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +158,14 @@ def test_every_rank_ends_with_the_one_process_results(ranks, alone, strategy):
     assert all(r["generations"] == first["generations"] for r in reports)
     assert_close(first["results"], alone["results"])
     assert first["generations"] == alone["generations"]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_every_rank_holds_the_one_process_kl_term(ranks, alone, strategy):
+    """Ranks whose micro-batches hold no replay token still enter a sharded reference's forward
+    (else the others wait in its all-gather until the collective timeout)."""
+    assert alone["kl"] > 0
+    assert all(r["kl"] == pytest.approx(alone["kl"], rel=1e-5) for r in ranks[strategy])
 
 
 def test_sharded_ranks_run_the_same_forwards_and_free_the_reference(ranks):

@@ -1,5 +1,5 @@
-"""KL-to-base and a gate that rolls back, on 1, 2 and 4 fsdp ranks and on 2 ddp ranks, through
-`cptctl run --nproc N` (the local control plane over `torchrun -m cpt_trainer`, gloo).
+"""KL-to-base and a gate that rolls back, on 1, 2 and 4 fsdp ranks, through `cptctl run --nproc N`
+(the local control plane over `torchrun -m cpt_trainer`, gloo).
 
 The base is a tiny Llama first taught Python source (its "general" ability); the run trains it
 on license text at a far too high LR, with `refKL.beta: 0.1`, a behaviour, a safety and a drift
@@ -15,10 +15,8 @@ general gate breaches in attempt 1, the run rolls back once, to the base, with t
 and replay, and the tuned attempt ends Succeeded with the same checkpoint chosen (the step at
 which a breach is acted on depends on how fast the runner reads the evaluations, so it is not
 compared). The base's evaluation, on the same weights everywhere, agrees (perplexity rel 1e-5,
-rates exactly, kl_to_base within 1e-6). On the same 2 ranks, fsdp (the reference sharded, entered
-on every micro-batch) trains the losses of ddp (a replicated reference, run only where there is
-replay) within rel 1e-5, and evaluates the same (perplexity within rel 1e-4 once trained: the two
-strategies' weights differ by fp32 rounding).
+rates exactly, kl_to_base within 1e-6). The KL term's value under fsdp and ddp on 2 and 4 ranks
+against one process: tests/integration/test_eval_ranks.py.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 GLOBAL_WINDOWS = 4
 """Windows per optimizer step on every world size (one per micro-batch)."""
-RUNS = [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (2, "ddp")]
+WORLDS = (1, 2, 4)
 PROMPTS = ["Permission is hereby granted", "def main(", "THE SOFTWARE IS PROVIDED",
            "Return a JSON object:", "This program is free software"]
 
@@ -58,8 +56,7 @@ def suites(root: Path) -> list[dict[str, Any]]:
     ]
 
 
-def run_spec(base: Path, corpora: dict[str, Path], files: dict[str, Path], root: Path, world: int,
-             strategy: str) -> dict[str, Any]:
+def run_spec(base: Path, corpora: dict[str, Path], files: dict[str, Path], root: Path, world: int) -> dict[str, Any]:
     general = {"name": "general", "kind": "general", "uri": str(files["code_eval"]), "maxSamples": 8}
     return {
         "baseModel": {"uri": str(base), "format": "hf"},
@@ -74,7 +71,7 @@ def run_spec(base: Path, corpora: dict[str, Path], files: dict[str, Path], root:
         "budget": {"steps": STEPS},
         "regularization": {"refKL": {"beta": 0.1}},
         "training": {"microBatchSize": 1, "gradAccumulation": GLOBAL_WINDOWS // world,
-                     "parallelism": {"strategy": strategy, "collectiveTimeoutSeconds": 30}},
+                     "parallelism": {"strategy": "fsdp", "collectiveTimeoutSeconds": 30}},
         "checkpoint": {"every": 2, "keep": 10},
         "evaluation": {"every": 2, "suites": [general, *suites(root)]},
         "gates": [{"name": "forgetting", "suite": "general", "baseline": "base", "threshold": 0.25,
@@ -101,10 +98,10 @@ def runs(tmp_path_factory, tiny_model_dir, corpora) -> dict[str, Path]:
     base = pretrain_on_code(tiny_model_dir, tmp / "base")
     files = forgetting_files(tmp, sorted(Path(corpora["domain"]).glob("*.txt")))
     out = {}
-    for world, strategy in RUNS:
-        root = tmp / f"{strategy}-{world}"
+    for world in WORLDS:
+        root = tmp / f"fsdp-{world}"
         root.mkdir()
-        out[f"{strategy}-{world}"] = cptctl_run(root, run_spec(base, corpora, files, root, world, strategy), world)
+        out[f"fsdp-{world}"] = cptctl_run(root, run_spec(base, corpora, files, root, world), world)
     return out
 
 
@@ -139,7 +136,7 @@ def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-
             assert got[key] == value, (key, got, want)
 
 
-@pytest.mark.parametrize("name", ["fsdp-2", "fsdp-4", "ddp-2"])
+@pytest.mark.parametrize("name", ["fsdp-2", "fsdp-4"])
 def test_every_world_size_decides_and_measures_the_base_as_one_process(runs, name):
     alone, other = status(runs["fsdp-1"]), status(runs[name])
     assert (alone["phase"], alone["rollbacks"]) == ("Succeeded", 1), alone["history"]
@@ -149,17 +146,3 @@ def test_every_world_size_decides_and_measures_the_base_as_one_process(runs, nam
     chosen = next(c for c in other["checkpoints"] if c["name"] == other["bestCheckpoint"])
     assert chosen["passedGates"] and chosen["name"].startswith("attempt-002/")
     assert_close(base_evaluation(runs[name]), base_evaluation(runs["fsdp-1"]))
-
-
-def test_a_sharded_reference_trains_and_evaluates_as_a_replicated_one(runs):
-    sharded, replicated = runs["fsdp-2"], runs["ddp-2"]
-    for attempt in (1, 2):
-        losses = {e["step"]: e["loss"] for e in events(sharded, attempt, "progress")}
-        want = {e["step"]: e["loss"] for e in events(replicated, attempt, "progress")}
-        common = sorted(losses.keys() & want.keys())  # attempt 1 may be stopped at another step
-        assert common[:2] == [1, 2], (attempt, losses, want)
-        for step in common:
-            assert losses[step] == pytest.approx(want[step], rel=1e-5), (attempt, step, losses, want)
-    evals = {e["step"]: e["metrics"] for e in events(sharded, 2, "evaluated")}
-    for e in events(replicated, 2, "evaluated"):
-        assert_close(evals[e["step"]], e["metrics"], rel=1e-4)
