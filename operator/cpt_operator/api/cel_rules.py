@@ -35,6 +35,12 @@ RULES: tuple[CelRule, ...] = (
     CelRule(("spec",), "!has(self.gates) || self.gates.all(g, has(self.evaluation) && "
             "self.evaluation.suites.exists(s, s.name == g.suite))",
             "every gate must read a suite defined in evaluation.suites"),
+    CelRule(("spec",), "!has(self.stopPolicy) || !has(self.stopPolicy.plateau) || (has(self.evaluation) && "
+            "self.evaluation.suites.exists(s, s.name == self.stopPolicy.plateau.suite))",
+            "stopPolicy.plateau.suite must name a suite defined in evaluation.suites"),
+    CelRule(("spec",), "!has(self.stopPolicy) || !has(self.stopPolicy.noImprovement) || (has(self.evaluation) && "
+            "self.evaluation.suites.exists(s, s.kind == 'domain'))",
+            "stopPolicy.noImprovement needs an evaluation suite of kind domain"),
     CelRule(("spec",), "!has(self.regularization) || !has(self.regularization.refKL) || "
             "!has(self.regularization.refKL.beta) || self.regularization.refKL.beta == 0.0 || "
             "self.data.sources.exists(s, s.role == 'replay')",

@@ -141,12 +141,26 @@ class PlateauSpec(SpecModel):
     """...for this many evaluations in a row."""
 
 
+class NoImprovementSpec(SpecModel):
+    """Finish early when the domain stops paying: every one of the current attempt's last
+    `evals` evaluations had a domain gain over the base of at most `minGain`."""
+
+    evals: int = Field(default=3, ge=1, le=100)
+    """Evaluations in a row (of the current attempt: a rollback starts a new count)."""
+    min_gain: float = Field(default=0.0, ge=-1, le=1)
+    """Domain gain over the base, normalised as checkpoint selection does (the mean over the
+    domain suites of (base - value) / base for perplexity: 0.02 = 2% better than the base)."""
+
+
 class StopPolicySpec(SpecModel):
     max_rollbacks: int = Field(default=3, ge=0, le=100)
     """Rollbacks after which the run stops (Failed) instead of trying again."""
     max_attempt_restarts: int = Field(default=3, ge=0, le=100)
     """Restarts after infrastructure failures (pod or node loss) before giving up."""
     plateau: PlateauSpec | None = None
+    no_improvement: NoImprovementSpec | None = None
+    """Off unless set: finish (and choose, usually the base) when the domain has not improved
+    over the base for `evals` evaluations, instead of spending the rest of the budget."""
 
 
 class SelectionSpec(SpecModel):

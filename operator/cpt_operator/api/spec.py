@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from .base import SpecModel
 from .quantity import QUANTITY_PATTERN
 from .storage import URI_PATTERN
-from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec, SuiteSpec
+from .evaluation import EvaluationSpec, GateSpec, SelectionSpec, StopPolicySpec, SuiteKind, SuiteSpec
 
 
 class ModelFormat(str, Enum):
@@ -449,6 +449,15 @@ class CptRunSpec(SpecModel):
                     f"gate {gate.name!r} reads suite {gate.suite!r}, which evaluation.suites "
                     f"does not define (defined: {', '.join(sorted(suites)) or 'none'})"
                 )
+        plateau = self.stop_policy.plateau
+        if plateau is not None and plateau.suite not in suites:
+            raise ValueError(
+                f"stopPolicy.plateau.suite {plateau.suite!r} is not a suite of evaluation.suites "
+                f"(defined: {', '.join(sorted(suites)) or 'none'})"
+            )
+        domain = [s for s in (self.evaluation.suites if self.evaluation else []) if s.kind == SuiteKind.domain]
+        if self.stop_policy.no_improvement is not None and not domain:
+            raise ValueError("stopPolicy.noImprovement needs an evaluation suite of kind domain")
         if self.regularization.ref_kl.beta > 0 and not any(
             s.role == SourceRole.replay for s in self.data.sources
         ):

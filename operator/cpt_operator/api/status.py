@@ -13,6 +13,11 @@ from .base import SpecModel
 from .skips import DataSkip
 
 
+BASE = "base"
+"""Names the immutable base model where a checkpoint name could stand: a rollback or restore
+target, and `bestCheckpoint` when no checkpoint is better than the base."""
+
+
 class Phase(str, Enum):
     pending = "Pending"
     running = "Running"
@@ -45,6 +50,11 @@ class ConditionType(str, Enum):
     checkpoints_pinned = "CheckpointsPinned"
     """False (reason PinFailed) while what the run may still restore could not be pinned at the
     checkpoint root: retried every pass, and no attempt starts meanwhile."""
+    improved = "Improved"
+    """Whether the run has a checkpoint better than the base (reason BetterThanBase) or not
+    (NoImprovement: the base is the choice; the message gives the domain gain per token of the
+    closest checkpoint and the gate or axis that held it back). Absent until a checkpoint has been
+    judged against the base."""
     started = "Started"
     """On a cluster: False while the attempt's pods start, its reason saying what holds one back
     (one of `START_CAUSES`, else Starting) and its message the pod and what the kubelet or the
@@ -61,6 +71,11 @@ class Reason(str, Enum):
     `resources.memory`; the message names which, and the fix."""
     fits = "Fits"
     plan_unavailable = "PlanUnavailable"
+    better_than_base = "BetterThanBase"
+    """Improved=True: the chosen checkpoint beats the base (on the Pareto frontier with it, J > 0)."""
+    no_improvement = "NoImprovement"
+    """Improved=False, and an event when the run ends so: no checkpoint that passes every gate is
+    better than the base, so the base is the run's choice (`bestCheckpoint: base`)."""
     invalid_object = "InvalidObject"
     """The API server refused an object of the attempt (a bad quantity, an oversized config):
     not retried until the spec changes; the message is the API server's."""
@@ -189,6 +204,12 @@ class CptRunStatus(SpecModel):
     alert, and the same breach must not act twice."""
     message: str = ""
 
+    @property
+    def improved(self) -> bool | None:
+        """The Improved condition as a value: None until a checkpoint was judged against the base."""
+        found = next((c for c in self.conditions if c.type == ConditionType.improved.value), None)
+        return None if found is None else found.status == "True"
+
     def describe(self, run: str) -> str:
         """What `cptctl status` prints, the same for a local run and a cluster run."""
         o = self.overrides
@@ -199,7 +220,8 @@ class CptRunStatus(SpecModel):
             f"replay +{o.replay_delta:g})",
             f"progress:    step {self.step}, {self.tokens:,} tokens",
             f"checkpoints: last {self.last_checkpoint or '-'}, last good {self.last_good_checkpoint or '-'}, "
-            f"chosen {self.best_checkpoint or '-'}",
+            f"chosen {self.best_checkpoint or '-'}"
+            + (" (no checkpoint is better than the base)" if self.best_checkpoint == BASE else ""),
             f"rollbacks:   {self.rollbacks}, restarts: {self.restarts}, evictions: {self.evictions}",
         ]
         for rec in self.history:

@@ -12,7 +12,8 @@ Order of precedence (the first that applies wins):
    both with adjusted overrides (`rollback.adjust`) and one RollbackRecord per cause.
    Gates come before the budget: a run that ends breaching a gate gets another chance.
 3. Budget reached → finish (phase Succeeded; the caller selects a checkpoint).
-4. Plateau of the domain metric → finish.
+4. Plateau of the domain metric, or no domain gain over the base (`stopPolicy.noImprovement`)
+   → finish.
 5. Otherwise continue; breaches still inside their hysteresis are listed as reasons.
 
 The function is pure and idempotent: the same spec and observations give the same decision;
@@ -31,7 +32,7 @@ from .anomaly import (ANOMALY_TUNE, AnomalyFinding, anomaly_findings, anomaly_no
                       anomaly_target, anomaly_tune)
 from .gates import judge_gates
 from .rollback import adjust, last_good, newest_checkpoint
-from .stop import plateau_reason, rollbacks_exhausted
+from .stop import no_improvement_reason, plateau_reason, rollbacks_exhausted
 from .types import BASE, Action, Decision, GateOutcome, Observations, ordered
 
 
@@ -137,9 +138,10 @@ def finish_or_continue(spec: CptRunSpec, obs: Observations, base: Decision) -> D
     if obs.budget_reached:
         return replace(base, action=Action.finish, phase=Phase.succeeded,
                         reasons=base.reasons + ("budget reached",))
-    plateau = plateau_reason(spec, obs.points, obs.attempt)
-    if plateau:
+    ending = plateau_reason(spec, obs.points, obs.attempt) or \
+        no_improvement_reason(spec, obs.base, obs.points, obs.attempt)
+    if ending:
         return replace(base, action=Action.finish, phase=Phase.succeeded,
-                        reasons=base.reasons + (plateau,))
+                        reasons=base.reasons + (ending,))
     return base
 

@@ -126,10 +126,20 @@ def passes_all(spec: CptRunSpec, base: Mapping[str, float], history: Sequence[Ev
     """Did point `history[index]` pass every gate against its own baseline? (No hysteresis:
     a checkpoint is only trusted if it is itself within limits. A metric that cannot be
     judged counts as not passed: an unverified checkpoint is not 'good'.)"""
+    return not failed_gates(spec, base, history, index)
+
+
+def failed_gates(spec: CptRunSpec, base: Mapping[str, float], history: Sequence[EvalPoint],
+                 index: int) -> list[str]:
+    """The gates point `history[index]` does not pass (see `passes_all`), in spec order; one that
+    cannot be judged is named with "(not judged)"."""
     suites = spec.suites_by_name()
+    failed = []
     for gate in spec.gates:
         suite = suites.get(gate.suite)
         judged = None if suite is None else judge_point(gate, suite, base, history, index)
-        if judged is None or isinstance(judged, str) or judged[2] > gate.threshold:
-            return False
-    return True
+        if judged is None or isinstance(judged, str):
+            failed.append(f"{gate.name} (not judged)")
+        elif judged[2] > gate.threshold:
+            failed.append(gate.name)
+    return failed

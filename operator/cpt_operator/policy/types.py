@@ -10,10 +10,7 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 from ..api.skips import DataSkip
-from ..api.status import Overrides, Phase, RollbackRecord
-
-BASE = "base"
-"""Rollback target naming the immutable base model rather than a checkpoint."""
+from ..api.status import BASE as BASE, Overrides, Phase, RollbackRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +137,21 @@ class Selection:
     passed: Mapping[str, bool]
     """Checkpoint -> passed every gate against its baseline."""
     chosen: str | None
+    """The checkpoint to hand out, `base` when none is better than the base, None when nothing
+    has been judged yet."""
+    verdict: Verdict | None = None
+    """Against the base; None while nothing can be compared with it (no suites, no evaluation)."""
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """Did the run produce something better than the base, and why (or why not)."""
+
+    improved: bool
+    checkpoint: str
+    """The chosen checkpoint, or (not improved) the closest one: the highest J of all."""
+    message: str
 
 
 def ordered(points: Sequence[EvalPoint]) -> list[EvalPoint]:

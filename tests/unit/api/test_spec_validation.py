@@ -49,6 +49,15 @@ def _relative_gate_too_big(doc: dict[str, Any]) -> None:
     doc["spec"]["gates"] = [{"name": "g", "suite": "general", "threshold": 5}]
 
 
+def _plateau_on_a_missing_suite(doc: dict[str, Any]) -> None:
+    doc["spec"]["stopPolicy"] = {"plateau": {"suite": "licence"}}
+
+
+def _no_improvement_without_a_domain_suite(doc: dict[str, Any]) -> None:
+    doc["spec"]["evaluation"] = {"suites": [{"name": "general", "kind": "general", "uri": "x.jsonl"}]}
+    doc["spec"]["stopPolicy"] = {"noImprovement": {"evals": 2}}
+
+
 BAD_SPECS = [
     ("an unknown role names the valid roles", _set("spec.data.sources.0.role", "domian"),
      "spec.data.sources[0].role", "valid values"),
@@ -65,6 +74,8 @@ BAD_SPECS = [
      "spec.schedule.decay", "cosine"),
     ("a run without a budget has no end", _set("spec.budget", {}), "spec.budget", "budget"),
     ("a gate must read a defined suite", _add_gate, "spec", "evaluation.suites"),
+    ("a plateau must watch a defined suite", _plateau_on_a_missing_suite, "spec", "stopPolicy.plateau.suite"),
+    ("noImprovement needs a domain suite", _no_improvement_without_a_domain_suite, "spec", "kind domain"),
     ("source names are unique", _second_source_same_name, "spec.data", "unique"),
     ("a mixture without domain data is refused", _only_replay, "spec.data", "domain"),
     ("a schedule needs the curriculum strategy", _schedule_without_curriculum, "spec.data",

@@ -29,6 +29,8 @@ CASES = [
     pytest.param([GATE], {}, observe(general(11.0), budget_reached=True), Action.rollback, BASE, None, id="a fired gate comes before the budget"),
     pytest.param([GATE | {"consecutive": 2}], {}, observe(general(11.0), budget_reached=True), Action.finish, None, Phase.succeeded, id="a breach inside its hysteresis does not hold up the finish"),
     pytest.param([], {"stopPolicy": {"plateau": {"suite": "general", "evals": 2}}}, observe(general(10.0, 10.0, 10.0)), Action.finish, None, Phase.succeeded, id="a plateau finishes the run"),
+    pytest.param([], {"stopPolicy": {"noImprovement": {"evals": 2}}}, observe([point(100, domain__perplexity=21.0), point(200, domain__perplexity=22.0)]), Action.finish, None, Phase.succeeded, id="no domain gain over the base finishes the run"),
+    pytest.param([GATE], {"stopPolicy": {"noImprovement": {"evals": 1}}}, observe([point(100, domain__perplexity=21.0, general__perplexity=11.0)]), Action.rollback, "base", None, id="a fired gate comes before no improvement"),
     pytest.param([], {}, observe([], anomalies={"restored": 2}), Action.rollback, BASE, None, id="repeated restores in one attempt roll back"),
     pytest.param([], {}, observe(general(10.0), anomalies={"restored": 1, "grad_norm": 7}), Action.cont, None, None, id="one restore and skipped spikes are left to the trainer"),
     pytest.param([], {"gradient": {"anomaly": {"onNonFinite": "rollback"}}}, observe(general(10.0), anomalies={"non_finite": 1}), Action.rollback, "a1-step-100", None, id="a non-finite step rolls back when onNonFinite says so"),
