@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from .api.evaluation import Metric
 from .api.spec import CptRunSpec
-from .api.status import CptRunStatus
+from .api.status import BASE, ConditionType, CptRunStatus
 from .policy import CheckpointEvals, EvalPoint, select_checkpoint
 from .policy.headroom import headroom
 from .api.manifest import attempt_of as attempt_number
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 _AXES = ("domain", "general", "behavior", "safety", "drift", "custom")
 _RATES = {Metric.json_valid, Metric.format_follow, Metric.refusal_rate}
 NEW_TOKEN_PREFIXES = ("new_token.", "new_tokens.")
-LEGEND = ("o on the Pareto frontier over (domain, general, safety) gains; * chosen: highest J "
-          "on the frontier among checkpoints that pass every gate")
+LEGEND = ("o on the Pareto frontier over (domain, general, safety) gains, the base included; "
+          "* chosen: highest J above the base's 0 among checkpoints that pass every gate and that "
+          "neither the base nor another passing checkpoint dominates; else the base")
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,37 @@ def attempt_of(name: str) -> int:
     return attempt_number(name) or 1
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The base's place in the choice: on the frontier, chosen (nothing beats it), and why."""
+
+    base_frontier: bool
+    base_chosen: bool
+    verdict: str | None
+
+
 def rows_of(status: CptRunStatus, spec: CptRunSpec | None = None) -> list[Row]:
     """One row per checkpoint, in the order they were written (attempt, step)."""
+    return choice_of(status, spec)[0]
+
+
+def choice_of(status: CptRunStatus, spec: CptRunSpec | None = None) -> tuple[list[Row], Choice]:
+    """The rows and the base's place, recomputed with the spec, else as the status has them."""
     ckpts = sorted(status.checkpoints, key=lambda c: (attempt_of(c.name), c.step, c.name))
     if spec is None:
         frontier = set(status.frontier) | {c.name for c in ckpts if c.on_frontier}
-        return [Row(c.name, attempt_of(c.name), c.step, c.tokens, c.metrics, c.score,
-                    c.passed_gates, c.name in frontier, c.name == status.best_checkpoint)
-                for c in ckpts]
+        verdict = next((c.message for c in status.conditions if c.type == ConditionType.improved.value), None)
+        return ([Row(c.name, attempt_of(c.name), c.step, c.tokens, c.metrics, c.score,
+                     c.passed_gates, c.name in frontier, c.name == status.best_checkpoint)
+                 for c in ckpts],
+                Choice(BASE in frontier, status.best_checkpoint == BASE, verdict))
     sel = select_checkpoint(spec, status.base_metrics, [
         CheckpointEvals(name=c.name, step=c.step, tokens=c.tokens, evals=c.metrics,
                         attempt=attempt_of(c.name)) for c in ckpts])
-    return [Row(c.name, attempt_of(c.name), c.step, c.tokens, c.metrics, sel.scores.get(c.name),
-                sel.passed.get(c.name), c.name in sel.frontier, c.name == sel.chosen)
-            for c in ckpts]
+    return ([Row(c.name, attempt_of(c.name), c.step, c.tokens, c.metrics, sel.scores.get(c.name),
+                 sel.passed.get(c.name), c.name in sel.frontier, c.name == sel.chosen)
+             for c in ckpts],
+            Choice(BASE in sel.frontier, sel.chosen == BASE, sel.verdict.message if sel.verdict else None))
 
 
 def axis_of(key: str, spec: CptRunSpec | None) -> str:
@@ -130,9 +148,11 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def table(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str]) -> list[str]:
+def table(status: CptRunStatus, rows: Sequence[Row], keys: Sequence[str],
+          choice: Choice | None = None) -> list[str]:
     header = ["", "checkpoint", "step", "tokens", *keys, "J", "gates"]
-    body = [["", "base", "0", "0", *[_fmt(status.base_metrics.get(k)) for k in keys], "0", "-"]]
+    mark = "" if choice is None else "*" if choice.base_chosen else "o" if choice.base_frontier else ""
+    body = [[mark, BASE, "0", "0", *[_fmt(status.base_metrics.get(k)) for k in keys], "0", "-"]]
     for r in rows:
         mark = "*" if r.chosen else "o" if r.frontier else ""
         gates = "-" if r.passed is None else "pass" if r.passed else "FAIL"
@@ -192,11 +212,14 @@ def render_report(status: CptRunStatus, plot: str | None = None, *,
     """The `cptctl checkpoints` text; writes the curves to `plot` (a PNG path) when given."""
     if not status.checkpoints:
         return "no checkpoints yet"
-    rows, keys = rows_of(status, spec), metric_keys(status, spec)
-    lines = table(status, rows, keys) + ["", LEGEND]
+    (rows, choice), keys = choice_of(status, spec), metric_keys(status, spec)
+    lines = table(status, rows, keys, choice) + ["", LEGEND]
     chosen = next((r for r in rows if r.chosen), None)
-    lines.append(f"chosen: {chosen.name} (J = {_fmt(chosen.score)})" if chosen else
-                 "chosen: none (no checkpoint has every metric selection needs)")
+    if choice.base_chosen:
+        lines.append(f"chosen: the base. {choice.verdict or 'No checkpoint is better than the base.'}")
+    else:
+        lines.append(f"chosen: {chosen.name} (J = {_fmt(chosen.score)})" if chosen else
+                     "chosen: none (no checkpoint has every metric selection needs)")
     lines += stability_gaps(status, rows, keys, spec)
     lines += new_token_lines(rows)
     for rec in status.history:

@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or name under ./runs, or a checkpoint URI "
                                "(s3://bucket/prefix/step-XXXXXXXX)")
     p.add_argument("checkpoint", nargs="?", help="name (attempt-NNN/step-XXXXXXXX, step-XXXXXXXX) "
-                   "or URI (default: the run's chosen checkpoint, else its newest valid one)")
+                   "or URI (default: the run's chosen checkpoint, else its newest valid one; nothing when the "
+                   "run chose the base)")
     p.add_argument("--to", required=True, help="output directory; refused when not empty")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")

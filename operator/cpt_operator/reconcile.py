@@ -263,7 +263,16 @@ def _apply(p: _Planner, decision: Decision) -> None:
 
 
 def _finish_with_choice(p: _Planner, why: str) -> None:
+    """The run did what was asked (Succeeded) even when nothing beat the base; then no checkpoint
+    is called chosen, and a warning event says so."""
     chosen = p.status.best_checkpoint
+    if chosen == BASE:
+        verdict = _condition(p.status, ConditionType.improved)
+        detail = verdict.message if verdict else "no checkpoint is better than the base"
+        p.finish(Phase.succeeded, "Completed", f"{why}; no checkpoint is better than the base, so none is "
+                 "chosen (bestCheckpoint: base)")
+        p.emit("Warning", Reason.no_improvement.value, detail)
+        return
     p.finish(Phase.succeeded, "Completed", f"{why}; chosen checkpoint: {chosen or 'none'}")
 
 
@@ -464,6 +473,11 @@ def _summaries(p: _Planner) -> None:
         return
     selection = select_checkpoint(p.spec, st.base_metrics, list(obs.checkpoints))
     st.frontier, st.best_checkpoint = list(selection.frontier), selection.chosen
+    if selection.verdict is not None:
+        improved = selection.verdict.improved
+        set_condition(st, ConditionType.improved, improved,
+                      (Reason.better_than_base if improved else Reason.no_improvement).value,
+                      selection.verdict.message, obs.now)
     st.last_checkpoint = max(obs.checkpoints, key=lambda c: (c.attempt, c.step)).name
     passing = [c for c in obs.checkpoints if selection.passed.get(c.name)]
     st.last_good_checkpoint = max(passing, key=lambda c: (c.attempt, c.step)).name if passing else None

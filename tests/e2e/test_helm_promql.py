@@ -62,6 +62,7 @@ def build_registry() -> tuple[Any, dict[str, Any]]:
     m["cpt_runs"] = Gauge("cpt_runs", "", ("phase",), registry=r)
     m["cpt_run_attempt"] = Gauge("cpt_run_attempt", "", ("namespace", "run"), registry=r)
     m["cpt_run_gpus"] = Gauge("cpt_run_gpus", "", ("namespace", "run"), registry=r)
+    m["cpt_run_improved"] = Gauge("cpt_run_improved", "", ("namespace", "run"), registry=r)
     m["cpt_reconcile_seconds"] = Histogram("cpt_reconcile_seconds", "", registry=r)
     return r, m
 
@@ -89,6 +90,7 @@ def healthy_run(m: dict[str, Any], ns: str, run: str, attempt: str = "1") -> Non
                                    **labels).set(0.85)
     m["cpt_run_attempt"].labels(namespace=ns, run=run).set(int(attempt))
     m["cpt_run_gpus"].labels(namespace=ns, run=run).set(16)
+    m["cpt_run_improved"].labels(namespace=ns, run=run).set(1)
 
 
 def incidents(m: dict[str, Any], ns: str) -> None:
@@ -104,6 +106,8 @@ def incidents(m: dict[str, Any], ns: str) -> None:
     stale.set(time.time() - 3 * 3600)
     m["cpt_run_gpus"].labels(namespace=ns, run="crashed").set(8)   # GPUs held, no trainer series
     m["cpt_run_attempt"].labels(namespace=ns, run="crashed").set(2)
+    healthy_run(m, ns, "flat")          # trains, but nothing beats the base: the base is the choice
+    m["cpt_run_improved"].labels(namespace=ns, run="flat").set(0)
 
 
 def train(m: dict[str, Any], ns: str, stop: threading.Event) -> None:
@@ -111,7 +115,7 @@ def train(m: dict[str, Any], ns: str, stop: threading.Event) -> None:
     step = 500
     while not stop.wait(0.3):
         step += 1
-        for run in ("r1", "gap", "nan", "stale"):
+        for run in ("r1", "gap", "nan", "stale", "flat"):
             m["cpt_step"].labels(namespace=ns, run=run, attempt="1").set(step)
             m["cpt_tokens_total"].labels(namespace=ns, run=run, attempt="1").set(step * 524_288)
         m["cpt_reconcile_seconds"].observe(0.02 + (step % 7) / 100)
@@ -197,6 +201,7 @@ def alert_rules(prometheus: Any, exporter: Exporter) -> Iterator[None]:
     ("CptTrainingStalled", "hung"),
     ("CptCheckpointTooOld", "stale"),
     ("CptTrainerDown", "crashed"),
+    ("CptRunNoImprovement", "flat"),
 ])
 def test_alert_goes_off_on_its_incident_and_only_there(prometheus: Any, exporter: Exporter,
                                                        alert_rules: None, alert: str, run: str) -> None:

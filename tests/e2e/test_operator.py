@@ -192,10 +192,12 @@ def test_a_cptrun_becomes_an_indexed_job_on_the_gpu_pool_and_succeeds(kube_clust
     ({"schedule": {"warmupSteps": 100}}, "schedule.warmupSteps must be below budget.steps"),
     ({"optimizer": {"lr": -1}}, "spec.optimizer.lr"),
     ({"gates": [{"name": "g", "suite": "nope", "threshold": 0.1}]}, "every gate must read a suite"),
+    ({"stopPolicy": {"plateau": {"suite": "legl"}}}, "stopPolicy.plateau.suite must name a suite"),
     ({"resources": {"nodes": 0}}, "spec.resources.nodes"),
     ({"baseModel": {"uri": "http://169.254.169.254/latest/meta-data/"}}, "spec.baseModel.uri"),
 ], ids=["warmup not below the budget (CEL)", "a negative learning rate (schema)",
-        "a gate on an undefined suite (CEL)", "zero nodes (schema)", "a base over http (schema)"])
+        "a gate on an undefined suite (CEL)", "a plateau on a misspelt suite (CEL)", "zero nodes (schema)",
+        "a base over http (schema)"])
 def test_invalid_manifests_are_rejected_by_the_api_server(kube_cluster: Any, crd: None, namespace: str,
                                                           change: dict[str, Any], message: str) -> None:
     bad = cptrun("bad", "bucket")
@@ -247,6 +249,36 @@ def test_a_gate_breach_in_prometheus_rolls_back_to_the_last_good_checkpoint(
     metrics = operator.metrics()
     assert f'cpt_gate_breaches_total{{gate="general-regression",namespace="{namespace}",run="gated"}} 1.0' in metrics
     assert f'cpt_rollbacks_total{{namespace="{namespace}",run="gated",target="{GOOD}"}} 1.0' in metrics
+
+
+def test_a_run_whose_domain_got_worse_ends_with_the_base_chosen_and_says_so(
+        kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any,
+        namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply(cptrun("worse", s3_bucket, stopPolicy={"noImprovement": {"evals": 1}}), namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "worse") == ["worse-a1"], "job worse-a1", timeout=30)
+    # legal perplexity 30 -> 33: the domain got worse; general held within its gate
+    evals = {"general.perplexity": 10.1, "legal.perplexity": 33.0}
+    write_checkpoint(s3_server, s3_bucket, "worse", 1, 10, evals)
+    trainer = TrainerMetrics(prometheus, "worse", namespace, 1)
+    try:
+        trainer.set_base(BASE)
+        kube.wait_for(lambda: status_of(kube, namespace, "worse").get("lastCheckpoint") == GOOD,
+                      "the checkpoint in status", timeout=30)
+        trainer.evaluated(10, evals)
+        kube.wait_for(lambda: status_of(kube, namespace, "worse").get("phase") == "Succeeded",
+                      "run Succeeded by stopPolicy.noImprovement", timeout=30)
+    finally:
+        trainer.close()
+    status = status_of(kube, namespace, "worse")
+    assert status["bestCheckpoint"] == "base" and "none is chosen (bestCheckpoint: base)" in status["message"]
+    assert "no improvement: the domain gained at most" in status["message"]
+    improved = condition(status, "Improved")
+    assert (improved["status"], improved["reason"]) == ("False", "NoImprovement")
+    assert f"closest {GOOD}: domain -10.00% over the base after 40,960 tokens" in improved["message"]
+    warning = next(e for e in events(kube, namespace, "worse") if e["reason"] == "NoImprovement")
+    assert warning["type"] == "Warning" and GOOD in warning["message"]
+    assert f'cpt_run_improved{{namespace="{namespace}",run="worse"}} 0.0' in operator.metrics()
 
 
 def test_a_pod_in_another_namespace_cannot_report_for_a_run(prometheus: Any) -> None:

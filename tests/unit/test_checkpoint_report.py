@@ -7,7 +7,7 @@ import pytest
 
 from cpt_operator.api.evaluation import GateSpec
 from cpt_operator.api.spec import CptRunSpec
-from cpt_operator.api.status import CheckpointSummary, CptRunStatus, RollbackRecord
+from cpt_operator.api.status import CheckpointSummary, Condition, CptRunStatus, RollbackRecord
 from cpt_operator.checkpoint_report import _mark_gate_limits, base_to_chosen, render_report
 
 SUITES = [
@@ -85,10 +85,24 @@ def test_without_the_spec_the_stored_status_is_shown() -> None:
 
 def test_base_row_stability_gap_and_rollbacks_are_reported() -> None:
     report = render_report(status(), spec=spec())
-    assert row(report, "base")[:6] == ["base", "0", "0", "20", "10", "0.9"]
+    # the base is on the frontier: its general perplexity is the best of all
+    assert row(report, "base")[:7] == ["o", "base", "0", "0", "20", "10", "0.9"]
     assert ("stability gap general.perplexity: worst +2 (+20.0%) at attempt-001/step-00000200 "
             "(base 10 -> 12); latest 10.4") in report
     assert "rollback after attempt 1: general-ppl general.perplexity=12 vs 10" in report
+
+
+@pytest.mark.parametrize("with_spec", [True, False], ids=["recomputed from the spec", "as the status has it"])
+def test_a_run_with_nothing_better_than_the_base_marks_the_base_chosen(with_spec: bool) -> None:
+    worse = status()
+    for c in worse.checkpoints:
+        c.metrics["domain.perplexity"] = 25.0  # the domain got worse everywhere
+    worse.best_checkpoint, worse.frontier = "base", ["base"]
+    worse.conditions = [Condition(type="Improved", status="False", reason="NoImprovement",
+                                  message="no checkpoint is better than the base, so the base is the choice")]
+    report = render_report(worse, spec=spec() if with_spec else None)
+    assert row(report, "base")[0] == "*" and "*" not in marks(report).values()
+    assert "chosen: the base. no checkpoint is better than the base" in report
 
 
 def test_the_plot_is_a_valid_png(tmp_path: Path) -> None:

@@ -25,11 +25,21 @@ TRAINER_SERIES = {
     "cpt_mixture_weight", "cpt_mixture_realised", "cpt_eval_metric", "cpt_eval_base_metric",
     "cpt_eval_step", "cpt_eval_tokens", "cpt_mfu", "cpt_gate_threshold", "cpt_trainer_up",
 }
-OPERATOR_SERIES = {
-    "cpt_gate_breaches_total", "cpt_rollbacks_total", "cpt_runs", "cpt_run_attempt",
-    "cpt_run_gpus", "cpt_reconcile_seconds_bucket", "cpt_reconcile_seconds_sum",
-    "cpt_reconcile_seconds_count",
-}
+
+
+def _operator_series() -> set[str]:
+    """The operator's series, read from its own registry with one sample of each."""
+    from cpt_operator.kube.metrics import OperatorMetrics
+
+    m = OperatorMetrics()
+    m.observe_run("uid", "ns", "run", "Running", attempt=1, gpus=8, improved=True)
+    m.gate_breaches.labels("ns", "run", "gate").inc()
+    m.rollbacks.labels("ns", "run", "base").inc()
+    m.reconcile_seconds.observe(0.1)
+    return {sample.name for family in m.registry.collect() for sample in family.samples}
+
+
+OPERATOR_SERIES = _operator_series()
 GRAFANA_BUILTINS = {"__interval", "__interval_ms", "__rate_interval", "__range", "__range_s"}
 
 

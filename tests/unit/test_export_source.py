@@ -60,3 +60,11 @@ def test_a_checkpoint_uri_instead_of_a_run(run_arg, checkpoint, error):
 def test_an_unknown_step_name_is_an_error(run):
     with pytest.raises(FileNotFoundError, match="no checkpoint step-00000009"):
         export_source(str(run), "step-00000009")
+
+
+def test_a_run_that_chose_the_base_exports_nothing_by_default_but_a_named_checkpoint(run: Path) -> None:
+    chosen(run, "base")
+    with pytest.raises(ValueError, match="none is better than the base"):
+        export_source(str(run), None)
+    got = export_source(str(run), "attempt-001/" + STEP6)
+    assert Path(got[0]) == run / "checkpoints" / "attempt-001" / STEP6

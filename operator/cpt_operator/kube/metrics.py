@@ -1,4 +1,5 @@
-"""The operator's own metrics: decisions (breaches, rollbacks), runs by phase, GPUs held."""
+"""The operator's own metrics: decisions (breaches, rollbacks), runs by phase, GPUs held, and
+whether a run has anything better than its base."""
 from __future__ import annotations
 
 import threading
@@ -19,6 +20,9 @@ class OperatorMetrics:
         self.runs = Gauge("cpt_runs", "CptRuns by phase", ["phase"], registry=r)
         self.attempt = Gauge("cpt_run_attempt", "Current attempt of a run", ["namespace", "run"], registry=r)
         self.gpus = Gauge("cpt_run_gpus", "GPUs held by a run's running attempt", ["namespace", "run"], registry=r)
+        self.improved = Gauge("cpt_run_improved", "1 when the run has a checkpoint better than its base, "
+                              "0 when the base is the choice (condition Improved); absent until judged",
+                              ["namespace", "run"], registry=r)
         self.reconcile_seconds = Histogram("cpt_reconcile_seconds", "Time of one reconcile pass",
                                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                            registry=r)
@@ -27,15 +31,18 @@ class OperatorMetrics:
         for phase in Phase:
             self.runs.labels(phase.value).set(0)
 
-    def observe_run(self, key: str, namespace: str, run: str, phase: str, attempt: int, gpus: int) -> None:
+    def observe_run(self, key: str, namespace: str, run: str, phase: str, attempt: int, gpus: int,
+                    improved: bool | None = None) -> None:
         self.attempt.labels(namespace, run).set(attempt)
         self.gpus.labels(namespace, run).set(gpus)
+        if improved is not None:
+            self.improved.labels(namespace, run).set(1 if improved else 0)
         with self._lock:
             self._phases[key] = phase
             self._count()
 
     def forget_run(self, key: str, namespace: str, run: str) -> None:
-        for gauge in (self.attempt, self.gpus):
+        for gauge in (self.attempt, self.gpus, self.improved):
             try:
                 gauge.remove(namespace, run)
             except KeyError:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..api.manifest import ATTEMPT_PREFIX, step_of
+from ..api.status import BASE, ConditionType
 from .rundir import RunDir
 
 
@@ -70,7 +71,8 @@ def export_source(run: str, checkpoint: str | None) -> list[str]:
     named step-XXXXXXXX: how a cluster run's checkpoints are reached) or a local run. For a run,
     CHECKPOINT is a URI or path, a name (`attempt-NNN/step-XXXXXXXX`, or `step-XXXXXXXX` in the
     latest attempt that has it) or, by default, the checkpoint the run chose, else its newest
-    valid one. Raises ValueError or FileNotFoundError with a message for a person."""
+    valid one; a run that chose the base (nothing beat it) has nothing to export by default.
+    Raises ValueError or FileNotFoundError with a message for a person."""
     if _is_checkpoint(run):
         if checkpoint:
             raise ValueError(f"{run} is a checkpoint already; give either it or RUN CHECKPOINT")
@@ -85,7 +87,13 @@ def export_source(run: str, checkpoint: str | None) -> list[str]:
         if not found:
             raise FileNotFoundError(f"no checkpoint {checkpoint} in {rd.checkpoints}")
         return [str(found[-1]), "--why", f"{found[-1].parent.name}/{checkpoint} of {rd.root.name}"]
-    chosen = rd.read_status().best_checkpoint
+    status = rd.read_status()
+    chosen = status.best_checkpoint
+    if chosen == BASE:
+        verdict = next((c.message for c in status.conditions if c.type == ConditionType.improved.value), "")
+        raise ValueError(f"{rd.root.name} chose no checkpoint: none is better than the base ({verdict}). "
+                         "The base itself is the model to use; to export a checkpoint anyway, name it "
+                         "(cptctl export RUN attempt-NNN/step-XXXXXXXX)")
     if chosen:
         return [str(Path(rd.checkpoints) / chosen), "--why", f"chosen by {rd.root.name}: {chosen}"]
     return ["--latest-under", rd.checkpoints]

@@ -117,6 +117,40 @@ def test_budget_reached_finishes_with_a_checkpoint_chosen_on_the_frontier() -> N
     assert pins and plan.status.best_checkpoint in pins[0].names
 
 
+def test_a_run_with_nothing_better_than_the_base_succeeds_without_a_chosen_checkpoint() -> None:
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    points = (point(10, 10.2, legal=21.0), point(20, 10.4, legal=22.0))  # the domain got worse
+    plan = reconcile(spec(), status, observed(running(step=20), points))
+    improved = next(c for c in plan.status.conditions if c.type == "Improved")
+    assert (improved.status, improved.reason) == ("False", "NoImprovement")
+    assert "closest attempt-001/step-00000010: domain -5.00% over the base" in improved.message
+    assert plan.status.phase == Phase.running and plan.status.best_checkpoint == "base"
+    done = reconcile(spec(), plan.status, observed(AttemptState(number=1, state="succeeded", step=20), points))
+    assert done.status.phase == Phase.succeeded and done.status.best_checkpoint == "base"
+    assert "no checkpoint is better than the base, so none is chosen" in done.status.message
+    [warning] = [e for e in of(done, Emit) if e.reason == "NoImprovement"]
+    assert warning.type == "Warning" and "closest attempt-001/step-00000010" in warning.message
+    assert all("base" not in pin.names for pin in of(done, Pin))
+    assert "chosen base (no checkpoint is better than the base)" in done.status.describe("r")
+
+
+def test_a_checkpoint_better_than_the_base_is_named_in_the_improved_condition() -> None:
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    plan = reconcile(spec(), status, observed(running(step=10), (point(10, 10.1, legal=16.0),)))
+    improved = next(c for c in plan.status.conditions if c.type == "Improved")
+    assert (improved.status, improved.reason) == ("True", "BetterThanBase")
+    assert improved.message.startswith("attempt-001/step-00000010 is better than the base: domain +20.00%")
+
+
+def test_no_improvement_over_the_base_ends_the_run_early_when_asked() -> None:
+    asked = spec(stopPolicy={"noImprovement": {"evals": 2}})
+    status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
+    points = (point(10, 10.2, legal=21.0), point(20, 10.4, legal=22.0))
+    plan = reconcile(asked, status, observed(running(step=20), points))
+    assert plan.status.phase == Phase.succeeded and plan.status.best_checkpoint == "base"
+    assert of(plan, StopAttempt) and "no improvement: the domain gained at most" in plan.status.message
+
+
 def test_a_stop_request_stops_the_attempt_and_the_run() -> None:
     status = CptRunStatus(phase=Phase.running, attempt=1, base_metrics=BASE)
     plan = reconcile(spec(), status, observed(running(), stop_requested=True))
