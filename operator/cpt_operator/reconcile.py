@@ -586,7 +586,7 @@ def _base_mode(spec: CptRunSpec) -> RestoreMode:
 
 def attempt_config(action: StartAttempt, *, spec: CptRunSpec, run: str, run_uid: str | None,
                    checkpoint_root: str, run_dir: str, namespace: str = "local",
-                   metrics_port: int = 0) -> TrainerConfig:
+                   metrics_port: int = 0, image: str | None = None) -> TrainerConfig:
     """What the trainer of the attempt `action` starts runs with, for either backend (which
     decides only where things are: the run directory, the checkpoint root, the metrics port)."""
     root = checkpoint_root.rstrip("/")
@@ -595,4 +595,4 @@ def attempt_config(action: StartAttempt, *, spec: CptRunSpec, run: str, run_uid:
                          checkpoint_uri=f"{root}/{attempt_folder(action.number)}",
                          restore_from=f"{root}/{action.restore_from}" if action.restore_from else None,
                          restore_mode=action.restore_mode, overrides=action.overrides,
-                         base_sha256=action.base_sha256, metrics_port=metrics_port)
+                         base_sha256=action.base_sha256, metrics_port=metrics_port, image=image)

@@ -206,6 +206,11 @@ def test_helm_installed_operator_runs_a_two_node_cptrun_in_real_pods_and_resumes
     assert status["bestCheckpoint"], status
     attempt_dir, step = status["bestCheckpoint"].split("/")  # attempt-NNN/step-NNNNNNNN
     assert step in manifests(host_s3, bucket, int(attempt_dir.removeprefix("attempt-")))
+    # its lineage names the code that wrote it and the evaluation it was measured on
+    chosen = json.loads(host_s3.client().get_object(
+        Bucket=bucket, Key=f"runs/{RUN}/{status['bestCheckpoint']}/{MANIFEST}")["Body"].read())
+    assert chosen["lineage"]["codeVersion"].endswith(f" in {trainer_image}"), chosen["lineage"]
+    assert sorted(chosen["lineage"]["evalDigests"]) == ["general", "legal"]
     assert condition(status, "Succeeded")["status"] == "True"
     printed = kube.kubectl("get", "cptruns", "-n", ns)
     assert RUN in printed and "Succeeded" in printed

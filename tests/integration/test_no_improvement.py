@@ -62,6 +62,17 @@ def test_a_run_that_makes_the_domain_worse_chooses_the_base_and_stops_early(
     assert "per token" in improved["message"]
     assert "no improvement: no checkpoint is better than the base" in done.stdout
 
+    # each checkpoint's lineage names the evaluation it was measured on and the code that wrote it
+    from cpt_operator.api.spec import CptRunSpec
+    from cpt_trainer import __version__
+    from cpt_trainer.evals.data import load_samples, suite_digest
+
+    legal = CptRunSpec.model_validate(spec).suites_by_name()["legal"]
+    manifest = next((run_dir / "checkpoints").glob("attempt-001/step-*/manifest.json"))
+    lineage = json.loads(manifest.read_text())["lineage"]
+    assert lineage["evalDigests"] == {"legal": suite_digest(legal, load_samples(legal))}
+    assert lineage["codeVersion"] == f"cpt-trainer {__version__}"
+
     shown = cptctl("status", str(run_dir), cwd=tmp_path)
     assert "chosen base (no checkpoint is better than the base)" in shown.stdout, shown.stdout + shown.stderr
     table = cptctl("checkpoints", str(run_dir), cwd=tmp_path)

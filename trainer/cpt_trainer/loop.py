@@ -51,7 +51,7 @@ from cpt_operator.api.spec import (Boundary, ModelFormat, NonFiniteAction, Preci
 from cpt_operator.api.ownership import RunRecord
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from . import checkpoint, distributed, extension
+from . import checkpoint, code_version, distributed, extension
 from .anomaly import AnomalyDetector, Verdict
 from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
@@ -451,7 +451,9 @@ class Attempt:
                           tokenizer_hash=self.tok_hash, config_hash=self.config_hash,
                           overrides={"lrScale": cfg.overrides.lr_scale,
                                      "replayDelta": cfg.overrides.replay_delta},
-                          skips=merge_skips(cfg.overrides.skips, self.skips))
+                          skips=merge_skips(cfg.overrides.skips, self.skips),
+                          eval_digests=self.evaluator.digests if self.evaluator else {},
+                          code_version=code_version(cfg.image))
         train_state = {"step": self.step, "tokens": self.tokens, "worldSize": self.dist.world_size,
                        "anomaly": self.anomaly.state_dict(), "schedule": self.schedule.as_dict()}
 

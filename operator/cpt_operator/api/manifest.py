@@ -190,6 +190,11 @@ class Lineage(SpecModel):
     skips: list[DataSkip] = Field(default_factory=list)
     """Data windows skipped on the way to this checkpoint (given by the control plane, or found
     by this attempt): a restore from here or from an earlier checkpoint must skip them too."""
+    eval_digests: dict[str, str] = Field(default_factory=dict)
+    """Suite name -> sha256 of the suite as evaluated (its settings but name and uri, and every
+    sample read): two checkpoints whose digests agree were measured on the same evaluation."""
+    code_version: str = ""
+    """The trainer that wrote this: its package version and, on a cluster, its image."""
 
 
 class Manifest(SpecModel):

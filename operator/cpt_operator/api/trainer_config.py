@@ -37,6 +37,9 @@ class TrainerConfig(SpecModel):
     base_sha256: str | None = None
     """The base's digest the run recorded at its first start (status.baseSha256): a base whose
     bytes now differ is refused. None on the first start, which records it."""
+    image: str | None = None
+    """The container image the attempt runs in, as the operator set it (cluster runs): recorded
+    in each checkpoint's lineage with the trainer's version."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of rank 0's Prometheus endpoint; 0 = pick a free one and write it to the run dir."""
 

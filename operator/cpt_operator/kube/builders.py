@@ -116,7 +116,8 @@ def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings
     return attempt_config(action, spec=spec, run=run.name, namespace=run.namespace, run_uid=run.uid,
                           checkpoint_root=checkpoint_root(spec),
                           run_dir=f"{WORK_DIR}/{attempt_folder(action.number)}",
-                          metrics_port=settings.trainer_metrics_port)
+                          metrics_port=settings.trainer_metrics_port,
+                          image=spec.resources.image or settings.trainer_image)
 
 
 def config_map(run: RunRef, attempt: int, config: TrainerConfig) -> Object:

@@ -62,3 +62,21 @@ def test_format_follow_needs_a_valid_pattern_per_record(tiny, tmp_path: Path, re
     spec = evaluation(suite("fmt", "behavior", uri, "format_follow"))
     with pytest.raises(EvalDataError, match=message):
         Evaluator(spec, tokenizer, device=CPU, seq_len=64)
+
+
+def test_a_suite_digest_follows_what_is_measured_not_where_the_files_are(tmp_path: Path) -> None:
+    from cpt_trainer.evals.data import load_samples, suite_digest
+
+    records = [{"text": "Return JSON:", "response": "{}"}, {"text": "Name a colour."}]
+    here = write_jsonl(tmp_path / "a" / "chat.jsonl", records)
+    there = write_jsonl(tmp_path / "b" / "moved.jsonl", records)
+    edited = write_jsonl(tmp_path / "c" / "chat.jsonl", [records[0], {"text": "Name a color."}])
+
+    def digest(uri: Path, name: str = "chat", **extra: object) -> str:
+        spec = suite(name, "drift", uri, "kl_to_base", **extra)
+        return suite_digest(spec, load_samples(spec))
+
+    assert digest(here) == digest(there, name="renamed")
+    assert digest(here) != digest(edited)
+    assert digest(here) != digest(here, maxNewTokens=8)
+    assert digest(here) != digest(here, maxSamples=1)

@@ -16,6 +16,7 @@ silently computed on fewer or other samples would be compared with a baseline th
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -60,6 +61,16 @@ def load_samples(suite: SuiteSpec, label: str | None = None) -> list[Sample]:
     if suite.metric == Metric.format_follow:
         _check_patterns(label, samples)
     return samples
+
+
+def suite_digest(suite: SuiteSpec, samples: list[Sample]) -> str:
+    """sha256 of a suite as it is evaluated: its settings (not its name or where the files live)
+    and every sample in order, so a moved copy of the same data keeps its digest and any edit of
+    a prompt, a pattern or a response changes it."""
+    settings = suite.model_dump(mode="json", by_alias=True, exclude={"name", "uri"})
+    body = {"suite": settings,
+            "samples": [[x.text, x.pattern, x.response] for x in samples]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def read_texts(uri: str, *, format: str = "text", field: str = "text", max_samples: int = 64,

@@ -24,7 +24,7 @@ from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
 from .collective import in_order, share_of, summed
-from .data import Sample, load_samples
+from .data import Sample, load_samples, suite_digest
 from .drift import kl_sum
 from .generation import decode, greedy, prompt_rows, unwrap
 from .perplexity import NllResult, document_ids, token_nll
@@ -44,6 +44,8 @@ class Evaluator:
         self.spec, self.tokenizer, self.device = spec, tokenizer, device
         self.seq_len, self.autocast_dtype, self.reference = seq_len, autocast_dtype, reference
         self.samples: dict[str, list[Sample]] = {s.name: load_samples(s) for s in spec.suites}
+        self.digests = {s.name: suite_digest(s, self.samples[s.name]) for s in spec.suites}
+        """Suite name -> what exactly it measures (`suite_digest`), for checkpoint lineage."""
         self._classifiers: dict[str, Callable[[str], bool]] = {
             s.name: load_classifier(s.refusal_classifier)
             for s in spec.suites if s.metric == Metric.refusal_rate}
