@@ -220,10 +220,11 @@ class KubeClient:
         return delete(namespace, name)
 
     def _delete_config_map(self, namespace: str, name: str) -> bool:
-        return _gone_ok(lambda: self.core.delete_namespaced_config_map(name, namespace))
+        return _gone_ok(lambda: self.core.delete_namespaced_config_map(name, namespace,
+                                                                       _request_timeout=self.timeout))
 
     def _delete_service(self, namespace: str, name: str) -> bool:
-        return _gone_ok(lambda: self.core.delete_namespaced_service(name, namespace))
+        return _gone_ok(lambda: self.core.delete_namespaced_service(name, namespace, _request_timeout=self.timeout))
 
     def run_jobs(self, run: RunRef) -> list[str]:
         listed = _raw(self.batch.list_namespaced_job(run.namespace, label_selector=f"{LABEL_RUN}={run_label(run.name)}",

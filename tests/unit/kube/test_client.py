@@ -2,6 +2,8 @@
 library on the wire, answers chosen by the test."""
 from __future__ import annotations
 
+import inspect
+
 import json
 import socket
 import threading
@@ -137,8 +139,20 @@ CALLS: dict[str, Callable[[KubeClient], Any]] = {
     "read_run": lambda k: k.read_run("ml", "legal-7b"),
     "patch_status": lambda k: k.patch_status(RUN, "1", {}, {"phase": "Running"}),
     "patch_annotations": lambda k: k.patch_annotations("ml", "legal-7b", {"a": "b"}),
-    "add_alert": lambda k: k.add_alert("ml", "legal-7b", "g", "k"),
+    "update_annotation": lambda k: k.update_annotation("ml", "legal-7b", "a", lambda run: "b"),
+    "children": lambda k: k.children(RUN),
+    "delete": lambda k: k.delete("ml", "Job", "legal-7b-a1"),
+    "delete ConfigMap": lambda k: k.delete("ml", "ConfigMap", "legal-7b-a1"),
+    "delete Service": lambda k: k.delete("ml", "Service", "legal-7b-a1"),
+    "job_workload": lambda k: k.job_workload("ml", "uid-1"),
+    "kueue_installed": lambda k: k.kueue_installed("ml"),
+    "read_secret": lambda k: k.read_secret("ml", "s3"),
 }
+
+
+def test_every_call_of_the_client_is_checked_for_a_request_timeout() -> None:
+    public = {name for name, _ in inspect.getmembers(KubeClient, inspect.isfunction) if not name.startswith("_")}
+    assert public <= {name.split()[0] for name in CALLS}, public - {name.split()[0] for name in CALLS}
 
 
 @pytest.fixture
@@ -179,3 +193,16 @@ def test_every_call_gives_up_when_the_api_server_does_not_answer(silent_server, 
     worker.join(10)
     assert not worker.is_alive(), f"{call} still waiting after 10 s: no request timeout"
     assert outcome and time.monotonic() - started < 10
+    # the call gave up because the server did not answer in time, not for any other reason
+    assert _timed_out(outcome[0]), repr(outcome[0])
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    from urllib3.exceptions import MaxRetryError, TimeoutError as Urllib3Timeout
+
+    while exc is not None:
+        if isinstance(exc, (Urllib3Timeout, TimeoutError)) or (
+                isinstance(exc, MaxRetryError) and _timed_out(exc.reason)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
