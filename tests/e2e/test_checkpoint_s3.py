@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,26 @@ def test_a_second_cptrun_on_a_claimed_checkpoint_uri_gets_a_condition_and_no_job
 
         kube.apply(cptrun("second", s3_bucket, checkpoint=shared), namespace=namespace)
 
-        def refused() -> dict[str, Any] | None:
-            cond = condition(status_of(kube, namespace, "second"), "SpecValid")
+        def refused(ns: str, name: str) -> dict[str, Any] | None:
+            cond = condition(status_of(kube, ns, name), "SpecValid")
             return cond if cond.get("status") == "False" else None
 
-        cond = kube.wait_for(refused, "second run refused", timeout=30)
+        cond = kube.wait_for(lambda: refused(namespace, "second"), "second run refused", timeout=30)
         assert cond["reason"] == "CheckpointUriInUse"
         assert f"{namespace}/first (uid {uid})" in cond["message"]
         assert job_names(kube, namespace, "second") == []
         assert "CheckpointUriInUse" in {e["reason"] for e in run_events(kube, namespace, "second")}
+
+        # another team's run on the same location learns that it is taken, not whose it is
+        other = kube.create_namespace(f"t-{uuid.uuid4().hex[:10]}")
+        try:
+            kube.apply(cptrun("third", s3_bucket, checkpoint=shared), namespace=other)
+            taken = kube.wait_for(lambda: refused(other, "third"), "third run refused", timeout=30)
+            assert taken["reason"] == "CheckpointUriInUse" and "is taken" in taken["message"]
+            assert namespace not in taken["message"] and uid not in taken["message"], taken["message"]
+            assert job_names(kube, other, "third") == []
+        finally:
+            kube.kubectl_result("delete", "namespace", other, "--wait=false")
 
         # the API server keeps checkpoint.uri as it was created
         moved = kube.kubectl_result("patch", "cptrun", "first", "-n", namespace, "--type", "merge", "-p",

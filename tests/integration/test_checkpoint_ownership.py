@@ -63,4 +63,4 @@ def test_another_runs_root_is_neither_written_nor_restored_from(tmp_path, tiny_m
     third = write_config(tmp_path / "c", spec, root=other, run_uid="uid-b", checkpoints=other / "attempt-002",
                          restore_from=str(step3), restore_mode="fullState")
     assert run(third) == 2
-    assert f"checkpoint.uri {root} belongs to run local/t (uid uid-a)" in log_tail(third)
+    assert f"checkpoint.uri {root} is taken: it belongs to run local/t (uid uid-a)" in log_tail(third)

@@ -289,11 +289,11 @@ def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str
     another run's root is only read."""
     if root is None or run is None:
         return None
-    problem = owner_problem(root, store.claim(root, run), run.uid)
+    problem = owner_problem(root, store.claim(root, run), run)
     source = root_of(restore_from) if restore_from else None
     if problem is None and source is not None and source.rstrip("/") != root.rstrip("/"):
         found = store.owner(source)
-        problem = owner_problem(source, found, run.uid) if found is not None else None
+        problem = owner_problem(source, found, run) if found is not None else None
     return problem
 
 

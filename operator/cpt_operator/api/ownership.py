@@ -35,11 +35,14 @@ class RunRecord(SpecModel):
         return f"run {self.namespace}/{self.name} (uid {self.uid})"
 
 
-def owner_problem(root: str, owner: RunRecord, uid: str) -> str | None:
-    """Why run `uid` may not use the checkpoint root `owner` claimed (None: it owns it)."""
-    if owner.uid == uid:
+def owner_problem(root: str, owner: RunRecord, claimant: RunRecord) -> str | None:
+    """Why `claimant` may not use the checkpoint root `owner` claimed (None: it owns it). The
+    owner is named only to a run of its own namespace: on a shared cluster the message reaches
+    the claimant's status and events, and which team's run a location holds is not theirs to see."""
+    if owner.uid == claimant.uid:
         return None
-    return (f"checkpoint.uri {root} belongs to {owner.describe()}, whose checkpoints it may still "
+    whose = owner.describe() if owner.namespace == claimant.namespace else "another run"
+    return (f"checkpoint.uri {root} is taken: it belongs to {whose}, whose checkpoints it may still "
             "restore; give this run its own checkpoint.uri")
 
 

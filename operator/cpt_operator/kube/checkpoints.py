@@ -36,8 +36,8 @@ def foreign_owner(run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
     if not starts(plan):
         return None
     root = checkpoint_root(spec)
-    owner = claim(root, RunRecord(uid=run.uid, name=run.name, namespace=run.namespace))
-    return owner_problem(root, owner, run.uid)
+    record = RunRecord(uid=run.uid, name=run.name, namespace=run.namespace)
+    return owner_problem(root, claim(root, record), record)
 
 
 def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:

@@ -49,7 +49,7 @@ class LocalRun:
     def claim(self) -> None:
         """Take the checkpoint root before the first attempt; another run's root is refused."""
         record = RunRecord(uid=self.dir.run_id, name=self.run.metadata.name)
-        problem = owner_problem(self.checkpoint_root, claim(self.checkpoint_root, record), record.uid)
+        problem = owner_problem(self.checkpoint_root, claim(self.checkpoint_root, record), record)
         if problem is not None:
             raise RunError(f"{problem} (this run's directory: {self.dir.root})")
 

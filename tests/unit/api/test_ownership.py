@@ -9,12 +9,18 @@ from cpt_operator.api.ownership import Pins, RunRecord, owner_problem
 OWNER = RunRecord(uid="uid-a", name="legal", namespace="ml")
 
 
-def test_the_owner_may_use_its_root_and_another_run_is_told_whose_it_is() -> None:
-    assert owner_problem("s3://b/runs/legal", OWNER, "uid-a") is None
-    problem = owner_problem("s3://b/runs/legal", OWNER, "uid-b")
+def test_the_owner_may_use_its_root_and_another_run_of_its_namespace_is_told_whose_it_is() -> None:
+    assert owner_problem("s3://b/runs/legal", OWNER, OWNER) is None
+    problem = owner_problem("s3://b/runs/legal", OWNER, RunRecord(uid="uid-b", name="legal", namespace="ml"))
     assert problem is not None
     assert "s3://b/runs/legal" in problem and "ml/legal" in problem and "uid-a" in problem
     assert "its own checkpoint.uri" in problem
+
+
+def test_a_run_of_another_namespace_is_told_only_that_the_location_is_taken() -> None:
+    problem = owner_problem("s3://b/runs/legal", OWNER, RunRecord(uid="uid-c", name="mine", namespace="team-b"))
+    assert problem is not None and "is taken" in problem and "another run" in problem
+    assert not any(secret in problem for secret in ("ml", "legal (", "uid-a"))
 
 
 @pytest.mark.parametrize("uri, root", [
