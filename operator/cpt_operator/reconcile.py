@@ -177,6 +177,7 @@ class _Planner:
         if mode is None:
             mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
         st.restore_from, st.attempt_started_at, st.phase = restore_from, self.obs.now, Phase.running
+        st.starting_since = None
         self.actions.append(StartAttempt(st.attempt, restore_from, mode, st.overrides, reason,
                                          st.base_sha256))
         origin = restore_from or "the base model"
@@ -339,6 +340,8 @@ def _evicted(p: _Planner) -> None:
                      "once admitted again"
         set_condition(st, ConditionType.admitted, False, Reason.evicted.value, st.message, p.obs.now)
         p.emit("Warning", Reason.evicted.value, st.message)
+        if _start_spent(p, why):
+            return
     if attempt.state == "running":
         # the Job goes (and its Workload with it): Kueue must not restart this attempt's pods
         # from its old restore point; the stop is repeated until the Job is gone
@@ -347,6 +350,31 @@ def _evicted(p: _Planner) -> None:
     if _must_wait(p):
         return
     p.start(_latest_in_lineage(p), f"resumed after eviction {st.evictions}")
+
+
+def _start_spent(p: _Planner, why: str) -> bool:
+    """An attempt evicted before its trainers all ran used up start time: add it to what earlier
+    such attempts used, and end the run when nothing of resources.startTimeoutSeconds is left.
+    True when it ended the run."""
+    st = p.status
+    if st.starting_since is None:
+        return False  # it started (or never got a clock): a preemption, not a failed start
+    st.starting_seconds += max(0.0, (instant(p.obs.now) - instant(st.starting_since)).total_seconds())
+    st.starting_since = None
+    timeout = p.spec.resources.start_timeout_seconds
+    if st.starting_seconds < timeout:
+        return False
+    started = _condition(st, ConditionType.started)
+    last = f"; the last cause: {started.message}" if started is not None and started.message else ""
+    p.finish(Phase.failed, Reason.start_timeout.value,
+             f"attempts did not start within {timeout} s: {st.starting_seconds:.0f} s spent starting, "
+             f"evicted by Kueue before their trainers ran (the last time: {why}){last}", checkpoint=False)
+    return True
+
+
+def _start_budget(p: _Planner) -> int:
+    """What is left of resources.startTimeoutSeconds for the current attempt."""
+    return max(0, round(p.spec.resources.start_timeout_seconds - p.status.starting_seconds))
 
 
 def _not_begun(p: _Planner) -> None:
@@ -366,11 +394,14 @@ def _show_start(p: _Planner) -> Cause | None:
     if start.state == "started":
         set_condition(st, ConditionType.started, True, Reason.trainers_running.value,
                       f"attempt {st.attempt}: every trainer is running", p.obs.now)
+        st.starting_since, st.starting_seconds = None, 0.0
         return None
+    if start.since is not None:
+        st.starting_since = f"{start.since.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
     if start.cause is None:  # queued: no clock yet
         _not_begun(p)
         return None
-    cause, by = start.cause, deadline(start, p.spec.resources.start_timeout_seconds)
+    cause, by = start.cause, deadline(start, _start_budget(p))
     if cause.fault and (started is None or started.reason != cause.reason.value):
         p.emit("Warning", cause.reason.value, f"attempt {st.attempt}: {cause.describe()}")
     when = f" (start deadline {by.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ})" if by else ""
@@ -384,11 +415,13 @@ def _start_overdue(p: _Planner) -> bool:
     is no trainer state to save) and the run fails, without a restart, which would fail the same
     way. True when it ended the run."""
     cause, start = _show_start(p), p.obs.attempt.start
-    timeout = p.spec.resources.start_timeout_seconds
-    if cause is None or start is None or not overdue(start, instant(p.obs.now), timeout):
+    timeout, spent = p.spec.resources.start_timeout_seconds, p.status.starting_seconds
+    if cause is None or start is None or not overdue(start, instant(p.obs.now), _start_budget(p)):
         return False
+    earlier = f" ({spent:.0f} s of it spent by attempts Kueue evicted before their trainers ran)" if spent else ""
     p.finish(Phase.failed, Reason.start_timeout.value,
-             f"attempt {p.status.attempt} did not start within {timeout} s: {cause.describe()}", checkpoint=False)
+             f"attempt {p.status.attempt} did not start within {timeout} s{earlier}: {cause.describe()}",
+             checkpoint=False)
     return True
 
 

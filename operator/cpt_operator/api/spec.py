@@ -382,8 +382,10 @@ class ResourcesSpec(SpecModel):
     ContainerConfigError, ContainerCreateFailed, ContainerRunFailed or Unschedulable; the
     message names the pod and quotes the kubelet or the scheduler). When it passes, the attempt's
     Job is deleted (its GPUs are freed) and the run ends Failed, reason StartTimeout, naming the
-    cause; no restart is spent, since a restart would fail the same way. Leave room for pulling
-    the trainer image onto a fresh node."""
+    cause; no restart is spent, since a restart would fail the same way. With `queue`, the time
+    that earlier attempts spent starting before Kueue evicted them (waitForPodsReady) counts too
+    (`status.startingSeconds`), until an attempt's trainers run. Leave room for pulling the
+    trainer image onto a fresh node."""
 
     @property
     def procs_per_node(self) -> int:

@@ -191,6 +191,14 @@ class CptRunStatus(SpecModel):
     evictions: int = 0
     """Attempts Kueue evicted (preempted, pods not ready in time): resumed, never counted as
     restarts against stopPolicy.maxAttemptRestarts."""
+    starting_since: str | None = None
+    """When the current attempt's start clock began (its Job's startTime), while its trainers do
+    not all run yet: kept here because a Job Kueue evicts loses its startTime."""
+    starting_seconds: float = 0.0
+    """Seconds that earlier attempts spent starting before Kueue evicted them with trainers still
+    not running (an image that cannot be pulled, pods never ready). They count against
+    resources.startTimeoutSeconds of the attempts that follow, so a start that keeps failing ends
+    the run (StartTimeout) instead of queueing forever; 0 again once an attempt's trainers run."""
     history: list[RollbackRecord] = Field(default_factory=list)
     base_metrics: dict[str, float] = Field(default_factory=dict)
     """The base model's reference evaluation (`suite.metric` -> value), measured once."""

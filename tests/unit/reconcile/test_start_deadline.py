@@ -2,6 +2,7 @@
 start deadline the attempt's pods go and the run fails (StartTimeout) without spending restarts."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -161,3 +162,65 @@ def test_without_its_secret_a_run_can_still_be_stopped() -> None:
     obs = observed(running(start=Start("started", instant(NOW))), stop_requested=True)
     plan = reconcile_unreadable(timed_spec(), RUNNING, obs, UNREADABLE)
     assert plan.status.phase == Phase.stopped and of(plan, StopAttempt)
+
+
+NOT_READY = Admission("evicted", "PodsReadyTimeout", "Exceeded the PodsReady timeout")
+ADMITTED = Admission("admitted", "Admitted", "admitted by ClusterQueue gpu")
+
+
+def evicted_before_start(status: CptRunStatus, starting_s: float, spec_: Any) -> Any:
+    """One attempt of a queued run: admitted, its pods pulling an image that does not exist for
+    `starting_s`, then evicted by Kueue's waitForPodsReady; returns the plan of the eviction pass."""
+    n = status.attempt
+    pulling = reconcile(spec_, status, observed(running(n, start=starting(BACKOFF, starting_s), admission=ADMITTED)))
+    assert pulling.status.phase == Phase.running, pulling.status.message
+    return reconcile(spec_, pulling.status, observed(running(n, start=Start("queued"), admission=NOT_READY)))
+
+
+def resumed(status: CptRunStatus, spec_: Any) -> CptRunStatus:
+    gone = AttemptState(number=status.attempt, state="absent", message="the Job is gone")
+    plan = reconcile(spec_, status, observed(gone))
+    assert of(plan, StartAttempt), plan.status.message
+    return plan.status
+
+
+def test_attempts_kueue_evicts_before_they_start_keep_the_start_deadline() -> None:
+    spec_ = timed_spec(300, resources={"queue": "gpu"})
+    status = RUNNING.model_copy(deep=True)
+    for attempt, spent in ((1, 110), (2, 220)):
+        plan = evicted_before_start(status, 110, spec_)
+        assert plan.status.phase == Phase.running and plan.status.starting_seconds == spent
+        status = resumed(plan.status, spec_)
+        assert status.attempt == attempt + 1
+    # the third attempt has 80 s left of the 300: at 85 s of pulling it is over
+    plan = reconcile(spec_, status, observed(running(3, start=starting(BACKOFF, 85), admission=ADMITTED)))
+    assert plan.status.phase == Phase.failed, plan.status.message
+    assert [c.reason for c in plan.status.conditions if c.type == "Failed"] == [Reason.start_timeout.value]
+    assert "did not start within 300 s (220 s of it spent by attempts Kueue evicted" in plan.status.message
+    assert "ImagePullBackOff" in plan.status.message and plan.status.restarts == 0
+
+
+def test_an_eviction_that_uses_up_the_start_time_ends_the_run_naming_the_cause() -> None:
+    spec_ = timed_spec(300, resources={"queue": "gpu"})
+    status = resumed(evicted_before_start(RUNNING.model_copy(deep=True), 200, spec_).status, spec_)
+    # 90 s into the second attempt's pull (100 s left) the operator looks; the next pass, 60 s
+    # later, finds it evicted: 350 s in all
+    pulling = reconcile(spec_, status, observed(running(2, start=starting(BACKOFF, 90), admission=ADMITTED)))
+    later = dataclasses.replace(observed(running(2, start=Start("queued"), admission=NOT_READY)),
+                                now=f"{instant(NOW) + timedelta(seconds=60):%Y-%m-%dT%H:%M:%SZ}")
+    plan = reconcile(spec_, pulling.status, later)
+    assert plan.status.phase == Phase.failed and not of(plan, StartAttempt)
+    assert "attempts did not start within 300 s: 350 s spent starting, evicted by Kueue before their " \
+           "trainers ran (the last time: PodsReadyTimeout: Exceeded the PodsReady timeout)" in plan.status.message
+    assert 'Back-off pulling image "x:v1"' in plan.status.message
+
+
+def test_an_attempt_whose_trainers_ran_gives_the_next_ones_the_whole_start_time_again() -> None:
+    spec_ = timed_spec(300, resources={"queue": "gpu"})
+    status = resumed(evicted_before_start(RUNNING.model_copy(deep=True), 200, spec_).status, spec_)
+    ran = reconcile(spec_, status, observed(running(2, start=Start("started", instant(NOW)), admission=ADMITTED)))
+    assert ran.status.starting_seconds == 0 and ran.status.starting_since is None
+    # a preemption of a running attempt is not a failed start
+    preempted = reconcile(spec_, ran.status, observed(running(2, start=Start("queued"), admission=Admission(
+        "evicted", "Preempted", "Preempted to accommodate a higher priority workload"))))
+    assert preempted.status.phase == Phase.running and preempted.status.starting_seconds == 0
