@@ -173,7 +173,7 @@ class _Planner:
 
     def start(self, restore_from: str | None, reason: str, mode: RestoreMode | None = None) -> None:
         st = self.status
-        st.attempt += 1
+        st.attempt = st.attempts_seen = max(st.attempt, st.attempts_seen) + 1
         if mode is None:
             mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
         st.restore_from, st.attempt_started_at, st.phase = restore_from, self.obs.now, Phase.running
@@ -296,6 +296,7 @@ def _sweep(p: _Planner) -> None:
     strays = p.obs.strays
     if not strays:
         return
+    p.status.attempts_seen = max(p.status.attempts_seen, *strays)
     p.actions.append(Sweep(tuple(sorted(strays))))
     for number in sorted(strays):
         kinds = ", ".join(sorted(set(strays[number])))
@@ -504,6 +505,7 @@ def _summaries(p: _Planner) -> None:
         st.step, st.tokens = obs.attempt.step or st.step, obs.attempt.tokens or st.tokens
     if not obs.checkpoints:
         return
+    st.attempts_seen = max(st.attempts_seen, *(c.attempt for c in obs.checkpoints))
     selection = select_checkpoint(p.spec, st.base_metrics, list(obs.checkpoints))
     st.frontier, st.best_checkpoint = list(selection.frontier), selection.chosen
     if selection.verdict is not None:

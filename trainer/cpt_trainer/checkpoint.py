@@ -40,6 +40,7 @@ from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks,
                                        step_of, verify, writer_rank)
 from cpt_operator.api.ownership import RunRecord, owner_problem
 
+from .errors import Refused
 from .node_cache import locked, node_cache
 
 log = logging.getLogger(__name__)
@@ -136,23 +137,23 @@ def is_local(uri: str) -> bool:
     return store.is_local(_fs(uri)[0])
 
 
+class CheckpointExists(Refused):
+    """A committed checkpoint is where a save would go. Only retention deletes checkpoints: an
+    attempt's folder is never reused, so this is a folder the save must not touch."""
+
+
 def prepare(uri: str, step: int) -> str:
-    """Make an empty directory for checkpoint `step` (rank 0, before any rank writes)."""
+    """Make an empty directory for checkpoint `step` (rank 0, before any rank writes): what an
+    interrupted save left there goes, a committed checkpoint never (`CheckpointExists`)."""
     fs, root = _fs(uri)
     target = f"{root}/{checkpoint_name(step)}"
-    _clear(fs, target)
-    fs.makedirs(target, exist_ok=True)
-    return target
-
-
-def _clear(fs: fsspec.AbstractFileSystem, target: str) -> None:
-    """Remove a directory of the same name; a stale manifest goes first so no moment exists
-    where an old manifest describes half-new files."""
     if fs.exists(f"{target}/{MANIFEST}"):
-        log.warning("replacing existing checkpoint %s", target)
-        fs.rm_file(f"{target}/{MANIFEST}")
+        raise CheckpointExists(f"{target} is a committed checkpoint; a save never replaces one (only retention "
+                               "deletes checkpoints)")
     if fs.exists(target):
         fs.rm(target, recursive=True)
+    fs.makedirs(target, exist_ok=True)
+    return target
 
 
 def write_json(directory: str, name: str, obj: Any) -> str:

@@ -43,6 +43,7 @@ from cpt_operator.api.manifest import (BLOCKS, CONFIG, MODEL_DIR, OPTIMIZER_DIR,
                                        rng_file)
 
 from . import checkpoint, distributed
+from .checkpoint import CheckpointExists
 from .distributed import Dist
 from .errors import Refused
 from .load.verified import CheckpointSource
@@ -159,9 +160,16 @@ class Checkpointer:
         self.wait()
         began = time.monotonic()
         target_uri = checkpoint.join(self.uri, checkpoint_name(snap.step))
+        refused = ""
         if self.dist.is_main:
-            checkpoint.prepare(self.uri, snap.step)
-        distributed.barrier()
+            try:
+                checkpoint.prepare(self.uri, snap.step)
+            except CheckpointExists as exc:
+                refused = str(exc)
+        # every rank learns of a refusal (a barrier would leave the others waiting for rank 0)
+        refused = str(distributed.broadcast_object(refused))
+        if refused:
+            raise CheckpointExists(refused)
         staging = target_uri if checkpoint.is_local(self.uri) else tempfile.mkdtemp(prefix="cpt-ckpt-")
         self._write_small(staging, snap)
         staged = self._stager.stage({

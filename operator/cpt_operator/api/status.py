@@ -76,6 +76,10 @@ class Reason(str, Enum):
     no_improvement = "NoImprovement"
     """Improved=False, and an event when the run ends so: no checkpoint that passes every gate is
     better than the base, so the base is the run's choice (`bestCheckpoint: base`)."""
+    create_forbidden = "CreateForbidden"
+    """Progressing=False: the API server refused an attempt's object for now (403: a full
+    ResourceQuota, an admission webhook or policy, missing permissions); the start is tried again
+    with doubling delays, and the message quotes the API server."""
     invalid_object = "InvalidObject"
     """The API server refused an object of the attempt (a bad quantity, an oversized config):
     not retried until the spec changes; the message is the API server's."""
@@ -179,6 +183,10 @@ class CptRunStatus(SpecModel):
     conditions: list[Condition] = Field(default_factory=list)
     attempt: int = 0
     attempt_started_at: str | None = None
+    attempts_seen: int = 0
+    """The highest attempt number any object or checkpoint of the run has carried, attempts that
+    were swept before status recorded them included: the next attempt is numbered above it, so an
+    attempt's folder of checkpoints is never reused."""
     restore_from: str | None = None
     overrides: Overrides = Field(default_factory=Overrides)
     step: int = 0

@@ -8,6 +8,7 @@ import pytest
 
 from cpt_operator.api import CptRunStatus, Phase
 from cpt_operator.api.status import Reason
+from cpt_operator.policy.types import CheckpointEvals
 from cpt_operator.reconcile import AttemptState, Emit, Observed, StartAttempt, Sweep, reconcile
 
 from tests.unit.reconcile.test_reconcile import BASE, NOW, of, spec
@@ -50,7 +51,9 @@ def test_no_attempt_starts_while_another_attempts_pods_are_present(status: CptRu
     gone = Observed(**{**observed.__dict__, "pods_left": (), "strays": {},
                        "attempt": AttemptState(number=status.attempt, state="absent")})
     [start] = of(reconcile(spec(), plan.status, gone), StartAttempt)
-    assert start.number == status.attempt + 1
+    # never the number of an attempt that existed, recorded in status or not: its folder may hold
+    # checkpoints the new attempt must not overwrite
+    assert start.number == max(status.attempt, *extra.get("strays", {0: ()})) + 1
 
 
 def test_a_failed_attempt_restarts_once_its_pods_are_gone_and_counts_one_restart() -> None:
@@ -71,6 +74,15 @@ def test_objects_of_other_attempts_are_swept_and_reported() -> None:
     assert ("Normal", "deleted what was left of attempt 1 (ConfigMap, Job)") in events
     assert any(t == "Warning" and m.startswith("deleted attempt 3 (Job, Service)") for t, m in events)
     assert plan.status.attempt == 2 and not of(plan, StartAttempt)
+
+
+def test_an_attempt_folder_that_holds_checkpoints_is_never_reused() -> None:
+    # an attempt 2 was created, wrote a checkpoint and was swept before status recorded it
+    swept = CheckpointEvals(name="attempt-002/step-00000010", step=10, attempt=2)
+    plan = reconcile(spec(), RUNNING, Observed(attempt=AttemptState(number=1, state="failed", message="x"),
+                                               now=NOW, base=BASE, checkpoints=(swept,)))
+    [start] = of(plan, StartAttempt)
+    assert start.number == 3 and plan.status.attempt == 3 and plan.status.attempts_seen == 3
 
 
 def test_a_finished_run_still_sweeps() -> None:

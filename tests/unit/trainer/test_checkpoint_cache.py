@@ -9,7 +9,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cpt_operator.api.manifest import Lineage
+from cpt_operator.api.manifest import Lineage, checkpoint_name
 from cpt_trainer import checkpoint
 
 LINEAGE = Lineage(run="r", attempt=1, parent=None, base_uri="base", restore_mode="weightsOnly",
@@ -17,8 +17,11 @@ LINEAGE = Lineage(run="r", attempt=1, parent=None, base_uri="base", restore_mode
 
 
 def write(root: str, files: dict[str, bytes], step: int = 3) -> str:
-    """A committed checkpoint holding `files` (replacing one of the same step)."""
+    """A committed checkpoint holding `files` (one of the same step goes first, as retention
+    would delete it: a save never replaces a committed checkpoint)."""
     fs = fsspec.filesystem("memory")
+    fs.rm(f"{root.removeprefix('memory://')}/{checkpoint_name(step)}", recursive=True) \
+        if fs.exists(f"{root.removeprefix('memory://')}/{checkpoint_name(step)}") else None
     target = checkpoint.prepare(root, step)
     for rel, data in files.items():
         fs.pipe_file(f"{target}/{rel}", data)
@@ -59,3 +62,14 @@ def test_a_corrupt_download_is_refused_and_not_recorded(root, monkeypatch):
     problems = checkpoint.fetch(uri)
     assert len(problems) == 1 and problems[0].startswith("model/__0_0.distcp sha256")
     assert not Path(checkpoint.local_path(uri) + ".verified.json").exists()
+
+
+def test_a_save_never_replaces_a_committed_checkpoint(root):
+    uri = write(root, {"config.json": b"{}", "model/__0_0.distcp": b"weights"})
+    with pytest.raises(checkpoint.CheckpointExists, match="never replaces"):
+        checkpoint.prepare(root, 3)
+    assert checkpoint.problems_of(uri)[1] == []  # untouched, still valid
+    fs = fsspec.filesystem("memory")
+    partial = f"{root.removeprefix('memory://')}/{checkpoint_name(4)}"
+    fs.pipe_file(f"{partial}/model/__0_0.distcp", b"half a save")  # no manifest: not a checkpoint
+    assert checkpoint.prepare(root, 4).endswith(partial) and fs.ls(partial) == []
