@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.harness import tiny_spec, wait_for
+from tests.integration.harness import processes_of, tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +97,35 @@ def test_invalid_spec_is_reported_with_field_paths(tmp_path, tiny_model_dir, cor
     assert done.returncode == 2
     assert "packing.seqLen" in done.stderr and "packing.boundary" in done.stderr
     assert "documentMask" in done.stderr  # what would be valid
+
+
+def test_a_killed_runner_takes_its_trainers_along_and_a_stray_is_ended_by_the_next_run(
+        tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 400}, checkpoint={"every": 4, "keep": 2})
+    file = write_run(tmp_path, spec)
+    run_dir = tmp_path / "runs" / "tiny"
+    config = run_dir / "attempt-001" / "trainer-config.json"
+    runner = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
+                               "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = run_dir / "attempt-001" / "events.jsonl"
+    wait_for(lambda: events.exists() and '"progress"' in events.read_text(), 240, "the 2-rank trainer training")
+    trainers = processes_of(config)
+    assert len(trainers) >= 3, trainers  # torchrun and its two workers
+    runner.kill()  # SIGKILL, as the OOM killer sends it: no chance to stop anything itself
+    runner.wait()
+    # the kernel tells torchrun its parent died; the workers save and exit with it
+    wait_for(lambda: not processes_of(config), 120, "the trainers to end with their runner")
+    assert json.loads(events.read_text().splitlines()[-1])["event"] == "finished"
+
+    # A trainer the runner could not take along (started here by hand, in its own session, as
+    # a runner without that kernel feature would leave it): the next `cptctl run` ends it first.
+    stray = subprocess.Popen([sys.executable, "-m", "cpt_trainer", "--config", str(config)], cwd=tmp_path,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: bool(processes_of(config)), 30, "the stray trainer")
+    spec["budget"] = {"steps": 6}
+    write_run(tmp_path, spec)
+    done = cptctl("run", str(file), "--nproc", "1", "--no-progress", cwd=tmp_path)
+    assert "ending a trainer the previous runner left running" in done.stderr, done.stdout + done.stderr
+    assert stray.wait(timeout=5) is not None and not processes_of(config)
+    assert done.returncode == 0 and status(run_dir)["phase"] == "Succeeded", done.stdout + done.stderr
+

@@ -24,7 +24,7 @@ from ..policy.memory_fix import checked
 from ..api.manifest import CONFIG
 from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, attempt_config, reconcile
 from ..store import claim, pin
-from .launcher import TrainerProcess, trainer_command
+from .launcher import TrainerProcess, end_strays, strays, trainer_command
 from .observe import LocalObserver
 from .progress import Progress
 from .rundir import RunDir
@@ -171,6 +171,11 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    left = strays(rd.root)
+    if left:  # a trainer of a runner that died: it would write beside the next attempt
+        print(f"ending a trainer the previous runner left running (pids {', '.join(map(str, left))}): "
+              "it saves a checkpoint first", file=sys.stderr)
+        end_strays(left)
     procs = nproc or run.spec.resources.procs_per_node
     display = Progress(run.spec, enabled=progress, world_size=procs)
     local = LocalRun(run, rd, procs, display)
