@@ -1,6 +1,7 @@
-"""Errors no retry fixes, and requests that must not be lost, against the real control plane:
-an object the API server refuses, a trainer that refuses its config, a run name that is no
-DNS label, and resuming a stopped run. Pods are kwok's: the test plays the trainer's end."""
+"""Errors no retry fixes, refusals that pass, and requests that must not be lost, against the
+real control plane: an object the API server refuses, a full Job quota, a trainer that refuses
+its config, a run name that is no DNS label, and resuming a stopped run. Pods are kwok's: the test
+plays the trainer's end."""
 from __future__ import annotations
 
 import hashlib
@@ -49,6 +50,34 @@ def test_an_object_the_api_server_refuses_is_reported_until_the_spec_is_fixed(
     assert trainer_config(kube, namespace, "greedy-a1")["spec"]["resources"]["cpu"] == "2"
     kube.wait_for(lambda: condition(status_of(kube, namespace, "greedy"), "SpecValid").get("status") == "True",
                   "SpecValid=True", timeout=30)
+
+
+def test_a_full_job_quota_holds_the_start_with_a_condition_until_it_frees(
+        kube_cluster: Any, operator: OperatorProcess, namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    kube.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "jobs"},
+                "spec": {"hard": {"count/jobs.batch": "0"}}}, namespace=namespace)
+    kube.apply(cptrun("quota", s3_bucket, resources=POOL), namespace=namespace)
+
+    def held() -> dict[str, Any] | None:
+        cond = condition(status_of(kube, namespace, "quota"), "Progressing")
+        return cond if cond.get("reason") == "CreateForbidden" else None
+
+    cond = kube.wait_for(held, "Progressing=False, CreateForbidden", timeout=30)
+    assert cond["status"] == "False" and "exceeded quota" in cond["message"] and "trying again in" in cond["message"]
+    status = status_of(kube, namespace, "quota")
+    assert condition(status, "SpecValid").get("status") != "False", status  # not the spec's fault
+    assert job_names(kube, namespace, "quota") == []
+    assert "CreateForbidden" in {e["reason"] for e in events(kube, namespace, "quota")}
+    # no ConfigMap or Service of the refused try is left behind
+    assert kube.kubectl_json("get", "configmaps,services", "-n", namespace, "-l",
+                             "cpt.mlops.dev/run=quota")["items"] == []
+
+    kube.kubectl("delete", "resourcequota", "jobs", "-n", namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "quota") == ["quota-a1"], "job once the quota is gone",
+                  timeout=60)
+    kube.wait_for(lambda: condition(status_of(kube, namespace, "quota"), "Progressing").get("status") == "True",
+                  "Progressing=True", timeout=30)
 
 
 def test_a_trainer_that_refused_its_config_fails_the_run_without_a_restart(

@@ -40,6 +40,12 @@ class Rejected(RuntimeError):
     """The API server refused an object as invalid or forbidden (a 4xx that no retry changes)."""
 
 
+class Forbidden(RuntimeError):
+    """The API server refused an object for now (403): a full ResourceQuota (`count/jobs.batch`,
+    pods, GPUs), an admission webhook or policy, permissions the operator lacks. Unlike `Rejected`
+    it can pass without a spec change, so the start is tried again later."""
+
+
 RETRYABLE = frozenset({404, 409, 429})
 """Client errors that can pass on their own: a namespace or object appearing, a conflict, a
 rate limit. Any other 4xx is an answer about the object itself."""
@@ -324,6 +330,9 @@ class KubeClient:
 
 
 def _raise_rejected(exc: ApiException, obj: Object) -> None:
-    """`Rejected` for a 4xx about the object itself; other errors are left to the caller."""
+    """`Forbidden` for a 403, `Rejected` for another 4xx about the object itself; other errors are
+    left to the caller."""
+    if exc.status == 403:
+        raise Forbidden(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(exc)}") from exc
     if exc.status is not None and 400 <= exc.status < 500 and exc.status not in RETRYABLE:
         raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(exc)}") from exc

@@ -40,7 +40,9 @@ from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
 from .checkpoints import foreign_owner, hold_start, starts, write_pins
-from .client import WORKERS, Conflict, KubeClient, KueueMissing, NotOurs, Rejected, children_of, load_config
+from .backoff import Backoff
+from .client import (WORKERS, Conflict, Forbidden, KubeClient, KueueMissing, NotOurs, Rejected, children_of,
+                     load_config)
 from .freshness import Shared, Signals, StorageView, acts, newest_eval, stale_at, storage_due
 from .credentials import SecretUnreadable, use_run_credentials
 from .launcher import IndexedJobLauncher, Launcher
@@ -85,6 +87,8 @@ class Runtime:
     """Per run: its storage as last read (timer passes decide from it while nothing changed)."""
     series: Shared[NamespaceSeries] = field(default_factory=lambda: Shared(2.0))
     """Per namespace: its runs' series in Prometheus, read once for the timer passes of all of them."""
+    refused: dict[str, Backoff] = field(default_factory=dict)
+    """Per run: starts the API server refused for now (Forbidden), and when to try again."""
 
     def lock(self, key: str) -> threading.Lock:
         with self.guard:
@@ -93,7 +97,8 @@ class Runtime:
     def forget(self, uid: str) -> None:
         """Drop what was kept for a run that finished or was deleted; a finished run that is
         resumed reads it all again."""
-        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records, self.storage):
+        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records, self.storage,
+                        self.refused):
             per_run.pop(uid, None)
 
     def record_alert(self, alert: Alerted) -> Admission:
@@ -236,6 +241,23 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
                 rt.kube.delete_pods(run.namespace, selector(run, number), rt.settings.rollback_grace_s)
         elif isinstance(action, Emit):
             rt.emit(body, action.type, action.reason, action.message)
+
+
+def _hold_forbidden(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, plan: Plan,
+                    why: str) -> None:
+    """The API server refused the attempt's objects for now: nothing else of the pass is done
+    (its status stays as it was, but for Progressing=False naming the refusal), and the start is
+    tried again after a doubling delay."""
+    backoff = rt.refused.setdefault(run.uid, Backoff())
+    delay = backoff.failed(time.monotonic())
+    number = next(a.number for a in plan.actions if isinstance(a, StartAttempt))
+    message = f"attempt {number} could not be created: {why}; trying again in {delay:.0f} s"
+    st = status.model_copy(deep=True)
+    set_condition(st, ConditionType.progressing, False, Reason.create_forbidden.value, message, now_rfc3339())
+    old = body.get("status") or {}
+    rt.kube.patch_status(run, body["metadata"]["resourceVersion"], old, st.dump())
+    if backoff.failures == 1:
+        rt.emit(body, "Warning", Reason.create_forbidden.value, message)
 
 
 def _as_body(body: Mapping[str, Any]) -> kopf.Body:
@@ -469,12 +491,21 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
         if unpinned is not None and starts(plan):
             hold_start(rt.kube, run, body, status, unpinned)
             return None
+        backoff = rt.refused.get(run.uid)
+        if backoff is not None and starts(plan) and backoff.waiting(time.monotonic()):
+            return None  # refused for now: the condition says when it is tried again
         try:
             _carry_out(rt, run, spec, body, plan, asks, status, attempts)
         except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done
             _discard_starts(rt, run, plan)
             _report_invalid(rt, run, body, status, str(exc), Reason.invalid_object)
             return None
+        except Forbidden as exc:
+            _discard_starts(rt, run, plan)
+            _hold_forbidden(rt, run, body, status, plan, str(exc))
+            return None
+        if starts(plan):
+            rt.refused.pop(run.uid, None)
         if plan.status.phase in TERMINAL_PHASES:
             rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,

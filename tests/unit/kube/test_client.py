@@ -15,7 +15,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cpt_operator.kube.client import Conflict, KubeClient, Rejected
+from cpt_operator.kube.backoff import Backoff
+from cpt_operator.kube.client import Conflict, Forbidden, KubeClient, Rejected
 
 from .cases import RUN
 from .test_builders import attempt_objects
@@ -84,14 +85,35 @@ INVALID = {"kind": "Status", "status": "Failure", "reason": "Invalid", "code": 4
                       'Invalid value: "lots": must match the regex'}
 
 
-@pytest.mark.parametrize("status, doc", [(422, INVALID), (400, {"message": "bad request"}),
-                                         (403, {"message": "exceeded quota: gpus"})],
-                         ids=["an invalid object", "a malformed one", "a forbidden one"])
+@pytest.mark.parametrize("status, doc", [(422, INVALID), (400, {"message": "bad request"})],
+                         ids=["an invalid object", "a malformed one"])
 def test_an_object_the_api_server_refuses_is_rejected_with_its_message(server, status, doc):
     server.on("POST", "/apis/batch/v1/namespaces/ml/jobs", status, doc)
     with pytest.raises(Rejected) as raised:
         kube_at(server.url).ensure(JOB, RUN)
     assert str(raised.value) == f"Job legal-7b-a1: {doc['message']}"
+
+
+QUOTA = {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+         "message": 'jobs.batch "legal-7b-a1" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1, '
+                    'used: count/jobs.batch=4, limited: count/jobs.batch=4'}
+DENIED = {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+          "message": 'admission webhook "policy.example.com" denied the request: outside business hours'}
+
+
+@pytest.mark.parametrize("doc", [QUOTA, DENIED], ids=["a full quota", "an admission webhook"])
+def test_a_forbidden_object_is_refused_for_now_not_for_good(server, doc):
+    server.on("POST", "/apis/batch/v1/namespaces/ml/jobs", 403, doc)
+    with pytest.raises(Forbidden) as raised:
+        kube_at(server.url).ensure(JOB, RUN)
+    assert str(raised.value) == f"Job legal-7b-a1: {doc['message']}" and not isinstance(raised.value, Rejected)
+
+
+def test_starts_refused_for_now_are_tried_again_after_doubling_delays() -> None:
+    backoff = Backoff()
+    delays = [backoff.failed(100.0) for _ in range(9)]
+    assert delays == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert backoff.waiting(399.9) and not backoff.waiting(400.0)
 
 
 @pytest.mark.parametrize("status", [429, 500, 503], ids=["rate limited", "a server error", "unavailable"])
