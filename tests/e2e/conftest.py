@@ -78,7 +78,8 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.K
 
 
 @pytest.fixture(scope="session")
-def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
+              request: pytest.FixtureRequest):
     """A real node (containerd + runc + CNI + kubelet) registered as ``real-0``, tainted so
     that only pods with ``real_node.placement`` (nodeSelector + toleration) land there;
     ``ip`` (the host's address, where pods reach host servers), ``dns_ip`` (its CoreDNS),
@@ -90,13 +91,23 @@ def real_node(kube_cluster: cluster.KubeCluster, tmp_path_factory: pytest.TempPa
     _ensure(list(node.NODE_COMPONENTS))
     real = node.RealNode(kube_cluster, tmp_path_factory.mktemp("node"))
     try:
-        real.start()
+        real.start(preload=_trainer_archive(request.session))
     except cluster.ComponentError as exc:
         pytest.fail(f"the real node did not start: {exc}", pytrace=False)
     try:
         yield real
     finally:
         real.stop()
+
+
+def _trainer_archive(session: pytest.Session) -> list[Path]:
+    """The trainer image's archive, when a selected test uses it: imported while the node's
+    kubelet starts and the tests before it run, not in that test's setup."""
+    if not any("trainer_image" in getattr(item, "fixturenames", ()) for item in session.items):
+        return []
+    from tests.cluster.images import build_images
+
+    return [build_images("trainer")["trainer"].archive]
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +133,16 @@ def operator_image(real_node) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def trainer_image(real_node) -> str:  # type: ignore[no-untyped-def]
     """The trainer image (trainer/Dockerfile on the base, torch from PyPI), imported into the
-    real node once per session (~6 GB, ~50 s); its ref."""
+    real node once per session (~6 GB, ~50 s, begun when the node starts); its ref."""
     import time
 
     from tests.cluster.images import build_images
 
     image = build_images("trainer")["trainer"]
     start = time.monotonic()
-    real_node.load_image(image.archive)
+    real_node.load_image(image.archive)  # usually preloaded (real_node): this waits for the rest
     print(f"\ntrainer image {image.ref}: {image.archive.stat().st_size / 2**30:.2f} GiB archive, "
-          f"imported in {time.monotonic() - start:.0f} s")
+          f"waited {time.monotonic() - start:.0f} s for its import")
     return image.ref
 
 
