@@ -54,6 +54,63 @@ def build_tiny_model(out: Path, vocab_size: int = 512, layers: int = 2, hidden: 
     return out
 
 
+def write_benchmark_tasks(root: Path) -> Path:
+    """A directory of lm-eval task YAMLs with their data, as a team keeps a private benchmark:
+    `sums` (multiple choice: acc, acc_norm; 24 questions) and `echo` (generation: exact_match)."""
+    import json
+    import random
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    questions = []
+    for _ in range(24):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        choices = [str(a + b), str(a + b + 1), str(a + b - 1), str(a * b + 10)]
+        rng.shuffle(choices)
+        questions.append({"question": f"What is {a} plus {b}?", "choices": choices,
+                          "answer": choices.index(str(a + b))})
+    (root / "sums.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "sums.yaml").write_text(f"""task: sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / "sums.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    words = ["license", "software", "warranty", "copyright", "permission", "notice"]
+    (root / "echo.jsonl").write_text("".join(json.dumps({"word": w}) + "\n" for w in words))
+    (root / "echo.yaml").write_text(f"""task: echo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / "echo.jsonl"}
+test_split: test
+output_type: generate_until
+doc_to_text: "Repeat the word: {{{{word}}}}\\nWord:"
+doc_to_target: " {{{{word}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An HF model directory (config, safetensors, tokenizer) of a tiny random Llama."""

@@ -193,10 +193,12 @@ def test_a_cptrun_becomes_an_indexed_job_on_the_gpu_pool_and_succeeds(kube_clust
     ({"optimizer": {"lr": -1}}, "spec.optimizer.lr"),
     ({"gates": [{"name": "g", "suite": "nope", "threshold": 0.1}]}, "every gate must read a suite"),
     ({"stopPolicy": {"plateau": {"suite": "legl"}}}, "stopPolicy.plateau.suite must name a suite"),
+    ({"evaluation": {"suites": [{"name": "x", "kind": "general"}]}}, "uri is required"),
     ({"resources": {"nodes": 0}}, "spec.resources.nodes"),
     ({"baseModel": {"uri": "http://169.254.169.254/latest/meta-data/"}}, "spec.baseModel.uri"),
 ], ids=["warmup not below the budget (CEL)", "a negative learning rate (schema)",
-        "a gate on an undefined suite (CEL)", "a plateau on a misspelt suite (CEL)", "zero nodes (schema)",
+        "a gate on an undefined suite (CEL)", "a plateau on a misspelt suite (CEL)",
+        "a suite with neither texts nor a benchmark (CEL)", "zero nodes (schema)",
         "a base over http (schema)"])
 def test_invalid_manifests_are_rejected_by_the_api_server(kube_cluster: Any, crd: None, namespace: str,
                                                           change: dict[str, Any], message: str) -> None:
@@ -249,6 +251,39 @@ def test_a_gate_breach_in_prometheus_rolls_back_to_the_last_good_checkpoint(
     metrics = operator.metrics()
     assert f'cpt_gate_breaches_total{{gate="general-regression",namespace="{namespace}",run="gated"}} 1.0' in metrics
     assert f'cpt_rollbacks_total{{namespace="{namespace}",run="gated",target="{GOOD}"}} 1.0' in metrics
+
+
+def test_a_gate_on_a_benchmark_accuracy_rolls_back_when_it_drops(
+        kube_cluster: Any, operator: OperatorProcess, prometheus: Any, s3_server: Any,
+        namespace: str, s3_bucket: str) -> None:
+    kube = kube_cluster
+    suites = [{"name": "legal", "kind": "domain", "uri": f"s3://{s3_bucket}/eval/legal.jsonl"},
+              {"name": "mmlu", "kind": "general", "metric": "acc",
+               "benchmark": {"tasks": ["mmlu_college_biology"], "numFewshot": 5, "limit": 100}}]
+    gate = {"name": "mmlu-drop", "suite": "mmlu", "threshold": 0.03, "relative": False,
+            "action": "rollback", "rollbackTo": "lastGood", "tune": {"lrFactor": 0.5, "replayDelta": 0.1}}
+    kube.apply(cptrun("bench", s3_bucket, evaluation={"every": 10, "suites": suites}, gates=[gate]),
+               namespace=namespace)
+    kube.wait_for(lambda: job_names(kube, namespace, "bench") == ["bench-a1"], "job bench-a1", timeout=30)
+    good = {"legal.perplexity": 25.0, "mmlu.acc": 0.46, "mmlu.acc_stderr": 0.05}
+    write_checkpoint(s3_server, s3_bucket, "bench", 1, 10, good)
+    trainer = TrainerMetrics(prometheus, "bench", namespace, 1)
+    try:
+        trainer.set_base({"legal.perplexity": 30.0, "mmlu.acc": 0.47, "mmlu.acc_stderr": 0.05})
+        trainer.evaluated(10, good)
+        kube.wait_for(lambda: status_of(kube, namespace, "bench").get("lastGoodCheckpoint") == GOOD,
+                      "last good checkpoint in status", timeout=30)
+        # accuracy 0.47 -> 0.41: 6 points down, the gate allows 3
+        trainer.evaluated(20, {"legal.perplexity": 22.0, "mmlu.acc": 0.41, "mmlu.acc_stderr": 0.05})
+        kube.wait_for(lambda: job_names(kube, namespace, "bench") == ["bench-a2"], "attempt 2 replaces attempt 1",
+                      timeout=30)
+    finally:
+        trainer.close()
+    status = status_of(kube, namespace, "bench")
+    record = status["history"][0]
+    assert (record["gate"], record["metric"], record["target"]) == ("mmlu-drop", "mmlu.acc", GOOD)
+    assert record["value"] == pytest.approx(0.41) and record["baseline"] == pytest.approx(0.47)
+    assert trainer_config(kube, namespace, "bench-a2")["restoreFrom"].endswith(GOOD)
 
 
 def test_a_run_whose_domain_got_worse_ends_with_the_base_chosen_and_says_so(

@@ -30,9 +30,11 @@ def test_the_trainer_image_imports_torch_and_the_trainer_as_its_own_user(
     restrict(kube_cluster, namespace)
     phase, pod, logs = run_pod(kube_cluster, real_node, namespace, "imports", {
         "image": trainer_image, "securityContext": RESTRICTED,
-        "command": ["sh", "-c", "id; python -c 'import torch, transformers, cpt_trainer.launch;"
-                    " print(torch.__version__, transformers.__version__, torch.cuda.is_available())'"],
+        "command": ["sh", "-c", "id; python -c 'import torch, transformers, lm_eval, cpt_trainer.launch;"
+                    " from importlib.metadata import version;"
+                    " print(torch.__version__, transformers.__version__, version(\"lm-eval\"),"
+                    " torch.cuda.is_available())'"],
     }, timeout=240)
     assert phase == "Succeeded", (pod["status"], logs)
     assert "uid=10001(cpt) gid=10001(cpt)" in logs
-    assert re.search(r"^2\.15\.0\S* 5\.23\.0 False$", logs, re.M), logs
+    assert re.search(r"^2\.15\.0\S* 5\.23\.0 0\.4\.13 False$", logs, re.M), logs

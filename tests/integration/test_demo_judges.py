@@ -1,6 +1,6 @@
 """The demo's behaviour, safety and drift judges on the real demo model (SmolLM2-135M-Instruct):
 trustworthy enough to gate on only if the base scores the same on a second run, and a damaged
-model scores clearly worse.
+model scores clearly worse. And a benchmark suite on it scores as lm-evaluation-harness does.
 
 The base is the demo's own GGUF (fetched once from PyPI into the cache, as the demo does); the
 suites are read from examples/demo/cptrun.yaml, so this tests exactly what the demo gates on.
@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from cpt_operator.api import load_run
 from cpt_operator.api.evaluation import EvaluationSpec, Metric
 from cpt_trainer.evals import Evaluator
 from cpt_trainer.model import load_model, load_tokenizer
+from tests.conftest import write_benchmark_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +59,17 @@ def damaged(model: torch.nn.Module, scale: float = 3.0, seed: int = 0) -> torch.
     return out
 
 
-def test_the_demo_judges_are_stable_on_the_base_and_see_a_damaged_model(demo_base: Path) -> None:
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def demo_model(demo_base: Path) -> tuple[torch.nn.Module, Any]:
+    """The base as the trainer loads it, and its tokenizer."""
     tokenizer = load_tokenizer(load_run(ROOT / "examples/demo/cptrun.yaml").spec.base_model,
                                None, str(demo_base))
-    base = load_model(str(demo_base.parent), gguf_file=demo_base.name)
+    return load_model(str(demo_base.parent), gguf_file=demo_base.name), tokenizer
+
+
+def test_the_demo_judges_are_stable_on_the_base_and_see_a_damaged_model(demo_model) -> None:
+    torch.manual_seed(0)
+    base, tokenizer = demo_model
     suites, device = demo_suites(), torch.device("cpu")
 
     def judge(model: torch.nn.Module) -> dict[str, float]:
@@ -78,3 +86,28 @@ def test_the_demo_judges_are_stable_on_the_base_and_see_a_damaged_model(demo_bas
     assert broken["format.format_follow"] <= first["format.format_follow"] - 0.25, (first, broken)
     assert broken["refusals.refusal_rate"] <= first["refusals.refusal_rate"], (first, broken)
     assert broken["chat.kl_to_base"] > 1.0, (first, broken)
+
+
+def test_a_benchmark_suite_on_the_demo_model_scores_as_lm_eval_itself(demo_model, demo_base: Path,
+                                                                      tmp_path: Path) -> None:
+    """lm-eval tasks (a multiple-choice and a generation task, YAMLs and data written here) through
+    the trainer's evaluator give lm-eval's own `simple_evaluate` of the same GGUF, to the digit."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer = demo_model
+    tasks = write_benchmark_tasks(tmp_path / "tasks")
+    spec = EvaluationSpec.model_validate({"suites": [
+        {"name": "sums", "kind": "general", "metric": "acc", "uri": str(tasks),
+         "benchmark": {"tasks": ["sums"], "numFewshot": 0}},
+        {"name": "echo", "kind": "behavior", "metric": "exact_match", "uri": str(tasks),
+         "benchmark": {"tasks": ["echo"], "numFewshot": 0}}]})
+    ours = Evaluator(spec, tokenizer, device=torch.device("cpu"), seq_len=512).evaluate(model)
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={demo_base.parent},gguf_file={demo_base.name},"
+                             "dtype=float32", tasks=["sums", "echo"], num_fewshot=0, batch_size=8, device="cpu",
+                             task_manager=TaskManager(include_path=str(tasks), include_defaults=False))["results"]
+    assert ours["sums.acc"] == pytest.approx(theirs["sums"]["acc,none"], abs=1e-9)
+    assert ours["sums.acc_stderr"] == pytest.approx(theirs["sums"]["acc_stderr,none"], abs=1e-9)
+    assert ours["echo.exact_match"] == pytest.approx(float(theirs["echo"]["exact_match,none"]), abs=1e-9)
+    # the real model answers: better than the random 1 in 4, and it repeats words back
+    assert ours["sums.acc"] > 0.25 and ours["echo.exact_match"] >= 0.5, ours

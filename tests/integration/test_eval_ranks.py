@@ -8,8 +8,9 @@ run to maxNewTokens, so ranks finish their generations at different steps. A ran
 another code path would wait in a collective for the 20 s timeout and fail the run.
 
 Tolerances against one process: perplexity, NLL and new-terms perplexity within rel 1e-5 (a
-window's logits round a little differently in another batch), kl_to_base within abs 1e-6, rates
-and generated texts exactly; every rank of a run holds exactly the same results.
+window's logits round a little differently in another batch), kl_to_base within abs 1e-6, rates,
+benchmark accuracies and generated texts exactly; every rank of a run holds exactly the same
+results.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from cpt_operator.api.spec import Sharding
 from cpt_trainer.distributed import Dist
 from cpt_trainer.evals.generation import decode, greedy, prompt_rows
 
+from tests.conftest import write_benchmark_tasks
 from tests.integration import eval_ranks_check as check
 from tests.integration.harness import with_repo_path
 
@@ -74,6 +76,11 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
         {"name": "safety", "kind": "safety", "metric": "refusal_rate", **generation,
          "refusalClassifier": "tests.integration.harness:odd_length"},
         {"name": "chat", "kind": "drift", "uri": chat, "metric": "kl_to_base", "maxNewTokens": MAX_NEW},
+        # lm-eval tasks: every rank runs them whole, in lock step (a collective under fsdp)
+        {"name": "sums", "kind": "general", "metric": "acc", "uri": str(write_benchmark_tasks(root / "tasks")),
+         "benchmark": {"tasks": ["sums"], "numFewshot": 0, "limit": 9, "batchSize": 4}},
+        {"name": "echo", "kind": "behavior", "metric": "exact_match", "uri": str(root / "tasks"),
+         "benchmark": {"tasks": ["echo"], "numFewshot": 0, "limit": 3}},
     ]
 
 
@@ -145,7 +152,8 @@ def assert_close(got: dict[str, float], want: dict[str, float]) -> None:
 def test_one_process_measures_every_suite(alone):
     results = alone["results"]
     assert all(math.isfinite(v) for v in results.values()), results
-    assert {"new_terms.perplexity", "chat.kl_to_base", "format.format_follow"} <= set(results)
+    assert {"new_terms.perplexity", "chat.kl_to_base", "format.format_follow", "sums.acc", "sums.acc_stderr",
+            "echo.exact_match"} <= set(results)
     assert results["chat.kl_to_base"] > 0
     assert 0 < results["safety.refusal_rate"] < 1 and 0 < results["format.format_follow"] < 1
 

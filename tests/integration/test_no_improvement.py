@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import write_benchmark_tasks
 from tests.integration.harness import tiny_spec, with_repo_path
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,10 @@ def test_a_run_that_makes_the_domain_worse_chooses_the_base_and_stops_early(
         budget={"steps": 40},
         checkpoint={"every": 3, "keep": 10},
         evaluation={"every": 3, "suites": [
-            {"name": "legal", "kind": "domain", "uri": str(domain_eval), "maxSamples": 4}]},
+            {"name": "legal", "kind": "domain", "uri": str(domain_eval), "maxSamples": 4},
+            # a benchmark (lm-eval tasks written here) rides along like any suite
+            {"name": "sums", "kind": "general", "metric": "acc", "uri": str(write_benchmark_tasks(tmp_path / "tasks")),
+             "benchmark": {"tasks": ["sums"], "numFewshot": 0}}]},
         stopPolicy={"noImprovement": {"evals": 1}})
     file = tmp_path / "run.yaml"
     file.write_text(yaml.safe_dump({"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun",
@@ -52,6 +56,8 @@ def test_a_run_that_makes_the_domain_worse_chooses_the_base_and_stops_early(
     # it did what was asked: no error, Succeeded, long before the 40-step budget
     assert done.returncode == 0 and status["phase"] == "Succeeded", out
     assert status["step"] < 40 and "no improvement: the domain gained at most" in status["message"], out
+    assert {"sums.acc", "sums.acc_stderr"} <= set(status["baseMetrics"]) and all(
+        {"sums.acc", "sums.acc_stderr"} <= set(c["metrics"]) for c in status["checkpoints"])
     base_ppl = status["baseMetrics"]["legal.perplexity"]
     assert all(c["metrics"]["legal.perplexity"] > base_ppl for c in status["checkpoints"]), status["checkpoints"]
     # ... and no checkpoint is called chosen
@@ -70,7 +76,8 @@ def test_a_run_that_makes_the_domain_worse_chooses_the_base_and_stops_early(
     legal = CptRunSpec.model_validate(spec).suites_by_name()["legal"]
     manifest = next((run_dir / "checkpoints").glob("attempt-001/step-*/manifest.json"))
     lineage = json.loads(manifest.read_text())["lineage"]
-    assert lineage["evalDigests"] == {"legal": suite_digest(legal, load_samples(legal))}
+    assert lineage["evalDigests"]["legal"] == suite_digest(legal, load_samples(legal))
+    assert sorted(lineage["evalDigests"]) == ["legal", "sums"]
     assert lineage["codeVersion"] == f"cpt-trainer {__version__}"
 
     shown = cptctl("status", str(run_dir), cwd=tmp_path)

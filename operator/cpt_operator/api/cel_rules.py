@@ -80,4 +80,9 @@ RULES: tuple[CelRule, ...] = (
             "cpuOffload needs strategy fsdp or hsdp (ddp keeps full replicas)"),
     CelRule(("spec", "evaluation"), "self.suites.all(s, self.suites.exists_one(t, t.name == s.name))",
             "evaluation suite names must be unique"),
+    CelRule(("spec", "evaluation", "suites", "[]"), "has(self.uri) || has(self.benchmark)",
+            "uri is required (the suite's texts or prompts) unless the suite is a benchmark"),
+    CelRule(("spec", "evaluation", "suites", "[]"), "!has(self.benchmark) || (has(self.metric) && "
+            "self.metric in ['acc', 'acc_norm', 'exact_match'] && self.kind != 'drift')",
+            "a benchmark suite reports acc, acc_norm or exact_match for a kind other than drift"),
 )

@@ -30,9 +30,29 @@ class Metric(str, Enum):
     format_follow = "format_follow"
     refusal_rate = "refusal_rate"
     kl_to_base = "kl_to_base"
+    acc = "acc"
+    acc_norm = "acc_norm"
+    exact_match = "exact_match"
 
 
 LOWER_IS_BETTER = {Metric.perplexity, Metric.nll, Metric.kl_to_base}
+BENCHMARK_METRICS = {Metric.acc, Metric.acc_norm, Metric.exact_match}
+"""What a `benchmark` suite reports: lm-evaluation-harness's metric of that name, a share in
+[0, 1], higher is better, with its standard error beside it (`<suite>.<metric>_stderr`)."""
+
+
+class BenchmarkSpec(SpecModel):
+    """Tasks of lm-evaluation-harness, run on the model in memory (its HFLM wrapper)."""
+
+    tasks: list[str] = Field(min_length=1, max_length=64)
+    """lm-eval task names: built-in ones (their datasets must be reachable where the trainer
+    runs) or ones defined by the task YAMLs in the suite's `uri`. The suite's value is the mean
+    over the tasks, weighted by their sample counts."""
+    num_fewshot: int | None = Field(default=None, ge=0, le=64)
+    """Few-shot examples per question; None keeps each task's own default."""
+    limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    """At most this many samples per task (the first ones): all when unset."""
+    batch_size: int = Field(default=8, ge=1, le=1024)
 
 
 class SuiteSpec(SpecModel):
@@ -40,8 +60,9 @@ class SuiteSpec(SpecModel):
     kind: SuiteKind
     """Which axis of the trade-off this suite measures (domain gain, general / behaviour /
     safety regression, chat drift)."""
-    uri: str = Field(min_length=1, max_length=4096, pattern=URI_PATTERN)
-    """Held-out texts or prompts (fsspec URL or glob)."""
+    uri: str | None = Field(default=None, min_length=1, max_length=4096, pattern=URI_PATTERN)
+    """Held-out texts or prompts (fsspec URL or glob). For a `benchmark` suite: a directory of
+    lm-eval task YAMLs for private benchmarks (optional: built-in tasks need none)."""
     format: Literal["text", "jsonl", "parquet"] = "jsonl"
     field: str = "text"
     """Field with the text (perplexity) or the prompt (generation checks)."""
@@ -51,15 +72,26 @@ class SuiteSpec(SpecModel):
     """Generation length for behaviour and safety checks."""
     refusal_classifier: str | None = None
     """Python object path `module:callable(text) -> bool` replacing the built-in keyword one."""
+    benchmark: BenchmarkSpec | None = None
+    """Score the model on lm-evaluation-harness tasks instead of reading samples; `metric` is
+    then acc, acc_norm or exact_match (gated, chosen on and plotted like any metric)."""
 
     @model_validator(mode="after")
     def _metric_fits_kind(self) -> "SuiteSpec":
+        if self.benchmark is not None:
+            if self.metric not in BENCHMARK_METRICS or self.kind == SuiteKind.drift:
+                raise ValueError(f"a benchmark suite reports acc, acc_norm or exact_match for a kind other "
+                                 f"than drift, not {self.kind.value} {self.metric.value}")
+            return self
+        if self.uri is None:
+            raise ValueError("uri is required (the suite's texts or prompts) unless the suite is a benchmark")
         allowed = {
             SuiteKind.domain: {Metric.perplexity, Metric.nll},
             SuiteKind.general: {Metric.perplexity, Metric.nll},
             SuiteKind.behavior: {Metric.json_valid, Metric.format_follow},
             SuiteKind.safety: {Metric.refusal_rate},
             SuiteKind.drift: {Metric.kl_to_base},
+            SuiteKind.custom: set(Metric) - BENCHMARK_METRICS,
         }.get(self.kind)
         if allowed is not None and self.metric not in allowed:
             names = ", ".join(sorted(m.value for m in allowed))

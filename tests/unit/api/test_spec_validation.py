@@ -58,6 +58,12 @@ def _no_improvement_without_a_domain_suite(doc: dict[str, Any]) -> None:
     doc["spec"]["stopPolicy"] = {"noImprovement": {"evals": 2}}
 
 
+def _suite(**suite: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        doc["spec"]["evaluation"] = {"suites": [{"name": "s", "kind": "general", **suite}]}
+    return apply
+
+
 BAD_SPECS = [
     ("an unknown role names the valid roles", _set("spec.data.sources.0.role", "domian"),
      "spec.data.sources[0].role", "valid values"),
@@ -76,6 +82,13 @@ BAD_SPECS = [
     ("a gate must read a defined suite", _add_gate, "spec", "evaluation.suites"),
     ("a plateau must watch a defined suite", _plateau_on_a_missing_suite, "spec", "stopPolicy.plateau.suite"),
     ("noImprovement needs a domain suite", _no_improvement_without_a_domain_suite, "spec", "kind domain"),
+    ("a suite without texts needs to be a benchmark", _suite(), "spec.evaluation.suites[0]", "uri is required"),
+    ("a benchmark reports a benchmark metric", _suite(metric="perplexity", benchmark={"tasks": ["arc_easy"]}),
+     "spec.evaluation.suites[0]", "acc, acc_norm or exact_match"),
+    ("a text suite cannot report acc", _suite(uri="x.jsonl", metric="acc"), "spec.evaluation.suites[0]",
+     "general measures"),
+    ("a benchmark names at least one task", _suite(metric="acc", benchmark={"tasks": []}),
+     "spec.evaluation.suites[0].benchmark.tasks", "at least 1"),
     ("source names are unique", _second_source_same_name, "spec.data", "unique"),
     ("a mixture without domain data is refused", _only_replay, "spec.data", "domain"),
     ("a schedule needs the curriculum strategy", _schedule_without_curriculum, "spec.data",
@@ -145,3 +158,12 @@ def test_wire_form_round_trips() -> None:
     again = parse_run({"apiVersion": run.api_version, "kind": run.kind,
                        "metadata": run.metadata.dump(), "spec": run.spec.dump()})
     assert again.spec == run.spec
+
+
+def test_a_benchmark_suite_needs_no_uri_and_keeps_its_settings() -> None:
+    doc = copy.deepcopy(valid_doc())
+    doc["spec"]["evaluation"] = {"suites": [{"name": "arc", "kind": "general", "metric": "acc_norm",
+                                             "benchmark": {"tasks": ["arc_easy"], "numFewshot": 5, "limit": 200}}]}
+    suite = parse_run(doc).spec.evaluation.suites[0]
+    assert suite.uri is None and suite.benchmark.tasks == ["arc_easy"]
+    assert (suite.benchmark.num_fewshot, suite.benchmark.limit, suite.benchmark.batch_size) == (5, 200, 8)

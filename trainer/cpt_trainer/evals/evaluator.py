@@ -24,6 +24,7 @@ from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
 from .collective import in_order, share_of, summed
+from .benchmark import run_benchmark, tasks_digest
 from .data import Sample, load_samples, suite_digest
 from .drift import kl_sum
 from .generation import decode, greedy, prompt_rows, unwrap
@@ -43,9 +44,13 @@ class Evaluator:
             raise Refused("a kl_to_base evaluation suite needs the base model as reference")
         self.spec, self.tokenizer, self.device = spec, tokenizer, device
         self.seq_len, self.autocast_dtype, self.reference = seq_len, autocast_dtype, reference
-        self.samples: dict[str, list[Sample]] = {s.name: load_samples(s) for s in spec.suites}
-        self.digests = {s.name: suite_digest(s, self.samples[s.name]) for s in spec.suites}
-        """Suite name -> what exactly it measures (`suite_digest`), for checkpoint lineage."""
+        self.samples: dict[str, list[Sample]] = {s.name: load_samples(s) for s in spec.suites
+                                                 if s.benchmark is None}
+        self.digests = {s.name: tasks_digest(s) if s.benchmark else suite_digest(s, self.samples[s.name])
+                        for s in spec.suites}
+        """Suite name -> what exactly it measures (`suite_digest`, `tasks_digest`), for lineage."""
+        self.stderr: dict[str, float] = {}
+        """Benchmark suite -> the standard error of its latest value (reported beside it)."""
         self._classifiers: dict[str, Callable[[str], bool]] = {
             s.name: load_classifier(s.refusal_classifier)
             for s in spec.suites if s.metric == Metric.refusal_rate}
@@ -53,7 +58,7 @@ class Evaluator:
                       for s in spec.suites if s.metric in _TEXT_METRICS}
         self._prompts = {s.name: prompt_rows(tokenizer, [x.text for x in self.samples[s.name]],
                                              seq_len=seq_len, max_new_tokens=s.max_new_tokens)
-                         for s in spec.suites if s.metric not in _TEXT_METRICS}
+                         for s in spec.suites if s.metric not in _TEXT_METRICS and s.benchmark is None}
         self._drift_rows: dict[str, list[tuple[list[int], int]]] = {}
         self.last_generations: dict[str, list[str]] = {}
         """Decoded outputs of the latest `evaluate`, per generation suite (for logs and
@@ -64,7 +69,7 @@ class Evaluator:
         against these)."""
         out = []
         for suite in self.spec.suites:
-            for sample in self.samples[suite.name]:
+            for sample in self.samples.get(suite.name, []):
                 out.append(sample.text)
                 if sample.response:
                     out.append(sample.response)
@@ -79,7 +84,10 @@ class Evaluator:
             stack.enter_context(inference(model, self.device, self.autocast_dtype))
             if self.reference is not None:
                 stack.enter_context(inference(self.reference, self.device, self.autocast_dtype))
-            return {metric_key(s): self._suite(s, model) for s in self.spec.suites}
+            results = {metric_key(s): self._suite(s, model) for s in self.spec.suites}
+        results.update({f"{metric_key(s)}_stderr": self.stderr[s.name] for s in self.spec.suites
+                        if s.name in self.stderr})
+        return results
 
     def nll(self, model: torch.nn.Module, docs: Sequence[Sequence[int]]) -> NllResult:
         """The NLL of `docs` over all ranks' shares (a collective); call inside `inference`."""
@@ -89,6 +97,10 @@ class Evaluator:
         return NllResult(nll_sum, int(tokens))
 
     def _suite(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
+        if suite.benchmark is not None:
+            value, self.stderr[suite.name] = run_benchmark(suite, model, self.tokenizer, seq_len=self.seq_len,
+                                                           device=self.device)
+            return value
         if suite.metric in _TEXT_METRICS:
             result = self.nll(model, self._docs[suite.name])
             return result.perplexity if suite.metric == Metric.perplexity else result.nll
