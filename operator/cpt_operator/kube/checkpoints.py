@@ -13,7 +13,7 @@ from typing import Any, Mapping, Protocol
 from ..api.ownership import RunRecord, owner_problem
 from ..api.spec import CptRunSpec
 from ..api.status import ConditionType, CptRunStatus, Reason
-from ..reconcile import Pin, Plan, StartAttempt, set_condition
+from ..reconcile import Pin, Plan, StartAttempt, StopAttempt, set_condition
 from ..store import claim, pin
 from .builders import RunRef, checkpoint_root
 from .observe import now_rfc3339
@@ -61,9 +61,16 @@ def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Pla
     return None
 
 
+def prunes(plan: Plan) -> bool:
+    """The plan starts an attempt, or stops one whose trainer saves a last checkpoint: either
+    trainer prunes the checkpoint root by the pins, so they must be written first."""
+    return starts(plan) or any(isinstance(a, StopAttempt) and a.checkpoint for a in plan.actions)
+
+
 def hold_start(kube: StatusWriter, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, why: str) -> None:
-    """The attempt waits, since its trainer would prune by pins that are not written: only the
-    condition is recorded, and the next pass plans the same start and tries again."""
+    """The attempt's start (or a stop that saves) waits, since its trainer would prune by pins
+    that are not written: only the condition is recorded, and the next pass plans the same and
+    tries again."""
     st = status.model_copy(deep=True)
     set_condition(st, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why, now_rfc3339())
     old = body.get("status") or {}

@@ -39,7 +39,7 @@ from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
 from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
-from .checkpoints import foreign_owner, hold_start, starts, write_pins
+from .checkpoints import foreign_owner, hold_start, prunes, starts, write_pins
 from .backoff import Backoff
 from .client import (WORKERS, Conflict, Forbidden, KubeClient, KueueMissing, NotOurs, Rejected, children_of,
                      load_config)
@@ -94,11 +94,13 @@ class Runtime:
         with self.guard:
             return self.locks.setdefault(key, threading.Lock())
 
-    def forget(self, uid: str) -> None:
+    def forget(self, uid: str, deleted: bool = False) -> None:
         """Drop what was kept for a run that finished or was deleted; a finished run that is
-        resumed reads it all again."""
-        for per_run in (self.caches, self.pinned, self.shapes, self.manifests, self.records, self.storage,
-                        self.refused):
+        resumed reads it all again. The pins last written stay until the run is deleted: a
+        finished run's passes would otherwise write the same pinned.json every time."""
+        dropped: list[dict[str, Any]] = [self.caches, self.shapes, self.manifests, self.records, self.storage,
+                                      self.refused]
+        for per_run in dropped + ([self.pinned] if deleted else []):
             per_run.pop(uid, None)
 
     def record_alert(self, alert: Alerted) -> Admission:
@@ -488,7 +490,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
             _report_invalid(rt, run, body, status, problem, Reason.checkpoint_uri_in_use)
             return None
         unpinned = write_pins(rt.pinned, run, spec, plan)
-        if unpinned is not None and starts(plan):
+        if unpinned is not None and prunes(plan):
             hold_start(rt.kube, run, body, status, unpinned)
             return None
         backoff = rt.refused.get(run.uid)
@@ -651,6 +653,6 @@ def on_delete(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.M
     stopped = [job for job in rt.kube.run_jobs(run) if rt.kube.delete_job(namespace, job)]
     log.info("%s/%s deleted: stopped %s; checkpoints are kept", namespace, name, ", ".join(stopped) or "nothing")
     rt.metrics.forget_run(run.uid, namespace, name)
-    rt.forget(run.uid)
+    rt.forget(run.uid, deleted=True)
     with rt.guard:
         rt.locks.pop(f"{namespace}/{name}", None)

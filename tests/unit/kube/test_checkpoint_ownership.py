@@ -92,3 +92,63 @@ def test_a_failed_pin_holds_the_next_attempt_and_is_retried(tmp_path: Path,
     assert [j["metadata"]["name"] for j in kube.jobs()] == ["legal-7b-a2"]
     assert TARGET in _read(f"{root}/{PINNED}")["names"]
     assert _condition(kube.body, ConditionType.checkpoints_pinned)["status"] == "True"
+
+
+class StoppingKube(FakeKube):
+    """The fake with what a stop uses: annotations cleared, Jobs and pods deleted."""
+
+    def __init__(self, body: dict[str, Any]):
+        super().__init__(body)
+        self.deleted: list[str] = []
+
+    def patch_annotations(self, namespace: str, name: str, annotations: dict[str, Any], version: str) -> str:
+        for key, value in annotations.items():
+            if value is None:
+                self.body["metadata"].get("annotations", {}).pop(key, None)
+        return version
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        self.deleted.append(name)
+        self.created = [o for o in self.created if o["metadata"]["name"] != name]
+        return True
+
+    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+        pass
+
+
+def test_a_stop_that_saves_waits_for_its_pins_and_a_finished_run_does_not_rewrite_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cpt_operator.kube.checkpoints as checkpoints
+
+    root = _root(tmp_path)
+    rolling_back = {"phase": "RollingBack", "attempt": 1, "restoreFrom": TARGET, "rollbacks": 1}
+    kube, events = StoppingKube(_body(root, rolling_back)), []
+    rt = _runtime(kube, events)
+    reconcile_run(rt, RUN.namespace, RUN.name)  # attempt 2 starts from TARGET, which is pinned
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["legal-7b-a2"]
+    real_pin, writes = checkpoints.pin, []
+
+    def refused(*_: Any) -> None:
+        raise PermissionError(13, "Access Denied", f"{root}/{PINNED}")
+
+    # the stored pins are lost meanwhile (the operator restarted: nothing known to be written),
+    # and the store refuses them now; a person asks the run to stop
+    rt.pinned.clear()
+    monkeypatch.setattr(checkpoints, "pin", refused)
+    kube.body["metadata"]["annotations"] = {"cpt.mlops.dev/stop": "true"}
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    # the trainer would save on SIGTERM and prune by pins that are not there: the stop waits
+    assert kube.deleted == [] and kube.body["status"]["phase"] == "Running"
+    cond = _condition(kube.body, ConditionType.checkpoints_pinned)
+    assert (cond["status"], cond["reason"]) == ("False", Reason.pin_failed.value)
+
+    def counted(*args: Any) -> None:
+        writes.append(args)
+        real_pin(*args)
+
+    monkeypatch.setattr(checkpoints, "pin", counted)
+    reconcile_run(rt, RUN.namespace, RUN.name)
+    assert kube.deleted == ["legal-7b-a2"] and kube.body["status"]["phase"] == "Stopped"
+    for _ in range(3):  # later passes of the stopped run write nothing again
+        reconcile_run(rt, RUN.namespace, RUN.name)
+    assert len(writes) == 1, writes
