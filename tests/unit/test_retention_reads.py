@@ -1,9 +1,14 @@
-"""Retention after a save reads the folder once, by sizes, and never re-hashes old checkpoints.
+"""Retention after a save reads the folder once, by sizes, and never re-hashes old checkpoints;
+its errors never undo a committed save; a failed upload leaves no staging copy on the node.
 
 Finding the newest stable checkpoint used to verify the sha256 of every checkpoint in the folder
 after each save: on a 70B run that is terabytes read back from object storage per save."""
 from __future__ import annotations
 
+import os
+import tempfile
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,3 +49,57 @@ def test_saving_hashes_only_the_new_checkpoint_and_keeps_the_newest_stable(tmp_p
     kept = sorted(name for name, _ in checkpoint.list_checkpoints(str(tmp_path))[0])
     # keep=1 keeps the newest; the newest stable one (anomaly recovery's target) survives too
     assert kept == [checkpoint_name(1), checkpoint_name(4)]
+
+
+def snapshot(step: int, config: LlamaConfig) -> Snapshot:
+    lineage = Lineage(run="r", attempt=1, parent=None, base_uri="random", restore_mode="weightsOnly",
+                      data_version="d", tokenizer_hash="t", config_hash="c")
+    return Snapshot(step=step, tokens=0, train_state={"step": step}, data_state={}, lineage=lineage, evals={},
+                    train_loss=None, stable=True, config_json="{}", write_model_files=config.save_pretrained)
+
+
+def test_a_retention_error_keeps_the_save_is_retried_and_reported(tmp_path, monkeypatch):
+    import cpt_trainer.checkpointer as checkpointer
+
+    monkeypatch.setattr(checkpointer, "RETENTION_WAIT_S", 0.0)
+    real_prune, calls = checkpoint.prune, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= 3:  # the store refuses every try of the second save
+            raise PermissionError(13, "Access Denied")
+        return real_prune(*args, **kwargs)
+
+    config, model, optimizer = tiny()
+    saver = Checkpointer(str(tmp_path), Dist(0, 1, 0, torch.device("cpu")), keep=1, async_save=False)
+    saver.save(model, optimizer, snapshot(1, config))
+    monkeypatch.setattr(checkpoint, "prune", flaky)
+    saver.save(model, optimizer, snapshot(2, config))
+    [first, second] = saver.completed()
+    assert first.retention_error is None and len(calls) == 3
+    assert second.retention_error and "retention after step-00000002 failed" in second.retention_error
+    assert checkpoint.problems_of(second.uri)[1] == []  # saved all the same
+    saver.save(model, optimizer, snapshot(3, config))  # the next save prunes what was left
+    saver.close()
+    assert [name for name, _ in checkpoint.list_checkpoints(str(tmp_path))[0]] == [checkpoint_name(3)]
+
+
+def test_a_failed_upload_leaves_no_staging_copy_behind(tmp_path, monkeypatch, memory_object_store):
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recorded(*args, **kwargs):
+        made.append(real_mkdtemp(*args, dir=tmp_path, **{k: v for k, v in kwargs.items() if k != "dir"}))
+        return made[-1]
+
+    def upload_fails(*_args, **_kwargs):
+        raise OSError("connection reset during upload")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recorded)
+    monkeypatch.setattr(checkpoint, "seal", upload_fails)
+    config, model, optimizer = tiny()
+    saver = Checkpointer(f"{memory_object_store}://ckpt-{tmp_path.name}/attempt-001",
+                         Dist(0, 1, 0, torch.device("cpu")), keep=1, async_save=False)
+    with pytest.raises(OSError, match="connection reset"):
+        saver.save(model, optimizer, snapshot(1, config))
+    assert made and not any(os.path.exists(path) for path in made)

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # Optimizer state keyed by parameter name (not by position), so that another sharding, another
 # world size or another wrapping loads it.
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+RETENTION_TRIES = 3
+RETENTION_WAIT_S = 1.0
+"""Retention after a commit is tried again after 1 s and 2 s before the save reports it."""
 
 
 @dataclass
@@ -87,6 +90,10 @@ class Saved:
     """Training time the save blocked: the host copy when asynchronous, all of it otherwise."""
     evals: dict[str, float] | None = None
     """The evaluation to announce with this checkpoint, if the loop asked for it."""
+    retention_error: str | None = None
+    """Why retention could not delete the checkpoints beyond `keep` after this one was committed
+    (tried RETENTION_TRIES times): the checkpoint is saved all the same, and the next save tries
+    again."""
 
 
 class SmallFirst(DefaultSavePlanner):
@@ -194,24 +201,42 @@ class Checkpointer:
 
     def _finish(self, staging: str, target_uri: str, staged: dict[str, Any], snap: Snapshot,
                 began: float, stall: float) -> Saved:
-        for part in (MODEL_DIR, OPTIMIZER_DIR):
-            dcp.save(staged[part], storage_writer=dcp.FileSystemWriter(os.path.join(staging, part)),
-                     planner=SmallFirst(dedup_save_to_lowest_rank=True), process_group=self._group)
         remote = None if staging == target_uri else target_uri
-        mine = checkpoint.seal(staging, checkpoint.own_files(staging, self.dist.rank), remote)
-        files, blocks = self._gather(mine)
-        if self.dist.is_main:
-            files[BLOCKS] = checkpoint.write_blocks(target_uri, blocks)
-            checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
-                              snap.train_loss, snap.stable)
-            valid, _ = checkpoint.list_checkpoints(self.uri, deep=False)  # sizes only: one listing
-            checkpoint.prune(self.uri, self.keep, self._protected(snap.step, valid), valid)
-        if remote is not None:
-            _remove_tree(staging)
+        retention_error = None
+        try:
+            for part in (MODEL_DIR, OPTIMIZER_DIR):
+                dcp.save(staged[part], storage_writer=dcp.FileSystemWriter(os.path.join(staging, part)),
+                         planner=SmallFirst(dedup_save_to_lowest_rank=True), process_group=self._group)
+            mine = checkpoint.seal(staging, checkpoint.own_files(staging, self.dist.rank), remote)
+            files, blocks = self._gather(mine)
+            if self.dist.is_main:
+                files[BLOCKS] = checkpoint.write_blocks(target_uri, blocks)
+                checkpoint.commit(self.uri, snap.step, snap.tokens, files, snap.lineage, snap.evals,
+                                  snap.train_loss, snap.stable)
+                retention_error = self._retain(snap.step)
+        finally:
+            if remote is not None:  # a failed upload leaves no copy behind on the node's disk
+                _remove_tree(staging)
         seconds = time.monotonic() - began
         return Saved(snap.step, snap.tokens, target_uri, seconds,
                      stall if self.async_save else seconds,
-                     snap.evaluation)
+                     snap.evaluation, retention_error)
+
+    def _retain(self, step: int) -> str | None:
+        """Delete what `keep` no longer keeps, after the commit: an error here does not undo a
+        saved checkpoint. Retried with short waits (a store's brief refusal); what still fails
+        is returned for the loop to report, and the next save tries again."""
+        for attempt in range(RETENTION_TRIES):
+            try:
+                valid, _ = checkpoint.list_checkpoints(self.uri, deep=False)  # sizes only: one listing
+                checkpoint.prune(self.uri, self.keep, self._protected(step, valid), valid)
+                return None
+            except OSError as exc:
+                error = f"retention after {checkpoint_name(step)} failed: {exc}"
+                log.warning("%s (try %d of %d)", error, attempt + 1, RETENTION_TRIES)
+                if attempt + 1 < RETENTION_TRIES:
+                    time.sleep(RETENTION_WAIT_S * 2 ** attempt)
+        return error
 
     def _protected(self, step: int, valid: list[tuple[str, Manifest]]) -> set[str]:
         """Of the folder's `valid` checkpoints, never pruned: the one just written, the one this

@@ -483,7 +483,8 @@ class Attempt:
     def _announce(self, saved: Saved) -> None:
         self.metrics.checkpoint(saved.step, saved.seconds, stall=saved.stall_seconds)
         self.events.emit(CheckpointSaved, step=saved.step, tokens=saved.tokens,
-                         name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds)
+                         name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds,
+                         retention_error=saved.retention_error)
         if saved.evals is not None:
             self._announce_eval(step=saved.step, tokens=saved.tokens, metrics=saved.evals,
                                 checkpoint=checkpoint_name(saved.step))

@@ -82,6 +82,9 @@ class CheckpointSaved(SpecModel):
     uri: str
     seconds: float
     time: float
+    retention_error: str | None = None
+    """Retention could not delete the checkpoints beyond `keep` after this commit (the checkpoint
+    is saved; the next save tries again)."""
 
 
 class Finished(SpecModel):
