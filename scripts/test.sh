@@ -9,6 +9,6 @@ bash tests/cluster/build.sh
 [[ $(id -u) != 0 ]] || bash tests/cluster/images.sh pause base operator trainer >/dev/null
 lint-imports --config pyproject.toml
 ruff check operator trainer tests bench
-mypy operator/cpt_operator
+mypy operator/cpt_operator trainer/cpt_trainer
 # the slowest tests, so that CI time is seen where it goes
 python -m pytest --durations=30 "$@"

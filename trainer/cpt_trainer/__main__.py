@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .loop import run_attempt  # torch loads after the config is known to parse
 
-    hf_logging.disable_progress_bar()  # per-save bars would flood the trainer log
+    # per-save bars would flood the trainer log
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
     return run_attempt(cfg)
 

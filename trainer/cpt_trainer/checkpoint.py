@@ -310,7 +310,7 @@ def pinned(root: str | None, uri: str, valid: list[tuple[str, Manifest]]) -> set
     return pins.steps_in(folder) | {name for name, m in valid if m.step > judged}
 
 
-def prune(uri: str, keep: int, protect: set[str] = frozenset(),
+def prune(uri: str, keep: int, protect: set[str] | frozenset[str] = frozenset(),
           valid: list[tuple[str, Manifest]] | None = None) -> list[str]:
     """Delete valid checkpoints beyond the newest `keep`, except the protected ones (the pinned,
     the one just written). Incomplete directories are left for a person to look at (they are

@@ -24,15 +24,17 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner, StorageReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
@@ -133,7 +135,8 @@ class HostStager:
                                             use_async_staging=False, use_non_blocking_copy=False))
 
     def stage(self, state: dict[str, Any]) -> dict[str, Any]:
-        staged = self.stager.stage(state)
+        # staging is synchronous (use_async_staging=False): stage returns the dict, never a Future
+        staged = cast(dict[str, Any], self.stager.stage(state))
         inner = getattr(self.stager, "_state_dict_stager", None)
         if inner is not None and not getattr(inner, "_deepcopy_dispatch", True):
             self.stager = self._new()
@@ -153,7 +156,8 @@ class Checkpointer:
         self.restore_from = restore_from
         # Background collectives get their own group: the training step's collectives on the
         # default group would otherwise interleave with them in another order on each rank.
-        self._group = dist.new_group(backend="gloo", timeout=dist_info.timeout) \
+        # every rank is a member (no ranks given), so new_group never returns NON_GROUP_MEMBER
+        self._group = cast("dist.ProcessGroup", dist.new_group(backend="gloo", timeout=dist_info.timeout)) \
             if dist_info.enabled else None
         self._stager = HostStager(pinned=dist_info.device.type == "cuda")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -205,7 +209,9 @@ class Checkpointer:
         retention_error = None
         try:
             for part in (MODEL_DIR, OPTIMIZER_DIR):
-                dcp.save(staged[part], storage_writer=dcp.FileSystemWriter(os.path.join(staging, part)),
+                # torch.distributed.checkpoint re-exports save and FileSystemWriter without __all__
+                dcp.save(staged[part],  # type: ignore[attr-defined]
+                         storage_writer=dcp.FileSystemWriter(os.path.join(staging, part)),  # type: ignore[attr-defined]
                          planner=SmallFirst(dedup_save_to_lowest_rank=True), process_group=self._group)
             mine = checkpoint.seal(staging, checkpoint.own_files(staging, self.dist.rank), remote)
             files, blocks = self._gather(mine)
@@ -257,7 +263,8 @@ class Checkpointer:
             return mine
         parts: list[Any] = [None] * self.dist.world_size if self.dist.is_main else []
         dist.gather_object(mine, parts if self.dist.is_main else None, dst=0, group=self._group)
-        files, blocks = {}, {}
+        files: dict[str, FileEntry] = {}
+        blocks: dict[str, FileBlocks] = {}
         for part in parts:
             files.update(part[0] if part else {})
             blocks.update(part[1] if part else {})
@@ -302,7 +309,8 @@ class Checkpointer:
         """DCP's collective load; a rank's refusal (a block that fails its digest) reaches every
         rank through DCP's gathered failures and ends the attempt as refused on all of them."""
         try:
-            dcp.load(state, storage_reader=reader, process_group=self._group)
+            # torch.distributed.checkpoint re-exports load without __all__ (no explicit export)
+            dcp.load(state, storage_reader=reader, process_group=self._group)  # type: ignore[attr-defined]
         except CheckpointException as exc:
             refused = [failure for failure, _ in exc.failures.values() if isinstance(failure, Refused)]
             if refused:

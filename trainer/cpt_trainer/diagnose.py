@@ -103,8 +103,8 @@ def quiet_transformers() -> None:
     """Loading progress bars would interleave with the report on the terminal."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: list[str], *, seq_len: int,

@@ -57,7 +57,9 @@ def write_weights(directory: str, out: str, max_shard_size: str | int = DEFAULT_
 
     model = skeleton(directory)
     kept = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    stored = dcp.FileSystemReader(os.path.join(directory, MODEL_DIR)).read_metadata().state_dict_metadata
+    # torch.distributed.checkpoint re-exports FileSystemReader without __all__ (no explicit export)
+    stored = dcp.FileSystemReader(  # type: ignore[attr-defined]
+        os.path.join(directory, MODEL_DIR)).read_metadata().state_dict_metadata
     if missing := sorted(set(kept) - set(stored)):
         raise Refused(f"{directory}/{MODEL_DIR} lacks {', '.join(missing[:5])}: it does not hold "
                       "the model its config.json describes")
@@ -69,7 +71,8 @@ def write_weights(directory: str, out: str, max_shard_size: str | int = DEFAULT_
     weight_map: dict[str, str] = {}
     for filename, keys in split.filename_to_tensors.items():
         shard = {k: torch.empty_like(empty[k], device="cpu") for k in keys}
-        dcp.load(shard, checkpoint_id=os.path.join(directory, MODEL_DIR), no_dist=True)
+        # torch.distributed.checkpoint re-exports load without __all__ (no explicit export)
+        dcp.load(shard, checkpoint_id=os.path.join(directory, MODEL_DIR), no_dist=True)  # type: ignore[attr-defined]
         shard = revert_weight_conversion(model, shard)
         save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(out, filename),
                   metadata={"format": "pt"})

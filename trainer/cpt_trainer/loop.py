@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from datetime import timedelta
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +182,8 @@ class Attempt:
         self.attention = attention_backend(spec.training.attention, self.device)
         self.base_path = self._base_path()
         # Hashing a large local base takes a while: rank 0 does it, the others take its answer.
-        self.base_sha = distributed.broadcast_object(
-            self._base_digest() if self.dist.is_main else None)
+        self.base_sha = cast(str, distributed.broadcast_object(
+            self._base_digest() if self.dist.is_main else None))
         self.start = self._start_point()
         check_digest(spec.base_model, self.base_sha)
         check_recorded_digest(spec.base_model.uri, cfg.base_sha256, self.base_sha)
@@ -270,6 +270,7 @@ class Attempt:
 
     def _check_lineage(self) -> None:
         """Refuse a checkpoint that another tokenizer, base or data stream produced."""
+        assert self.restored_manifest is not None  # _start_point set it: start.uri is not None here
         lineage = self.restored_manifest.lineage
         extends = self.hook.accepts(lineage.tokenizer_hash, self.start.mode)
         if lineage.tokenizer_hash != self.tok_hash and not extends:
@@ -306,13 +307,15 @@ class Attempt:
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW with no weight decay on biases and norm gains (1-D tensors), as usual."""
         opt = self.spec.optimizer
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": opt.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=cast(tuple[float, float], tuple(opt.betas)),
+                                 eps=opt.eps)
 
     # --------------------------------------------------------------------------- restore
     def _load_full_state(self) -> None:
@@ -409,7 +412,7 @@ class Attempt:
         for i, batch in enumerate(micro):
             with self.parallel.accumulating(last=i == len(micro) - 1):
                 nll, mask, kl = self._forward_losses(batch)
-                ((nll.sum() + kl) * scale).backward()
+                ((nll.sum() + kl) * scale).backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             with torch.no_grad():
                 self.hook.observe(batch, nll.detach())
                 src = batch.source_ids[:, 1:].to(self.device)[mask]
@@ -624,6 +627,7 @@ class Attempt:
         assert window is None or isinstance(window, DataSkip)
         known = self._touching(window)
         if known is not None:
+            assert window is not None  # _touching returns None when window is None
             self._widen(known, window)
         elif self.anomaly.needs_restore or (verdict.kind == "non_finite"
                                             and action == NonFiniteAction.rollback):

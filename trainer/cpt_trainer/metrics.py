@@ -18,6 +18,8 @@ from cpt_operator.api.trainer_config import TrainerConfig
 from cpt_operator.api.metrics import gate_limit
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from .anomaly import AnomalyDetector
 
 BASE_LABELS = ("run", "namespace", "attempt")
@@ -29,7 +31,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._labels = {"run": cfg.run, "namespace": cfg.namespace, "attempt": str(cfg.attempt)}
         self._define()
-        self._server = None
+        self._server: WSGIServer | None = None
         self.url: str | None = None
         if serve:
             self._serve(cfg)

@@ -87,7 +87,8 @@ def load_model(directory: str, *, dtype: torch.dtype = torch.float32, attention:
     if gguf_file:
         # The GGUF tensors are dequantised on load: what we train and save is a plain model, but
         # transformers keeps the GGUF quantizer attached and would refuse save_pretrained.
-        model.hf_quantizer = None
+        # torch types Module.__setattr__ for tensors and modules; any attribute may be set
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     # Training never uses a KV cache, and with one transformers would not derive the
@@ -105,7 +106,9 @@ def skeleton(directory: str, *, attention: str = "sdpa",
 
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        # from_config is unannotated in transformers
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=dtype, attn_implementation=attention)
     model.tie_weights()  # built empty, the head is a separate tensor until tied
     model.config.use_cache = False
     return model
@@ -143,7 +146,9 @@ def load_checkpoint_model(directory: str, *, attention: str = "sdpa",
 
     model = skeleton(directory, attention=attention, dtype=dtype)
     materialize(model, "cpu")
-    dcp.load(model.state_dict(), checkpoint_id=os.path.join(directory, MODEL_DIR), no_dist=True)
+    # torch.distributed.checkpoint re-exports load without __all__ (no explicit export)
+    dcp.load(model.state_dict(), checkpoint_id=os.path.join(directory, MODEL_DIR),  # type: ignore[attr-defined]
+             no_dist=True)
     return model
 
 

@@ -5,6 +5,8 @@ FLOPs per token = 6·N (non-embedding parameters, forward + backward) + 12·L·H
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (SXM parts).
@@ -12,12 +14,12 @@ PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 1
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    cfg = model.config
+    cfg: Any = model.config  # a transformers PretrainedConfig, which torch types as Tensor | Module
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     n = sum(p.numel() for p in model.parameters()) - embedding
-    layers = getattr(cfg, "num_hidden_layers", 0)
-    heads = getattr(cfg, "num_attention_heads", 0)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(1, heads)
+    layers: int = getattr(cfg, "num_hidden_layers", 0)
+    heads: int = getattr(cfg, "num_attention_heads", 0)
+    head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(1, heads)
     return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
 
 

@@ -49,6 +49,9 @@ class Piece:
 
 
 class SourceStream:
+    _docs: Iterator[TokenizedDoc] | None
+    _doc: TokenizedDoc | None
+
     def __init__(self, reader: SourceReader, curator: Curator,
                  tokenizer: PreTrainedTokenizerBase, report: CurationReport, *, seed: int,
                  position: SourceState):
@@ -153,5 +156,5 @@ class SourceStream:
                              f"now has {self.unit_count}")
         self.queue = [list(map(int, item)) for item in state["queue"]]
         self.next, self.stride = int(state["next"]), int(state["stride"])
-        self._docs: Iterator[TokenizedDoc] | None = None
-        self._doc: TokenizedDoc | None = None
+        self._docs = None
+        self._doc = None

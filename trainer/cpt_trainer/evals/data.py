@@ -82,6 +82,7 @@ def read_texts(uri: str, *, format: str = "text", field: str = "text", max_sampl
 
 
 def _files(suite: SuiteSpec, label: str) -> list[str]:
+    assert suite.uri is not None  # never a benchmark suite here; SuiteSpec requires every other's uri
     try:
         _, files = list_files(suite.uri)
     except FileNotFoundError:

@@ -71,7 +71,8 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
     model = unwrap(model)
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+    # GenerationConfig.__init__ is unannotated in transformers
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,  # type: ignore[no-untyped-call]
                               num_beams=1, pad_token_id=pad, eos_token_id=stops or None,
                               use_cache=KV_CACHE)
     # generate() keeps only the last position's logits, so the logit budget bounds rows × vocab,

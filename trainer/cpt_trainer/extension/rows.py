@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -33,14 +33,14 @@ _TOKENS_PER_REDUCE = 1024  # bounds the partial sums to 1024 rows at a time
 
 
 def _tied(model: PreTrainedModel) -> bool:
-    out = model.get_output_embeddings()
+    out = model.get_output_embeddings()  # type: ignore[no-untyped-call]  # unannotated in transformers
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
 def grow(model: PreTrainedModel, tokens: Sequence[NewToken]) -> None:
     """Give the embedding (and head) rows for the new ids; their values come from `fill_rows`."""
     rows = max((t.id for t in tokens), default=-1) + 1
-    if rows > model.get_input_embeddings().weight.shape[0]:
+    if rows > cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]:
         tied = _tied(model)
         model.resize_token_embeddings(rows, mean_resizing=False)
         if tied and not _tied(model):
@@ -51,7 +51,7 @@ def grown_names(model: PreTrainedModel) -> list[str]:
     """State-dict names of the tensors `grow` may have made longer than the base's."""
     names = [n for n, p in model.named_parameters(remove_duplicate=False)
              if p is model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[no-untyped-call]  # unannotated in transformers
     if head is not None:
         names += [n for n, p in model.named_parameters(remove_duplicate=False)
                   if p is head.weight or p is getattr(head, "bias", None)]
@@ -61,8 +61,8 @@ def grown_names(model: PreTrainedModel) -> list[str]:
 @torch.no_grad()
 def fill_rows(model: PreTrainedModel, tokens: Sequence[NewToken]) -> None:
     """Set each new row to the mean of its old piece rows (a collective under sharding)."""
-    tensors = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
+    tensors = [cast(torch.Tensor, model.get_input_embeddings().weight)]
+    head = model.get_output_embeddings()  # type: ignore[no-untyped-call]  # unannotated in transformers
     if head is not None and not _tied(model):
         tensors.append(head.weight)
         if getattr(head, "bias", None) is not None:

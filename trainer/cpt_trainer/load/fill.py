@@ -37,7 +37,7 @@ def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not isinstance(tensor, DTensor):
         return tensor.detach(), 0
     local = tensor.to_local().detach()
-    chunks = tensor.__create_chunk_list__()
+    chunks = tensor.__create_chunk_list__()  # type: ignore[no-untyped-call]  # unannotated in torch
     if not chunks or local.numel() == 0:
         return local, 0
     offsets = list(chunks[0].offsets)

@@ -45,7 +45,8 @@ def copy_path(uri: str) -> Path:
 def local_copy(uri: str) -> str:
     """A local path holding `uri`: itself when local, else this node's verified copy."""
     if is_local(uri):
-        return fsspec.core.url_to_fs(uri)[1]
+        path: str = fsspec.core.url_to_fs(uri)[1]
+        return path
     return str(_ensure_copy(uri)[0])
 
 

@@ -42,7 +42,8 @@ class Ranges:
 
     def read_into(self, path: str, start: int, buffer: torch.Tensor) -> None:
         """Fill a contiguous CPU tensor's bytes from `path` at `start`, or refuse a short file."""
-        view = memoryview(buffer.view(-1).view(torch.uint8).numpy()).cast("B")
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it is a buffer on 3.11 too
+        view = memoryview(buffer.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
         if self.local:
             with open(path, "rb") as f:
                 done = 0

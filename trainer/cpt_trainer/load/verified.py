@@ -24,13 +24,13 @@ import os
 import posixpath
 from collections import OrderedDict
 from collections.abc import Generator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import IO, Any
 
-from torch.distributed.checkpoint import FileSystemReader, StorageReader
-from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from cpt_operator.api.manifest import BLOCKS, BlockTable, Manifest
 
@@ -177,7 +177,8 @@ class VerifiedReader(FileSystemReader):
 
     def __init__(self, blocks: Blocks, part: str):
         super().__init__(part)
-        self.fs = _VerifiedFiles(blocks)
+        # torch types `fs` as the FileSystem its __init__ assigns; the reader needs only FileSystemBase
+        self.fs = _VerifiedFiles(blocks)  # type: ignore[assignment]
         self.path = part
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:

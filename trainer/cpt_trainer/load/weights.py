@@ -121,7 +121,8 @@ def _load_checkpoint_whole(model: PreTrainedModel, source: CheckpointSource) -> 
 
     log.info("loading %s whole: its weights predate the run's tokenizer extension", source.uri)
     materialize(model, "cpu")
-    dcp.load(model.state_dict(), storage_reader=source.reader(MODEL_DIR), no_dist=True)
+    # torch.distributed.checkpoint re-exports load without __all__ (no explicit export)
+    dcp.load(model.state_dict(), storage_reader=source.reader(MODEL_DIR), no_dist=True)  # type: ignore[attr-defined]
 
 
 __all__ = ["Loading", "Weights", "build", "fill", "refill"]
