@@ -88,11 +88,13 @@ def test_the_demo_judges_are_stable_on_the_base_and_see_a_damaged_model(demo_mod
     assert broken["chat.kl_to_base"] > 1.0, (first, broken)
 
 
-def test_a_benchmark_suite_on_the_demo_model_scores_as_lm_eval_itself(demo_model, demo_base: Path,
-                                                                      tmp_path: Path) -> None:
+def test_a_benchmark_suite_on_the_demo_model_scores_as_lm_eval_itself(demo_model, tmp_path: Path) -> None:
     """lm-eval tasks (a multiple-choice and a generation task, YAMLs and data written here) through
-    the trainer's evaluator give lm-eval's own `simple_evaluate` of the same GGUF, to the digit."""
+    the trainer's evaluator give lm-eval's own `simple_evaluate` of the same model, to the digit.
+    (lm-eval gets the model the trainer loaded: its own load of the GGUF would double this test's
+    time for what tests/unit/evals/test_benchmark.py already checks on the tiny model.)"""
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     model, tokenizer = demo_model
@@ -103,8 +105,8 @@ def test_a_benchmark_suite_on_the_demo_model_scores_as_lm_eval_itself(demo_model
         {"name": "echo", "kind": "behavior", "metric": "exact_match", "uri": str(tasks),
          "benchmark": {"tasks": ["echo"], "numFewshot": 0}}]})
     ours = Evaluator(spec, tokenizer, device=torch.device("cpu"), seq_len=512).evaluate(model)
-    theirs = simple_evaluate(model="hf", model_args=f"pretrained={demo_base.parent},gguf_file={demo_base.name},"
-                             "dtype=float32", tasks=["sums", "echo"], num_fewshot=0, batch_size=8, device="cpu",
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=8, max_length=512, device="cpu")
+    theirs = simple_evaluate(model=lm, tasks=["sums", "echo"], num_fewshot=0,
                              task_manager=TaskManager(include_path=str(tasks), include_defaults=False))["results"]
     assert ours["sums.acc"] == pytest.approx(theirs["sums"]["acc,none"], abs=1e-9)
     assert ours["sums.acc_stderr"] == pytest.approx(theirs["sums"]["acc_stderr,none"], abs=1e-9)
