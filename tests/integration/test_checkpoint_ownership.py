@@ -64,3 +64,15 @@ def test_another_runs_root_is_neither_written_nor_restored_from(tmp_path, tiny_m
                          restore_from=str(step3), restore_mode="fullState")
     assert run(third) == 2
     assert f"checkpoint.uri {root} is taken: it belongs to run local/t (uid uid-a)" in log_tail(third)
+
+    # Its own root, and the first run's checkpoint named as its base: refused unless the spec
+    # imports it; imported, it starts from those weights.
+    as_base = {**spec, "baseModel": {"uri": str(step3), "format": "checkpoint"}}
+    fourth = write_config(tmp_path / "d", as_base, root=other, run_uid="uid-b", checkpoints=other / "attempt-003")
+    assert run(fourth) == 2
+    assert f"baseModel {step3} is a checkpoint of run local/t (uid uid-a)" in log_tail(fourth)
+    assert "baseModel.importCheckpoint: true" in log_tail(fourth)
+    imported = {**as_base, "baseModel": {**as_base["baseModel"], "importCheckpoint": True}}
+    fifth = write_config(tmp_path / "e", imported, root=other, run_uid="uid-b", checkpoints=other / "attempt-004")
+    assert run(fifth) == 0, log_tail(fifth)
+    assert (step3 / "manifest.json").read_bytes() == before

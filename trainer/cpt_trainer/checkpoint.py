@@ -38,7 +38,7 @@ from cpt_operator import store
 from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks, FileEntry, Lineage,
                                        Manifest, Problem, block_size_for, checkpoint_name, root_of,
                                        step_of, verify, writer_rank)
-from cpt_operator.api.ownership import RunRecord, owner_problem
+from cpt_operator.api.ownership import RunRecord, import_problem, owner_problem
 
 from .errors import Refused
 from .node_cache import locked, node_cache
@@ -284,10 +284,12 @@ def _cache_dir(uri: str) -> str:
 
 # -------------------------------------------------------------------------------- retention
 
-def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str | None) -> str | None:
-    """Why `run` may not use its checkpoint root or restore `restore_from` (None: it may). The
-    root is claimed if nobody has yet (the control plane normally has, before the first attempt);
-    another run's root is only read."""
+def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str | None,
+                      base: str | None = None, imported: bool = False) -> str | None:
+    """Why `run` may not use its checkpoint root, restore `restore_from` or start from checkpoint
+    `base` (None: it may). The root is claimed if nobody has yet (the control plane normally has,
+    before the first attempt); another run's root is only read, and another run's checkpoint is a
+    base only when the spec imports it (`imported`)."""
     if root is None or run is None:
         return None
     problem = owner_problem(root, store.claim(root, run), run)
@@ -295,6 +297,10 @@ def ownership_problem(root: str | None, run: RunRecord | None, restore_from: str
     if problem is None and source is not None and source.rstrip("/") != root.rstrip("/"):
         found = store.owner(source)
         problem = owner_problem(source, found, run) if found is not None else None
+    base_root = root_of(base) if base else None
+    if problem is None and base and base_root is not None and base_root.rstrip("/") != root.rstrip("/"):
+        found = store.owner(base_root)
+        problem = import_problem(base, found, run, imported) if found is not None else None
     return problem
 
 

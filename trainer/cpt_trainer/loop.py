@@ -164,10 +164,12 @@ class Attempt:
     def _check_owner(self) -> None:
         """Before anything is written, pruned or restored: the checkpoint root (and the restore
         point's) must belong to this run, or another run's checkpoints would be overwritten."""
-        cfg = self.cfg
+        cfg, base = self.cfg, self.spec.base_model
         run = RunRecord(uid=cfg.run_uid, name=cfg.run, namespace=cfg.namespace) if cfg.run_uid else None
+        checkpoint_base = base.uri if base.format == ModelFormat.checkpoint else None
         problem = distributed.broadcast_object(
-            checkpoint.ownership_problem(cfg.checkpoint_root, run, cfg.restore_from)
+            checkpoint.ownership_problem(cfg.checkpoint_root, run, cfg.restore_from, checkpoint_base,
+                                         base.import_checkpoint)
             if self.dist.is_main else None)
         if problem:
             raise Refused(str(problem))

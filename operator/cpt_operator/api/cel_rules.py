@@ -54,6 +54,9 @@ RULES: tuple[CelRule, ...] = (
     CelRule(("spec", "baseModel"), "!has(self.restoreMode) || self.restoreMode != 'fullState' || "
             "(has(self.format) && self.format == 'checkpoint')",
             "restoreMode fullState needs format 'checkpoint'"),
+    CelRule(("spec", "baseModel"), "!has(self.importCheckpoint) || !self.importCheckpoint || "
+            "(has(self.format) && self.format == 'checkpoint')",
+            "importCheckpoint needs format 'checkpoint'"),
     CelRule(("spec", "budget"), "has(self.tokens) || has(self.steps)",
             "set budget.tokens or budget.steps (a run needs an end)"),
     CelRule(("spec", "data"), "self.sources.all(s, self.sources.exists_one(t, t.name == s.name))",

@@ -46,6 +46,16 @@ def owner_problem(root: str, owner: RunRecord, claimant: RunRecord) -> str | Non
             "restore; give this run its own checkpoint.uri")
 
 
+def import_problem(base: str, owner: RunRecord, claimant: RunRecord, imported: bool) -> str | None:
+    """Why `claimant` may not start from checkpoint `base`, which `owner`'s root holds (None: it
+    owns it, or its spec imports it). Naming a URI is not enough to read another run's weights."""
+    if owner.uid == claimant.uid or imported:
+        return None
+    whose = owner.describe() if owner.namespace == claimant.namespace else "another run"
+    return (f"baseModel {base} is a checkpoint of {whose}; a run starts from another run's checkpoint "
+            "only when its spec says so (baseModel.importCheckpoint: true)")
+
+
 class Pins(SpecModel):
     names: list[str] = Field(default_factory=list)
     """Checkpoints retention must keep, as `attempt-NNN/step-XXXXXXXX` under the root."""

@@ -39,6 +39,10 @@ class BaseModelSpec(SpecModel):
     restore_mode: RestoreMode = RestoreMode.weights_only
     """weightsOnly: a new experiment (fresh optimizer, new warm-up). fullState: continue the
     trajectory of a checkpoint (optimizer, schedule, RNG, data position)."""
+    import_checkpoint: bool = False
+    """The base is a checkpoint another run wrote (its root's run.json names that run): start
+    from it. Without this such a base is refused, so naming a URI is not enough to read another
+    run's weights."""
 
     @model_validator(mode="after")
     def _full_state_needs_checkpoint(self) -> "BaseModelSpec":
@@ -47,6 +51,8 @@ class BaseModelSpec(SpecModel):
                 "restoreMode fullState needs format 'checkpoint' (optimizer and data state exist "
                 "only in checkpoints written by this system); use weightsOnly for hf/gguf bases"
             )
+        if self.import_checkpoint and self.format != ModelFormat.checkpoint:
+            raise ValueError("importCheckpoint needs format 'checkpoint'")
         return self
 
 

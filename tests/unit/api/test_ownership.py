@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cpt_operator.api.manifest import attempt_folder, root_of
-from cpt_operator.api.ownership import Pins, RunRecord, owner_problem
+from cpt_operator.api.ownership import Pins, RunRecord, import_problem, owner_problem
 
 OWNER = RunRecord(uid="uid-a", name="legal", namespace="ml")
 
@@ -40,3 +40,14 @@ def test_pins_are_one_sorted_set_of_names_read_per_attempt_folder() -> None:
     assert pins.steps_in(attempt_folder(2)) == {"step-00000030"}
     assert pins.steps_in(attempt_folder(1)) == {"step-00000010"}  # not attempt-010's
     assert Pins.model_validate_json(pins.model_dump_json()) == pins
+
+
+def test_another_runs_checkpoint_is_a_base_only_when_imported() -> None:
+    base = "s3://b/runs/legal/attempt-002/step-00000030"
+    assert import_problem(base, OWNER, OWNER, imported=False) is None  # its own
+    mine = RunRecord(uid="uid-b", name="next", namespace="ml")
+    problem = import_problem(base, OWNER, mine, imported=False)
+    assert problem and "run ml/legal (uid uid-a)" in problem and "importCheckpoint: true" in problem
+    assert import_problem(base, OWNER, mine, imported=True) is None
+    other_team = import_problem(base, OWNER, RunRecord(uid="uid-c", name="x", namespace="team-b"), imported=False)
+    assert other_team and "another run" in other_team and "uid-a" not in other_team

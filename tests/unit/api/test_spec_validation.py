@@ -76,6 +76,8 @@ BAD_SPECS = [
      "warmupSteps"),
     ("fullState needs a checkpoint base", _set("spec.baseModel.restoreMode", "fullState"),
      "spec.baseModel", "fullState"),
+    ("importing needs a checkpoint base", _set("spec.baseModel.importCheckpoint", True),
+     "spec.baseModel", "importCheckpoint"),
     ("an unknown decay names the options", _set("spec.schedule.decay", "step"),
      "spec.schedule.decay", "cosine"),
     ("a run without a budget has no end", _set("spec.budget", {}), "spec.budget", "budget"),
