@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from .api.evaluation import Metric
 from .api.spec import CptRunSpec
-from .api.status import BASE, ConditionType, CptRunStatus
+from .api.status import BASE, CptRunStatus
 from .policy import CheckpointEvals, EvalPoint, select_checkpoint
 from .policy.headroom import headroom
 from .api.manifest import attempt_of as attempt_number
@@ -75,7 +75,7 @@ def choice_of(status: CptRunStatus, spec: CptRunSpec | None = None) -> tuple[lis
     ckpts = sorted(status.checkpoints, key=lambda c: (attempt_of(c.name), c.step, c.name))
     if spec is None:
         frontier = set(status.frontier) | {c.name for c in ckpts if c.on_frontier}
-        verdict = next((c.message for c in status.conditions if c.type == ConditionType.improved.value), None)
+        verdict = status.verdict or None
         return ([Row(c.name, attempt_of(c.name), c.step, c.tokens, c.metrics, c.score,
                      c.passed_gates, c.name in frontier, c.name == status.best_checkpoint)
                  for c in ckpts],

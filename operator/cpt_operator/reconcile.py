@@ -209,7 +209,7 @@ class _Planner:
 
 
 def _condition(status: CptRunStatus, type_: ConditionType) -> Condition | None:
-    return next((c for c in status.conditions if c.type == type_.value), None)
+    return status.condition(type_)
 
 
 def _latest_in_lineage(p: _Planner) -> str | None:
@@ -268,8 +268,7 @@ def _finish_with_choice(p: _Planner, why: str) -> None:
     is called chosen, and a warning event says so."""
     chosen = p.status.best_checkpoint
     if chosen == BASE:
-        verdict = _condition(p.status, ConditionType.improved)
-        detail = verdict.message if verdict else "no checkpoint is better than the base"
+        detail = p.status.verdict or "no checkpoint is better than the base"
         p.finish(Phase.succeeded, "Completed", f"{why}; no checkpoint is better than the base, so none is "
                  "chosen (bestCheckpoint: base)")
         p.emit("Warning", Reason.no_improvement.value, detail)

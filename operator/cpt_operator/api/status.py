@@ -220,11 +220,20 @@ class CptRunStatus(SpecModel):
     alert, and the same breach must not act twice."""
     message: str = ""
 
+    def condition(self, type_: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_.value), None)
+
     @property
     def improved(self) -> bool | None:
         """The Improved condition as a value: None until a checkpoint was judged against the base."""
-        found = next((c for c in self.conditions if c.type == ConditionType.improved.value), None)
+        found = self.condition(ConditionType.improved)
         return None if found is None else found.status == "True"
+
+    @property
+    def verdict(self) -> str:
+        """The Improved condition's message: how the run stands against its base ("" before)."""
+        found = self.condition(ConditionType.improved)
+        return found.message if found is not None else ""
 
     def describe(self, run: str) -> str:
         """What `cptctl status` prints, the same for a local run and a cluster run."""

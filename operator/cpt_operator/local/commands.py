@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..api.manifest import ATTEMPT_PREFIX, step_of
-from ..api.status import BASE, ConditionType
+from ..api.status import BASE
 from .rundir import RunDir
 
 
@@ -90,8 +90,7 @@ def export_source(run: str, checkpoint: str | None) -> list[str]:
     status = rd.read_status()
     chosen = status.best_checkpoint
     if chosen == BASE:
-        verdict = next((c.message for c in status.conditions if c.type == ConditionType.improved.value), "")
-        raise ValueError(f"{rd.root.name} chose no checkpoint: none is better than the base ({verdict}). "
+        raise ValueError(f"{rd.root.name} chose no checkpoint: none is better than the base ({status.verdict}). "
                          "The base itself is the model to use; to export a checkpoint anyway, name it "
                          "(cptctl export RUN attempt-NNN/step-XXXXXXXX)")
     if chosen:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
 from ..api.ownership import RunRecord, owner_problem
-from ..api.status import BASE, TERMINAL_PHASES, ConditionType, Phase
+from ..api.status import BASE, TERMINAL_PHASES, Phase
 from ..base_shape import ShapeUnavailable
 from ..checkpoint_report import base_to_chosen
 from ..planning import refusal, resized
@@ -217,8 +217,7 @@ def _report(rd: RunDir, phase: Phase, spec: CptRunSpec) -> int:
     status = rd.read_status()
     print(f"run {phase.value}: {status.message}")
     if status.best_checkpoint == BASE:
-        verdict = next((c.message for c in status.conditions if c.type == ConditionType.improved.value), "")
-        print(f"no improvement: {verdict or 'no checkpoint is better than the base'}")
+        print(f"no improvement: {status.verdict or 'no checkpoint is better than the base'}")
     elif status.base_metrics and status.best_checkpoint:
         chosen = next((c for c in status.checkpoints if c.name == status.best_checkpoint), None)
         if chosen:
