@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -42,67 +43,81 @@ class BenchmarkError(Refused):
     """A benchmark suite cannot run as specified (unknown task, unreadable task directory)."""
 
 
-def task_dir(suite: SuiteSpec) -> str | None:
-    """The suite's task YAMLs as a local directory (remote ones copied once), or None."""
+class Benchmark:
+    """One benchmark suite, made ready once: its task directory on local disk (a remote one copied
+    once) and lm-eval's task index (indexing the ~15,000 built-in tasks takes seconds; a suite
+    whose tasks are all in its own directory indexes only that)."""
+
+    def __init__(self, suite: SuiteSpec):
+        assert suite.benchmark is not None
+        self.suite, self.directory = suite, _local_tasks(suite)
+        self._manager: Any = None
+
+    def digest(self) -> str:
+        """What the suite measures, for lineage: its settings and the bytes of its task directory
+        (built-in tasks are named by the lm-eval version that defines them)."""
+        from importlib.metadata import version
+
+        h = hashlib.sha256(self.suite.model_dump_json(by_alias=True, exclude={"name", "uri"}).encode())
+        h.update(f"lm-eval {version('lm-eval')}".encode())
+        if self.directory is not None:
+            for root, _, names in sorted(os.walk(self.directory)):
+                for name in sorted(names):
+                    path = os.path.join(root, name)
+                    h.update(os.path.relpath(path, self.directory).encode())
+                    with open(path, "rb") as f:
+                        h.update(hashlib.sha256(f.read()).digest())
+        return h.hexdigest()
+
+    def manager(self) -> Any:
+        """lm-eval's TaskManager for the suite's tasks; BenchmarkError names a task it lacks."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            tasks = self.suite.benchmark.tasks if self.suite.benchmark else []
+            manager = TaskManager(include_path=self.directory, include_defaults=False) if self.directory else None
+            if manager is None or any(t not in manager.all_tasks for t in tasks):
+                manager = TaskManager(include_path=self.directory)
+            unknown = [t for t in tasks if t not in manager.all_tasks]
+            if unknown:
+                raise BenchmarkError(f"benchmark suite {self.suite.name!r}: lm-eval knows no task {', '.join(unknown)}"
+                                     + (f" (nor do the YAMLs in {self.suite.uri})" if self.suite.uri else ""))
+            self._manager = manager
+        return self._manager
+
+    def run(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, seq_len: int,
+            device: torch.device) -> tuple[float, float]:
+        """(value, standard error) of the suite's metric; call inside `runtime.inference`."""
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        bench = self.suite.benchmark
+        assert bench is not None
+        manager = self.manager()
+        # a copy: the wrapper may set a pad token on it, and the run's tokenizer is saved with checkpoints
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=bench.batch_size,
+                  max_length=seq_len, device=str(device))
+        with _local_rank_zero():
+            out = simple_evaluate(model=lm, tasks=list(bench.tasks), num_fewshot=bench.num_fewshot,
+                                  limit=bench.limit, task_manager=manager, log_samples=False, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        if out is None:
+            raise BenchmarkError(f"benchmark suite {self.suite.name!r}: lm-eval returned no results")
+        return combine(self.suite, out["results"])
+
+
+def _local_tasks(suite: SuiteSpec) -> str | None:
+    """The suite's task YAMLs as a local directory (a remote one copied), or None."""
     if suite.uri is None:
         return None
     fs, path = fsspec.core.url_to_fs(suite.uri)
     if not fs.isdir(path):
         raise BenchmarkError(f"benchmark suite {suite.name!r}: {suite.uri} is not a directory of task YAMLs")
-    if getattr(fs, "protocol", "file") in ("file", ("file", "local")) or isinstance(
-            fs, fsspec.implementations.local.LocalFileSystem):
+    if isinstance(fs, LocalFileSystem):
         return str(path)
     local = tempfile.mkdtemp(prefix=f"cpt-tasks-{suite.name}-")
     fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
     return local
-
-
-def tasks_digest(suite: SuiteSpec) -> str:
-    """What the suite measures, for lineage: its settings and the bytes of its task directory
-    (built-in tasks are named by the lm-eval version that defines them)."""
-    from importlib.metadata import version
-
-    h = hashlib.sha256(suite.model_dump_json(by_alias=True, exclude={"name", "uri"}).encode())
-    h.update(f"lm-eval {version('lm-eval')}".encode())
-    directory = task_dir(suite)
-    if directory is not None:
-        for root, _, names in sorted(os.walk(directory)):
-            for name in sorted(names):
-                path = os.path.join(root, name)
-                h.update(os.path.relpath(path, directory).encode())
-                with open(path, "rb") as f:
-                    h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
-
-
-def run_benchmark(suite: SuiteSpec, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
-                  seq_len: int, device: torch.device) -> tuple[float, float]:
-    """(value, standard error) of the suite's metric; call inside `runtime.inference`."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    bench = suite.benchmark
-    assert bench is not None
-    directory = task_dir(suite)
-    # lm-eval's own ~15,000 task YAMLs take seconds to index: only when a task is not in `uri`
-    manager = TaskManager(include_path=directory, include_defaults=False) if directory else None
-    if manager is None or any(t not in manager.all_tasks for t in bench.tasks):
-        manager = TaskManager(include_path=directory)
-    unknown = [t for t in bench.tasks if t not in manager.all_tasks]
-    if unknown:
-        raise BenchmarkError(f"benchmark suite {suite.name!r}: lm-eval knows no task {', '.join(unknown)}"
-                             + (f" (nor do the YAMLs in {suite.uri})" if suite.uri else ""))
-    # a copy: the wrapper may set a pad token on it, and the run's tokenizer is saved with checkpoints
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=bench.batch_size,
-              max_length=seq_len, device=str(device))
-    with _local_rank_zero():
-        out = simple_evaluate(model=lm, tasks=list(bench.tasks), num_fewshot=bench.num_fewshot,
-                              limit=bench.limit, task_manager=manager, log_samples=False, random_seed=0,
-                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
-    if out is None:
-        raise BenchmarkError(f"benchmark suite {suite.name!r}: lm-eval returned no results")
-    return combine(suite, out["results"])
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
 from .collective import in_order, share_of, summed
-from .benchmark import run_benchmark, tasks_digest
+from .benchmark import Benchmark
 from .data import Sample, load_samples, suite_digest
 from .drift import kl_sum
 from .generation import decode, greedy, prompt_rows, unwrap
@@ -46,9 +46,10 @@ class Evaluator:
         self.seq_len, self.autocast_dtype, self.reference = seq_len, autocast_dtype, reference
         self.samples: dict[str, list[Sample]] = {s.name: load_samples(s) for s in spec.suites
                                                  if s.benchmark is None}
-        self.digests = {s.name: tasks_digest(s) if s.benchmark else suite_digest(s, self.samples[s.name])
-                        for s in spec.suites}
-        """Suite name -> what exactly it measures (`suite_digest`, `tasks_digest`), for lineage."""
+        self._benchmarks = {s.name: Benchmark(s) for s in spec.suites if s.benchmark is not None}
+        self.digests = {s.name: self._benchmarks[s.name].digest() if s.benchmark else
+                        suite_digest(s, self.samples[s.name]) for s in spec.suites}
+        """Suite name -> what exactly it measures (`suite_digest`, `Benchmark.digest`), for lineage."""
         self.stderr: dict[str, float] = {}
         """Benchmark suite -> the standard error of its latest value (reported beside it)."""
         self._classifiers: dict[str, Callable[[str], bool]] = {
@@ -98,8 +99,8 @@ class Evaluator:
 
     def _suite(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
         if suite.benchmark is not None:
-            value, self.stderr[suite.name] = run_benchmark(suite, model, self.tokenizer, seq_len=self.seq_len,
-                                                           device=self.device)
+            value, self.stderr[suite.name] = self._benchmarks[suite.name].run(
+                model, self.tokenizer, seq_len=self.seq_len, device=self.device)
             return value
         if suite.metric in _TEXT_METRICS:
             result = self.nll(model, self._docs[suite.name])
