@@ -8,13 +8,16 @@ options as the trainer (`api.storage`).
 from __future__ import annotations
 
 import json
+import logging
 
 import fsspec
 
 from .api.spec import BaseModelSpec, ModelFormat
-from .api.storage import storage_options
+from .api.storage import storage_options, summarise_error
 from .gguf_header import GgufArray, read_header
 from .policy.model_shape import ModelShape
+
+log = logging.getLogger(__name__)
 
 READ_AHEAD = 4 << 20
 """fsspec block size for the GGUF header: one or two range reads for most vocabularies."""
@@ -32,7 +35,11 @@ def read_shape(base: BaseModelSpec) -> ModelShape:
     except ShapeUnavailable:
         raise
     except Exception as exc:  # object stores raise their own error types; each means "no plan"
-        raise ShapeUnavailable(f"cannot read {where}: {exc}") from exc
+        # the store's own error text (endpoints, request ids) goes to the operator's log only;
+        # what the file holds (not GGUF, a key missing) is the user's to see
+        log.warning("cannot read %s: %s", where, exc)
+        said = summarise_error(exc) if isinstance(exc, OSError) or hasattr(exc, "response") else str(exc)
+        raise ShapeUnavailable(f"cannot read {where}: {said}") from exc
 
 
 def config_uri(base: BaseModelSpec) -> str:

@@ -573,21 +573,22 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     return _plan(p)
 
 
-def reconcile_unreadable(spec: CptRunSpec, status: CptRunStatus, obs: Observed, problem: str) -> Plan:
+def reconcile_unreadable(spec: CptRunSpec, status: CptRunStatus, obs: Observed, problem: str,
+                         reason: Reason = Reason.s3_secret_unreadable) -> Plan:
     """A pass of a running run whose storage may not be touched: the Secret in
     resources.s3SecretRef cannot be used (SpecValid=False, reason S3SecretUnreadable, `problem`
-    naming it and why). Nothing that needs storage is decided (gates, restarts, the choice of a
-    checkpoint, pins), but a stop request is carried out, and an attempt whose pods cannot start
-    (lacking that very Secret, most likely) still fails at its start deadline rather than hold
-    its GPUs."""
+    naming it and why) or may not be (reason NotAllowed: its endpoint is outside the allow-list).
+    Nothing that needs storage is decided (gates, restarts, the choice of a checkpoint, pins),
+    but a stop request is carried out, and an attempt whose pods cannot start (lacking that very
+    Secret, most likely) still fails at its start deadline rather than hold its GPUs."""
     p = _Planner(spec, status, obs)
     st = p.status
     st.observed_generation = obs.generation if obs.generation is not None else st.observed_generation
     before = _condition(st, ConditionType.spec_valid)
     if before is None or (before.status, before.reason, before.message) != \
-            ("False", Reason.s3_secret_unreadable.value, problem):
-        p.emit("Warning", Reason.s3_secret_unreadable.value, problem)
-    set_condition(st, ConditionType.spec_valid, False, Reason.s3_secret_unreadable.value, problem, obs.now)
+            ("False", reason.value, problem):
+        p.emit("Warning", reason.value, problem)
+    set_condition(st, ConditionType.spec_valid, False, reason.value, problem, obs.now)
     if st.phase in TERMINAL_PHASES:
         p.stop_attempt(f"run is {st.phase.value}")
     elif obs.stop_requested:

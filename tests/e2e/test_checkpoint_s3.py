@@ -26,6 +26,7 @@ import s3fs
 import torch
 
 from cpt_operator.api.manifest import BLOCKS, PINNED, RUN_RECORD, STARTED, checkpoint_name
+from cpt_operator.api.tenancy import TENANCY_ENV
 from cpt_trainer import checkpoint
 from cpt_trainer.load.node_copy import copy_path, digest
 from cpt_trainer.model import load_checkpoint_model
@@ -201,8 +202,12 @@ def test_the_operator_reads_and_pins_a_runs_storage_with_the_runs_own_secret(
                                                                       "AWS_ENDPOINT_URL")))
     kube.kubectl("create", "secret", "generic", "no-secret-key", "-n", namespace,
                  f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.key}")
+    kube.kubectl("create", "secret", "generic", "elsewhere", "-n", namespace,
+                 *(f"--from-literal={k}={s3_server.env[k]}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+                 "--from-literal=AWS_ENDPOINT_URL=http://169.254.169.254:80")
     env = {**operator_env(kube, prometheus, s3_server),
-           **s3_server.env_of("cpt-operator-own", "cpt-operator-own-secret")}
+           **s3_server.env_of("cpt-operator-own", "cpt-operator-own-secret"),
+           TENANCY_ENV: json.dumps({"endpoints": [s3_server.endpoint]})}  # the platform team's one store
     operator = OperatorProcess(env, tmp_path / "operator.log").start()
     trainer = None
     try:
@@ -224,7 +229,8 @@ def test_the_operator_reads_and_pins_a_runs_storage_with_the_runs_own_secret(
                       "the good checkpoint pinned", timeout=30)
 
         for run, secret, cause in (("missing", "no-such-secret", "does not exist"),
-                                   ("keyless", "no-secret-key", "has no AWS_SECRET_ACCESS_KEY")):
+                                   ("keyless", "no-secret-key", "has no AWS_SECRET_ACCESS_KEY"),
+                                   ("elsewhere", "elsewhere", "names an S3 endpoint that is not allowed")):
             kube.apply(cptrun(run, s3_bucket, resources={**resources, "s3SecretRef": secret}), namespace=namespace)
 
             def refused(run: str = run) -> dict[str, Any] | None:
@@ -232,8 +238,9 @@ def test_the_operator_reads_and_pins_a_runs_storage_with_the_runs_own_secret(
                 return cond if cond.get("status") == "False" else None
 
             cond = kube.wait_for(refused, f"{run} refused", timeout=30)
-            assert cond["reason"] == "S3SecretUnreadable"
+            assert cond["reason"] == ("NotAllowed" if run == "elsewhere" else "S3SecretUnreadable")
             assert f"Secret {namespace}/{secret}" in cond["message"] and cause in cond["message"]
+            assert "169.254" not in cond["message"]  # the host a tenant named is not echoed back
             assert job_names(kube, namespace, run) == []
             assert not fs.exists(f"{s3_bucket}/runs/{run}/{RUN_RECORD}")
     finally:

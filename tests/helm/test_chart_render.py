@@ -83,6 +83,20 @@ def test_operator_container_follows_the_operator_contract(helm_bin: Path) -> Non
     assert service["spec"]["selector"].items() <= deployment(objects)["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_tenancy_values_reach_the_admission_policy_and_the_operator_alike(helm_bin: Path) -> None:
+    from cpt_operator.api.tenancy import TENANCY_ENV, TenancyPolicy
+    from tests.tenancy_cases import POLICY
+
+    assert find(template(helm_bin), "ValidatingAdmissionPolicy") == []  # nothing restricted: no policy
+    objects = template(helm_bin, values=[FULL_VALUES])
+    assert TenancyPolicy.model_validate_json(env(objects)[TENANCY_ENV]) == TenancyPolicy.model_validate(POLICY)
+    (policy,) = find(objects, "ValidatingAdmissionPolicy")
+    (binding,) = find(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    messages = [v["message"] for v in policy["spec"]["validations"]]
+    assert len(messages) == 5 and all("resources." in m and "allow" in m for m in messages)
+
+
 @pytest.mark.parametrize("values", [[], [FULL_VALUES]], ids=["default values", "full values"])
 def test_every_pod_meets_the_restricted_pod_security_standard(helm_bin: Path, values: list[Path]) -> None:
     objects = template(helm_bin, values=values)
@@ -247,6 +261,8 @@ def test_dashboards_ship_as_labelled_configmaps_holding_the_repo_json(
     ["--set", "webhook.token=short"],
     ["--set", "metrics.podMonitor.interval=soon"],
     ["--set", "dashboards.enabled=yes-please"],
+    ["--set", "tenancy.endpoints={s3.example.com}"],
+    ["--set", "tenancy.imagess={registry.example.com/}"],
 ], ids=lambda a: a[-1])
 def test_schema_rejects_bad_values(helm_bin: Path, args: list[str]) -> None:
     proc = run([helm_bin, "template", "cpt", CHART, "--kube-version", "1.36.3", *args])

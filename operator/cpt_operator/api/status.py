@@ -101,6 +101,10 @@ class Reason(str, Enum):
     s3_secret_unreadable = "S3SecretUnreadable"
     """The Secret in resources.s3SecretRef cannot be read or lacks a key: the run's storage is not
     touched with any other identity, and no attempt starts; the message names the Secret and why."""
+    not_allowed = "NotAllowed"
+    """The run leaves its platform team's allow-lists (chart values `tenancy`: images, Secrets,
+    pools, tolerations, S3 endpoints); the message names the field and what is allowed. Not
+    started; a running run's storage is not touched."""
     starting = "Starting"
     """Started=False: the attempt's pods are on their way (queued, scheduled, pulling, creating)."""
     trainers_running = "TrainersRunning"

@@ -106,3 +106,22 @@ def storage_options(uri: str) -> dict[str, Any]:
         client["region_name"] = creds.region
     return {"key": creds.key, "secret": creds.secret, "token": creds.token,
             "client_kwargs": {k: v for k, v in client.items() if v}}
+
+
+def summarise_error(exc: BaseException) -> str:
+    """What a user may read of a storage error (conditions, events): its kind, not its text. An
+    object store's error text names endpoints, hosts, request ids and sometimes keys of other
+    tenants' paths; the operator logs the whole error, and users see the code the store answered
+    (AccessDenied, NoSuchBucket, ...) or what kind of failure it was."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and isinstance(response.get("Error"), dict) and response["Error"].get("Code"):
+        return f"the store answered {response['Error']['Code']}"
+    for kind, said in ((PermissionError, "access denied"), (FileNotFoundError, "not found"),
+                       (TimeoutError, "timed out"), (ConnectionError, "cannot connect to the store")):
+        if isinstance(exc, kind):
+            return said
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        return summarise_error(cause)
+    name = type(exc).__name__
+    return "cannot connect to the store" if "Connect" in name or "Endpoint" in name else f"storage error ({name})"

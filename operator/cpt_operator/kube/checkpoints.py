@@ -12,6 +12,7 @@ from typing import Any, Mapping, Protocol
 
 from ..api.ownership import RunRecord, owner_problem
 from ..api.spec import CptRunSpec
+from ..api.storage import summarise_error
 from ..api.status import ConditionType, CptRunStatus, Reason
 from ..reconcile import Pin, Plan, StartAttempt, StopAttempt, set_condition
 from ..store import claim, pin
@@ -49,8 +50,8 @@ def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Pla
     try:
         pin(checkpoint_root(spec), list(pins.names), dict(pins.judged))
     except OSError as exc:
-        why = f"pinning {', '.join(pins.names)} failed (retrying): {exc}"
-        log.warning("%s/%s: %s", run.namespace, run.name, why)
+        why = f"pinning {', '.join(pins.names)} failed (retrying): {summarise_error(exc)}"
+        log.warning("%s/%s: %s: %s", run.namespace, run.name, why, exc)
         set_condition(plan.status, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why,
                       now_rfc3339())
         return why

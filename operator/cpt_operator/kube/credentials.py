@@ -4,14 +4,19 @@ A run that names `resources.s3SecretRef` is read (checkpoints, records, run.json
 base's config.json) with that Secret's keys, the same its pods mount; if the operator cannot read
 the Secret the run is not served at all (SpecValid=False, reason S3SecretUnreadable), never with
 the operator's own identity, which may reach other teams' buckets. A run that names no Secret is
-read with the operator's identity (its pod's AWS environment), which the platform team scopes.
+read with the operator's identity (its pod's AWS environment), which the platform team scopes,
+or refuses (`tenancy.requireS3Secret`). A Secret's endpoint outside the platform team's
+`tenancy.endpoints` is refused before the operator connects to it (reason NotAllowed).
 """
 from __future__ import annotations
 
 from typing import Protocol
 
 from ..api.spec import CptRunSpec
+from ..api.status import Reason
 from ..api.storage import REQUIRED_KEYS, RUN_CREDENTIALS, S3Credentials
+from ..api.tenancy import TenancyPolicy
+from ..policy.tenancy import endpoint_refusal
 from .builders import RunRef, checkpoint_root
 
 
@@ -22,12 +27,21 @@ class SecretReader(Protocol):
 class SecretUnreadable(Exception):
     """The run's Secret cannot be used; the message names it, the cause and the fix."""
 
+    reason = Reason.s3_secret_unreadable
+
+
+class EndpointNotAllowed(SecretUnreadable):
+    """The run's Secret sends S3 requests to an endpoint the platform team does not allow."""
+
+    reason = Reason.not_allowed
+
 
 _CAUSES = {403: "the operator may not read it (grant it `get` on Secrets: chart value rbac.readSecrets=true)",
            404: "it does not exist"}
 
 
-def use_run_credentials(kube: SecretReader, run: RunRef, spec: CptRunSpec) -> None:
+def use_run_credentials(kube: SecretReader, run: RunRef, spec: CptRunSpec,
+                        policy: TenancyPolicy | None = None) -> None:
     """Set the credentials of the current pass (inside `api.storage.credentials_scope`) to the
     run's Secret, or to the operator's own identity when the run names none."""
     from kubernetes.client.exceptions import ApiException
@@ -48,6 +62,9 @@ def use_run_credentials(kube: SecretReader, run: RunRef, spec: CptRunSpec) -> No
     except KeyError as exc:
         raise SecretUnreadable(f"{where} has no {exc.args[0]} (it needs {' and '.join(REQUIRED_KEYS)}, "
                                "optionally AWS_ENDPOINT_URL)") from exc
+    refused = endpoint_refusal(creds.endpoint, policy or TenancyPolicy(), where)
+    if refused is not None:
+        raise EndpointNotAllowed(refused)
     root = checkpoint_root(spec)
     if not root.startswith(("s3://", "s3a://")):
         raise SecretUnreadable(f"{where} holds S3 keys, but checkpoint.uri {root} is not on S3")

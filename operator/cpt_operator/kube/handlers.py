@@ -24,7 +24,7 @@ from ..api import kueue
 from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
-from ..api.storage import RUN_CREDENTIALS, credentials_scope, is_object_store
+from ..api.storage import RUN_CREDENTIALS, credentials_scope, is_object_store, summarise_error
 from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.admission import admission
@@ -33,6 +33,7 @@ from ..planning import refusal
 from ..policy.memory_fix import checked, usages
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
+from ..policy.tenancy import refusals
 from ..reconcile import (AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile,
                          reconcile_unreadable, set_condition)
 from ..records import Records, RunRecords
@@ -268,7 +269,7 @@ def _as_body(body: Mapping[str, Any]) -> kopf.Body:
 
 _REFUSED = {Reason.invalid_spec: "invalid spec", Reason.wont_fit: "not started", Reason.invalid_object: "not started",
             Reason.checkpoint_uri_in_use: "not started", Reason.s3_secret_unreadable: "not started",
-            Reason.kueue_not_installed: "not started"}
+            Reason.kueue_not_installed: "not started", Reason.not_allowed: "not started"}
 
 
 def _report_invalid(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, message: str,
@@ -399,7 +400,7 @@ def _observe_attempt(rt: Runtime, spec: CptRunSpec, attempts: Attempts, number: 
 
 
 def _unreadable(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
-                problem: str, watched: Children | None) -> Plan:
+                problem: str, reason: Reason, watched: Children | None) -> Plan:
     """A pass of a running run whose Secret cannot be used: what its Job and pods show is still
     acted on (`reconcile_unreadable`), its storage is not touched. Like any pass, it acts only
     on fresh reads."""
@@ -407,7 +408,7 @@ def _unreadable(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunS
         attempts = _attempts(rt, run, status, children)
         obs = observed(body=body, attempt=_observe_attempt(rt, spec, attempts, status.attempt), series=None,
                        points=[], refs=[], pods_left=attempts.pods_left, strays=attempts.strays)
-        return reconcile_unreadable(spec, status, obs, problem), attempts
+        return reconcile_unreadable(spec, status, obs, problem, reason), attempts
 
     plan, attempts = decide(watched)
     if watched is not None and acts(plan, status.phase.value, None):
@@ -464,17 +465,21 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
             _report_invalid(rt, run, body, status, str(exc))
             return None
         try:  # every storage access below is the run's own
-            use_run_credentials(rt.kube, run, spec)
+            use_run_credentials(rt.kube, run, spec, rt.settings.tenancy)
         except SecretUnreadable as exc:  # a finished run keeps the status it ended with
             if status.phase == Phase.running and status.attempt:
-                return _unreadable(rt, run, body, spec, status, str(exc), watched)
+                return _unreadable(rt, run, body, spec, status, str(exc), exc.reason, watched)
             if status.phase not in TERMINAL_PHASES or asks.resume:
-                _report_invalid(rt, run, body, status, str(exc), Reason.s3_secret_unreadable)
+                _report_invalid(rt, run, body, status, str(exc), exc.reason)
             return None
         decided = _decide(rt, run, body, spec, status, root, asks.resume, watched)
         if watched is not None and acts(decided.plan, status.phase.value, rt.pinned.get(run.uid)):
             decided = _decide(rt, run, body, spec, status, root, asks.resume, None)
         plan, attempts, state = decided.plan, decided.attempts, decided.state
+        refused = refusals(spec, rt.settings.tenancy) if starts(plan) else []
+        if refused:  # admission did not see this run (stored before the policy, or no policy there)
+            _report_invalid(rt, run, body, status, "; ".join(refused), Reason.not_allowed)
+            return None
         problem = _wont_fit(rt, run, body, spec, plan)
         if problem is not None:
             _report_invalid(rt, run, body, status, problem, Reason.wont_fit)
@@ -531,8 +536,9 @@ def _pass(memo: kopf.Memo, namespace: str | None, name: str | None,
         if exc.status == 404:
             return  # deleted meanwhile
         raise kopf.TemporaryError(f"Kubernetes API: {exc.status} {exc.reason}", delay=5) from exc
-    except OSError as exc:  # the checkpoint store
-        raise kopf.TemporaryError(f"checkpoint store: {exc}", delay=10) from exc
+    except OSError as exc:  # the checkpoint store: kopf posts the message as an event, so summarised
+        log.warning("%s/%s: checkpoint store: %s", namespace, name, exc)  # not kopf's logger: no event
+        raise kopf.TemporaryError(f"checkpoint store: {summarise_error(exc)}", delay=10) from exc
 
 
 # -- kopf wiring -----------------------------------------------------------------------------

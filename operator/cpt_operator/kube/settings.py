@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
+
+from ..api.tenancy import TenancyPolicy
 
 ANNOTATION_STOP = "cpt.mlops.dev/stop"
 ANNOTATION_ROLLBACK = "cpt.mlops.dev/rollback-to"
@@ -51,6 +53,8 @@ class Settings:
     run_as_user: int = 10001
     """uid and gid of the trainer pods: the user trainer/Dockerfile makes, a name in /etc/passwd
     rather than an anonymous uid (getpass, which torch's debug and cache paths call, fails on one)."""
+    tenancy: TenancyPolicy = field(default_factory=TenancyPolicy)
+    """What the platform team allows runs (chart values `tenancy`, environment CPT_TENANCY)."""
     rollback_grace_s: int = 15
     """Grace of a rolled-back attempt's pods: its progress is being discarded, so it only needs
     time to exit, not to save (a stop or finish keeps the pods' full grace to checkpoint)."""
@@ -74,6 +78,7 @@ class Settings:
             finished_interval_s=float(env.get("CPT_FINISHED_INTERVAL") or 300.0),
             storage_max_age_s=float(env.get("CPT_STORAGE_MAX_AGE") or 20.0),
             shared_read_s=float(env.get("CPT_SHARED_READ_TTL") or 2.0),
+            tenancy=TenancyPolicy.from_env(env),
         )
 
 

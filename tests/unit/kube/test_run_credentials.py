@@ -159,3 +159,40 @@ def test_a_secret_gone_after_the_start_still_ends_the_stuck_attempt_at_its_deadl
     assert _condition(kube.body, ConditionType.failed)["reason"] == Reason.start_timeout.value
     assert 'secret "s3-creds" not found' in kube.body["status"]["message"]
     assert len(RecordingStore.keys) == reads  # the storage was not touched without the run's keys
+
+
+def _tenancy_runtime(kube: Kube, events: list[Any]) -> Any:
+    from dataclasses import replace
+
+    from cpt_operator.api.tenancy import TenancyPolicy
+    from tests.tenancy_cases import POLICY
+
+    rt = _runtime(kube, events)
+    rt.settings = replace(rt.settings, tenancy=TenancyPolicy.model_validate({**POLICY, "secrets": ["s3-creds"]}))
+    return rt
+
+
+def test_a_secret_naming_an_endpoint_outside_the_allow_list_is_never_connected_to(tmp_path: Path) -> None:
+    secret = {**SECRET, "AWS_ENDPOINT_URL": "http://10.0.0.9:9000/internal"}
+    kube, events = Kube(_body(f"s3://ckpt-{tmp_path.name}"), secret), []
+    rt = _tenancy_runtime(kube, events)
+    for _ in range(2):
+        assert reconcile_run(rt, RUN.namespace, RUN.name) is None
+    cond = _condition(kube.body, ConditionType.spec_valid)
+    assert (cond["status"], cond["reason"]) == ("False", Reason.not_allowed.value)
+    assert "names an S3 endpoint that is not allowed (allowed: https://s3.team-a.example)" in cond["message"]
+    assert "10.0.0.9" not in json.dumps(kube.body["status"]) + json.dumps(events)  # the host is not echoed
+    assert kube.jobs() == [] and RecordingStore.keys == []
+    assert [(t, r) for t, r, _ in events] == [("Warning", Reason.not_allowed.value)]
+
+
+def test_a_run_stored_before_the_policy_is_not_started_outside_it(tmp_path: Path) -> None:
+    body = _body(f"s3://ckpt-{tmp_path.name}")
+    body["spec"]["resources"]["image"] = "docker.io/someone/trainer:latest"
+    kube, events = Kube(body, {**SECRET, "AWS_ENDPOINT_URL": "https://s3.team-a.example"}), []
+    assert reconcile_run(_tenancy_runtime(kube, events), RUN.namespace, RUN.name) is None
+    cond = _condition(kube.body, ConditionType.spec_valid)
+    assert cond["reason"] == Reason.not_allowed.value
+    assert "resources.image docker.io/someone/trainer:latest" in cond["message"]
+    assert "nodeSelector pool=h100 is not allowed" in cond["message"]  # every refusal is named at once
+    assert kube.jobs() == [] and kube.body["status"]["message"].startswith("not started: ")
