@@ -121,3 +121,90 @@ def test_a_producer_in_its_forked_worker_reads_s3_like_one_in_the_trainer(
         forked.close()
     here = DataPipeline(cfg, tokenizer, 0, 1, workers=0, unit_bytes=512)
     assert all(torch.equal(b, here.next_batch(4).input_ids) for b in batches)
+
+
+# -- an S3 outage while the trainer reads a Parquet source --------------------------------------
+def _parquet_corpus(client: Any, bucket: str) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [" ".join(WORDS[i:i + 40]) for i in range(0, 2400, 40)]
+    for part in range(3):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": docs[part::3]}), buf, row_group_size=5)
+        client.put_object(Bucket=bucket, Key=f"corpus/parquet/part-{part}.parquet", Body=buf.getvalue())
+
+
+@pytest.fixture
+def s3_proxy(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.cluster.cluster import Toxiproxy
+    from tests.e2e.conftest import _ensure
+
+    _ensure(["toxiproxy"])
+    proxy = Toxiproxy(tmp_path_factory.mktemp("toxiproxy")).start()
+    try:
+        proxy.listen = proxy.proxy("s3", s3_server.endpoint.removeprefix("http://"))
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_ride_out_an_s3_outage_on_a_parquet_source_and_fail_on_one_that_lasts(
+        s3_server: Any, s3_bucket: str, s3_proxy: Any, tmp_path: Path, tiny_model_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real trainer on 2 gloo ranks, its S3 behind a proxy that is down when it starts
+    (connections refused, for longer than botocore retries by itself). Rank 0 lists the source
+    and reads its Parquet footers for both ranks, retrying; brought back after the first retry,
+    the run trains on every row. Left down, both ranks fail with the source named, in seconds."""
+    import time
+
+    from tests.integration.harness import events, log_tail, of, start, tiny_spec, write_config
+
+    _parquet_corpus(s3_server.client(), s3_bucket)
+    proxied = f"http://{s3_proxy.listen}"
+    # botocore's own retries (standard mode, 2 attempts: about a second) come first; the outage
+    # outlasts them, so what rides it out is the trainer's retry
+    for key, value in {**s3_server.env, "AWS_ENDPOINT_URL": proxied, "AWS_ENDPOINT_URL_S3": proxied,
+                       "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    source = {"name": "legal", "role": "domain", "format": "parquet", "uri": f"s3://{s3_bucket}/corpus/parquet/"}
+    spec = tiny_spec(tiny_model_dir, {"domain": tmp_path, "replay": tmp_path}, data={"sources": [source]},
+                     budget={"steps": 3}, checkpoint={"every": 3},
+                     training={"microBatchSize": 2, "gradAccumulation": 1})
+    figures = {}
+    for outage, attempt in (("brief", 1), ("lasting", 2)):
+        config = write_config(tmp_path, spec, attempt=attempt)
+        s3_proxy.set_enabled("s3", False)
+        began = time.monotonic()
+        proc = start(config, nproc=2)
+        try:
+            deadline = began + 120
+            while "failed (try 1 of 4" not in log_tail(config):
+                assert time.monotonic() < deadline and proc.poll() is None, log_tail(config)
+                time.sleep(0.2)
+            if outage == "brief":
+                s3_proxy.set_enabled("s3", True)
+            code = proc.wait(timeout=150)
+        finally:
+            s3_proxy.set_enabled("s3", True)
+            if proc.poll() is None:
+                proc.kill()
+        figures[outage] = round(time.monotonic() - began, 1)
+        finished = of("finished", events(config))
+        log = (config.parent / "trainer.log").read_text(errors="replace")
+        if outage == "brief":
+            assert code == 0, log[-3000:]
+            assert finished and finished[-1].reason == "budget"
+            reports = [json.loads(p.read_text()) for p in config.parent.glob("curation*.json")]
+            assert len(reports) == 2 and all(r["read"]["legal"] > 0 and "bad_input" not in r["filters"]
+                                             for r in reports)  # no row group was lost to the outage
+        else:
+            assert code != 0 and finished and finished[-1].reason == "error", log[-3000:]
+            assert f"SourceReadError: cannot read the listing of s3://{s3_bucket}/corpus/parquet/ after 4 tries" \
+                in finished[-1].message
+            assert log.count("SourceReadError: cannot read the listing") >= 2  # each rank says why
+    print(f"S3 outage on a Parquet source, 2 ranks: recovered run {figures['brief']} s, "
+          f"lasting outage failed in {figures['lasting']} s")

@@ -171,3 +171,25 @@ def test_a_gang_not_ready_in_time_is_evicted_and_requeued_without_spending_a_res
                            "a later attempt's whole gang running", timeout=90)
     assert (status["restarts"], status["phase"]) == (0, "Running") and status["evictions"] >= 1
     kube.wait_for(lambda: admitted(kube, namespace, "stuck").get("status") == "True", "admitted", timeout=30)
+
+
+def test_a_gang_that_can_never_start_is_not_requeued_forever_but_fails_at_its_start_deadline(
+        kube_cluster: Any, operator: OperatorProcess, kueue: Kueue, namespace: str, s3_bucket: str) -> None:
+    """Every attempt is evicted by waitForPodsReady (half the gang cannot be scheduled) and resumed
+    by a new one; the time each spent starting adds up (`status.startingSeconds`), so the run
+    ends at its start deadline naming the cause instead of looping through evictions."""
+    kube, node = kube_cluster, "gpu-h100-1"
+    kueue.local_queue(namespace)
+    kube.kubectl("cordon", node)
+    try:
+        kube.apply(queued("never", s3_bucket, resources={"startTimeoutSeconds": START_TIMEOUT_S},
+                          stopPolicy={"maxAttemptRestarts": 0}), namespace=namespace)
+        status = kube.wait_for(lambda: (s := status_of(kube, namespace, "never")).get("phase") == "Failed" and s,
+                               "the run failed at its start deadline", timeout=START_TIMEOUT_S + 90)
+    finally:
+        kube.kubectl("uncordon", node)
+    assert status["evictions"] >= 1 and status["restarts"] == 0, status
+    assert condition(status, "Failed")["reason"] == "StartTimeout", status
+    assert "spent by attempts Kueue evicted before their trainers ran" in status["message"]
+    assert "nodes are available" in status["message"], status["message"]  # the scheduler's cause
+    assert job_names(kube, namespace, "never") == []  # the GPUs are let go

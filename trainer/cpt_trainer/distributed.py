@@ -5,9 +5,11 @@ every collective is the identity, so the same loop runs under `python -m cpt_tra
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,36 @@ def broadcast_object(obj: object) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 only and its result handed to every rank: one reading of
+    something every rank must agree on (a source listing, Parquet footers). An error there is
+    raised on every rank (the same type and message), so no rank waits for a result that will
+    not come and every rank's log says why."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    failure: BaseException | None = None
+    outcome: tuple[bool, Any] = (True, None)
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, compute())
+        except Exception as exc:
+            failure, outcome = exc, (False, _portable(exc))
+    shared = cast(tuple[bool, Any], broadcast_object(outcome))
+    if failure is not None:
+        raise failure
+    if not shared[0]:
+        raise shared[1]
+    return cast(T, shared[1])
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` as another process can unpickle it, else a RuntimeError with its type and message."""
+    try:
+        return pickle.loads(pickle.dumps(exc))  # type: ignore[no-any-return]
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def gather_objects(obj: T) -> list[T]:

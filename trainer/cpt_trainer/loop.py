@@ -216,7 +216,7 @@ class Attempt:
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
         try:
             self.data = DataPipeline(cfg, self.tokenizer, self.dist.rank, self.dist.world_size,
-                                     eval_texts=eval_texts, report_dir=cfg.run_dir)
+                                     eval_texts=eval_texts, report_dir=cfg.run_dir, share=distributed.from_rank0)
         except (ValueError, FileNotFoundError) as exc:
             # Sources that do not exist or curate to nothing: fixing the spec is the only cure.
             raise Refused(f"data: {exc}") from exc

@@ -1,7 +1,8 @@
 """DataPipeline: sources -> curation -> tokenisation -> mixture -> packed batches, streaming.
 
 Built once per trainer process. Construction only lists the sources and cuts them into units
-(`sources.py`; sizes and Parquet footers, the same on every rank) and fixes the data version.
+(`sources.py`; sizes and Parquet footers, read once and handed to every rank by `share`) and
+fixes the data version.
 Documents are read later, as needed, and only the rank's own units (`positions.py`,
 `stream.py`): no rank reads or holds the whole corpus.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -40,15 +41,23 @@ from .packing import Batch, Window, collate
 from .positions import reshard_pipeline
 from .producer import FEEDBACK_LAG, STATE_FORMAT, Plan, Producer, report_path
 from .report import CurationReport
-from .sources import UNIT_BYTES, SourceReader
+from .sources import UNIT_BYTES, SourceLayout, SourceReader, read_layout
 
 log = logging.getLogger(__name__)
+
+Share = Callable[[Callable[[], list[SourceLayout]]], list[SourceLayout]]
+"""Runs a reading of the sources' layouts once and gives its result to every rank (the trainer:
+`distributed.from_rank0`; one process: a plain call)."""
+
+
+def _here(read: Callable[[], list[SourceLayout]]) -> list[SourceLayout]:
+    return read()
 
 
 class DataPipeline:
     def __init__(self, cfg: TrainerConfig, tokenizer: PreTrainedTokenizerBase, rank: int,
                  world_size: int, eval_texts: Sequence[str] = (), report_dir: str | None = None,
-                 *, workers: int = 1, unit_bytes: int = UNIT_BYTES):
+                 *, workers: int = 1, unit_bytes: int = UNIT_BYTES, share: Share = _here):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if workers not in (0, 1):
@@ -57,8 +66,9 @@ class DataPipeline:
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.source_names = [s.name for s in data.sources]
         self.roles = [s.role.value for s in data.sources]
-        readers = [SourceReader(s, CurationReport(), unit_bytes=unit_bytes)
-                   for s in data.sources]
+        layouts = share(lambda: [read_layout(s) for s in data.sources])
+        readers = [SourceReader(s, CurationReport(), unit_bytes=unit_bytes, layout=layout)
+                   for s, layout in zip(data.sources, layouts)]
         key = curation_key(data.curation, eval_texts)
         hashes = {r.source.name: r.hash for r in readers}
         self.data_version = _data_version(cfg, hashes, key, unit_bytes)

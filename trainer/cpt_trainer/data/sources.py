@@ -12,15 +12,21 @@ Units. A source is cut into units, pieces that can be read independently and in 
   `record[field]`; blank lines are not records. Instruction sources may carry `prompt` and
   `response` fields: the prompt is kept apart so packing can mask it out of the loss;
 - `parquet`: a unit is one row group; a row is one record (column `field` or prompt/response).
-Cutting needs only the listing (sizes) and Parquet footers, so every rank computes the same
-units without reading documents; which rank reads which unit is `positions.py`'s business.
+Cutting needs only the listing (sizes) and Parquet footers (`SourceLayout`). The trainer reads
+them once, on rank 0, and hands the same layout to every rank (`DataPipeline(share=...)`): a
+listing or a footer read that fails on one rank only cannot give that rank another unit map
+under the same data version. Which rank reads which unit is `positions.py`'s business.
 A unit's documents come out in file order as a stream, one line / row group at a time; the
 reader counts the bytes it pulls (`bytes_read`), so a rank's share of the I/O can be measured.
 
 Unreadable input (binary files, invalid UTF-8, empty files, malformed or field-less JSON lines,
-null Parquet cells, unreadable Parquet files) is reported with file and line and skipped: one
-bad file does not stop a run. A JSONL line is located by its line number when its unit starts
-the file and by its byte offset otherwise (counting lines would mean reading the whole prefix).
+null Parquet cells, files that are not Parquet) is reported with file and line and skipped: one
+bad file does not stop a run. A file the *store* cannot serve is another matter: a Parquet
+footer or row group whose read fails with an I/O error (an S3 outage, a reset connection) is
+tried again READ_TRIES times, backing off, and then fails the attempt naming the file
+(`SourceReadError`), rather than becoming zero documents of a unit counted as done. A JSONL
+line is located by its line number when its unit starts the file and by its byte offset
+otherwise (counting lines would mean reading the whole prefix).
 
 S3: endpoint and credentials come from the standard AWS environment (see
 `cpt_operator.api.storage`, shared with the operator).
@@ -29,10 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -42,8 +50,61 @@ from cpt_operator.api.storage import storage_options
 
 from .report import CurationReport, Origin
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _GLOB_CHARS = "*?["
 _HASH_CHUNK = 1 << 20
+
+READ_TRIES = 4
+"""Tries of one footer or row-group read before the attempt fails on it."""
+RETRY_DELAY_S = 1.0
+"""Wait before the second try; doubled before each further one (1 + 2 + 4 s in all): long
+enough for a store's brief outage or a throttled burst, short enough that a store that is down
+fails the attempt in seconds, leaving the retry to the control plane's restart policy."""
+_PERSISTENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+"""I/O errors that another try would meet again."""
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """What a store's failed read raises: OSError (the kernel, pyarrow, s3fs's translation of the
+    store's answers) and, from s3fs, botocore's own connection errors, which are not OSErrors
+    (an endpoint that refuses connections for longer than botocore retries by itself, ~5 s)."""
+    kinds: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        kinds += [BotoConnectionError, HTTPClientError]
+    except ImportError:  # no S3 support installed: nothing raises them
+        pass
+    return tuple(kinds)
+
+
+_TRANSIENT = _transient_errors()
+
+
+class SourceReadError(RuntimeError):
+    """A source file the store could not serve, after READ_TRIES tries or at once when trying
+    again cannot help (gone, access denied); the message names the file."""
+
+
+def with_retries(what: str, read: Callable[[], T], *, passthrough: tuple[type[Exception], ...] = ()) -> T:
+    """`read()`, tried again on I/O errors (`_TRANSIENT`); `passthrough` errors, and any other
+    (a file that is not Parquet), are the caller's to handle, at once."""
+    tries, delay_s = READ_TRIES, RETRY_DELAY_S
+    for n in range(tries):
+        try:
+            return read()
+        except passthrough:
+            raise
+        except _PERSISTENT as exc:
+            raise SourceReadError(f"cannot read {what}: {type(exc).__name__}: {exc}") from exc
+        except _TRANSIENT as exc:
+            if n + 1 == tries:
+                raise SourceReadError(f"cannot read {what} after {tries} tries: {type(exc).__name__}: {exc}") from exc
+            log.warning("reading %s failed (try %d of %d, again in %.1f s): %s", what, n + 1, tries,
+                        delay_s * 2 ** n, exc)
+            time.sleep(delay_s * 2 ** n)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -130,6 +191,40 @@ class Unit:
     """jsonl: end of the range (exclusive); parquet: row group + 1; text: the file's size."""
 
 
+@dataclass(frozen=True)
+class SourceLayout:
+    """What a source's units are cut from: its files and, for Parquet, each file's row groups
+    (0 for a file that is not Parquet: its one unit reports it when read)."""
+
+    files: list[SourceFile]
+    row_groups: list[int]
+
+
+def read_layout(source: DataSource) -> SourceLayout:
+    """List a source and read its Parquet footers (a missing source raises FileNotFoundError or
+    finds no files; the store failing raises SourceReadError)."""
+    # a source that does not exist is the spec's fault (the trainer refuses it), not the store's
+    fs, files = with_retries(f"the listing of {source.uri}", lambda: list_files(source.uri),
+                             passthrough=(FileNotFoundError,))
+    groups = [_footer_row_groups(fs, f) for f in files] if source.format == SourceFormat.parquet else []
+    return SourceLayout(files, groups)
+
+
+def _footer_row_groups(fs: fsspec.AbstractFileSystem, file: SourceFile) -> int:
+    import pyarrow.parquet as pq
+
+    def read() -> int:
+        with fs.open(file.path, "rb") as f:
+            return int(pq.ParquetFile(f).metadata.num_row_groups)
+
+    try:
+        return with_retries(f"{file.path} (Parquet footer)", read)
+    except SourceReadError:
+        raise
+    except Exception:  # pyarrow raises several types for a file that is not Parquet
+        return 0
+
+
 def cut_units(fmt: SourceFormat, files: list[SourceFile], row_groups: list[int],
               unit_bytes: int = UNIT_BYTES) -> list[Unit]:
     """Every unit of a source, in listing order (a pure function of the listing)."""
@@ -176,13 +271,15 @@ class SourceReader:
     """Lists one source, cuts it into units and reads the documents of any unit."""
 
     def __init__(self, source: DataSource, report: CurationReport, *,
-                 unit_bytes: int = UNIT_BYTES):
+                 unit_bytes: int = UNIT_BYTES, layout: SourceLayout | None = None):
+        """`layout`: the source's files and footers as read once for every rank (default: read
+        them here)."""
         self.source, self.report = source, report
-        self._fs, self.files = list_files(source.uri)
-        self._fs_pid = os.getpid()
-        groups = [self._row_groups(f) for f in self.files] \
-            if source.format == SourceFormat.parquet else []
-        self.units = cut_units(source.format, self.files, groups, unit_bytes)
+        layout = read_layout(source) if layout is None else layout
+        self.files = layout.files
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._fs_pid = -1
+        self.units = cut_units(source.format, self.files, layout.row_groups, unit_bytes)
         self._bytes = [0]
 
     @property
@@ -191,7 +288,7 @@ class SourceReader:
         and fsspec's async filesystems (s3fs, gcsfs) refuse to run in a child with their parent's
         object ("This class is not fork-safe"); fsspec empties its instance cache in a new
         process, so opening the source again there gives the child one of its own."""
-        if self._fs_pid != os.getpid():
+        if self._fs is None or self._fs_pid != os.getpid():
             self._fs, _ = open_fs(self.source.uri)
             self._fs_pid = os.getpid()
         return self._fs
@@ -203,17 +300,6 @@ class SourceReader:
     @property
     def bytes_read(self) -> int:
         return self._bytes[0]
-
-    def _row_groups(self, file: SourceFile) -> int:
-        """Row groups of a Parquet file from its footer; 0 when unreadable (its one unit
-        reports the problem when read, on whichever rank reads it)."""
-        import pyarrow.parquet as pq
-
-        try:
-            with self.fs.open(file.path, "rb") as f:
-                return int(pq.ParquetFile(f).metadata.num_row_groups)
-        except Exception:  # pyarrow raises several types for a broken file
-            return 0
 
     def documents(self, unit: Unit | None = None) -> Iterator[Document]:
         """The documents of one unit in file order, or of the whole source."""
@@ -300,20 +386,26 @@ class SourceReader:
         """(rows before this group, so row numbers stay file-wide; the group's rows)."""
         import pyarrow.parquet as pq
 
-        try:
+        def read() -> tuple[int, list[dict[str, Any]]] | str:
             with self._open(file) as f:
                 parquet = pq.ParquetFile(f)
                 columns = set(parquet.schema_arrow.names)
                 if self.source.field not in columns and not {"prompt", "response"} <= columns:
-                    self.report.bad_input(self._origin(file, 0), f"no column "
-                                          f"{self.source.field!r} (has {sorted(columns)})")
-                    return 0, []
+                    return f"no column {self.source.field!r} (has {sorted(columns)})"
                 wanted = [c for c in (self.source.field, "prompt", "response") if c in columns]
                 first = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
                 return first, parquet.read_row_group(unit.start, columns=wanted).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for a broken file
-            self.report.bad_input(self._origin(file, 0), f"not a readable Parquet file: {exc}")
+
+        try:
+            got = with_retries(f"{file.path} (Parquet row group {unit.start})", read)
+        except SourceReadError:
+            raise
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            got = f"not a readable Parquet file: {exc}"
+        if isinstance(got, str):
+            self.report.bad_input(self._origin(file, 0), got)
             return 0, []
+        return got
 
 
 def _first_owned_line(f: CountingFile, start: int) -> int:
