@@ -9,9 +9,10 @@ from .api.quantity import format_bytes
 from .api.spec import CptRunSpec
 from .base_shape import read_shape
 from .policy.memory import MemoryPlan, dtypes, estimate, memory_limit
-from .policy.memory_fix import Usage, checked, device_usage, host_usage, wont_fit
+from .policy.memory_fix import Usage, checked, device_usage, host_usage, scratch_usage, wont_fit
 from .policy.memory_host import HostPlan, host_estimate, host_memory_limit
 from .policy.model_shape import ModelShape
+from .policy.scratch import scratch_estimate, scratch_limit
 
 MOMENTS = ("loading", "training")
 
@@ -34,7 +35,19 @@ def plan_lines(spec: CptRunSpec, shape: ModelShape) -> list[str]:
     lines += [f"  {name:<12}{format_bytes(size):>12}" for name, size in plan.parts().items()]
     verdict = "" if limit is None else _verdict(device_usage(plan, limit))
     lines.append(f"  {'total':<12}{format_bytes(plan.total):>12}{verdict}")
-    return lines + host_lines(host_estimate(spec, shape), host_memory_limit(spec))
+    return lines + host_lines(host_estimate(spec, shape), host_memory_limit(spec)) + scratch_lines(spec, shape)
+
+
+def scratch_lines(spec: CptRunSpec, shape: ModelShape) -> list[str]:
+    """The pod's local disk: one save's staging (object storage only) and the work files."""
+    staging, work = scratch_estimate(spec, shape)
+    limit = scratch_limit(spec)
+    verdict = "" if limit is None else _verdict(scratch_usage(spec, shape, limit))
+    return ["scratch disk per pod (resources.scratch):",
+            f"  {'staging':<12}{format_bytes(staging) if staging else '-':>12}"
+            + ("" if staging else "  (checkpoints written in place)"),
+            f"  {'work':<12}{format_bytes(work):>12}",
+            f"  {'pod':<12}{format_bytes(staging + work):>12}{verdict}"]
 
 
 def host_lines(plan: HostPlan, limit: int | None) -> list[str]:

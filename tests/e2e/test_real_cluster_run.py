@@ -100,7 +100,7 @@ def two_node_run(inputs: str, bucket: str, placement: dict[str, Any]) -> dict[st
                    "relative": True, "action": "rollback", "rollbackTo": "lastGood"}],
         "resources": {"nodes": 2, "gpusPerNode": 0, "nodeSelector": placement["nodeSelector"],
                       "tolerations": placement["tolerations"], "s3SecretRef": "s3-credentials",
-                      "stopGraceSeconds": 60},
+                      "stopGraceSeconds": 60, "scratch": "2Gi"},  # S3 saves stage on the sized work volume
     }
     return {"apiVersion": "cpt.mlops.dev/v1alpha1", "kind": "CptRun", "metadata": {"name": RUN}, "spec": spec}
 

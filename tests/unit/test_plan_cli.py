@@ -69,7 +69,7 @@ def test_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], parallelism: d
 def test_the_host_table_shows_each_moment_and_the_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     offload = {"strategy": "fsdp", "cpuOffload": True}
     assert main(["plan", write_run(tmp_path, offload, {"gpuMemory": "80Gi", "memory": "256Gi"})]) == 0
-    host = capsys.readouterr().out.split("host memory per rank")[1].splitlines()[1:]
+    host = capsys.readouterr().out.split("host memory per rank")[1].split("scratch disk")[0].splitlines()[1:]
     assert host == [
         "                   loading    training",
         "  process          2.0 GiB     2.0 GiB",
@@ -88,3 +88,22 @@ def test_an_unreadable_config_cannot_be_planned_and_says_where(tmp_path: Path,
     assert main(["plan", write_run(tmp_path, FSDP, {"gpuMemory": "80Gi"}, config=None)]) == 2
     err = capsys.readouterr().err
     assert "cannot plan" in err and f"{tmp_path / 'base' / 'config.json'}" in err
+
+
+@pytest.mark.parametrize("scratch, uri, code, needle", [
+    ("50Gi", "s3://ckpt/legal-8b", 1, "scratch disk per pod 90.7 GiB of 50.0 GiB does not fit (a save's staging "
+     "89.7 GiB (8 rank(s)) + work files 1.0 GiB); smallest fix: set resources.scratch: 91Gi"),
+    ("100Gi", "s3://ckpt/legal-8b", 0, "90.7 GiB  (scratch disk per pod 90.7 GiB of 100.0 GiB: fits)"),
+    ("2Gi", None, 0, "  staging                -  (checkpoints written in place)"),
+], ids=["a pod without disk for one save's staging does not fit", "and one with it does",
+        "checkpoints on a local path stage nothing"])
+def test_the_pods_scratch_disk_holds_one_saves_staging(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        scratch: str, uri: str | None, code: int, needle: str) -> None:
+    path = Path(write_run(tmp_path, {"strategy": "fsdp"}, {"scratch": scratch}))
+    doc = yaml.safe_load(path.read_text())
+    if uri:
+        doc["spec"]["checkpoint"] = {"uri": uri}
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", str(path)]) == code
+    out = capsys.readouterr()
+    assert needle in out.out + out.err, out.out + out.err

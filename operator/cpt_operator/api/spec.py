@@ -357,6 +357,15 @@ class ResourcesSpec(SpecModel):
     shard count) and the data worker; on CPU runs also the whole training step. Not counted: the
     page cache, which the kernel reclaims within the limit."""
     shared_memory: str = "8Gi"
+    scratch: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Local disk of one pod (a quantity such as `200Gi`): the size of its work volume (an
+    emptyDir holding the trainer's temporary files) and the trainer container's ephemeral-storage
+    request and limit, so the scheduler places the pod where that much is free. A save to object
+    storage stages each rank's checkpoint files there before uploading them (12 B/param over the
+    shard count a rank, removed once uploaded). When set, it is planned before each attempt
+    starts, as `memory` is, and the run refused (WontFit, naming the staging need and the
+    smallest change that fits) if it cannot hold one save of every rank of the pod and 1 GiB of
+    work files. Unset: no request, and the node's free disk decides."""
     gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """Memory of one GPU of the pool (a quantity such as `80Gi`). When set, the run is planned
     before each attempt starts (`cptctl plan`, the same check in the operator and `cptctl run`)

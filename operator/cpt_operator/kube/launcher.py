@@ -98,6 +98,8 @@ def _resources(spec: CptRunSpec) -> Object:
         requests["cpu"] = limits["cpu"] = r.cpu
     if r.memory:
         requests["memory"] = limits["memory"] = r.memory
+    if r.scratch:  # the work volume (checkpoint staging) counts against the pod's ephemeral storage
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = r.scratch
     out: Object = {}
     if requests:
         out["requests"] = requests
@@ -108,8 +110,11 @@ def _resources(spec: CptRunSpec) -> Object:
 
 def _container(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     r = spec.resources
-    # HOME on the scratch volume: libraries cache there, and the image's HOME may not be writable
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": WORK_DIR}]
+    # HOME and TMPDIR on the work volume: libraries cache there, the image's HOME may not be
+    # writable, and a save to object storage stages its files in TMPDIR: on the volume
+    # `resources.scratch` sizes, not in the container's own layer
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": WORK_DIR},
+           {"name": "TMPDIR", "value": WORK_DIR}]
     container: Object = {
         "name": "trainer", "image": r.image or settings.trainer_image,
         "command": TORCHRUN, "args": torchrun_args(spec, name, settings), "env": env,
@@ -135,7 +140,7 @@ def _pod_spec(spec: CptRunSpec, name: str, settings: Settings) -> Object:
         "containers": [_container(spec, name, settings)],
         "volumes": [{"name": "config", "configMap": {"name": name}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shared_memory}},
-                    {"name": "work", "emptyDir": {}}],
+                    {"name": "work", "emptyDir": {"sizeLimit": r.scratch} if r.scratch else {}}],
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
                             "runAsGroup": settings.run_as_user, "fsGroup": settings.run_as_user,
                             "seccompProfile": {"type": "RuntimeDefault"}},

@@ -27,6 +27,7 @@ from ..api.spec import MAX_NODES, ActivationCheckpointing, CptRunSpec, Sharding
 from .memory import GIB, SHARDED, Layout, MemoryPlan, estimate, memory_limit, resolve_strategy
 from .memory_host import HostPlan, host_estimate, host_memory_limit
 from .model_shape import ModelShape
+from .scratch import scratch_estimate, scratch_limit
 
 M = TypeVar("M", bound=SpecModel)
 Change = Callable[[CptRunSpec], tuple[str, CptRunSpec]]
@@ -62,6 +63,14 @@ def device_usage(plan: MemoryPlan, limit: int) -> Usage:
                  f"largest: {', '.join(plan.largest())}")
 
 
+def scratch_usage(spec: CptRunSpec, shape: ModelShape, limit: int) -> Usage:
+    staging, work = scratch_estimate(spec, shape)
+    lay = Layout.of(spec)
+    return Usage("scratch disk per pod", staging + work, limit,
+                 f"a save's staging {format_bytes(staging)} ({lay.procs_per_node} rank(s)) + work files "
+                 f"{format_bytes(work)}")
+
+
 def host_usage(plan: HostPlan, limit: int) -> Usage:
     return Usage("host memory per pod", plan.total, limit,
                  f"{plan.layout.procs_per_node} rank(s) × {format_bytes(plan.rank)} while {plan.peak_moment} "
@@ -69,18 +78,20 @@ def host_usage(plan: HostPlan, limit: int) -> Usage:
 
 
 def checked(spec: CptRunSpec) -> bool:
-    """Whether the spec names any memory to plan against."""
-    return memory_limit(spec) is not None or host_memory_limit(spec) is not None
+    """Whether the spec names any memory (or disk) to plan against."""
+    return any(x is not None for x in (memory_limit(spec), host_memory_limit(spec), scratch_limit(spec)))
 
 
 def usages(spec: CptRunSpec, shape: ModelShape) -> list[Usage]:
-    """Each memory the spec names against its plan: the GPU's, then the pod's host memory."""
+    """Each memory the spec names against its plan: the GPU's, the pod's host memory, its disk."""
     found = []
-    gpu, host = memory_limit(spec), host_memory_limit(spec)
+    gpu, host, disk = memory_limit(spec), host_memory_limit(spec), scratch_limit(spec)
     if gpu is not None:
         found.append(device_usage(estimate(spec, shape), gpu))
     if host is not None:
         found.append(host_usage(host_estimate(spec, shape), host))
+    if disk is not None:
+        found.append(scratch_usage(spec, shape, disk))
     return found
 
 
@@ -140,6 +151,8 @@ def _single_changes(spec: CptRunSpec, shape: ModelShape) -> Iterator[Change]:
         yield _offload(True)
     if host:
         yield _more_memory(shape)
+    if scratch_limit(spec) is not None:
+        yield _more_scratch(shape)
     if strategy != "ddp":
         yield from _more_nodes(spec)
 
@@ -224,6 +237,14 @@ def _more_memory(shape: ModelShape) -> Change:
     def apply(spec: CptRunSpec) -> tuple[str, CptRunSpec]:
         memory = f"{-(-host_estimate(spec, shape).total // GIB)}Gi"
         return f"resources.memory: {memory}", updated(spec, "resources", memory=memory)
+    return apply
+
+
+def _more_scratch(shape: ModelShape) -> Change:
+    """`resources.scratch` as the plan of the spec it is applied to needs, in whole GiB."""
+    def apply(spec: CptRunSpec) -> tuple[str, CptRunSpec]:
+        scratch = f"{-(-sum(scratch_estimate(spec, shape)) // GIB)}Gi"
+        return f"resources.scratch: {scratch}", updated(spec, "resources", scratch=scratch)
     return apply
 
 

@@ -146,6 +146,21 @@ def test_pods_land_on_the_pool_with_gpus_shared_memory_and_s3_credentials():
     assert annotations["prometheus.io/port"] == str(SETTINGS.trainer_metrics_port)
 
 
+def test_checkpoint_staging_lands_on_the_work_volume_the_scratch_disk_sizes():
+    unsized = pod_spec(attempt_objects()[-1])
+    container = unsized["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["TMPDIR"] == env["HOME"] == mounts["work"]  # tempfile's staging folder, not the image's /tmp
+    assert {v["name"]: v for v in unsized["volumes"]}["work"]["emptyDir"] == {}
+    assert "ephemeral-storage" not in container["resources"]["requests"]
+
+    sized = pod_spec(attempt_objects(build_spec(scratch="200Gi"))[-1])
+    resources = sized["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "200Gi"
+    assert {v["name"]: v for v in sized["volumes"]}["work"]["emptyDir"] == {"sizeLimit": "200Gi"}
+
+
 def test_pods_run_with_the_restricted_security_profile():
     *_, job = attempt_objects()
     pod = pod_spec(job)

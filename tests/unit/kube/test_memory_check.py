@@ -101,6 +101,17 @@ def test_a_run_that_cannot_fit_is_refused_with_the_fix_and_no_job(tmp_path: Path
     assert [(t, r) for t, r, _ in events] == [("Warning", "WontFit")]
 
 
+def test_a_pod_whose_disk_cannot_stage_a_save_is_refused_before_a_failed_upload_would(tmp_path: Path) -> None:
+    body = _body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp")
+    body["spec"]["resources"]["scratch"] = "20Gi"  # checkpoints go to gs://: each save is staged first
+    kube, events = FakeKube(body), []
+    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is None
+    valid = _condition(kube.body, ConditionType.spec_valid)
+    assert (valid["status"], valid["reason"]) == ("False", Reason.wont_fit.value)
+    assert valid["message"].startswith("scratch disk per pod 90.7 GiB of 20.0 GiB does not fit")
+    assert "smallest fix: set resources.scratch: 91Gi" in valid["message"] and kube.jobs() == []
+
+
 def test_a_pod_whose_host_memory_cannot_fit_is_refused_naming_host_memory(tmp_path: Path) -> None:
     kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, memory="64Gi", strategy="fsdp")), []
     assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is None
