@@ -181,6 +181,7 @@ def test_a_gang_that_can_never_start_is_not_requeued_forever_but_fails_at_its_st
     kube, node = kube_cluster, "gpu-h100-1"
     kueue.local_queue(namespace)
     kube.kubectl("cordon", node)
+    began = time.monotonic()
     try:
         kube.apply(queued("never", s3_bucket, resources={"startTimeoutSeconds": START_TIMEOUT_S},
                           stopPolicy={"maxAttemptRestarts": 0}), namespace=namespace)
@@ -193,3 +194,5 @@ def test_a_gang_that_can_never_start_is_not_requeued_forever_but_fails_at_its_st
     assert "spent by attempts Kueue evicted before their trainers ran" in status["message"]
     assert "nodes are available" in status["message"], status["message"]  # the scheduler's cause
     assert job_names(kube, namespace, "never") == []  # the GPUs are let go
+    print(f"a gang that cannot start: Failed (StartTimeout) {time.monotonic() - began:.0f} s after apply, "
+          f"{status['evictions']} evictions, startTimeoutSeconds {START_TIMEOUT_S}")

@@ -194,11 +194,14 @@ def test_a_cptrun_becomes_an_indexed_job_on_the_gpu_pool_and_succeeds(kube_clust
     ({"gates": [{"name": "g", "suite": "nope", "threshold": 0.1}]}, "every gate must read a suite"),
     ({"stopPolicy": {"plateau": {"suite": "legl"}}}, "stopPolicy.plateau.suite must name a suite"),
     ({"evaluation": {"suites": [{"name": "x", "kind": "general"}]}}, "uri is required"),
+    ({"evaluation": {"suites": [{"name": "x", "kind": "general", "uri": "s3://b/he.jsonl", "metric": "pass_at_1"}]}},
+     "pass_at_1 needs `code`"),
     ({"resources": {"nodes": 0}}, "spec.resources.nodes"),
     ({"baseModel": {"uri": "http://169.254.169.254/latest/meta-data/"}}, "spec.baseModel.uri"),
 ], ids=["warmup not below the budget (CEL)", "a negative learning rate (schema)",
         "a gate on an undefined suite (CEL)", "a plateau on a misspelt suite (CEL)",
-        "a suite with neither texts nor a benchmark (CEL)", "zero nodes (schema)",
+        "a suite with neither texts nor a benchmark (CEL)", "pass@1 without programs to run (CEL)",
+        "zero nodes (schema)",
         "a base over http (schema)"])
 def test_invalid_manifests_are_rejected_by_the_api_server(kube_cluster: Any, crd: None, namespace: str,
                                                           change: dict[str, Any], message: str) -> None:

@@ -68,6 +68,12 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
         {"text": p, **({"response": " See the license."} if i % 3 == 0 else {})}
         for i, p in enumerate(PROMPTS)])
     generation = {"uri": prompts, "maxNewTokens": MAX_NEW}
+    # Programs whose completion lands inside a raw string the test closes: whatever the model
+    # writes, the programs of even samples pass and those of odd samples fail their check
+    programs = write_jsonl(root / "programs.jsonl", [
+        {"prompt": f'def answer():\n    return {i}\n\nNOTE = r"""\nThe answer is', "entry_point": "answer",
+         "test": f'"""\n\ndef check(candidate):\n    assert candidate() == {i if i % 2 == 0 else -1}\n'}
+        for i in range(len(PROMPTS))])
     return [
         {"name": "held-out", "kind": "domain", "uri": text, "metric": "perplexity"},
         {"name": "held-out-nll", "kind": "general", "uri": text, "metric": "nll"},
@@ -76,6 +82,9 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
         {"name": "safety", "kind": "safety", "metric": "refusal_rate", **generation,
          "refusalClassifier": "tests.integration.harness:odd_length"},
         {"name": "chat", "kind": "drift", "uri": chat, "metric": "kl_to_base", "maxNewTokens": MAX_NEW},
+        # each rank runs its share's programs in the sandbox
+        {"name": "programs", "kind": "general", "uri": programs, "metric": "pass_at_1", "maxNewTokens": MAX_NEW,
+         "code": {"timeoutSeconds": 20, "memory": "512Mi"}},
         # lm-eval tasks: every rank runs them whole, in lock step (a collective under fsdp)
         {"name": "sums", "kind": "general", "metric": "acc", "uri": str(write_benchmark_tasks(root / "tasks")),
          "benchmark": {"tasks": ["sums"], "numFewshot": 0, "limit": 9, "batchSize": 4}},
@@ -156,6 +165,7 @@ def test_one_process_measures_every_suite(alone):
             "echo.exact_match"} <= set(results)
     assert results["chat.kl_to_base"] > 0
     assert 0 < results["safety.refusal_rate"] < 1 and 0 < results["format.format_follow"] < 1
+    assert results["programs.pass_at_1"] == 5 / 9  # the even samples' programs, each run in the sandbox
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

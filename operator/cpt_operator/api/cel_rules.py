@@ -88,4 +88,9 @@ RULES: tuple[CelRule, ...] = (
     CelRule(("spec", "evaluation", "suites", "[]"), "!has(self.benchmark) || (has(self.metric) && "
             "self.metric in ['acc', 'acc_norm', 'exact_match'] && self.kind != 'drift')",
             "a benchmark suite reports acc, acc_norm or exact_match for a kind other than drift"),
+    CelRule(("spec", "evaluation", "suites", "[]"),
+            "has(self.code) == (has(self.metric) && self.metric == 'pass_at_1') "
+            "&& (!has(self.code) || !(self.kind in ['drift', 'safety']))",
+            "a code suite (with `code`) reports pass_at_1, and pass_at_1 needs `code`, for a kind other than "
+            "drift or safety"),
 )

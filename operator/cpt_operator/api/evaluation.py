@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import SpecModel
+from .quantity import QUANTITY_PATTERN
 from .storage import URI_PATTERN
 
 
@@ -33,6 +34,7 @@ class Metric(str, Enum):
     acc = "acc"
     acc_norm = "acc_norm"
     exact_match = "exact_match"
+    pass_at_1 = "pass_at_1"
 
 
 LOWER_IS_BETTER = {Metric.perplexity, Metric.nll, Metric.kl_to_base}
@@ -55,6 +57,22 @@ class BenchmarkSpec(SpecModel):
     batch_size: int = Field(default=8, ge=1, le=1024)
 
 
+class CodeSpec(SpecModel):
+    """Programs the model completes, run with their tests in a sandbox (`pass_at_1`).
+
+    The suite's records are in HumanEval's format (`prompt`, `test`, `entry_point`, as in
+    HumanEval.jsonl): the model completes each prompt greedily (up to `maxNewTokens`, cut where a
+    new top-level statement begins), and the program `prompt + completion + test +
+    check(entry_point)` runs in its own process: `python -I` under time, memory and file-size
+    limits, in a scratch directory, with no network, no new processes and no credentials of the
+    trainer. The suite's value is the share of programs that exit 0 (pass@1)."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """Wall time of one program (and its CPU time, rounded up); a program still running is killed."""
+    memory: str = Field(default="1Gi", pattern=QUANTITY_PATTERN)
+    """Address space of one program's process."""
+
+
 class SuiteSpec(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
     kind: SuiteKind
@@ -75,9 +93,15 @@ class SuiteSpec(SpecModel):
     benchmark: BenchmarkSpec | None = None
     """Score the model on lm-evaluation-harness tasks instead of reading samples; `metric` is
     then acc, acc_norm or exact_match (gated, chosen on and plotted like any metric)."""
+    code: CodeSpec | None = None
+    """Run the completed programs against their tests (`metric: pass_at_1`, higher is better)."""
 
     @model_validator(mode="after")
     def _metric_fits_kind(self) -> "SuiteSpec":
+        if (self.code is not None) != (self.metric == Metric.pass_at_1) or \
+                (self.code is not None and self.kind in (SuiteKind.drift, SuiteKind.safety)):
+            raise ValueError("a code suite (with `code`) reports pass_at_1, and pass_at_1 needs `code`, "
+                             "for a kind other than drift or safety")
         if self.benchmark is not None:
             if self.metric not in BENCHMARK_METRICS or self.kind == SuiteKind.drift:
                 raise ValueError(f"a benchmark suite reports acc, acc_norm or exact_match for a kind other "
@@ -93,6 +117,8 @@ class SuiteSpec(SpecModel):
             SuiteKind.drift: {Metric.kl_to_base},
             SuiteKind.custom: set(Metric) - BENCHMARK_METRICS,
         }.get(self.kind)
+        if self.code is not None:
+            return self  # any kind but drift and safety (checked above)
         if allowed is not None and self.metric not in allowed:
             names = ", ".join(sorted(m.value for m in allowed))
             raise ValueError(f"suite kind {self.kind.value} measures {names}, not {self.metric.value}")

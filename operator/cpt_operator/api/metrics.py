@@ -22,7 +22,7 @@ from .evaluation import BENCHMARK_METRICS, LOWER_IS_BETTER, Baseline, GateSpec, 
 
 # Rates are shares in [0, 1] and KL is in nats: their differences are already normalised.
 _ABSOLUTE_SCALE = {Metric.json_valid, Metric.format_follow, Metric.refusal_rate, Metric.kl_to_base,
-                   *BENCHMARK_METRICS}
+                   Metric.pass_at_1, *BENCHMARK_METRICS}
 # A baseline this close to zero cannot carry a relative threshold.
 ZERO = 1e-12
 

@@ -9,6 +9,8 @@ files are read in sorted order, so every call and every rank sees the same sampl
 A record's sample text is `record[field]`. Generation suites read extra fields when present:
 `pattern` (format_follow: the regex the output must match) and `response` (kl_to_base: the
 response whose positions are compared; without it the base model's own greedy response is used).
+Code suites read HumanEval's records: `prompt` (unless `field` names another), `test` and
+`entry_point`, all required.
 
 Unlike training data, evaluation data is not skipped over when broken: a missing file, an empty
 suite or a malformed record is an error naming the suite and the place, because a metric
@@ -41,6 +43,10 @@ class Sample:
     """file:line (or file:row) the sample came from, for messages."""
     pattern: str | None = None
     response: str | None = None
+    test: str | None = None
+    """Code suites: the test code that defines `check(candidate)`."""
+    entry_point: str | None = None
+    """Code suites: the function the test checks."""
 
 
 def load_samples(suite: SuiteSpec, label: str | None = None) -> list[Sample]:
@@ -69,7 +75,8 @@ def suite_digest(suite: SuiteSpec, samples: list[Sample]) -> str:
     a prompt, a pattern or a response changes it."""
     settings = suite.model_dump(mode="json", by_alias=True, exclude={"name", "uri"})
     body = {"suite": settings,
-            "samples": [[x.text, x.pattern, x.response] for x in samples]}
+            "samples": [[x.text, x.pattern, x.response] + ([x.test, x.entry_point] if suite.code else [])
+                        for x in samples]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -139,14 +146,18 @@ def _record(suite: SuiteSpec, label: str, record: Any, where: str) -> Sample:
     if not isinstance(record, dict):
         raise EvalDataError(f"{label}: {where}: a JSON "
                             f"{type(record).__name__}, not an object")
-    text = record.get(suite.field)
-    if not isinstance(text, str) or not text:
-        found = "missing" if text is None else repr(text)[:40]
-        raise EvalDataError(f"{label}: {where}: field {suite.field!r} "
-                            f"is {found}, not a non-empty string")
+    # HumanEval's records hold the prompt as `prompt`: a code suite reads it unless told otherwise
+    field = "prompt" if suite.code is not None and suite.field == "text" else suite.field
+    names = [field, "test", "entry_point"] if suite.code is not None else [field]
+    for name in names:
+        value = record.get(name)
+        if not isinstance(value, str) or not value:
+            found = "missing" if value is None else repr(value)[:40]
+            raise EvalDataError(f"{label}: {where}: field {name!r} is {found}, not a non-empty string")
     pattern, response = record.get("pattern"), record.get("response")
-    return Sample(text, where, pattern if isinstance(pattern, str) else None,
-                  response if isinstance(response, str) else None)
+    return Sample(record[field], where, pattern if isinstance(pattern, str) else None,
+                  response if isinstance(response, str) else None,
+                  record.get("test") if suite.code else None, record.get("entry_point") if suite.code else None)
 
 
 def _check_patterns(label: str, samples: list[Sample]) -> None:

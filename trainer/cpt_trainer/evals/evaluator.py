@@ -25,6 +25,7 @@ from cpt_operator.api.metrics import metric_key
 from ..errors import Refused
 from .collective import in_order, share_of, summed
 from .benchmark import Benchmark
+from .code import passes
 from .data import Sample, load_samples, suite_digest
 from .drift import kl_sum
 from .generation import decode, greedy, prompt_rows, unwrap
@@ -74,6 +75,8 @@ class Evaluator:
                 out.append(sample.text)
                 if sample.response:
                     out.append(sample.response)
+                if sample.test:  # a code suite's tests hold its answers
+                    out.append(sample.test)
         return out
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -123,6 +126,8 @@ class Evaluator:
         return total / count if count else math.nan
 
     def _score(self, suite: SuiteSpec, outputs: list[str], samples: list[Sample]) -> list[bool]:
+        if suite.code is not None:  # each rank runs the programs of its own share
+            return [passes(s, t, suite.code) for t, s in zip(outputs, samples)]
         if suite.metric == Metric.json_valid:
             return [has_json_object(t) for t in outputs]
         if suite.metric == Metric.format_follow:
