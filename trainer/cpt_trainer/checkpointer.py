@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from cpt_operator.api.manifest import (BLOCKS, CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
                                        FileBlocks, FileEntry, Lineage, Manifest, checkpoint_name, data_file,
                                        rng_file)
+from cpt_operator.api.storage import STAGING_DIR_ENV
 
 from . import checkpoint, distributed
 from .checkpoint import CheckpointExists
@@ -181,7 +182,8 @@ class Checkpointer:
         refused = str(distributed.broadcast_object(refused))
         if refused:
             raise CheckpointExists(refused)
-        staging = target_uri if checkpoint.is_local(self.uri) else tempfile.mkdtemp(prefix="cpt-ckpt-")
+        staging = target_uri if checkpoint.is_local(self.uri) else \
+            tempfile.mkdtemp(prefix="cpt-ckpt-", dir=os.environ.get(STAGING_DIR_ENV) or None)
         self._write_small(staging, snap)
         staged = self._stager.stage({
             MODEL_DIR: get_model_state_dict(model),

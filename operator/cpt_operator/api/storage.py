@@ -39,6 +39,11 @@ def is_object_store(uri: str) -> bool:
     return bool(sep) and scheme in OBJECT_STORE_SCHEMES
 
 
+STAGING_DIR_ENV = "CPT_STAGING_DIR"
+"""Where a trainer stages a save to object storage (each rank's files, removed once uploaded):
+the pod's work volume, which `resources.scratch` sizes (set by the operator's launcher); unset,
+the system's temporary directory."""
+
 REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 """Keys an `s3SecretRef` Secret must hold. Its keys are the standard AWS environment: the trainer
 pods get them by envFrom, the operator reads the Secret itself."""

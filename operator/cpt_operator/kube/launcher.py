@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from ..api.exit_codes import EXIT_REFUSED
 from ..api.kueue import LABEL_PRIORITY, LABEL_QUEUE
 from ..api.spec import CptRunSpec
+from ..api.storage import STAGING_DIR_ENV
 from ..api.trainer_config import TrainerConfig
 from ..policy.start import Start, assess, clock_start
 from ..reconcile import AttemptState
@@ -110,11 +111,11 @@ def _resources(spec: CptRunSpec) -> Object:
 
 def _container(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     r = spec.resources
-    # HOME and TMPDIR on the work volume: libraries cache there, the image's HOME may not be
-    # writable, and a save to object storage stages its files in TMPDIR: on the volume
-    # `resources.scratch` sizes, not in the container's own layer
+    # HOME on the work volume: libraries cache there, and the image's HOME may not be writable;
+    # a save to object storage stages its files there too: on the volume `resources.scratch`
+    # sizes, not in the container's own layer
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": WORK_DIR},
-           {"name": "TMPDIR", "value": WORK_DIR}]
+           {"name": STAGING_DIR_ENV, "value": WORK_DIR}]
     container: Object = {
         "name": "trainer", "image": r.image or settings.trainer_image,
         "command": TORCHRUN, "args": torchrun_args(spec, name, settings), "env": env,

@@ -9,6 +9,7 @@ import pytest
 
 from cpt_operator.api.status import Overrides
 from cpt_operator.api.spec import RestoreMode, TokenizerExtensionSpec, TokenizerSpec
+from cpt_operator.api.storage import STAGING_DIR_ENV
 from cpt_operator.kube.builders import (CONFIG_FILE, RunRef, SpecProblem, attempt_name, checkpoint_root,
                                         trainer_config)
 from cpt_operator.kube.launcher import IndexedJobLauncher
@@ -151,7 +152,7 @@ def test_checkpoint_staging_lands_on_the_work_volume_the_scratch_disk_sizes():
     container = unsized["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert env["TMPDIR"] == env["HOME"] == mounts["work"]  # tempfile's staging folder, not the image's /tmp
+    assert env[STAGING_DIR_ENV] == env["HOME"] == mounts["work"]  # S3 saves stage there, not in the image's /tmp
     assert {v["name"]: v for v in unsized["volumes"]}["work"]["emptyDir"] == {}
     assert "ephemeral-storage" not in container["resources"]["requests"]
 
