@@ -105,6 +105,10 @@ class Attempt:
         self.events = EventLog(cfg.run_dir, enabled=self.dist.is_main)
         self.metrics = Metrics(cfg, serve=self.dist.is_main)
         self.stop_requested = False
+        """The ranks agreed to stop (set only by `_agree_stop`, and only ever to True)."""
+        self.signalled = False
+        """SIGTERM or SIGINT reached this process; only the signal handler writes it, so a signal
+        that arrives while the ranks agree is never overwritten, only counted at the next step."""
         self.began = time.monotonic()
         self.step = 0
         self.tokens = 0
@@ -521,8 +525,9 @@ class Attempt:
 
     # ------------------------------------------------------------------------------- run
     def _agree_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        self.stop_requested = distributed.all_reduce_sum(flag).item() > 0
+        flag = torch.tensor([1.0 if self.stop_requested or self.signalled else 0.0], device=self.device)
+        agreed = distributed.all_reduce_sum(flag).item() > 0
+        self.stop_requested = self.stop_requested or agreed
         return self.stop_requested
 
     def run(self) -> int:
@@ -725,7 +730,7 @@ def _read_json(directory: str, name: str) -> dict[str, Any]:
 def run_attempt(cfg: TrainerConfig) -> int:
     """Run one attempt; returns the process exit code."""
     attempt = Attempt(cfg)
-    stop = lambda *_: setattr(attempt, "stop_requested", True)  # noqa: E731
+    stop = lambda *_: setattr(attempt, "signalled", True)  # noqa: E731
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
         # Restart interrupted system calls: C++ transports (gloo) treat EINTR as a failure, and
