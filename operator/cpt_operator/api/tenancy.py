@@ -48,11 +48,6 @@ class TenancyPolicy(SpecModel):
     send the operator and the trainers to (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3). A Secret
     naming none uses the operator's and the pods' default endpoint, which is allowed."""
 
-    @property
-    def restricts(self) -> bool:
-        return any((self.images, self.secrets, self.require_s3_secret, self.node_selectors,
-                    self.tolerations, self.endpoints))
-
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "TenancyPolicy":
         raw = env.get(TENANCY_ENV, "").strip()

@@ -11,9 +11,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cpt_operator.api.spec import DataSource
-from cpt_trainer.data import sources
+from cpt_trainer.data import retries
 from cpt_trainer.data.report import CurationReport
-from cpt_trainer.data.sources import SourceReadError, SourceReader, read_layout
+from cpt_trainer.data.retries import SourceReadError
+from cpt_trainer.data.sources import SourceReader, read_layout
 
 
 def parquet_source(uri: str) -> DataSource:
@@ -26,7 +27,6 @@ class FlakyFS(LocalFileSystem):
 
     protocol = ("gs",)
     failures: dict[str, int] = {}
-    opens: list[str] = []
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         path = self._strip_protocol(path)
@@ -34,7 +34,6 @@ class FlakyFS(LocalFileSystem):
         if left:
             FlakyFS.failures[Path(path).name] = left - 1 if left > 0 else -1
             raise ConnectionResetError(104, f"Connection reset by peer reading {path}")
-        FlakyFS.opens.append(Path(path).name)
         return super()._open(path, mode, **kwargs)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
@@ -62,7 +61,7 @@ def rank_main(rank: int, world: int, init: str, uri: str, out: str) -> None:
     from cpt_trainer import distributed
 
     fsspec.register_implementation("gs", FlakyFS, clobber=True)
-    sources.RETRY_DELAY_S = 0.01
+    retries.RETRY_DELAY_S = 0.01
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=10))
     try:
         for broken in (1, 0):

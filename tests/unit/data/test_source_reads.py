@@ -16,9 +16,10 @@ import pytest
 import torch.multiprocessing as mp
 
 from cpt_operator.api.spec import DataSource
-from cpt_trainer.data import sources
+from cpt_trainer.data import retries
 from cpt_trainer.data.report import CurationReport
-from cpt_trainer.data.sources import SourceReadError, SourceReader, read_layout
+from cpt_trainer.data.retries import SourceReadError
+from cpt_trainer.data.sources import SourceReader, read_layout
 from tests.unit.data.flaky_store import FlakyFS, parquet_source, rank_main
 
 WORDS = Path("/usr/share/common-licenses/GPL-3").read_text().split()
@@ -31,8 +32,8 @@ def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     fsspec.register_implementation("gs", FlakyFS, clobber=True)
     FlakyFS.clear_instance_cache()
-    FlakyFS.failures, FlakyFS.opens = {}, []
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.01)
+    FlakyFS.failures = {}
+    monkeypatch.setattr(retries, "RETRY_DELAY_S", 0.01)
     yield
     sys.modules["fsspec.registry"]._registry.pop("gs", None)
 

@@ -5,7 +5,6 @@ tests/integration/test_eval_ranks.py."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -76,4 +75,3 @@ def test_humaneval_records_are_read_and_a_missing_test_is_refused(tmp_path: Path
     path.write_text(json.dumps({k: v for k, v in record.items() if k != "test"}) + "\n")
     with pytest.raises(EvalDataError, match="field 'test' is missing"):
         load_samples(suite)
-    assert os.path.exists(path)

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -49,62 +47,10 @@ from cpt_operator.api.spec import DataSource, SourceFormat, SourceRole
 from cpt_operator.api.storage import storage_options
 
 from .report import CurationReport, Origin
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+from .retries import SourceReadError, with_retries
 
 _GLOB_CHARS = "*?["
 _HASH_CHUNK = 1 << 20
-
-READ_TRIES = 4
-"""Tries of one footer or row-group read before the attempt fails on it."""
-RETRY_DELAY_S = 1.0
-"""Wait before the second try; doubled before each further one (1 + 2 + 4 s in all): long
-enough for a store's brief outage or a throttled burst, short enough that a store that is down
-fails the attempt in seconds, leaving the retry to the control plane's restart policy."""
-_PERSISTENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-"""I/O errors that another try would meet again."""
-
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """What a store's failed read raises: OSError (the kernel, pyarrow, s3fs's translation of the
-    store's answers) and, from s3fs, botocore's own connection errors, which are not OSErrors
-    (an endpoint that refuses connections for longer than botocore retries by itself, ~5 s)."""
-    kinds: list[type[BaseException]] = [OSError]
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
-        kinds += [BotoConnectionError, HTTPClientError]
-    except ImportError:  # no S3 support installed: nothing raises them
-        pass
-    return tuple(kinds)
-
-
-_TRANSIENT = _transient_errors()
-
-
-class SourceReadError(RuntimeError):
-    """A source file the store could not serve, after READ_TRIES tries or at once when trying
-    again cannot help (gone, access denied); the message names the file."""
-
-
-def with_retries(what: str, read: Callable[[], T], *, passthrough: tuple[type[Exception], ...] = ()) -> T:
-    """`read()`, tried again on I/O errors (`_TRANSIENT`); `passthrough` errors, and any other
-    (a file that is not Parquet), are the caller's to handle, at once."""
-    tries, delay_s = READ_TRIES, RETRY_DELAY_S
-    for n in range(tries):
-        try:
-            return read()
-        except passthrough:
-            raise
-        except _PERSISTENT as exc:
-            raise SourceReadError(f"cannot read {what}: {type(exc).__name__}: {exc}") from exc
-        except _TRANSIENT as exc:
-            if n + 1 == tries:
-                raise SourceReadError(f"cannot read {what} after {tries} tries: {type(exc).__name__}: {exc}") from exc
-            log.warning("reading %s failed (try %d of %d, again in %.1f s): %s", what, n + 1, tries,
-                        delay_s * 2 ** n, exc)
-            time.sleep(delay_s * 2 ** n)
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
