@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from cpt_operator import store
+from cpt_operator.api.evaluation import Placement
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
 from cpt_operator.api.manifest import (MODEL_DIR, OPTIMIZER_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
@@ -58,12 +59,11 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
-from .load.node_copy import base_digest, local_copy
 from .load.ranges import total_read
-from .load.verified import CheckpointSource, open_blocks
+from .load.stores import WeightStore
 from .load.weights import Weights, build, fill, refill
 from .model import attention_backend, check_digest, check_recorded_digest, load_tokenizer
-from .parallel import Parallel, parallelize, shard_frozen
+from .parallel import Parallel, parallelize
 from .perf import flops_per_token, peak_flops
 from .refkl import replay_kl
 from .schedule import build_schedule
@@ -133,37 +133,10 @@ class Attempt:
         if uri is None and base.format == ModelFormat.checkpoint:
             uri = base.uri
         if uri is None:
-            return StartPoint(None, RestoreMode.weights_only, self._base_weights())
-        source = self._open(uri, (MODEL_DIR, OPTIMIZER_DIR) if mode == RestoreMode.full_state else (MODEL_DIR,))
+            return StartPoint(None, RestoreMode.weights_only, self.weights.base_weights())
+        source = self.weights.open(uri, (MODEL_DIR, OPTIMIZER_DIR) if mode == RestoreMode.full_state else (MODEL_DIR,))
         self.restored_manifest = source.manifest
         return StartPoint(uri, mode, Weights.of_checkpoint(source))
-
-    def _base_weights(self) -> Weights:
-        """The immutable base (the start of a first attempt, the KL reference)."""
-        base = self.spec.base_model
-        if base.format == ModelFormat.checkpoint:
-            return Weights.of_checkpoint(self._open(base.uri, (MODEL_DIR,)))
-        return Weights.of_base(base, self.base_path)
-
-    def _open(self, uri: str, parts: tuple[str, ...]) -> CheckpointSource:
-        """Checkpoint `uri` for a restore: its small top-level files verified on this node, its
-        DCP `parts` read by each rank from the store, verified block by block (or, for a
-        checkpoint without a block table, from a verified copy of the parts on this node)."""
-        directory = self._fetch(uri, ())
-        manifest = checkpoint.read_manifest(uri)
-        blocks = open_blocks(uri, manifest, copy=directory)
-        if blocks is None:
-            directory = self._fetch(uri, parts)
-        return CheckpointSource(uri, directory, blocks, manifest)
-
-    def _fetch(self, uri: str, parts: tuple[str, ...] | None) -> str:
-        """A verified local copy of checkpoint `uri` (its top-level files and `parts`): one
-        process per node downloads and hashes, the others wait and load the same verified bytes."""
-        problems = checkpoint.fetch(uri, parts) if self.dist.local_rank == 0 else []
-        problems = distributed.gather_problems(problems)
-        if problems:
-            raise Refused(f"cannot restore from {uri}: {'; '.join(problems)}")
-        return checkpoint.local_path(uri)
 
     def _check_owner(self) -> None:
         """Before anything is written, pruned or restored: the checkpoint root (and the restore
@@ -186,10 +159,9 @@ class Attempt:
                                          async_save=spec.checkpoint.asynchronous,
                                          root=cfg.checkpoint_root, restore_from=cfg.restore_from)
         self.attention = attention_backend(spec.training.attention, self.device)
-        self.base_path = self._base_path()
-        # Hashing a large local base takes a while: rank 0 does it, the others take its answer.
-        self.base_sha = cast(str, distributed.broadcast_object(
-            self._base_digest() if self.dist.is_main else None))
+        self.weights = WeightStore(spec.base_model, self.dist)
+        self.base_path = self.weights.base_path()
+        self.base_sha = self.weights.base_digest()
         self.start = self._start_point()
         check_digest(spec.base_model, self.base_sha)
         check_recorded_digest(spec.base_model.uri, cfg.base_sha256, self.base_sha)
@@ -215,7 +187,10 @@ class Attempt:
             check_document_isolation(self.model, flatten=self.flatten,
                                      atol=5e-2 if self.autocast_dtype is not None else None)
             self.parallel.reshard()
-        self.reference = self._reference_model() if spec.needs_reference else None
+        # in bf16 on GPU, sharded like the trained model
+        self.reference = self.weights.reference(
+            self.hook, self.parallel, self.checkpointer, dtype=self.autocast_dtype or torch.float32,
+            attention=self.attention) if spec.needs_reference else None
         self.evaluator = self._evaluator()
         eval_texts = self.evaluator.texts() if self.evaluator is not None else ()
         try:
@@ -237,21 +212,6 @@ class Attempt:
                                           + cfg.overrides.model_dump_json().encode()).hexdigest()
         self.flops_token = flops_per_token(self.model, spec.packing.seq_len)
         self.peak = peak_flops(self.device) if self.device.type == "cuda" else None
-
-    def _base_path(self) -> str:
-        """A local path of the base: itself, this node's verified copy of a remote one (every
-        rank asks; one downloads), or a checkpoint base's verified top-level files."""
-        base = self.spec.base_model
-        path = self._fetch(base.uri, ()) if base.format == ModelFormat.checkpoint else local_copy(base.uri)
-        if not os.path.exists(path):
-            raise Refused(f"baseModel.uri {base.uri} does not exist")
-        return path
-
-    def _base_digest(self) -> str:
-        base = self.spec.base_model
-        if base.format == ModelFormat.checkpoint:  # its manifest pins every file's sha256
-            return checkpoint.manifest_digest(base.uri)
-        return base_digest(base.uri)
 
     def _build_model(self) -> Parallel:
         """The model, wrapped for the run's strategy, with the start point's weights: built on
@@ -290,16 +250,6 @@ class Attempt:
             raise Refused(f"checkpoint {self.start.uri} descends from base {lineage.base_uri} "
                           f"(sha256 {lineage.base_sha256}), this run's base {self.spec.base_model.uri} "
                           f"has sha256 {self.base_sha}")
-
-    def _reference_model(self) -> torch.nn.Module:
-        """The frozen base for KL terms: always the immutable base, never the restore point;
-        sharded like the trained model (each rank reads only its slices) and in bf16 on GPU."""
-        weights = self._base_weights()
-        dtype = self.autocast_dtype or torch.float32
-        loading = build(weights, self.hook, dtype=dtype, attention=self.attention)
-        ref = shard_frozen(loading.model, self.parallel, self.dist, dtype)
-        fill(loading, weights, self.hook, self.checkpointer)
-        return ref
 
     def _evaluator(self) -> Any:
         if self.spec.evaluation is None:
@@ -365,7 +315,7 @@ class Attempt:
         if uri is None:
             refill(self.model, self.start.weights, self.hook, self.checkpointer, self.grown)
         else:
-            source = self._open(uri, (MODEL_DIR, OPTIMIZER_DIR) if with_state else (MODEL_DIR,))
+            source = self.weights.open(uri, (MODEL_DIR, OPTIMIZER_DIR) if with_state else (MODEL_DIR,))
             self.checkpointer.load_model(self.model, source)
             if with_state:
                 self.checkpointer.load_optimizer(self.model, self.optimizer, source)
@@ -507,11 +457,19 @@ class Attempt:
                              event.model_dump_json(by_alias=True).encode())
 
     def _checkpoint_due(self) -> bool:
-        return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total
+        # evaluated steps are checkpoints when a separate process evaluates them
+        separate = self._separate and self.step % self.spec.evaluation.every == 0  # type: ignore[union-attr]
+        return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total or separate
 
     def _eval_due(self) -> bool:
         ev = self.spec.evaluation
-        return ev is not None and (self.step % ev.every == 0 or self._checkpoint_due())
+        return ev is not None and not self._separate and (self.step % ev.every == 0 or self._checkpoint_due())
+
+    @property
+    def _separate(self) -> bool:
+        """The control plane evaluates each checkpoint in a process of its own (and the base)."""
+        ev = self.spec.evaluation
+        return ev is not None and ev.placement == Placement.separate
 
     def _boundary(self, train_loss: float | None) -> None:
         """Evaluate and/or checkpoint after a step, as the spec says."""
@@ -554,7 +512,7 @@ class Attempt:
                              started.model_dump_json(by_alias=True).encode())
         self.metrics.up(True)
         self.metrics.gates(self.spec, {})
-        if self.evaluator is not None and self.start.uri is None and self.step == 0:
+        if self.evaluator is not None and not self._separate and self.start.uri is None and self.step == 0:
             base = self.evaluate(is_base=True)
             self.metrics.gates(self.spec, base)
             self._announce_eval(step=0, tokens=0, metrics=base, is_base=True)
