@@ -21,7 +21,8 @@ from datetime import timezone
 from typing import Literal, Mapping, Sequence, Union
 
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
-from .api.manifest import attempt_folder
+from .api.evaluation import Placement
+from .api.manifest import attempt_folder, attempt_of
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.trainer_config import TrainerConfig
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
@@ -31,6 +32,7 @@ from .policy import decide, select_checkpoint
 from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
+from .policy.evaluations import EvalPlan, EvalRun, plan_evaluations
 from .policy.start import Cause, Start, deadline, instant, overdue
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
 
@@ -86,6 +88,9 @@ class Observed:
     strays: Mapping[int, Sequence[str]] = field(default_factory=dict)
     """Attempts other than status.attempt whose objects still exist, with the kinds found: an
     older attempt's leftovers, or a newer one created by a pass that never recorded it."""
+    evaluations: Mapping[str, EvalRun] = field(default_factory=dict)
+    """evaluation.placement separate: the evaluations that run or failed, by target (`base` or a
+    checkpoint name); one that ended with its record is absent."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,22 @@ class Sweep:
     numbers: tuple[int, ...]
 
 
-ActionT = Union[StartAttempt, StopAttempt, Pin, Emit, Sweep]
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluate `target` (`base` or a checkpoint name) in a process or Job of its own, which
+    writes its record into the folder of `attempt` (the checkpoint's; for the base, the
+    current attempt's)."""
+
+    target: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StopEvaluations:
+    targets: tuple[str, ...]
+
+
+ActionT = Union[StartAttempt, StopAttempt, Pin, Emit, Sweep, Evaluate, StopEvaluations]
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,8 @@ class _Planner:
         self.spec, self.obs = spec, obs
         self.status = status.model_copy(deep=True)
         self.actions: list[ActionT] = []
+        self.evals = EvalPlan()
+        """Separate evaluations still owed (none with placement inline)."""
 
     def emit(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.actions.append(Emit(type_, reason, message))
@@ -444,6 +466,11 @@ def _running(p: _Planner) -> None:
     elif attempt.state == "running":
         if not _start_overdue(p):
             _apply(p, decide(p.spec, _observations(p)))
+    elif attempt.state == "succeeded" and not p.evals.done:
+        # a late evaluation may still breach a gate: the run is judged once every one is in
+        set_condition(p.status, ConditionType.progressing, True, Reason.evaluating.value,
+                      f"the budget is reached; waiting for {len(p.evals.owed)} evaluation(s): "
+                      f"{', '.join(p.evals.owed)}", p.obs.now)
     elif attempt.state == "succeeded":
         decision = decide(p.spec, _observations(p, budget_reached=True))
         if decision.action == Action.cont:  # the policy had nothing against finishing
@@ -533,6 +560,52 @@ def _admission(p: _Planner) -> None:
     set_condition(st, ConditionType.admitted, value, reason, message, p.obs.now)
 
 
+def _separate(spec: CptRunSpec) -> bool:
+    return spec.evaluation is not None and spec.evaluation.placement == Placement.separate
+
+
+def _owed_evaluations(p: _Planner) -> None:
+    """What separate evaluation still owes, before anything is decided on what it measured."""
+    if _separate(p.spec):
+        p.evals = plan_evaluations(base_known=bool(p.status.base_metrics), checkpoints=p.obs.checkpoints,
+                                   runs=p.obs.evaluations, concurrency=p.spec.evaluation.concurrency,  # type: ignore[union-attr]
+                                   active=True)
+
+
+def _evaluations(p: _Planner) -> None:
+    """Start what is owed while the run goes on, stop what runs once it has ended; the
+    Evaluated condition says where it stands."""
+    if not _separate(p.spec) and not p.obs.evaluations:
+        return
+    st, obs = p.status, p.obs
+    active = st.phase not in TERMINAL_PHASES and _separate(p.spec)
+    if not active:
+        stop = plan_evaluations(base_known=True, checkpoints=(), runs=obs.evaluations, concurrency=1, active=False)
+        if stop.stop:
+            p.actions.append(StopEvaluations(stop.stop))
+    if not _separate(p.spec):
+        return
+    plan = plan_evaluations(base_known=bool(st.base_metrics), checkpoints=obs.checkpoints, runs=obs.evaluations,
+                            concurrency=p.spec.evaluation.concurrency,  # type: ignore[union-attr]
+                            active=True)
+    p.evals = plan
+    for target in plan.start if active else ():
+        p.actions.append(Evaluate(target, attempt_of(target) or max(st.attempt, 1)))
+    before = _condition(st, ConditionType.evaluated)
+    if plan.failed:
+        text = "; ".join(f"{t}: {why or 'failed'}" for t, why in plan.failed)
+        message = f"evaluation failed after its retries (left unjudged, never chosen): {text}"
+        if before is None or before.message != message:
+            p.emit("Warning", Reason.evaluation_failed.value, message)
+        set_condition(st, ConditionType.evaluated, False, Reason.evaluation_failed.value, message, obs.now)
+    elif plan.owed:
+        set_condition(st, ConditionType.evaluated, False, Reason.evaluating.value,
+                      f"{len(plan.owed)} owed, oldest first: {', '.join(plan.owed[:5])}", obs.now)
+    else:
+        set_condition(st, ConditionType.evaluated, True, "Evaluated",
+                      "the base and every checkpoint are evaluated", obs.now)
+
+
 def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     p = _Planner(spec, status, obs)
     st = p.status
@@ -540,13 +613,21 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     set_condition(st, ConditionType.spec_valid, True, "Valid", "spec accepted", obs.now)
     _summaries(p)
     _sweep(p)
+    _owed_evaluations(p)
+    _decide(p)
+    _evaluations(p)
+    return _plan(p)
+
+
+def _decide(p: _Planner) -> None:
+    st, obs, spec = p.status, p.obs, p.spec
     if st.phase in TERMINAL_PHASES:
         if obs.resume and st.phase == Phase.stopped:
             if not _must_wait(p):
                 p.start(_latest_in_lineage(p), "resumed")
         else:
             p.stop_attempt(f"run is {st.phase.value}")
-        return _plan(p)
+        return
     # Precedence: a person's request (stop, then rollback) before anything automatic; alerts
     # seen in the same pass are dropped with it (the caller clears them), and an alert that
     # arrives later is bound to the attempt it was about, which the request has ended.
@@ -570,7 +651,6 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
         if not (obs.alerts and obs.attempt.state == "running" and _external_breach(p, obs.alerts)):
             _running(p)
     _admission(p)
-    return _plan(p)
 
 
 def reconcile_unreadable(spec: CptRunSpec, status: CptRunStatus, obs: Observed, problem: str,
@@ -602,7 +682,8 @@ def _plan(p: _Planner) -> Plan:
     """The pass's actions behind the pins, computed from the final status so that a restore
     point chosen in this very pass (rollback, restart, resume) is already among them."""
     st = p.status
-    names = {*st.frontier, st.last_good_checkpoint, st.best_checkpoint, st.restore_from}
+    # a checkpoint owed its evaluation is kept until it is judged
+    names = {*st.frontier, st.last_good_checkpoint, st.best_checkpoint, st.restore_from, *p.evals.owed}
     pins = tuple(sorted(n for n in names if n and n != BASE))
     judged: dict[str, int] = {}
     for c in p.obs.checkpoints:
@@ -631,3 +712,20 @@ def attempt_config(action: StartAttempt, *, spec: CptRunSpec, run: str, run_uid:
                          restore_from=f"{root}/{action.restore_from}" if action.restore_from else None,
                          restore_mode=action.restore_mode, overrides=action.overrides,
                          base_sha256=action.base_sha256, metrics_port=metrics_port, image=image)
+
+
+def evaluation_config(action: Evaluate, *, spec: CptRunSpec, run: str, run_uid: str | None,
+                      checkpoint_root: str, run_dir: str, namespace: str = "local",
+                      image: str | None = None) -> TrainerConfig:
+    """What the separate evaluation `action` runs with, for either backend: the run's spec, and
+    the folder of the attempt whose checkpoint it reads and where its record goes."""
+    root = checkpoint_root.rstrip("/")
+    return TrainerConfig(run=run, namespace=namespace, attempt=action.attempt, spec=spec, run_dir=run_dir,
+                         run_uid=run_uid, checkpoint_root=root,
+                         checkpoint_uri=f"{root}/{attempt_folder(action.attempt)}", image=image)
+
+
+def evaluation_target(action: Evaluate) -> str:
+    """The evaluator's `--evaluate` argument: `base`, or the checkpoint's name in its attempt folder."""
+    return action.target.rsplit("/", 1)[-1]
+

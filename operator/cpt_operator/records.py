@@ -24,7 +24,7 @@ from .api.events import Evaluated, Started
 from .api.manifest import EVALS_DIR, SKIPS, STARTED, attempt_of, is_eval_record
 from .api.skips import SKIP_LIST, DataSkip
 from .api.storage import storage_options
-from .policy.types import EvalPoint
+from .policy.types import CheckpointEvals, EvalPoint
 from .store import CheckpointRef
 
 R = TypeVar("R", Evaluated, Started)
@@ -42,6 +42,8 @@ class Records:
     """The base's digest as the first attempt that started verified it."""
     skips: dict[int, list[DataSkip]] = field(default_factory=dict)
     """By attempt: the data windows it blamed for its restores (api.skips)."""
+    of_checkpoints: frozenset[tuple[int, int]] = frozenset()
+    """(attempt, step) of every record that names the checkpoint it evaluated."""
 
 
 class RunRecords:
@@ -105,7 +107,10 @@ class RunRecords:
                 points.append(EvalPoint(attempt=attempt, step=ev.step, tokens=ev.tokens,
                                         metrics=dict(ev.metrics)))
         digest = next((s.base_sha256 for _, s in sorted(self._started.items()) if s.base_sha256), None)
-        return Records(points=points, base=base, base_sha256=digest, skips=dict(self._skips))
+        named = frozenset((attempt, ev.step) for (attempt, _), ev in self._evals.items()
+                          if ev.checkpoint is not None and not ev.is_base)
+        return Records(points=points, base=base, base_sha256=digest, skips=dict(self._skips),
+                       of_checkpoints=named)
 
 
 def merge_points(scraped: Iterable[EvalPoint], recorded: Iterable[EvalPoint],
@@ -116,10 +121,25 @@ def merge_points(scraped: Iterable[EvalPoint], recorded: Iterable[EvalPoint],
     merged = {(p.attempt, p.step): p for p in scraped}
     merged.update({(p.attempt, p.step): p for p in recorded})
     for ref in refs:
-        m = ref.manifest
-        if not m.evals:
+        m, key = ref.manifest, (ref.attempt, ref.manifest.step)
+        if not m.evals and key not in merged:
             continue
-        merged[(ref.attempt, m.step)] = EvalPoint(attempt=ref.attempt, step=m.step, tokens=m.tokens,
-                                                  metrics=dict(m.evals), checkpoint=ref.name,
-                                                  stable=m.stable)
+        # a separate evaluation's record holds the suites, the manifest what the trainer added
+        metrics = {**(merged[key].metrics if key in merged else {}), **m.evals}
+        merged[key] = EvalPoint(attempt=ref.attempt, step=m.step, tokens=m.tokens, metrics=metrics,
+                                checkpoint=ref.name, stable=m.stable)
     return [merged[k] for k in sorted(merged)]
+
+
+def checkpoint_evals(refs: Sequence[CheckpointRef], records: Records) -> list[CheckpointEvals]:
+    """The run's checkpoints with their evaluations: the manifest's (an inline evaluation)
+    merged with the record that names the checkpoint (a separate one)."""
+    points = {(p.attempt, p.step): p for p in records.points}
+    out = []
+    for r in refs:
+        key = (r.attempt, r.manifest.step)
+        recorded = dict(points[key].metrics) if key in points and key in records.of_checkpoints else {}
+        out.append(CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
+                                   evals={**recorded, **r.manifest.evals}, attempt=r.attempt,
+                                   stable=r.manifest.stable, evaluated=key in records.of_checkpoints))
+    return out

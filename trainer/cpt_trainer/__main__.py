@@ -1,4 +1,5 @@
-"""`python -m cpt_trainer --config trainer-config.json` (what torchrun starts on every rank)."""
+"""`python -m cpt_trainer --config trainer-config.json [--evaluate TARGET]` (what torchrun starts on
+every rank: an attempt, or the separate evaluation of one checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent()
     parser = argparse.ArgumentParser(prog="cpt_trainer", description=__doc__)
     parser.add_argument("--config", required=True, help="resolved trainer config (JSON)")
+    parser.add_argument("--evaluate", metavar="TARGET",
+                        help="evaluate `base` or checkpoint TARGET (step-XXXXXXXX) of the config's "
+                             "attempt folder instead of training (evaluation.placement: separate)")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
@@ -30,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     fix_mmap_threshold()  # before torch allocates anything: freed tensors leave the RSS
     from transformers.utils import logging as hf_logging
 
-    from .loop import run_attempt  # torch loads after the config is known to parse
-
     # per-save bars would flood the trainer log
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    if args.evaluate:
+        from .evaluate import run_evaluation
+
+        return run_evaluation(cfg, args.evaluate)
+    from .loop import run_attempt  # torch loads after the config is known to parse
 
     return run_attempt(cfg)
 

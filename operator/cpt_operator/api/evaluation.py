@@ -125,10 +125,29 @@ class SuiteSpec(SpecModel):
         return self
 
 
+class Placement(str, Enum):
+    inline = "inline"
+    """The trainer evaluates between steps: every rank waits while the suites run."""
+    separate = "separate"
+    """Each evaluated step is saved as a checkpoint, and a process of its own (a Job on a
+    cluster) loads that checkpoint and evaluates it while training goes on."""
+
+
+EVALUATION_TRIES = 2
+"""Tries of one separate evaluation (a process locally, the pods of its Job on a cluster)
+before it is reported as failed."""
+
+
 class EvaluationSpec(SpecModel):
     every: int = Field(default=50, ge=1)
     """Evaluate every N optimizer steps; also at every checkpoint and before the first step."""
     suites: list[SuiteSpec] = Field(min_length=1, max_length=64)
+    placement: Placement = Placement.inline
+    """Where the suites run. `separate` evaluates the same steps as `inline` (each one a
+    checkpoint then) and the base, each in its own process, so training never waits for an
+    evaluation; a breach found late still rolls back to the last good checkpoint."""
+    concurrency: int = Field(default=1, ge=1, le=16)
+    """placement separate: evaluations of the run that may run at once (oldest checkpoint first)."""
 
     @model_validator(mode="after")
     def _unique(self) -> "EvaluationSpec":

@@ -55,6 +55,11 @@ class ConditionType(str, Enum):
     (NoImprovement: the base is the choice; the message gives the domain gain per token of the
     closest checkpoint and the gate or axis that held it back). Absent until a checkpoint has been
     judged against the base."""
+    evaluated = "Evaluated"
+    """evaluation.placement separate: True (reason Evaluated) once the base and every checkpoint
+    have their evaluation; False while some are owed (reason Evaluating, the message counting
+    them) or one failed after its retries (reason EvaluationFailed, naming it and why: that
+    checkpoint stays unjudged, never chosen)."""
     started = "Started"
     """On a cluster: False while the attempt's pods start, its reason saying what holds one back
     (one of `START_CAUSES`, else Starting) and its message the pod and what the kubelet or the
@@ -126,6 +131,12 @@ class Reason(str, Enum):
     start_timeout = "StartTimeout"
     """Failed: the attempt's pods did not all run their trainer within
     `resources.startTimeoutSeconds`; the Job was deleted (its GPUs freed) and no restart spent."""
+    evaluating = "Evaluating"
+    """Evaluated=False while separate evaluations are owed; Progressing while a finished
+    attempt's last checkpoints are still being evaluated (the run ends once they are judged)."""
+    evaluation_failed = "EvaluationFailed"
+    """Evaluated=False, and a Warning event: a checkpoint's (or the base's) separate evaluation
+    failed after its retries."""
     start_failed = "StartFailed"
     """Failed: the attempt's Job failed before every trainer ran (a container that could not
     start): a restart would fail the same way, so none is spent."""

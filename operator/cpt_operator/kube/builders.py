@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..api.evaluation import Placement
 from ..api.spec import API_VERSION, KIND, CptRunSpec
 from ..api.storage import OBJECT_STORE_SCHEMES, is_object_store
 from ..api.trainer_config import TrainerConfig
@@ -109,6 +110,15 @@ def checkpoint_root(spec: CptRunSpec) -> str:
         raise SpecProblem(f"checkpoint.uri {spec.checkpoint.uri!r} is not object storage: on a cluster "
                           f"checkpoints go to one of {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}")
     return spec.checkpoint.uri.rstrip("/")
+
+
+def cluster_support(spec: CptRunSpec) -> None:
+    """What `cptctl run` carries out but the operator does not yet: refused with the reason, so a
+    run never waits for work nothing will do."""
+    if spec.evaluation is not None and spec.evaluation.placement == Placement.separate:
+        raise SpecProblem("evaluation.placement separate is carried out by `cptctl run` only in this version: "
+                          "the operator does not build evaluation Jobs yet, so the run would wait for "
+                          "evaluations that never come; use placement inline on a cluster")
 
 
 def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings: Settings) -> TrainerConfig:

@@ -39,7 +39,8 @@ from ..reconcile import (AttemptState, Emit, Pin, Plan, StartAttempt, StopAttemp
 from ..records import Records, RunRecords
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
-from .builders import LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label, selector, trainer_config
+from .builders import (LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, cluster_support, run_label,
+                       selector, trainer_config)
 from .checkpoints import foreign_owner, hold_start, prunes, starts, write_pins
 from .backoff import Backoff
 from .client import (WORKERS, Conflict, Forbidden, KubeClient, KueueMissing, NotOurs, Rejected, children_of,
@@ -458,6 +459,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
         try:
             spec = CptRunSpec.model_validate(body.get("spec") or {})
             root = checkpoint_root(spec)
+            cluster_support(spec)
         except ValidationError as exc:
             _report_invalid(rt, run, body, status, "; ".join(str(e) for e in errors_from(exc, "spec")))
             return None

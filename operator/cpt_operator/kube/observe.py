@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..api.alerts import AlertRef, decode_refs
-from ..policy.types import CheckpointEvals, EvalPoint
+from ..policy.types import EvalPoint
 from ..reconcile import AttemptState, Observed
-from ..records import Records, merge_points
+from ..records import Records, checkpoint_evals, merge_points
 from ..store import CheckpointRef
 from .prometheus import TrainerSeries
 from .settings import ANNOTATION_ALERT, ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
@@ -28,12 +28,6 @@ def parse_time(value: str | None) -> float | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-def checkpoint_evals(refs: Sequence[CheckpointRef]) -> list[CheckpointEvals]:
-    return [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
-                            evals=dict(r.manifest.evals), attempt=r.attempt,
-                            stable=r.manifest.stable) for r in refs]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +104,7 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
                     points=merge_points(points, records.points, refs),
                     anomalies=dict(series.anomalies) if series else {},
                     skips=tuple(records.skips.get(attempt.number, ())),
-                    checkpoints=checkpoint_evals(refs), stop_requested=asks.stop,
+                    checkpoints=checkpoint_evals(refs, records), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"), pods_left=tuple(pods_left),
                     strays=dict(strays or {}))

@@ -9,13 +9,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Mapping
 
 from ..api.exit_codes import EXIT_REFUSED
 from ..api.manifest import EVENTS
 from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
-from ..policy.types import CheckpointEvals
+from ..policy.evaluations import EvalRun
 from ..reconcile import AttemptState, Observed
-from ..records import RunRecords, merge_points
+from ..records import RunRecords, checkpoint_evals, merge_points
 from ..store import list_checkpoints
 from .events import EventFollower
 from .launcher import TrainerProcess
@@ -98,20 +99,20 @@ class LocalObserver:
         return f"trainer exited with code {code}: {tail}" if code is not None else f"no trainer process: {tail}"
 
     def observe(self, number: int, proc: TrainerProcess | None, *, stop: bool = False,
-                rollback_to: str | None = None, resume: bool = False) -> Observed:
+                rollback_to: str | None = None, resume: bool = False,
+                evaluations: Mapping[str, EvalRun] | None = None) -> Observed:
         for n in range(1, number + 1):
             self.log(n).update()
         refs, _ = list_checkpoints(self.checkpoint_root)
         records = self.records.read()
-        checkpoints = [CheckpointEvals(name=r.name, step=r.manifest.step, tokens=r.manifest.tokens,
-                                       evals=dict(r.manifest.evals), attempt=r.attempt,
-                                       stable=r.manifest.stable) for r in refs]
+        checkpoints = checkpoint_evals(refs, records)
         anomalies = dict(self.log(number).anomalies) if number else {}
         skips = tuple(records.skips.get(number, ()))
         return Observed(attempt=self.attempt_state(number, proc), now=now_rfc3339(), base=records.base,
                         base_sha256=records.base_sha256, points=merge_points((), records.points, refs),
                         anomalies=anomalies, skips=skips, checkpoints=checkpoints,
-                        stop_requested=stop, rollback_to=rollback_to, resume=resume)
+                        stop_requested=stop, rollback_to=rollback_to, resume=resume,
+                        evaluations=dict(evaluations or {}))
 
     def problems(self) -> list[str]:
         _, problems = list_checkpoints(self.checkpoint_root)

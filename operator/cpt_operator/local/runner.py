@@ -22,8 +22,10 @@ from ..checkpoint_report import base_to_chosen
 from ..planning import refusal, resized
 from ..policy.memory_fix import checked
 from ..api.manifest import CONFIG
-from ..reconcile import Emit, Pin, Plan, StartAttempt, StopAttempt, attempt_config, reconcile
+from ..reconcile import (Emit, Evaluate, Pin, Plan, StartAttempt, StopAttempt, StopEvaluations, attempt_config,
+                         reconcile)
 from ..store import claim, pin
+from .evaluations import LocalEvaluations
 from .launcher import TrainerProcess, end_strays, strays, trainer_command
 from .observe import LocalObserver
 from .progress import Progress
@@ -45,6 +47,7 @@ class LocalRun:
         self.progress = progress
         self.pinned: Pin | None = None
         """The pins last written (written again only when they change)."""
+        self.evaluations = LocalEvaluations(self.spec, run.metadata.name, run_dir, self.checkpoint_root)
 
     def claim(self) -> None:
         """Take the checkpoint root before the first attempt; another run's root is refused."""
@@ -78,6 +81,11 @@ class LocalRun:
                 self.pinned = action
             elif isinstance(action, Emit):
                 self.progress.note(f"[{action.reason}] {action.message}")
+            elif isinstance(action, Evaluate):
+                self.progress.note(f"evaluating {action.target} in a separate process")
+                self.evaluations.start(action)
+            elif isinstance(action, StopEvaluations):
+                self.evaluations.stop(action.targets)
         self.dir.write_status(plan.status)
 
     # -- the loop --------------------------------------------------------------------------
@@ -86,7 +94,8 @@ class LocalRun:
         rollback = self.dir.take_request("rollback")
         stop = stop or self.dir.take_request("stop") is not None
         obs = self.observer.observe(status.attempt, self.proc, stop=stop, resume=resume,
-                                    rollback_to=rollback["to"] if rollback else None)
+                                    rollback_to=rollback["to"] if rollback else None,
+                                    evaluations=self.evaluations.runs())
         plan = reconcile(self.spec, status, obs)
         ended = self.observer.log(status.attempt).last_eval if status.attempt else None
         if ended is not None and plan.status.attempt != status.attempt:
@@ -106,6 +115,7 @@ class LocalRun:
     def interrupt(self) -> None:
         """Ctrl-C: the trainer saves a consistent checkpoint, the run is marked Stopped."""
         self.progress.note("interrupted: saving a checkpoint before stopping...")
+        self.evaluations.stop()
         if self.proc is not None:
             self.proc.stop()
             self.proc = None

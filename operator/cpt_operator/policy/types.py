@@ -124,6 +124,8 @@ class CheckpointEvals:
     attempt: int = 1
     stable: bool = True
     """The manifest's `stable` flag."""
+    evaluated: bool = True
+    """An evaluation record names it (what a separate evaluation waits for)."""
 
 
 @dataclass(frozen=True, kw_only=True)
