@@ -92,6 +92,7 @@ def test_separate_processes_evaluate_every_checkpoint_and_a_late_breach_rolls_ba
             "legal.perplexity", "general.perplexity"}
         assert (run_dir / f"attempt-{r.attempt:03d}" / f"evaluate-{r.name.split('/')[1]}" / "evaluate.log").exists()
     assert (run_dir / "attempt-001" / "evaluate-base" / "evaluate.log").exists()
+    assert "evaluated base:" in done.stdout and "evaluated step 2:" in done.stdout  # the runner shows them
     assert status["baseMetrics"] and set(status["baseMetrics"]) == {"legal.perplexity", "general.perplexity"}
 
     evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")

@@ -13,8 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import fsspec
+
 from ..api.evaluation import EVALUATION_TRIES
-from ..api.manifest import CONFIG
+from ..api.events import Evaluated
+from ..api.manifest import CONFIG, attempt_folder, eval_record_name, step_of
+from ..api.status import BASE
+from ..api.storage import storage_options
 from ..api.spec import CptRunSpec
 from ..policy.evaluations import EvalRun
 from ..reconcile import Evaluate, evaluation_config, evaluation_target
@@ -29,6 +34,8 @@ class LocalEvaluations:
         self.actions: dict[str, Evaluate] = {}
         self.tries: dict[str, int] = {}
         self.failed: dict[str, str] = {}
+        self.done: list[Evaluated] = []
+        """Records of the evaluations that ended since `take_done` was last called."""
 
     def folder(self, action: Evaluate) -> Path:
         return self.dir.attempt(action.attempt) / f"evaluate-{evaluation_target(action)}"
@@ -58,6 +65,7 @@ class LocalEvaluations:
             del self.procs[target]
             proc.stop(0)  # reaped; closes its log
             if code == 0:
+                self._read_record(self.actions[target])
                 continue
             action = self.actions[target]
             why = f"exit code {code}: {_last_error(self.folder(action) / 'evaluate.log')}"
@@ -68,6 +76,19 @@ class LocalEvaluations:
         runs = {t: EvalRun(state="running") for t in self.procs}
         runs.update({t: EvalRun(state="failed", message=m) for t, m in self.failed.items()})
         return runs
+
+    def _read_record(self, action: Evaluate) -> None:
+        step = 0 if action.target == BASE else step_of(action.target) or 0
+        path = f"{self.checkpoint_root.rstrip('/')}/{attempt_folder(action.attempt)}/{eval_record_name(step)}"
+        try:
+            with fsspec.open(path, "rb", **storage_options(path)) as f:
+                self.done.append(Evaluated.model_validate_json(f.read()))
+        except (OSError, ValueError):
+            pass  # shown in status all the same; this is only the progress line
+
+    def take_done(self) -> list[Evaluated]:
+        done, self.done = self.done, []
+        return done
 
     def stop(self, targets: tuple[str, ...] | None = None) -> None:
         for target in list(self.procs) if targets is None else targets:

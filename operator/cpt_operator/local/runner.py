@@ -102,6 +102,8 @@ class LocalRun:
             # the evaluation that ended the attempt (a gate firing) is shown before the decision
             self.progress.evaluation(plan.status, ended)
         self.carry_out(plan)
+        for record in self.evaluations.take_done():  # separate evaluations have no trainer log
+            self.progress.evaluation(plan.status, record)
         self.progress.update(plan.status, self.observer.log(plan.status.attempt) if plan.status.attempt else None)
         return plan
 
