@@ -568,27 +568,19 @@ def _owed_evaluations(p: _Planner) -> None:
     """What separate evaluation still owes, before anything is decided on what it measured."""
     if _separate(p.spec):
         p.evals = plan_evaluations(base_known=bool(p.status.base_metrics), checkpoints=p.obs.checkpoints,
-                                   runs=p.obs.evaluations, concurrency=p.spec.evaluation.concurrency,  # type: ignore[union-attr]
-                                   active=True)
+                                   runs=p.obs.evaluations, concurrency=p.spec.evaluation.concurrency)  # type: ignore[union-attr]
 
 
 def _evaluations(p: _Planner) -> None:
     """Start what is owed while the run goes on, stop what runs once it has ended; the
     Evaluated condition says where it stands."""
-    if not _separate(p.spec) and not p.obs.evaluations:
-        return
-    st, obs = p.status, p.obs
+    st, obs, plan = p.status, p.obs, p.evals
     active = st.phase not in TERMINAL_PHASES and _separate(p.spec)
-    if not active:
-        stop = plan_evaluations(base_known=True, checkpoints=(), runs=obs.evaluations, concurrency=1, active=False)
-        if stop.stop:
-            p.actions.append(StopEvaluations(stop.stop))
+    running = tuple(sorted(t for t, r in obs.evaluations.items() if r.state == "running"))
+    if running and not active:
+        p.actions.append(StopEvaluations(running))
     if not _separate(p.spec):
         return
-    plan = plan_evaluations(base_known=bool(st.base_metrics), checkpoints=obs.checkpoints, runs=obs.evaluations,
-                            concurrency=p.spec.evaluation.concurrency,  # type: ignore[union-attr]
-                            active=True)
-    p.evals = plan
     for target in plan.start if active else ():
         p.actions.append(Evaluate(target, attempt_of(target) or max(st.attempt, 1)))
     before = _condition(st, ConditionType.evaluated)

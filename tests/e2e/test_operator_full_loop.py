@@ -140,6 +140,7 @@ class Kubelet:
                 self.kube.kubectl_result("annotate", "pod", local.name, "-n", self.namespace, f"{RUNNING}-")
 
     def attempt(self, number: int) -> LocalPod:
+        """The pod of attempt `number` (0: the separate evaluations' pods have no attempt)."""
         return next(p for p in self.pods.values() if p.attempt == number)
 
     def tails(self, chars: int = 2500) -> str:
@@ -157,11 +158,19 @@ class Kubelet:
             self._fill(volumes[m["name"]], mounts[m["mountPath"]], mounts, metrics_port)
         env = self._env(pod, container, mounts)
         argv = [host_path(mounts, expand(a, env)) for a in container["command"] + container.get("args", [])]
-        argv[argv.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
+        if "--rdzv-endpoint" in argv:  # a separate evaluation's pod is one process, no rendezvous
+            argv[argv.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
         config = json.loads(Path(argv[argv.index("--config") + 1]).read_text())
         log = root / "trainer.log"
         # the pod stays Terminating until the process exits (kwok's pod-delete stage waits for this)
         self.kube.kubectl_result("annotate", "pod", meta["name"], "-n", self.namespace, f"{RUNNING}=true")
+        attempt = int(meta["labels"].get("cpt.mlops.dev/attempt", "0"))
+        if not any(port.get("name") == "metrics" for port in container.get("ports", [])):
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            return LocalPod(name=meta["name"], attempt=attempt, proc=proc, run_dir=Path(config["runDir"]),
+                            log=log, grace_s=float(spec.get("terminationGracePeriodSeconds", 30)))
         # Prometheus scrapes the pod before its container starts, as Kubernetes discovery finds a
         # pod once it has an address: discovered targets are applied at most every 5 s, and an
         # attempt stopped soon after its breach may expose its metrics for less than that.
@@ -175,7 +184,7 @@ class Kubelet:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        return LocalPod(name=meta["name"], attempt=int(meta["labels"]["cpt.mlops.dev/attempt"]), proc=proc,
+        return LocalPod(name=meta["name"], attempt=attempt, proc=proc,
                         run_dir=Path(config["runDir"]), log=log, metrics=metrics,
                         grace_s=float(spec.get("terminationGracePeriodSeconds", 30)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .builders import LABEL_ATTEMPT, Object
+from .builders import LABEL_ATTEMPT, LABEL_EVALUATION, Object
 
 Children = Mapping[str, Sequence[Object]]
 """A run's objects by kind (Job, Pod, ConfigMap, Service), as listed by its run label."""
@@ -40,6 +40,8 @@ class Attempts:
     strays: dict[int, tuple[str, ...]] = field(default_factory=dict)
     stray_objects: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     """(kind, name) of what a sweep deletes by name (Jobs, ConfigMaps, Services); pods go by label."""
+    evaluations: dict[str, list[Object]] = field(default_factory=dict)
+    """The separate evaluations' Jobs and pods, by kind (they belong to no attempt)."""
 
 
 def group(children: Children, current: int) -> Attempts:
@@ -49,10 +51,13 @@ def group(children: Children, current: int) -> Attempts:
     job, pods, left = None, [], set()
     strays: dict[int, set[str]] = {}
     named: dict[int, list[tuple[str, str]]] = {}
+    evaluations: dict[str, list[Object]] = {}
     for kind, objects in children.items():
         for obj in objects:
             number = attempt_of(obj)
             if number is None:
+                if LABEL_EVALUATION in (obj.get("metadata", {}).get("labels") or {}):
+                    evaluations.setdefault(kind, []).append(dict(obj))
                 continue
             if kind == "Pod" and alive(obj):
                 left.add(number)
@@ -66,4 +71,5 @@ def group(children: Children, current: int) -> Attempts:
                 if kind != "Pod":
                     named.setdefault(number, []).append((kind, obj["metadata"]["name"]))
     return Attempts(current=current, job=job, pods=pods, pods_left=tuple(sorted(left)),
-                    strays={n: tuple(sorted(k)) for n, k in strays.items()}, stray_objects=named)
+                    strays={n: tuple(sorted(k)) for n, k in strays.items()}, stray_objects=named,
+                    evaluations=evaluations)

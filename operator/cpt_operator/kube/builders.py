@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.evaluation import Placement
 from ..api.spec import API_VERSION, KIND, CptRunSpec
 from ..api.storage import OBJECT_STORE_SCHEMES, is_object_store
 from ..api.trainer_config import TrainerConfig
@@ -24,6 +23,9 @@ CONFIG_FILE = CONFIG
 WORK_DIR = "/var/run/cpt"
 LABEL_RUN = "cpt.mlops.dev/run"
 LABEL_ATTEMPT = "cpt.mlops.dev/attempt"
+LABEL_EVALUATION = "cpt.mlops.dev/evaluation"
+"""On a separate evaluation's objects and pods (`kube/evaluations.py`), instead of an attempt
+label: its target, `base` or `a<attempt>-s<step>`."""
 MAX_JOB_NAME = 56
 """An Indexed Job's pod hostname is `<job>-<index>` and must fit a 63-character DNS label;
 56 leaves room for indices up to 9999 (resources.nodes is at most 1024)."""
@@ -51,7 +53,7 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:6]
 
 
-def _short(name: str, limit: int) -> str:
+def shorten(name: str, limit: int) -> str:
     if len(name) <= limit:
         return name
     return f"{name[:limit - 7].rstrip('-')}-{_digest(name)}"
@@ -75,11 +77,11 @@ def attempt_name(run: str, attempt: int) -> str:
     """`<run>-a<attempt>`: the name of every object of the attempt (ConfigMap, Service, Job);
     a valid DNS-1035 label, shortened with a digest when long."""
     suffix = f"-a{attempt}"
-    return _short(dns_label_stem(run), MAX_JOB_NAME - len(suffix)) + suffix
+    return shorten(dns_label_stem(run), MAX_JOB_NAME - len(suffix)) + suffix
 
 
 def run_label(run: str) -> str:
-    return _short(run, 63)
+    return shorten(run, 63)
 
 
 def labels(run: RunRef, attempt: int) -> dict[str, str]:
@@ -110,15 +112,6 @@ def checkpoint_root(spec: CptRunSpec) -> str:
         raise SpecProblem(f"checkpoint.uri {spec.checkpoint.uri!r} is not object storage: on a cluster "
                           f"checkpoints go to one of {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}")
     return spec.checkpoint.uri.rstrip("/")
-
-
-def cluster_support(spec: CptRunSpec) -> None:
-    """What `cptctl run` carries out but the operator does not yet: refused with the reason, so a
-    run never waits for work nothing will do."""
-    if spec.evaluation is not None and spec.evaluation.placement == Placement.separate:
-        raise SpecProblem("evaluation.placement separate is carried out by `cptctl run` only in this version: "
-                          "the operator does not build evaluation Jobs yet, so the run would wait for "
-                          "evaluations that never come; use placement inline on a cluster")
 
 
 def trainer_config(run: RunRef, spec: CptRunSpec, action: StartAttempt, settings: Settings) -> TrainerConfig:

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import kopf
 from pydantic import ValidationError
@@ -25,7 +25,7 @@ from ..api.alerts import AlertRef, Verdict, decode_refs, encode_refs
 from ..api.load import errors_from
 from ..api.spec import GROUP, PLURAL, VERSION, CptRunSpec
 from ..api.storage import RUN_CREDENTIALS, credentials_scope, is_object_store, summarise_error
-from ..api.status import TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
+from ..api.status import BASE, TERMINAL_PHASES, ConditionType, CptRunStatus, Phase, Reason
 from ..base_shape import ShapeUnavailable, read_shape
 from ..policy.admission import admission
 from ..policy.alerts import Admission, Alerted, admit
@@ -34,12 +34,13 @@ from ..policy.memory_fix import checked, usages
 from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
 from ..policy.tenancy import refusals
-from ..reconcile import (AttemptState, Emit, Pin, Plan, StartAttempt, StopAttempt, Sweep, reconcile,
-                         reconcile_unreadable, set_condition)
-from ..records import Records, RunRecords
+from ..policy.evaluations import EvalRun
+from ..reconcile import (AttemptState, Emit, Evaluate, Pin, Plan, StartAttempt, StopAttempt, StopEvaluations, Sweep,
+                         reconcile, reconcile_unreadable, set_condition)
+from ..records import Records, RunRecords, checkpoint_evals as obs_checkpoints
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
-from .builders import (LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, cluster_support, run_label,
+from .builders import (LABEL_RUN, RunRef, SpecProblem, attempt_name, checkpoint_root, run_label,
                        selector, trainer_config)
 from .checkpoints import foreign_owner, hold_start, prunes, starts, write_pins
 from .backoff import Backoff
@@ -47,6 +48,7 @@ from .client import (WORKERS, Conflict, Forbidden, KubeClient, KueueMissing, Not
                      load_config)
 from .freshness import Shared, Signals, StorageView, acts, newest_eval, stale_at, storage_due
 from .credentials import SecretUnreadable, use_run_credentials
+from .evaluations import build as build_evaluation, evaluation_name, runs as evaluation_runs
 from .launcher import IndexedJobLauncher, Launcher
 from .metrics import OperatorMetrics
 from .observe import PointCache, Requests, now_rfc3339, observed, parse_time, requests
@@ -245,6 +247,17 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
                 rt.kube.delete_pods(run.namespace, selector(run, number), rt.settings.rollback_grace_s)
         elif isinstance(action, Emit):
             rt.emit(body, action.type, action.reason, action.message)
+        elif isinstance(action, Evaluate):
+            for obj in build_evaluation(run, spec, action, rt.settings):
+                rt.kube.ensure(obj, run)
+        elif isinstance(action, StopEvaluations):
+            _delete_evaluations(rt, run, [evaluation_name(run.name, t) for t in action.targets])
+
+
+def _delete_evaluations(rt: Runtime, run: RunRef, names: Sequence[str]) -> None:
+    for name in names:
+        rt.kube.delete_job(run.namespace, name)
+        rt.kube.delete(run.namespace, "ConfigMap", name)
 
 
 def _hold_forbidden(rt: Runtime, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, plan: Plan,
@@ -425,6 +438,8 @@ class _Decided:
     plan: Plan
     attempts: Attempts
     state: AttemptState
+    evaluated: tuple[str, ...] = ()
+    """Completed evaluation Jobs whose records are read: deleted by the pass."""
 
 
 def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec, status: CptRunStatus,
@@ -438,9 +453,15 @@ def _decide(rt: Runtime, run: RunRef, body: Mapping[str, Any], spec: CptRunSpec,
     else:
         series, points = _series(rt, run, body, number, shared)
         refs, records = _storage(rt, run, root, status, attempts, state.state, series, points, shared)
+    evaluating, completed = evaluation_runs(attempts.evaluations.get("Job", []), attempts.evaluations.get("Pod", []))
+    # a completed Job whose record this pass has not read yet still counts as running: nothing
+    # starts it again; once the record is read its Job goes
+    judged = {c.name for c in obs_checkpoints(refs, records) if c.evaluated} | ({BASE} if records.base else set())
+    evaluating.update({t: EvalRun(state="running") for t in completed if t not in judged})
     obs = observed(body=body, attempt=state, series=series, points=points, refs=refs, records=records,
-                   pods_left=attempts.pods_left, strays=attempts.strays)
-    return _Decided(reconcile(spec, status, obs), attempts, state)
+                   pods_left=attempts.pods_left, strays=attempts.strays, evaluations=evaluating)
+    done = tuple(name for t, name in completed.items() if t in judged)
+    return _Decided(reconcile(spec, status, obs), attempts, state, done)
 
 
 @credentials_scope
@@ -459,7 +480,6 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
         try:
             spec = CptRunSpec.model_validate(body.get("spec") or {})
             root = checkpoint_root(spec)
-            cluster_support(spec)
         except ValidationError as exc:
             _report_invalid(rt, run, body, status, "; ".join(str(e) for e in errors_from(exc, "spec")))
             return None
@@ -505,6 +525,7 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
             return None  # refused for now: the condition says when it is tried again
         try:
             _carry_out(rt, run, spec, body, plan, asks, status, attempts)
+            _delete_evaluations(rt, run, decided.evaluated)
         except (Rejected, SpecProblem) as exc:  # attempts start first: nothing else was done
             _discard_starts(rt, run, plan)
             _report_invalid(rt, run, body, status, str(exc), Reason.invalid_object)

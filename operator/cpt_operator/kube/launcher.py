@@ -133,7 +133,7 @@ def _container(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     return container
 
 
-def _pod_spec(spec: CptRunSpec, name: str, settings: Settings) -> Object:
+def pod_spec(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     r = spec.resources
     pod: Object = {
         "restartPolicy": "Never",
@@ -176,7 +176,7 @@ def indexed_job(run: RunRef, spec: CptRunSpec, attempt: int, settings: Settings)
         # operator's decision (bounded by stopPolicy.maxAttemptRestarts), not the Job's
         "backoffLimit": 0,
         "template": {"metadata": {"labels": pod_labels, "annotations": annotations},
-                     "spec": _pod_spec(spec, name, settings)}}}
+                     "spec": pod_spec(spec, name, settings)}}}
 
 
 def _terminations(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -190,7 +190,7 @@ def _terminations(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[
     return found
 
 
-def _failure_message(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str:
+def failure_message(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str:
     ended = _terminations(pods)
     if ended:  # the refusal first: the other pods of the gang only died of it
         name, term = min(ended, key=lambda e: e[1].get("exitCode") != EXIT_REFUSED)
@@ -229,7 +229,7 @@ class IndexedJobLauncher:
             return AttemptState(number=number, state="succeeded")
         if conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True":
             refused = any(term.get("exitCode") == EXIT_REFUSED for _, term in _terminations(pods))
-            return AttemptState(number=number, state="failed", message=_failure_message(workload, pods),
+            return AttemptState(number=number, state="failed", message=failure_message(workload, pods),
                                 refused=refused)
         return AttemptState(number=number, state="running")
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..api.alerts import AlertRef, decode_refs
+from ..policy.evaluations import EvalRun
 from ..policy.types import EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..records import Records, checkpoint_evals, merge_points
@@ -94,7 +95,8 @@ class PointCache:
 def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerSeries | None,
              points: Sequence[EvalPoint], refs: Sequence[CheckpointRef],
              records: Records | None = None, pods_left: Sequence[int] = (),
-             strays: Mapping[int, Sequence[str]] | None = None) -> Observed:
+             strays: Mapping[int, Sequence[str]] | None = None,
+             evaluations: Mapping[str, EvalRun] | None = None) -> Observed:
     asks = requests(body.get("metadata", {}).get("annotations"))
     records = records or Records()
     if series is not None and attempt.state != "absent":
@@ -107,4 +109,4 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
                     checkpoints=checkpoint_evals(refs, records), stop_requested=asks.stop,
                     rollback_to=asks.rollback_to, alerts=asks.alerts, resume=asks.resume,
                     generation=body.get("metadata", {}).get("generation"), pods_left=tuple(pods_left),
-                    strays=dict(strays or {}))
+                    strays=dict(strays or {}), evaluations=dict(evaluations or {}))

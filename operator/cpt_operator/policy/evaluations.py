@@ -33,8 +33,6 @@ class EvalPlan:
     """Every target not evaluated yet that can still be (running, queued, or started now)."""
     failed: tuple[tuple[str, str], ...] = ()
     """(target, why) of evaluations that failed after their retries."""
-    stop: tuple[str, ...] = ()
-    """Running evaluations nothing needs any more."""
 
     @property
     def done(self) -> bool:
@@ -42,14 +40,10 @@ class EvalPlan:
 
 
 def plan_evaluations(*, base_known: bool, checkpoints: Sequence[CheckpointEvals],
-                     runs: Mapping[str, EvalRun], concurrency: int, active: bool) -> EvalPlan:
-    """`active`: the run still goes on (a finished, failed or stopped run starts nothing and
-    stops what still runs)."""
+                     runs: Mapping[str, EvalRun], concurrency: int) -> EvalPlan:
     targets = [] if base_known else [BASE]
     targets += [c.name for c in sorted(checkpoints, key=lambda c: (c.attempt, c.step)) if not c.evaluated]
     running = [t for t, r in runs.items() if r.state == "running"]
-    if not active:
-        return EvalPlan(stop=tuple(sorted(running)))
     failed = tuple((t, runs[t].message) for t in targets if t in runs and runs[t].state == "failed")
     owed = [t for t in targets if t not in dict(failed)]
     # the base first: no checkpoint can be judged against it before it is known

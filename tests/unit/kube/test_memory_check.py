@@ -160,13 +160,3 @@ def test_config_json_is_read_once_per_generation(tmp_path: Path, monkeypatch: py
     assert len(reads) == 2
     assert len(kube.jobs()) == 1  # the fixed spec starts
 
-
-def test_separate_evaluation_is_refused_on_a_cluster_until_the_operator_builds_its_jobs(tmp_path: Path) -> None:
-    body = _body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp")
-    body["spec"]["evaluation"] = {"placement": "separate", "suites": [
-        {"name": "general", "kind": "general", "uri": "s3://evals/general.jsonl"}]}
-    kube, events = FakeKube(body), []
-    assert reconcile_run(_runtime(kube, events), RUN.namespace, RUN.name) is None
-    valid = _condition(kube.body, ConditionType.spec_valid)
-    assert valid["status"] == "False" and "placement separate" in valid["message"]
-    assert "use placement inline" in valid["message"] and not kube.jobs()

@@ -40,17 +40,17 @@ def observed(attempt: AttemptState, checkpoints: tuple[CheckpointEvals, ...] = (
 
 def test_the_base_is_evaluated_first_then_checkpoints_oldest_first_within_the_concurrency() -> None:
     cks = (ckpt(20), ckpt(10))
-    first = plan_evaluations(base_known=False, checkpoints=cks, runs={}, concurrency=1, active=True)
+    first = plan_evaluations(base_known=False, checkpoints=cks, runs={}, concurrency=1)
     assert first.start == ("base",) and first.owed == ("base", "attempt-001/step-00000010", "attempt-001/step-00000020")
     busy = plan_evaluations(base_known=False, checkpoints=cks, runs={"base": EvalRun(state="running")},
-                            concurrency=1, active=True)
+                            concurrency=1)
     assert busy.start == ()
     beside = plan_evaluations(base_known=False, checkpoints=cks, runs={"base": EvalRun(state="running")},
-                              concurrency=2, active=True)
+                              concurrency=2)
     assert beside.start == ("attempt-001/step-00000010",)
-    after = plan_evaluations(base_known=True, checkpoints=cks, runs={}, concurrency=1, active=True)
+    after = plan_evaluations(base_known=True, checkpoints=cks, runs={}, concurrency=1)
     assert after.start == ("attempt-001/step-00000010",)
-    both = plan_evaluations(base_known=True, checkpoints=cks, runs={}, concurrency=2, active=True)
+    both = plan_evaluations(base_known=True, checkpoints=cks, runs={}, concurrency=2)
     assert both.start == ("attempt-001/step-00000010", "attempt-001/step-00000020")
 
 
@@ -58,7 +58,7 @@ def test_a_failed_base_does_not_hold_the_checkpoints_back_and_nothing_starts_twi
     plan = plan_evaluations(base_known=False, checkpoints=(ckpt(10), ckpt(20)),
                             runs={"base": EvalRun(state="failed", message="boom"),
                                   "attempt-001/step-00000010": EvalRun(state="running")},
-                            concurrency=2, active=True)
+                            concurrency=2)
     assert plan.failed == (("base", "boom"),)
     assert plan.start == ("attempt-001/step-00000020",)
     assert plan.owed == ("attempt-001/step-00000010", "attempt-001/step-00000020")
