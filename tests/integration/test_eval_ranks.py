@@ -85,6 +85,9 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
         # each rank runs its share's programs in the sandbox
         {"name": "programs", "kind": "general", "uri": programs, "metric": "pass_at_1", "maxNewTokens": MAX_NEW,
          "code": {"timeoutSeconds": 20, "memory": "512Mi"}},
+        # pass@2 from 3 sampled completions a program: one generate call a prompt, in lock step
+        {"name": "sampled", "kind": "general", "uri": programs, "metric": "pass_at_k", "maxNewTokens": MAX_NEW,
+         "code": {"timeoutSeconds": 20, "memory": "512Mi", "samples": 3, "k": 2}},
         # lm-eval tasks: every rank runs them whole, in lock step (a collective under fsdp)
         {"name": "sums", "kind": "general", "metric": "acc", "uri": str(write_benchmark_tasks(root / "tasks")),
          "benchmark": {"tasks": ["sums"], "numFewshot": 0, "limit": 9, "batchSize": 4}},
@@ -166,6 +169,7 @@ def test_one_process_measures_every_suite(alone):
     assert results["chat.kl_to_base"] > 0
     assert 0 < results["safety.refusal_rate"] < 1 and 0 < results["format.format_follow"] < 1
     assert results["programs.pass_at_1"] == 5 / 9  # the even samples' programs, each run in the sandbox
+    assert results["sampled.pass_at_k"] == pytest.approx(5 / 9)  # every completion of those passes
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .evaluation import GateSpec
+from .evaluation import CodeSpec, GateSpec
 from .spec import ScheduleSpec
 
 
@@ -23,6 +23,8 @@ class CelRule:
 
 _WARMUP = ScheduleSpec.model_fields["warmup_steps"].default
 _RELATIVE = GateSpec.model_fields["relative"].default
+_CODE_K = CodeSpec.model_fields["k"].default
+_CODE_SAMPLES = CodeSpec.model_fields["samples"].default
 
 RULES: tuple[CelRule, ...] = (
     CelRule(("spec",), "!has(self.budget.steps) || "
@@ -83,14 +85,18 @@ RULES: tuple[CelRule, ...] = (
             "cpuOffload needs strategy fsdp or hsdp (ddp keeps full replicas)"),
     CelRule(("spec", "evaluation"), "self.suites.all(s, self.suites.exists_one(t, t.name == s.name))",
             "evaluation suite names must be unique"),
-    CelRule(("spec", "evaluation", "suites", "[]"), "has(self.uri) || has(self.benchmark)",
-            "uri is required (the suite's texts or prompts) unless the suite is a benchmark"),
+    CelRule(("spec", "evaluation", "suites", "[]"), "has(self.uri) || has(self.benchmark) || "
+            "(has(self.code) && has(self.code.problems))",
+            "uri is required (the suite's texts or prompts) unless the suite is a benchmark or reads code.problems"),
     CelRule(("spec", "evaluation", "suites", "[]"), "!has(self.benchmark) || (has(self.metric) && "
             "self.metric in ['acc', 'acc_norm', 'exact_match'] && self.kind != 'drift')",
             "a benchmark suite reports acc, acc_norm or exact_match for a kind other than drift"),
     CelRule(("spec", "evaluation", "suites", "[]"),
-            "has(self.code) == (has(self.metric) && self.metric == 'pass_at_1') "
+            "has(self.code) == (has(self.metric) && self.metric in ['pass_at_1', 'pass_at_k']) "
             "&& (!has(self.code) || !(self.kind in ['drift', 'safety']))",
-            "a code suite (with `code`) reports pass_at_1, and pass_at_1 needs `code`, for a kind other than "
-            "drift or safety"),
+            "a code suite (with `code`) reports pass_at_1 or pass_at_k, and those need `code`, for a kind other "
+            "than drift or safety"),
+    CelRule(("spec", "evaluation", "suites", "[]", "code"),
+            f"(has(self.k) ? self.k : {_CODE_K}) <= (has(self.samples) ? self.samples : {_CODE_SAMPLES})",
+            "code.k must not exceed code.samples"),
 )

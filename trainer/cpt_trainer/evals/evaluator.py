@@ -25,10 +25,10 @@ from cpt_operator.api.metrics import metric_key
 from ..errors import Refused
 from .collective import in_order, share_of, summed
 from .benchmark import Benchmark
-from .code import passes
+from .code import pass_at, passes
 from .data import Sample, load_samples, suite_digest
 from .drift import kl_sum
-from .generation import decode, greedy, prompt_rows, unwrap
+from .generation import decode, greedy, prompt_rows, sampled, unwrap
 from .perplexity import NllResult, document_ids, token_nll
 from .runtime import inference
 from .scoring import follows_format, has_json_object, load_classifier, rate
@@ -112,11 +112,27 @@ class Evaluator:
             return self._kl(suite, model)
         samples = self.samples[suite.name]
         share = share_of(model)
+        if suite.code is not None and suite.code.samples > 1:
+            return self._sampled_code(suite, model, share)
         outputs = self._generate(model, self._prompts[suite.name], suite.max_new_tokens, share)
         texts = [decode(self.tokenizer, ids) for ids in outputs]
         scored = in_order(list(zip(texts, self._score(suite, texts, share.take(samples)))))
         self.last_generations[suite.name] = [text for text, _ in scored]
         return rate([verdict for _, verdict in scored])
+
+    def _sampled_code(self, suite: SuiteSpec, model: torch.nn.Module, share: Share) -> float:
+        """pass@1 or pass@k from `code.samples` sampled completions of each problem: each rank
+        samples and runs its share of the problems; the counts of passing programs are gathered."""
+        code = suite.code
+        assert code is not None
+        mine = sampled(model, self.tokenizer, self._prompts[suite.name], n=code.samples,
+                       temperature=code.temperature, top_p=code.top_p, seed=code.seed,
+                       max_new_tokens=suite.max_new_tokens, device=self.device, share=share)
+        problems = share.take(self.samples[suite.name])
+        correct = [sum(passes(problem, decode(self.tokenizer, ids), code) for ids in completions)
+                   for problem, completions in zip(problems, mine)]
+        k = code.k if suite.metric == Metric.pass_at_k else 1
+        return pass_at(in_order(correct), code.samples, k)
 
     def _kl(self, suite: SuiteSpec, model: torch.nn.Module) -> float:
         reference = self._reference()

@@ -1,4 +1,4 @@
-"""Greedy generation for behaviour, safety and drift suites.
+"""Generation for behaviour, safety, drift and code suites: greedy, and sampled for pass@k.
 
 Prompts go through the tokenizer's chat template when it has one (with the generation prompt
 appended), since that is how a chat model is served; otherwise they are encoded as the tokenizer
@@ -85,6 +85,32 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Seq
                                    generation_config=config, synced_gpus=share.lockstep)
         for row in generated[:len(chunk), ids.shape[1]:].tolist():
             out.append(_until_stop(row, stops))
+    return out
+
+
+def sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], *, n: int,
+            temperature: float, top_p: float, seed: int, max_new_tokens: int, device: torch.device,
+            share: Share = ALONE) -> list[list[list[int]]]:
+    """`n` sampled completions of each prompt row of this rank's share. Each prompt is decoded in
+    a call of its own under its own seed (`seed` + its index in `rows`), with the RNG state put
+    back afterwards: every world size draws the same completions, and the caller's (training)
+    random stream is untouched."""
+    model = unwrap(model)
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True,  # type: ignore[no-untyped-call]
+                              temperature=temperature, top_p=top_p, num_return_sequences=n,
+                              pad_token_id=pad, eos_token_id=stops or None, use_cache=KV_CACHE)
+    out: list[list[list[int]]] = []
+    for chunk in share.batches(list(enumerate(rows)), 1):
+        index, row = chunk[0] if chunk else (0, [pad])  # an empty chunk: a lock-step padding call
+        ids, mask = _pad_left([row], pad, device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + index)
+            generated = model.generate(input_ids=ids, attention_mask=mask,  # type: ignore[operator]
+                                       generation_config=config, synced_gpus=share.lockstep)
+        if chunk:
+            out.append([_until_stop(r, stops) for r in generated[:, ids.shape[1]:].tolist()])
     return out
 
 
