@@ -125,3 +125,24 @@ def test_sampled_completions_are_the_same_on_every_world_size_and_leave_the_rng_
     assert interleave(parts) == alone
     assert all(len(completions) == 3 for completions in alone)
     assert len({tuple(map(tuple, c)) for c in alone}) > 1 and again != alone  # sampled, and by the seed
+
+
+def test_a_model_is_scored_on_humaneval_through_a_suite(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_operator.api.evaluation import EvaluationSpec
+    from cpt_trainer.evals import Evaluator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    spec = EvaluationSpec.model_validate({"suites": [
+        {"name": "he", "kind": "general", "metric": "pass_at_1", "maxSamples": 2, "maxNewTokens": 8,
+         "code": {"problems": "humaneval", "timeoutSeconds": 5}},
+        {"name": "he-k", "kind": "general", "metric": "pass_at_k", "maxSamples": 2, "maxNewTokens": 8,
+         "code": {"problems": "humaneval", "samples": 2, "k": 2, "timeoutSeconds": 5}}]})
+    evaluator = Evaluator(spec, tokenizer, device=torch.device("cpu"), seq_len=64)
+    results = evaluator.evaluate(model)
+    # a random 64-wide model writes no working function: every program ran, and failed its tests
+    assert results == {"he.pass_at_1": 0.0, "he-k.pass_at_k": 0.0}
+    assert len(evaluator.samples["he"]) == 2 and evaluator.digests["he"] != evaluator.digests["he-k"]
