@@ -20,7 +20,7 @@ def _run_file(tmp_path: Path, gpu_memory: str | None, config: bool = True, memor
     if config:
         (base / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
     doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["spec"]["baseModel"]["uri"] = str(base)
+    doc["spec"]["baseModel"] |= {"uri": str(base), "format": "hf"}
     doc["spec"]["resources"] = {"gpusPerNode": 1, "gpuMemory": gpu_memory, "memory": memory}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(doc))
