@@ -22,7 +22,7 @@ from typing import Literal, Mapping, Sequence, Union
 
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from .api.evaluation import Placement
-from .api.manifest import attempt_folder, attempt_of
+from .api.manifest import attempt_folder, attempt_of, step_of
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.trainer_config import TrainerConfig
 from .api.status import (TERMINAL_PHASES, CheckpointSummary, Condition, ConditionType, CptRunStatus,
@@ -257,7 +257,8 @@ def _record_rollback(p: _Planner, decision: Decision) -> None:
     target = decision.target or BASE
     st.rollbacks += 1
     st.restore_from = None if target == BASE else target
-    st.overrides = decision.overrides
+    st.overrides = decision.overrides.model_copy(
+        update={"rewarm_from": None if target == BASE else step_of(target)})
     for record in decision.records or (RollbackRecord(attempt=st.attempt, gate="policy", target=target,
                                                       overrides=decision.overrides),):
         st.history.append(record.model_copy(update={"time": p.obs.now}))

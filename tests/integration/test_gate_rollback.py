@@ -61,12 +61,19 @@ def test_gate_breach_rolls_back_with_adjusted_settings_and_loses_nothing(tmp_pat
     assert second["overrides"]["lrScale"] == pytest.approx(0.02)
     assert second["overrides"]["replayDelta"] == pytest.approx(0.3)
     if record["target"] == "base":
-        assert "restoreFrom" not in second
+        assert "restoreFrom" not in second and second["overrides"].get("rewarmFrom") is None
     else:
         assert second["restoreFrom"].endswith(record["target"])
         assert second["restoreMode"] == "fullState"
         good = next(c for c in status["checkpoints"] if c["name"] == record["target"])
         assert good["passedGates"]
+        # the LR warms up again from the restored step instead of resuming at full strength
+        start = int(record["target"].rsplit("-", 1)[1])
+        assert second["overrides"]["rewarmFrom"] == start
+        events = [json.loads(line) for line in (run_dir / "attempt-002" / "events.jsonl").read_text().splitlines()]
+        lrs = [e["lr"] for e in events if e["event"] == "progress"][:3]
+        peak = 3e-2 * 0.02  # the constant schedule's LR, tuned by the gate
+        assert lrs == pytest.approx([peak * (i + 1) / 10 for i in range(3)])
     assert any(c["type"] == "RolledBack" for c in status["conditions"]) or record["target"]
 
     # Nothing is lost: every committed checkpoint, on both sides of the rollback, still verifies.

@@ -205,7 +205,7 @@ class Attempt:
         self.anomaly = AnomalyDetector(spec.gradient.anomaly)
         self.tokens_per_step = spec.tokens_per_step(self.dist.world_size)
         self.total = spec.total_steps(self.dist.world_size)
-        self.schedule = build_schedule(spec, self.total, cfg.overrides.lr_scale)
+        self.schedule = build_schedule(spec, self.total, cfg.overrides.lr_scale, cfg.overrides.rewarm_from)
         if self.start.uri is not None and self.start.mode == RestoreMode.full_state:
             self._load_full_state()
         self.config_hash = hashlib.sha256(cfg.spec.model_dump_json(by_alias=True).encode()

@@ -14,6 +14,12 @@ Decay kinds, with p in [0, 1] the fraction of post-warm-up steps done:
 - constant:    peak after warm-up.
 Warm-up is linear from peak/warmup at step 0 to peak at step warmup-1 (never an LR of 0: a step
 at LR 0 would burn tokens for nothing).
+
+Re-warm: an attempt that went back to a checkpoint (a rollback or tune, `Overrides.rewarm_from`)
+scales the schedule's value by (step - rewarm_from + 1) / rewarm_steps over its first
+`rewarm_steps` steps: the AdamW moments it restored were fitted to another LR, and resuming
+mid-schedule at full strength is the spike the rollback was meant to leave behind. It is part of
+the pure function too: a restart of that attempt from a later checkpoint continues the same curve.
 """
 from __future__ import annotations
 
@@ -33,8 +39,16 @@ class Schedule:
     total: int
     decay: DecayKind
     decay_fraction: float = 0.2
+    rewarm_from: int | None = None
+    rewarm_steps: int = 0
 
     def __call__(self, step: int) -> float:
+        lr = self._scheduled(step)
+        if self.rewarm_from is not None and self.rewarm_from <= step < self.rewarm_from + self.rewarm_steps:
+            return lr * (step - self.rewarm_from + 1) / self.rewarm_steps
+        return lr
+
+    def _scheduled(self, step: int) -> float:
         if step < self.warmup:
             return self.peak * (step + 1) / self.warmup
         if self.decay == DecayKind.constant:
@@ -52,10 +66,11 @@ class Schedule:
         p = min(1.0, (step - start) / max(1, self.total - start))
         return self.peak - (self.peak - self.min_lr) * p
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    def as_dict(self) -> dict[str, float | int | str | None]:
         return {"peak": self.peak, "minLr": self.min_lr, "warmup": self.warmup,
                 "total": self.total, "decay": self.decay.value,
-                "decayFraction": self.decay_fraction}
+                "decayFraction": self.decay_fraction, "rewarmFrom": self.rewarm_from,
+                "rewarmSteps": self.rewarm_steps}
 
 
 def _decay_factor(kind: DecayKind, p: float) -> float:
@@ -70,9 +85,12 @@ def _decay_factor(kind: DecayKind, p: float) -> float:
     raise ValueError(f"no decay factor for {kind.value}")
 
 
-def build_schedule(spec: CptRunSpec, total: int, lr_scale: float = 1.0) -> Schedule:
-    """The spec's schedule; an attempt's `lr_scale` override scales peak and floor alike."""
+def build_schedule(spec: CptRunSpec, total: int, lr_scale: float = 1.0,
+                   rewarm_from: int | None = None) -> Schedule:
+    """The spec's schedule; an attempt's `lr_scale` override scales peak and floor alike, its
+    `rewarm_from` re-warms from that step."""
     warmup = min(spec.schedule.warmup_steps, max(0, total - 1))
     return Schedule(peak=spec.optimizer.lr * lr_scale, min_lr=spec.schedule.min_lr * lr_scale,
                     warmup=warmup, total=total, decay=spec.schedule.decay,
-                    decay_fraction=spec.schedule.decay_fraction)
+                    decay_fraction=spec.schedule.decay_fraction, rewarm_from=rewarm_from,
+                    rewarm_steps=spec.schedule.rewarm_steps)

@@ -200,6 +200,9 @@ class ScheduleSpec(SpecModel):
     min_lr: float = Field(default=0.0, ge=0)
     decay_fraction: float = Field(default=0.2, gt=0, le=1)
     """wsd: the share of steps spent in the final decay phase."""
+    rewarm_steps: int = Field(default=10, ge=0)
+    """After a rollback or tune to a checkpoint: steps over which the LR rises linearly from
+    1/rewarmSteps of the schedule's value back to it (0: resume at full strength)."""
 
 
 class NonFiniteAction(str, Enum):

@@ -164,6 +164,11 @@ class Overrides(SpecModel):
     replay_delta: float = 0.0
     skips: list[DataSkip] = Field(default_factory=list)
     """Data windows every later attempt skips: they made training spike (`api.skips`)."""
+    rewarm_from: int | None = None
+    """The step of the checkpoint a rollback (or tune) went back to: from there the LR warms up
+    again over `schedule.rewarmSteps` instead of resuming mid-schedule at full strength (the
+    restored optimizer moments were fitted to another LR). None after a return to the base,
+    which warms up from step 0 anyway."""
 
 
 class RollbackRecord(SpecModel):

@@ -78,6 +78,7 @@ def test_a_breached_gate_rolls_back_to_the_last_good_checkpoint_with_lower_lr_an
     points = (point(10, 10.3), point(20, 12.5))  # 25% worse than base on general
     plan = reconcile(spec(), status, observed(running(step=20), points))
     assert of(plan, StopAttempt) and plan.status.phase == Phase.rolling_back
+    assert plan.status.overrides.rewarm_from == 10  # the next attempt warms up again from there
     assert plan.status.restore_from == "attempt-001/step-00000010"
     assert plan.status.overrides.lr_scale == pytest.approx(0.5)
     assert plan.status.overrides.replay_delta == pytest.approx(0.1)

@@ -37,6 +37,19 @@ def test_cosine_midpoint_and_wsd_stable_phase() -> None:
     assert sched(DecayKind.constant)(19) == 1.0
 
 
+def test_an_attempt_that_went_back_to_a_checkpoint_warms_up_again_then_rejoins_the_schedule() -> None:
+    plain = sched(DecayKind.cosine)
+    again = sched(DecayKind.cosine, rewarm_from=8, rewarm_steps=4)
+    assert [again(i) for i in range(8)] == [plain(i) for i in range(8)]  # before the restore point
+    # from the checkpoint's step: 1/4, 2/4, 3/4 of the schedule, then the schedule itself
+    assert [again(i) for i in range(8, 12)] == pytest.approx([plain(i) * f for i, f in
+                                                              zip(range(8, 12), (0.25, 0.5, 0.75, 1.0))])
+    assert [again(i) for i in range(12, 20)] == [plain(i) for i in range(12, 20)]
+    # a restart of that attempt from a later checkpoint continues the same curve (a pure function)
+    assert sched(DecayKind.cosine, rewarm_from=8, rewarm_steps=4)(10) == again(10)
+    assert sched(DecayKind.cosine, rewarm_from=8, rewarm_steps=0)(8) == plain(8)  # switched off
+
+
 def spec(**budget) -> CptRunSpec:
     return CptRunSpec.model_validate({
         "baseModel": {"uri": "m"}, "data": {"sources": [{"name": "d", "role": "domain", "uri": "x"}]},
