@@ -27,6 +27,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"{args.file}: CptRun {run.metadata.name!r} is valid")
+    from .policy.recipes import recipe_warnings
+
+    for warning in recipe_warnings(run.spec):
+        print(f"  warning: {warning}")
     return 0
 
 

@@ -33,6 +33,7 @@ from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
 from .policy.evaluations import EvalPlan, EvalRun, plan_evaluations
+from .policy.recipes import recipe_warnings
 from .policy.start import Cause, Start, deadline, instant, overdue
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
 
@@ -599,11 +600,22 @@ def _evaluations(p: _Planner) -> None:
                       "the base and every checkpoint are evaluated", obs.now)
 
 
+def _accepted(p: _Planner) -> None:
+    """SpecValid=True, naming what of the recipe to reconsider; each new warning an event, once."""
+    warnings = recipe_warnings(p.spec)
+    message = "spec accepted" + (f"; to reconsider: {'; '.join(warnings)}" if warnings else "")
+    before = _condition(p.status, ConditionType.spec_valid)
+    if warnings and (before is None or before.message != message):
+        for warning in warnings:
+            p.emit("Warning", Reason.recipe_warning.value, warning)
+    set_condition(p.status, ConditionType.spec_valid, True, "Valid", message, p.obs.now)
+
+
 def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     p = _Planner(spec, status, obs)
     st = p.status
     st.observed_generation = obs.generation if obs.generation is not None else st.observed_generation
-    set_condition(st, ConditionType.spec_valid, True, "Valid", "spec accepted", obs.now)
+    _accepted(p)
     _summaries(p)
     _sweep(p)
     _owed_evaluations(p)

@@ -137,6 +137,9 @@ class Reason(str, Enum):
     evaluation_failed = "EvaluationFailed"
     """Evaluated=False, and a Warning event: a checkpoint's (or the base's) separate evaluation
     failed after its retries."""
+    recipe_warning = "RecipeWarning"
+    """Event, once per warning: a weights-only start without warm-up or replay, or with an LR above
+    typical pretraining peaks (`policy.recipes`); also in SpecValid's message."""
     start_failed = "StartFailed"
     """Failed: the attempt's Job failed before every trainer ran (a container that could not
     start): a restart would fail the same way, so none is spent."""
