@@ -109,10 +109,12 @@ def test_separate_processes_evaluate_every_checkpoint_and_a_late_breach_rolls_ba
 
 def test_a_separate_evaluation_measures_what_the_trainer_measured_inline(tmp_path, tiny_model_dir, corpora):
     files = forgetting_files(tmp_path, sorted(Path(corpora["domain"]).glob("*.txt")))
-    done, run_dir = _run(tmp_path, "inline", _spec(tiny_model_dir, corpora, files, placement="inline", steps=2,
-                                                    gated=False))
+    spec = _spec(tiny_model_dir, corpora, files, placement="inline", steps=2, gated=False)
+    spec["evaluation"]["early"] = {"every": 1, "steps": 1}  # step 1 too, with no checkpoint there
+    done, run_dir = _run(tmp_path, "inline", spec)
     assert done.returncode == 0, done.stdout + done.stderr
     inline_root = run_dir / "checkpoints" / "attempt-001"
+    assert (inline_root / eval_record_name(1)).exists() and not (inline_root / "step-00000001").exists()
     inline = json.loads((inline_root / eval_record_name(2)).read_text())
     inline_base = json.loads((inline_root / eval_record_name(0)).read_text())
 

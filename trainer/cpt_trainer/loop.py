@@ -458,12 +458,12 @@ class Attempt:
 
     def _checkpoint_due(self) -> bool:
         # evaluated steps are checkpoints when a separate process evaluates them
-        separate = self._separate and self.step % self.spec.evaluation.every == 0  # type: ignore[union-attr]
+        separate = self._separate and self.spec.evaluation.evaluates_at(self.step)  # type: ignore[union-attr]
         return self.step % self.spec.checkpoint.every == 0 or self.step >= self.total or separate
 
     def _eval_due(self) -> bool:
         ev = self.spec.evaluation
-        return ev is not None and not self._separate and (self.step % ev.every == 0 or self._checkpoint_due())
+        return ev is not None and not self._separate and (ev.evaluates_at(self.step) or self._checkpoint_due())
 
     @property
     def _separate(self) -> bool:

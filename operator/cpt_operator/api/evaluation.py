@@ -163,9 +163,21 @@ EVALUATION_TRIES = 2
 before it is reported as failed."""
 
 
+class EarlyEvaluationSpec(SpecModel):
+    """Denser evaluation at the start, where a weights-only start's stability gap opens (loss and
+    forgetting jump in the first hundreds of steps before they recover): seen while it opens,
+    not at the first regular evaluation."""
+
+    every: int = Field(ge=1)
+    """Evaluate every N steps..."""
+    steps: int = Field(ge=1)
+    """...during the first this many steps (then every `evaluation.every`)."""
+
+
 class EvaluationSpec(SpecModel):
     every: int = Field(default=50, ge=1)
     """Evaluate every N optimizer steps; also at every checkpoint and before the first step."""
+    early: EarlyEvaluationSpec | None = None
     suites: list[SuiteSpec] = Field(min_length=1, max_length=64)
     placement: Placement = Placement.inline
     """Where the suites run. `separate` evaluates the same steps as `inline` (each one a
@@ -180,6 +192,11 @@ class EvaluationSpec(SpecModel):
         if len(set(names)) != len(names):
             raise ValueError("evaluation suite names must be unique")
         return self
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based, just taken) is evaluated (checkpoints aside)."""
+        early = self.early is not None and step <= self.early.steps and step % self.early.every == 0
+        return step % self.every == 0 or early
 
     @property
     def needs_reference(self) -> bool:

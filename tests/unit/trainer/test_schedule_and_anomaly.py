@@ -136,3 +136,13 @@ def test_per_source_history_survives_a_state_round_trip() -> None:
     b.load_state_dict(a.state_dict())
     assert a.observe(7.0, 1.0, {"legal": 8.8, "code": 1.7}) == \
         b.observe(7.0, 1.0, {"legal": 8.8, "code": 1.7})
+
+
+def test_early_evaluation_is_dense_while_the_stability_gap_opens_then_regular() -> None:
+    from cpt_operator.api.evaluation import EvaluationSpec
+
+    suites = [{"name": "g", "kind": "general", "uri": "g.jsonl"}]
+    early = EvaluationSpec.model_validate({"every": 50, "early": {"every": 5, "steps": 20}, "suites": suites})
+    assert [s for s in range(1, 151) if early.evaluates_at(s)] == [5, 10, 15, 20, 50, 100, 150]
+    plain = EvaluationSpec.model_validate({"every": 50, "suites": suites})
+    assert [s for s in range(1, 151) if plain.evaluates_at(s)] == [50, 100, 150]
