@@ -46,3 +46,23 @@ def test_the_same_step_evaluated_by_the_next_attempt_is_printed_again(
     shown.evaluation(status, Evaluated(step=3, tokens=3072, metrics={"general.perplexity": 41.0}, time=2.0))
     out = capsys.readouterr().out
     assert "general-ppl -65.0%" in out and "general-ppl +7.5%" in out
+
+
+def test_before_the_first_step_a_line_says_what_the_trainer_is_doing(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpt_operator.api.events import Started
+    from cpt_operator.local import progress
+
+    clock = iter([100.0, 110.0, 120.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    shown = Progress(spec(), enabled=False, world_size=1)
+    status = CptRunStatus(attempt=1)
+    log = AttemptLog(1, EventFollower(tmp_path / "events.jsonl"))
+    shown.update(status, log)  # t=100: loading
+    log.started = Started(attempt=1, step=0, tokens=0, time=0.0)
+    shown.update(status, log)  # t=110: within the interval, nothing
+    shown.update(status, log)  # t=120: 20 s in, evaluating the base
+    out = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert out == ["attempt 1: loading the model and data (0 s)",
+                   "evaluating the base model on 1 suite(s) before the first step (20 s)"]

@@ -12,12 +12,16 @@ import time
 
 from tqdm import tqdm
 
+from ..api.evaluation import Placement
 from ..api.events import Evaluated
 from ..api.spec import CptRunSpec
 from ..api.status import CptRunStatus
 from ..policy.headroom import Headroom, headroom
 from ..policy.types import EvalPoint
 from .observe import AttemptLog
+
+WAIT_LINE_S = 15.0
+"""Before the first step, a line this often says what the trainer is doing."""
 
 
 class Progress:
@@ -30,6 +34,7 @@ class Progress:
         self.last_step = -1
         self.last_eval: tuple[int, float] | None = None
         """(step, time) of the evaluation last printed: step alone repeats across attempts."""
+        self.waiting_since: float | None = None
 
     def note(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -57,6 +62,7 @@ class Progress:
             self.evaluation(status, log.last_eval)
         progress = log.last_progress if log else None
         if progress is None:
+            self._waiting(status, log)
             return
         postfix = {"attempt": status.attempt, "loss": "nan" if progress.loss is None else f"{progress.loss:.3f}",
                    "tok/s": f"{progress.tokens_per_s:,.0f}", "lr": f"{progress.lr:.2e}"}
@@ -72,6 +78,26 @@ class Progress:
             self.last_line, self.last_step = time.monotonic(), progress.step
             print(f"step {progress.step}/{self.total} " + " ".join(f"{k}={v}" for k, v in postfix.items()),
                   flush=True)
+
+    def _waiting(self, status: CptRunStatus, log: AttemptLog | None) -> None:
+        """Before the first step: what the trainer is doing, every `WAIT_LINE_S` (loading, then
+        the base's evaluation, which takes minutes on a real model)."""
+        now = time.monotonic()
+        if self.waiting_since is None:
+            self.waiting_since = now
+        if now - self.last_line < WAIT_LINE_S:
+            return
+        self.last_line = now
+        waited = f"{now - self.waiting_since:.0f} s"
+        evaluation = self.spec.evaluation
+        if log is None or log.started is None:
+            self.note(f"attempt {status.attempt}: loading the model and data ({waited})")
+        elif evaluation is not None and evaluation.placement == Placement.inline and log.started.step == 0 \
+                and log.started.restore_from is None and not status.base_metrics:
+            self.note(f"evaluating the base model on {len(evaluation.suites)} suite(s) before the first step "
+                      f"({waited})")
+        else:
+            self.note(f"attempt {status.attempt}: started, waiting for the first step ({waited})")
 
     def close(self) -> None:
         if self.bar is not None:
