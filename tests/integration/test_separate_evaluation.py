@@ -142,3 +142,18 @@ def test_a_separate_evaluation_measures_what_the_trainer_measured_inline(tmp_pat
     again = subprocess.run([sys.executable, "-m", "cpt_trainer", "--config", str(tmp_path / "eval.json"),
                             "--evaluate", "step-00000002"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and (other / eval_record_name(2)).read_bytes() == before
+
+    # as an evaluation Job runs it on a pod of several GPUs: 2 fsdp ranks, each loading its shard of
+    # the checkpoint and scoring its share of each suite, under a short collective timeout
+    ranks = tmp_path / "ranks" / "attempt-001"
+    shutil.copytree(inline_root / "step-00000002", ranks / "step-00000002")
+    config["spec"]["training"]["parallelism"] = {"strategy": "fsdp", "collectiveTimeoutSeconds": 20}
+    config.update(checkpointRoot=str(ranks.parent), checkpointUri=str(ranks), runDir=str(tmp_path / "ranks-run"))
+    (tmp_path / "ranks.json").write_text(json.dumps(config))
+    ran = subprocess.run([sys.executable, "-m", "cpt_trainer.launch", "--standalone", "--nproc-per-node=2",
+                          "-m", "cpt_trainer", "--config", str(tmp_path / "ranks.json"), "--evaluate", "step-00000002"],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    sharded = json.loads((ranks / eval_record_name(2)).read_text())
+    for key, value in inline["metrics"].items():
+        assert sharded["metrics"][key] == pytest.approx(value, rel=1e-5), key
