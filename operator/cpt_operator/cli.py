@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("diagnose", help="is CPT the right lever? perplexity gap + fragmentation",
+    p = sub.add_parser("diagnose", help="is CPT the right lever? bits-per-byte gap + fragmentation",
                        add_help=False)
     p.set_defaults(func=lambda a: _trainer_tool("cpt_trainer.diagnose", a.rest))
     p = sub.add_parser("tokenizer", help="tokenizer analysis (fragmentation, candidate terms)",

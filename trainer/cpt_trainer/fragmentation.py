@@ -73,12 +73,24 @@ class FragmentationReport:
     def saving_share(self) -> float:
         return self.saving / self.domain_tokens if self.domain_tokens else 0.0
 
+    @property
+    def excess(self) -> int:
+        """Tokens the domain sample spends on splitting its frequent terms: Σ f(u)·(r(u) − 1)
+        over every analysed term. Unlike r̄, it weighs a term by the tokens its pieces cost, so a
+        long, often split term counts for more than a frequent short word that is whole."""
+        return sum(t.saving for t in self.terms)
+
+    @property
+    def excess_share(self) -> float:
+        return self.excess / self.domain_tokens if self.domain_tokens else 0.0
+
     def to_dict(self) -> dict[str, object]:
         def term(t: TermStats) -> dict[str, object]:
             return {**asdict(t), "pieces": list(t.pieces), "r": t.r, "saving": t.saving}
 
         return {"r_bar": self.r_bar, "domain_words": self.domain_words,
                 "domain_tokens": self.domain_tokens, "terms_analysed": len(self.terms),
+                "excess": self.excess, "excess_share": self.excess_share,
                 "saving": self.saving, "saving_share": self.saving_share,
                 "candidates": [term(t) for t in self.candidates],
                 "frequent_terms": [term(t) for t in self.terms[:self.top]]}
