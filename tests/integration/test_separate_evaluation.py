@@ -69,8 +69,9 @@ def test_separate_processes_evaluate_every_checkpoint_and_a_late_breach_rolls_ba
                                                                                      corpora):
     base = pretrain_on_code(tiny_model_dir, tmp_path / "base")
     files = forgetting_files(tmp_path, sorted(Path(corpora["domain"]).glob("*.txt")))
-    done, run_dir = _run(tmp_path, "apart", _spec(base, corpora, files, placement="separate", steps=12,
-                                                   gated=True))
+    spec = _spec(base, corpora, files, placement="separate", steps=8, gated=True)
+    spec["evaluation"]["concurrency"] = 2  # two evaluations beside the trainer
+    done, run_dir = _run(tmp_path, "apart", spec)
     status = json.loads((run_dir / "status.json").read_text())
     log = done.stdout + done.stderr
     assert done.returncode == 0 and status["phase"] == "Succeeded", log
