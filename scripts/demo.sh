@@ -21,9 +21,9 @@ if [ "$spec" = examples/demo/cptrun.yaml ]; then
   if grep -q "CPT not indicated" <<<"$report"; then
     cat <<'TEXT'
 == Why the demo runs anyway
-The diagnosis says CPT is not indicated: the base already predicts license texts better than
-general English (they are among the most copied texts on the web, so its pretraining saw them)
-and their terms are barely fragmented. On your own data that verdict means: do not spend GPU
+The diagnosis says CPT is not indicated: per byte the base already predicts license texts as
+well as general English (they are among the most copied texts on the web, so its pretraining saw
+them) and splitting their terms costs few tokens. On your own data that verdict means: do not spend GPU
 hours on CPT, try prompting, RAG or SFT. The demo continues because what it shows does not depend
 on the domain: every suite measured before and during training, gates that roll back, and a
 checkpoint chosen within every gate, on a real model with data this machine ships.

@@ -18,7 +18,7 @@ Rules (the thresholds are options; the report states them and which signal decid
 - gap ≥ `--gap-threshold` (1.5): **CPT warranted** (decided by bits per byte). Tokenizer
   extension is worth measuring as well when the top terms would save ≥ `--saving-threshold`
   (2%) of the domain tokens.
-- gap ≥ `--weak-gap` (1.2), or fragmentation costing ≥ `--fragmentation-threshold` (5%) of the
+- gap ≥ `--weak-gap` (1.2), or fragmentation costing ≥ `--fragmentation-threshold` (10%) of the
   domain tokens: **borderline**: prompting with domain context / RAG first, then a small CPT pilot
   under gates.
 - otherwise **CPT not indicated**: the base models the domain about as well as general text;
@@ -44,7 +44,7 @@ from .fragmentation import FragmentationReport, analyze, format_terms
 class Thresholds:
     gap: float = 1.5
     weak_gap: float = 1.2
-    fragmentation: float = 0.05
+    fragmentation: float = 0.10
     """Share of the domain tokens spent on splitting frequent domain terms."""
     saving: float = 0.02
 
@@ -52,8 +52,9 @@ class Thresholds:
 WHY = {
     "gap": "bits per byte 1.5x the general text's is a gap of the size CPT closes (a language or jargon the "
            "base saw little of); below 1.2x the base already models the domain about as well",
-    "fragmentation": "when splitting frequent domain terms costs 5% of the domain's tokens, context and compute "
-                     "go to word pieces; an extension then pays for its warm-up",
+    "fragmentation": "when splitting frequent domain terms costs a tenth of the domain's tokens, context and "
+                     "compute go to word pieces (a language the tokenizer was not built for: German 24%; "
+                     "English jargon with hyphenated names stays near 5%)",
     "saving": "an extension of the top terms must save at least 2% of the domain tokens to be worth its new rows",
 }
 """Why each default threshold is where it is (printed with the report)."""
