@@ -246,7 +246,8 @@ def test_a_gate_breach_in_prometheus_rolls_back_to_the_last_good_checkpoint(
     config = trainer_config(kube, namespace, "gated-a2")
     assert config["restoreFrom"] == f"s3://{s3_bucket}/runs/gated/{GOOD}"
     assert config["restoreMode"] == "fullState"
-    assert config["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1, "skips": []}
+    # the tuned attempt warms its LR up again from the restored step
+    assert config["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1, "skips": [], "rewarmFrom": 10}
     status = status_of(kube, namespace, "gated")
     assert status["attempt"] == 2 and status["rollbacks"] == 1 and status["restoreFrom"] == GOOD
     record = status["history"][0]
@@ -538,4 +539,5 @@ groups:
         trainer.close()
     status = status_of(kube, namespace, "ruled")
     assert status["history"][0]["gate"] == "general-regression" and status["restoreFrom"] == GOOD
-    assert trainer_config(kube, namespace, "ruled-a2")["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1, "skips": []}
+    assert trainer_config(kube, namespace, "ruled-a2")["overrides"] == {"lrScale": 0.5, "replayDelta": 0.1, "skips": [],
+                                                                        "rewarmFrom": 10}

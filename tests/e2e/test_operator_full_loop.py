@@ -367,7 +367,8 @@ def test_a_breach_scraped_from_the_real_trainer_rolls_back_to_the_last_good_chec
     assert record["target"] == good.name
     config = trainer_config(kube, namespace, f"{RUN}-a2")
     assert config["restoreFrom"] == f"{root}/{good.name}" and config["restoreMode"] == "fullState"
-    assert config["overrides"] == {"lrScale": TUNE["lrFactor"], "replayDelta": TUNE["replayDelta"], "skips": []}
+    assert config["overrides"] == {"lrScale": TUNE["lrFactor"], "replayDelta": TUNE["replayDelta"], "skips": [],
+                                   "rewarmFrom": good.manifest.step}
     assert config["checkpointUri"] == f"{root}/attempt-002"
 
     # Attempt 2 continued from that checkpoint's step and state, and stayed within the gate.

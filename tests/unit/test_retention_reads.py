@@ -84,6 +84,33 @@ def test_a_retention_error_keeps_the_save_is_retried_and_reported(tmp_path, monk
     assert [name for name, _ in checkpoint.list_checkpoints(str(tmp_path))[0]] == [checkpoint_name(3)]
 
 
+def test_a_pins_file_read_while_it_is_replaced_does_not_fail_the_save(tmp_path, monkeypatch):
+    """An S3 server without atomic overwrites may serve the control plane's pins file half
+    replaced: botocore raises its checksum error (no OSError). Retention tries again."""
+    from botocore.exceptions import FlexibleChecksumError
+
+    import cpt_trainer.checkpointer as checkpointer
+    from cpt_operator import store
+
+    monkeypatch.setattr(checkpointer, "RETENTION_WAIT_S", 0.0)
+    real_pins, reads = store.pins, []
+
+    def mid_replace(root):
+        reads.append(root)
+        if len(reads) == 1:
+            raise FlexibleChecksumError(error_msg="Expected checksum ijshNQ== did not match calculated checksum")
+        return real_pins(root)
+
+    config, model, optimizer = tiny()
+    saver = Checkpointer(str(tmp_path / "attempt-001"), Dist(0, 1, 0, torch.device("cpu")), keep=1,
+                         async_save=False, root=str(tmp_path))
+    monkeypatch.setattr(store, "pins", mid_replace)
+    saver.save(model, optimizer, snapshot(1, config))
+    saver.close()
+    [saved] = saver.completed()
+    assert saved.retention_error is None and len(reads) == 2
+
+
 def test_a_failed_upload_leaves_no_staging_copy_behind(tmp_path, monkeypatch, memory_object_store):
     made: list[str] = []
     real_mkdtemp = tempfile.mkdtemp

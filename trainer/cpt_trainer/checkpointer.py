@@ -50,6 +50,7 @@ from .checkpoint import CheckpointExists
 from .distributed import Dist
 from .errors import Refused
 from .load.verified import CheckpointSource
+from .store_errors import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +240,8 @@ class Checkpointer:
                 valid, _ = checkpoint.list_checkpoints(self.uri, deep=False)  # sizes only: one listing
                 checkpoint.prune(self.uri, self.keep, self._protected(step, valid), valid)
                 return None
-            except OSError as exc:
-                error = f"retention after {checkpoint_name(step)} failed: {exc}"
+            except TRANSIENT as exc:  # botocore's are no OSErrors: a pins file read mid-replace
+                error = f"retention after {checkpoint_name(step)} failed: {type(exc).__name__}: {exc}"
                 log.warning("%s (try %d of %d)", error, attempt + 1, RETENTION_TRIES)
                 if attempt + 1 < RETENTION_TRIES:
                     time.sleep(RETENTION_WAIT_S * 2 ** attempt)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from ..store_errors import TRANSIENT as _TRANSIENT
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -21,20 +23,6 @@ _PERSISTENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirect
 """I/O errors that another try would meet again."""
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """What a store's failed read raises: OSError (the kernel, pyarrow, s3fs's translation of the
-    store's answers) and, from s3fs, botocore's own connection errors, which are not OSErrors
-    (an endpoint that refuses connections for longer than botocore retries by itself, ~5 s)."""
-    kinds: list[type[BaseException]] = [OSError]
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
-        kinds += [BotoConnectionError, HTTPClientError]
-    except ImportError:  # no S3 support installed: nothing raises them
-        pass
-    return tuple(kinds)
-
-
-_TRANSIENT = _transient_errors()
 
 
 class SourceReadError(RuntimeError):
