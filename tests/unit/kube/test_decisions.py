@@ -33,7 +33,7 @@ def test_an_alert_naming_a_gate_rolls_back_with_that_gates_adjustments():
     plan = reconcile(build_spec(), started(), running(alerts=(alert(),)))
     assert plan.status.phase == Phase.rolling_back
     assert plan.status.restore_from == GOOD
-    assert plan.status.overrides == Overrides(lr_scale=0.5, replay_delta=0.1)
+    assert plan.status.overrides == Overrides(lr_scale=0.5, replay_delta=0.1, rewarm_from=50)  # re-warms from there
     assert plan.status.history[-1].gate == "general-regression"
     assert plan.status.handled_alerts == [alert().key]
     assert any(isinstance(a, StopAttempt) for a in plan.actions)
