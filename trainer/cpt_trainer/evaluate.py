@@ -19,7 +19,7 @@ import torch
 
 from cpt_operator import store
 from cpt_operator.api.events import Evaluated
-from cpt_operator.api.manifest import MODEL_DIR, checkpoint_name, eval_record_name
+from cpt_operator.api.manifest import MODEL_DIR, checkpoint_name, eval_record_name, step_of
 from cpt_operator.api.spec import Precision
 from cpt_operator.api.status import BASE
 from cpt_operator.api.storage import storage_options
@@ -51,17 +51,21 @@ def evaluate_target(cfg: TrainerConfig, target: str) -> Evaluated | None:
     use_cuda = torch.cuda.is_available()
     dist = distributed.setup(use_cuda, timedelta(seconds=spec.training.parallelism.collective_timeout_seconds))
     is_base = target == BASE
+    step = 0 if is_base else step_of(target)
+    if step is None:
+        raise Refused(f"--evaluate takes `base` or a checkpoint name step-XXXXXXXX, not {target!r}")
+    # before anything is fetched: a retried or repeated evaluation finds its answer written
+    if distributed.broadcast_object(record_exists(cfg, step) if dist.is_main else None):
+        log.info("%s is evaluated already", target)
+        return None
     weights = WeightStore(spec.base_model, dist)
     if is_base:
-        step, tokens, start = 0, 0, weights.base_weights()
+        tokens, start = 0, weights.base_weights()
     else:
         source = weights.open(checkpoint.join(cfg.checkpoint_uri, target), (MODEL_DIR,))
         manifest = source.manifest
         assert manifest is not None  # open() read it
-        step, tokens, start = manifest.step, manifest.tokens, Weights.of_checkpoint(source)
-    if distributed.broadcast_object(record_exists(cfg, step) if dist.is_main else None):
-        log.info("%s is evaluated already", target)
-        return None
+        tokens, start = manifest.tokens, Weights.of_checkpoint(source)
     compute = torch.bfloat16 if spec.training.precision == Precision.bf16 or (
         spec.training.precision == Precision.auto and use_cuda) else None
     attention = attention_backend(spec.training.attention, dist.device)
