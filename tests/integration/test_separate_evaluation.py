@@ -158,3 +158,8 @@ def test_a_separate_evaluation_measures_what_the_trainer_measured_inline(tmp_pat
     sharded = json.loads((ranks / eval_record_name(2)).read_text())
     for key, value in inline["metrics"].items():
         assert sharded["metrics"][key] == pytest.approx(value, rel=1e-5), key
+    # again on 2 ranks: rank 0 finds the record and every rank ends without loading anything
+    written = (ranks / eval_record_name(2)).read_bytes()
+    again = subprocess.run(ran.args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is evaluated already" in again.stdout + again.stderr
+    assert (ranks / eval_record_name(2)).read_bytes() == written
