@@ -119,6 +119,8 @@ def main(model_dir: str, case_file: str, out_dir: str) -> None:
         report = evaluate(model_dir, case, strategy, info)
         out = Path(out_dir) / f"{strategy.value}-rank{info.rank}.json"
         out.write_text(json.dumps(report))
+        del report
+    distributed.barrier()  # every rank done before any closes its connections
     distributed.teardown()
 
 

@@ -4,6 +4,7 @@ every collective is the identity, so the same loop runs under `python -m cpt_tra
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from collections.abc import Callable
@@ -51,7 +52,12 @@ def setup(use_cuda: bool, timeout: timedelta = timedelta(minutes=30)) -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group. Models wrapped for it (DDP, FSDP) hold the group too and may sit
+    in reference cycles: they are collected first, so no group outlives the interpreter (gloo's
+    worker threads then abort the process at exit). No barrier here: on a failure path the peers
+    may be gone, and a barrier would wait out the collective timeout."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
