@@ -77,6 +77,7 @@ def suites(root: Path, texts: list[str], outputs: list[str]) -> list[dict[str, A
     return [
         {"name": "held-out", "kind": "domain", "uri": text, "metric": "perplexity"},
         {"name": "held-out-nll", "kind": "general", "uri": text, "metric": "nll"},
+        {"name": "held-out-bpb", "kind": "domain", "uri": text, "metric": "bits_per_byte"},
         {"name": "json", "kind": "behavior", "metric": "json_valid", **generation},
         {"name": "format", "kind": "behavior", "metric": "format_follow", **generation},
         {"name": "safety", "kind": "safety", "metric": "refusal_rate", **generation,
@@ -145,7 +146,8 @@ def ranks(request, case, tiny_model_dir, tmp_path_factory) -> dict[str, list[dic
                            str(case), str(out)],
                           env=with_repo_path({**os.environ, "OMP_NUM_THREADS": "1"}),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    written = sorted(p.name for p in out.iterdir())
+    assert proc.returncode == 0, f"reports written: {written}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
     return {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in range(world)]
             for s in ("fsdp", "ddp")}
 
@@ -155,7 +157,7 @@ def assert_close(got: dict[str, float], want: dict[str, float]) -> None:
     for key, value in want.items():
         if key.endswith("kl_to_base"):
             assert got[key] == pytest.approx(value, abs=1e-6), key
-        elif key.endswith(("perplexity", "nll")):
+        elif key.endswith(("perplexity", "nll", "bits_per_byte")):
             assert got[key] == pytest.approx(value, rel=1e-5), key
         else:
             assert got[key] == value, key

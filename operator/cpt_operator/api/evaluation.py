@@ -27,6 +27,10 @@ class SuiteKind(str, Enum):
 class Metric(str, Enum):
     perplexity = "perplexity"
     nll = "nll"
+    bits_per_byte = "bits_per_byte"
+    """NLL in bits per UTF-8 byte of the texts, every token predicted (the first from an EOS
+    before it): comparable across tokenizers, where per-token perplexity is not. The metric for a
+    run that extends the tokenizer, and for a language the tokenizer cuts finely."""
     json_valid = "json_valid"
     format_follow = "format_follow"
     refusal_rate = "refusal_rate"
@@ -38,7 +42,9 @@ class Metric(str, Enum):
     pass_at_k = "pass_at_k"
 
 
-LOWER_IS_BETTER = {Metric.perplexity, Metric.nll, Metric.kl_to_base}
+TEXT_METRICS = {Metric.perplexity, Metric.nll, Metric.bits_per_byte}
+"""What a text suite (held-out documents, scored token by token) reports."""
+LOWER_IS_BETTER = TEXT_METRICS | {Metric.kl_to_base}
 CODE_METRICS = {Metric.pass_at_1, Metric.pass_at_k}
 """What a code suite reports: the share of problems solved, higher is better."""
 BENCHMARK_METRICS = {Metric.acc, Metric.acc_norm, Metric.exact_match}
@@ -135,8 +141,8 @@ class SuiteSpec(SpecModel):
             raise ValueError("uri is required (the suite's texts or prompts) unless the suite is a benchmark "
                              "or reads code.problems")
         allowed = {
-            SuiteKind.domain: {Metric.perplexity, Metric.nll},
-            SuiteKind.general: {Metric.perplexity, Metric.nll},
+            SuiteKind.domain: TEXT_METRICS,
+            SuiteKind.general: TEXT_METRICS,
             SuiteKind.behavior: {Metric.json_valid, Metric.format_follow},
             SuiteKind.safety: {Metric.refusal_rate},
             SuiteKind.drift: {Metric.kl_to_base},

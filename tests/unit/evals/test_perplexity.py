@@ -21,12 +21,13 @@ def license_snippets(corpora: dict[str, Path], n: int, chars: int) -> list[str]:
     return [f.read_text()[:chars] for f in files]
 
 
-def reference_nll(model: torch.nn.Module, tokenizer, texts: list[str]) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """Summed NLL over every token after the first of `text + eos`, one unpadded forward each."""
+def reference_nll(model: torch.nn.Module, tokenizer, texts: list[str],  # type: ignore[no-untyped-def]
+                  lead: list[int] = []) -> tuple[float, int]:  # noqa: B006 (never mutated)
+    """Summed NLL over every token after the first of `lead + text + eos`, one unpadded forward each."""
     total, count = 0.0, 0
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = lead + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             x = torch.tensor([ids])
             logp = F.log_softmax(model(input_ids=x).logits.float()[0, :-1], dim=-1)
             total -= logp.gather(1, x[0, 1:, None]).sum().item()
@@ -47,6 +48,21 @@ def test_perplexity_is_exp_of_token_weighted_nll(tiny, corpora, tmp_path: Path) 
     total, count = reference_nll(model, tokenizer, texts)
     assert results["general-nll.nll"] == pytest.approx(total / count, rel=1e-5)
     assert results["general.perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_bits_per_byte_scores_every_token_of_the_text_per_utf8_byte(tiny, corpora, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    # umlauts: more bytes than characters, so a per-character count would come out differently
+    texts = [t[:n] + " Übersetzung größer" for t, n in zip(license_snippets(corpora, 3, 300), (60, 300, 140))]
+    uri = write_jsonl(tmp_path / "domain.jsonl", [{"text": t} for t in texts])
+    spec = evaluation(suite("domain", "domain", uri, "bits_per_byte"))
+    results = Evaluator(spec, tokenizer, device=CPU, seq_len=512).evaluate(model)
+
+    # the first token too is predicted, from an EOS before it
+    total, _ = reference_nll(model, tokenizer, texts, lead=[tokenizer.eos_token_id])
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert n_bytes > sum(len(t) for t in texts)
+    assert results["domain.bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_long_documents_are_scored_in_overlapping_windows(tiny, corpora, tmp_path: Path) -> None:

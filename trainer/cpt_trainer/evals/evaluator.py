@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.evaluation import EvaluationSpec, Metric, SuiteSpec
+from cpt_operator.api.evaluation import TEXT_METRICS, EvaluationSpec, Metric, SuiteSpec
 from cpt_operator.api.metrics import metric_key
 
 from ..errors import Refused
@@ -33,8 +33,6 @@ from .perplexity import NllResult, document_ids, token_nll
 from .runtime import inference
 from .scoring import follows_format, has_json_object, load_classifier, rate
 from .sharing import Share
-
-_TEXT_METRICS = {Metric.perplexity, Metric.nll}
 
 
 class Evaluator:
@@ -56,11 +54,14 @@ class Evaluator:
         self._classifiers: dict[str, Callable[[str], bool]] = {
             s.name: load_classifier(s.refusal_classifier)
             for s in spec.suites if s.metric == Metric.refusal_rate}
-        self._docs = {s.name: document_ids(tokenizer, [x.text for x in self.samples[s.name]])
-                      for s in spec.suites if s.metric in _TEXT_METRICS}
+        self._docs = {s.name: document_ids(tokenizer, [x.text for x in self.samples[s.name]],
+                                           predict_first=s.metric == Metric.bits_per_byte)
+                      for s in spec.suites if s.metric in TEXT_METRICS}
+        self._bytes = {s.name: sum(len(x.text.encode("utf-8")) for x in self.samples[s.name])
+                       for s in spec.suites if s.metric == Metric.bits_per_byte}
         self._prompts = {s.name: prompt_rows(tokenizer, [x.text for x in self.samples[s.name]],
                                              seq_len=seq_len, max_new_tokens=s.max_new_tokens)
-                         for s in spec.suites if s.metric not in _TEXT_METRICS and s.benchmark is None}
+                         for s in spec.suites if s.metric not in TEXT_METRICS and s.benchmark is None}
         self._drift_rows: dict[str, list[tuple[list[int], int]]] = {}
         self.last_generations: dict[str, list[str]] = {}
         """Decoded outputs of the latest `evaluate`, per generation suite (for logs and
@@ -105,8 +106,10 @@ class Evaluator:
             value, self.stderr[suite.name] = self._benchmarks[suite.name].run(
                 model, self.tokenizer, seq_len=self.seq_len, device=self.device)
             return value
-        if suite.metric in _TEXT_METRICS:
+        if suite.metric in TEXT_METRICS:
             result = self.nll(model, self._docs[suite.name])
+            if suite.metric == Metric.bits_per_byte:
+                return result.nll_sum / math.log(2) / max(self._bytes[suite.name], 1)
             return result.perplexity if suite.metric == Metric.perplexity else result.nll
         if suite.metric == Metric.kl_to_base:
             return self._kl(suite, model)

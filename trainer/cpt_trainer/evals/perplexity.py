@@ -52,12 +52,15 @@ def windows(ids: Sequence[int], seq_len: int) -> list[list[int]]:
 
 
 def document_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                 max_tokens: int | None = None) -> list[list[int]]:
+                 max_tokens: int | None = None, predict_first: bool = False) -> list[list[int]]:
     """Each text as training sees it, in order. With `max_tokens`, the budget is split evenly
     over the texts (each keeps its first ⌈max_tokens / n⌉ tokens), so a sample is represented
-    by all its documents rather than by the first long one."""
+    by all its documents rather than by the first long one. With `predict_first`, an EOS
+    (a document boundary, as in packed training) goes before each text, so its first token is
+    predicted too: every byte of the text is scored, whatever the tokenizer makes of its start."""
     eos = eos_id(tokenizer)
-    docs = [body + [eos] for body in encode_texts(tokenizer, list(texts))]
+    lead = [eos] if predict_first else []
+    docs = [lead + body + [eos] for body in encode_texts(tokenizer, list(texts))]
     if max_tokens is not None and docs:
         share = max(2, -(-max_tokens // len(docs)))
         docs = [ids[:share] for ids in docs]
