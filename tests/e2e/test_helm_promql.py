@@ -54,6 +54,8 @@ def build_registry() -> tuple[Any, dict[str, Any]]:
     m["cpt_anomalies_total"] = c("cpt_anomalies", "kind")
     m["cpt_mixture_weight"] = g("cpt_mixture_weight", "source", "role")
     m["cpt_mixture_realised"] = g("cpt_mixture_realised", "source", "role")
+    m["cpt_source_loss"] = g("cpt_source_loss", "source", "role")
+    m["cpt_source_dropped_share"] = g("cpt_source_dropped_share", "source", "role")
     m["cpt_eval_metric"] = g("cpt_eval_metric", "suite", "metric")
     m["cpt_eval_base_metric"] = g("cpt_eval_base_metric", "suite", "metric")
     m["cpt_gate_threshold"] = g("cpt_gate_threshold", "gate", "suite", "metric")
@@ -77,9 +79,12 @@ def healthy_run(m: dict[str, Any], ns: str, run: str, attempt: str = "1") -> Non
                         ("cpt_last_checkpoint_timestamp_seconds", time.time() - 300),
                         ("cpt_eval_step", 500), ("cpt_eval_tokens", 2.6e8)):
         m[name].labels(**labels).set(value)
-    for source, role, weight, realised in (("legal", "domain", 0.8, 0.79), ("web", "replay", 0.2, 0.21)):
+    for source, role, weight, realised, loss, dropped in (("legal", "domain", 0.8, 0.79, 2.4, 0.05),
+                                                          ("web", "replay", 0.2, 0.21, 2.2, 0.1)):
         m["cpt_mixture_weight"].labels(source=source, role=role, **labels).set(weight)
         m["cpt_mixture_realised"].labels(source=source, role=role, **labels).set(realised)
+        m["cpt_source_loss"].labels(source=source, role=role, **labels).set(loss)
+        m["cpt_source_dropped_share"].labels(source=source, role=role, **labels).set(dropped)
     for suite, metric, value, base in (("legal", "perplexity", 8.1, 9.4), ("general", "perplexity", 12.3, 12.0),
                                        ("harmful", "refusal_rate", 0.93, 0.95)):
         m["cpt_eval_metric"].labels(suite=suite, metric=metric, **labels).set(value)
@@ -108,6 +113,10 @@ def incidents(m: dict[str, Any], ns: str) -> None:
     m["cpt_run_attempt"].labels(namespace=ns, run="crashed").set(2)
     healthy_run(m, ns, "flat")          # trains, but nothing beats the base: the base is the choice
     m["cpt_run_improved"].labels(namespace=ns, run="flat").set(0)
+    healthy_run(m, ns, "junk")          # curation drops 80% of the web source
+    m["cpt_source_dropped_share"].labels(source="web", role="replay", namespace=ns, run="junk", attempt="1").set(0.8)
+    healthy_run(m, ns, "hard")          # the web source's loss stays at twice the legal one's
+    m["cpt_source_loss"].labels(source="web", role="replay", namespace=ns, run="hard", attempt="1").set(4.8)
 
 
 def train(m: dict[str, Any], ns: str, stop: threading.Event) -> None:
@@ -115,7 +124,7 @@ def train(m: dict[str, Any], ns: str, stop: threading.Event) -> None:
     step = 500
     while not stop.wait(0.3):
         step += 1
-        for run in ("r1", "gap", "nan", "stale", "flat"):
+        for run in ("r1", "gap", "nan", "stale", "flat", "junk", "hard"):
             m["cpt_step"].labels(namespace=ns, run=run, attempt="1").set(step)
             m["cpt_tokens_total"].labels(namespace=ns, run=run, attempt="1").set(step * 524_288)
         m["cpt_reconcile_seconds"].observe(0.02 + (step % 7) / 100)
@@ -202,6 +211,8 @@ def alert_rules(prometheus: Any, exporter: Exporter) -> Iterator[None]:
     ("CptCheckpointTooOld", "stale"),
     ("CptTrainerDown", "crashed"),
     ("CptRunNoImprovement", "flat"),
+    ("CptSourceMostlyDropped", "junk"),
+    ("CptSourceLossHigh", "hard"),
 ])
 def test_alert_goes_off_on_its_incident_and_only_there(prometheus: Any, exporter: Exporter,
                                                        alert_rules: None, alert: str, run: str) -> None:

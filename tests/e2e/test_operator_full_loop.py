@@ -355,6 +355,13 @@ def test_a_breach_scraped_from_the_real_trainer_rolls_back_to_the_last_good_chec
     assert record["baseline"] == pytest.approx(base[GENERAL]) == status["baseMetrics"][GENERAL]
     scraped = prometheus_values(prometheus, f'cpt_eval_metric{{{selector},attempt="1"}}[15m]')
     assert any(v > limit for v in scraped), (limit, scraped)
+    # Per source, the real trainer exports its loss and curation's dropped share (both ranks summed)
+    run_sel = f'run="{RUN}",namespace="{namespace}",attempt="1"'
+    for series in ("cpt_source_loss", "cpt_source_dropped_share"):
+        found = prometheus.query(f"last_over_time({series}{{{run_sel}}}[15m])")
+        assert {r["metric"]["source"] for r in found} == {"legal", "code"}, (series, found)
+        values = [float(r["value"][1]) for r in found]
+        assert all(0 < v < 20 for v in values) if series == "cpt_source_loss" else all(0 <= v <= 1 for v in values)
     assert record["value"] > limit
     breach_step = min(e.step for e in evs1 if isinstance(e, Evaluated) and not e.is_base
                       and e.metrics[GENERAL] == pytest.approx(record["value"]))

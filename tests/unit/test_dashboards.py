@@ -24,6 +24,7 @@ TRAINER_SERIES = {
     "cpt_checkpoint_seconds", "cpt_last_checkpoint_step", "cpt_last_checkpoint_timestamp_seconds",
     "cpt_mixture_weight", "cpt_mixture_realised", "cpt_eval_metric", "cpt_eval_base_metric",
     "cpt_eval_step", "cpt_eval_tokens", "cpt_mfu", "cpt_gate_threshold", "cpt_trainer_up",
+    "cpt_source_loss", "cpt_source_dropped_share",
 }
 
 

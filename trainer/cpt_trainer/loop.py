@@ -56,6 +56,7 @@ from . import checkpoint, code_version, distributed, extension
 from .anomaly import AnomalyDetector, Verdict
 from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
+from .data.curation import starved_sources
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
@@ -90,6 +91,8 @@ class StepOutcome:
     tokens: int
     verdict: Verdict | None
     source_losses: dict[str, float] = field(default_factory=dict)
+    dropped_shares: dict[str, float] = field(default_factory=dict)
+    """Per source, the share of the documents read so far (all ranks) that curation dropped."""
 
 
 class Attempt:
@@ -362,9 +365,12 @@ class Attempt:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         names = self.data.source_names
-        # Per source: summed NLL and counted tokens; their sums are the step's loss, and one
-        # all-reduce carries both.
-        totals = torch.zeros(2, len(names), device=self.device)
+        # Per source: summed NLL and counted tokens (their sums are the step's loss), and the
+        # documents curation has read and kept so far on this rank; one all-reduce carries all.
+        report = self.data.curation_report()
+        totals = torch.zeros(4, len(names), dtype=torch.float64, device=self.device)
+        totals[2] = torch.tensor([report["read"].get(n, 0) for n in names], dtype=torch.float64)
+        totals[3] = torch.tensor([report["kept"].get(n, 0) for n in names], dtype=torch.float64)
         for i, batch in enumerate(micro):
             with self.parallel.accumulating(last=i == len(micro) - 1):
                 nll, mask, kl = self._forward_losses(batch)
@@ -372,12 +378,14 @@ class Attempt:
             with torch.no_grad():
                 self.hook.observe(batch, nll.detach())
                 src = batch.source_ids[:, 1:].to(self.device)[mask]
-                totals[0].index_add_(0, src, nll.detach()[mask])
+                totals[0].index_add_(0, src, nll.detach()[mask].double())
                 totals[1].index_add_(0, src, torch.ones_like(src, dtype=totals.dtype))
         grad_norm = self.parallel.clip(self.spec.gradient.clip)
         distributed.all_reduce_sum(totals)
         self.hook.end_step(self.metrics)
-        nll_sums, counts = totals.tolist()
+        nll_sums, counts, read, kept = totals.tolist()
+        self._refuse_starved(dict(zip(names, read)), dict(zip(names, kept)), report)
+        dropped = {name: 1.0 - k / r for name, r, k in zip(names, read, kept) if r > 0}
         loss = sum(nll_sums) / n_global
         source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
                          if count > 0}
@@ -385,7 +393,24 @@ class Attempt:
         if verdict is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses)
+        return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses, dropped)
+
+    def _refuse_starved(self, read: dict[str, float], kept: dict[str, float], report: dict[str, Any]) -> None:
+        """Refuse the run (on every rank: the counts are global) when curation drops nearly all
+        of a source: its data is broken or a filter does not suit it, and the mixture would
+        silently train on the other sources instead."""
+        limit = self.spec.data.curation.max_dropped_share
+        starved = starved_sources(read, kept, limit)
+        if not starved:
+            return
+        parts = []
+        for name, share in sorted(starved.items()):
+            rules = sorted(report.get("droppedBySource", {}).get(name, {}).items(), key=lambda kv: -kv[1])
+            named = ", ".join(f"{rule} {n}" for rule, n in rules[:3]) or "no rule on rank 0"
+            parts.append(f"source {name!r}: curation dropped {share:.0%} of {read[name]:.0f} documents "
+                         f"read (most by: {named})")
+        raise Refused("; ".join(parts) + f": above curation.maxDroppedShare {limit:.0%}. Fix the data or set "
+                      "the source's own quality rules (sources[].quality), see the curation report")
 
     # ------------------------------------------------------------------- evals, checkpoints
     def evaluate(self, is_base: bool = False) -> dict[str, float]:
@@ -544,8 +569,9 @@ class Attempt:
         else:
             self.last_loss = out.loss
         self.data.report_losses(out.source_losses)
-        self.metrics.mixture(dict(zip(self.data.source_names, self.data.roles)),
-                             self.data.current_weights(), self.data.realised_proportions())
+        roles = dict(zip(self.data.source_names, self.data.roles))
+        self.metrics.mixture(roles, self.data.current_weights(), self.data.realised_proportions())
+        self.metrics.sources(roles, out.source_losses, out.dropped_shares)
         if self.step % self.spec.training.log_every == 0 or self.step == self.total:
             self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=_finite(out.loss),
                              lr=self.schedule(self.step - 1), grad_norm=_finite(out.grad_norm),

@@ -6,6 +6,7 @@ a private registry), so the loop needs no rank checks.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -60,6 +61,10 @@ class Metrics:
         self.ckpt_step = g("cpt_last_checkpoint_step", "Step of the last checkpoint")
         self.mix_weight = g("cpt_mixture_weight", "Target sampling weight", "source", "role")
         self.mix_real = g("cpt_mixture_realised", "Realised token share", "source", "role")
+        self.source_loss = g("cpt_source_loss", "Mean next-token loss on a source's tokens in the last step",
+                             "source", "role")
+        self.source_dropped = g("cpt_source_dropped_share", "Share of a source's documents read so far "
+                                "(all ranks) that curation dropped", "source", "role")
         self.eval_metric = g("cpt_eval_metric", "Evaluation result", "suite", "metric")
         self.mfu = g("cpt_mfu", "Model FLOPs utilisation against the device's bf16 peak")
         self.eval_base = g("cpt_eval_base_metric", "The base model's value of an eval metric",
@@ -122,6 +127,16 @@ class Metrics:
                 self.mix_weight.labels(source=source, role=role, **self._labels).set(weights[source])
             if source in realised:
                 self.mix_real.labels(source=source, role=role, **self._labels).set(realised[source])
+
+    def sources(self, roles: Mapping[str, str], losses: Mapping[str, float],
+                dropped: Mapping[str, float]) -> None:
+        """Per source: the last step's loss (a source far above the others is data the model
+        cannot learn, or junk) and curation's dropped share."""
+        for source, role in roles.items():
+            if source in losses and math.isfinite(losses[source]):
+                self.source_loss.labels(source=source, role=role, **self._labels).set(losses[source])
+            if source in dropped:
+                self.source_dropped.labels(source=source, role=role, **self._labels).set(dropped[source])
 
     def evals(self, results: Mapping[str, float], *, step: int = 0, tokens: int = 0,
               base: bool = False) -> None:

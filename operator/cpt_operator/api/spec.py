@@ -93,6 +93,35 @@ class WeightPoint(SpecModel):
     weight: float = Field(ge=0)
 
 
+GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+"""Gopher's English stop words (Rae et al. 2021): a document with fewer than two is rarely prose."""
+
+
+class QualitySpec(SpecModel):
+    """Heuristic quality rules run on each document as it is read: Gopher's quality rules (Rae
+    et al. 2021) and, when `fineweb` is set, FineWeb's line rules (Penedo et al. 2024), both as
+    datatrove implements them. The defaults are datatrove's, set for English web text: another
+    language needs its own `stopWords`, and code fails the word rules (leave it unfiltered or
+    turn rules off). A null threshold turns its rule off."""
+
+    min_words: int | None = Field(default=50, ge=1)
+    max_words: int | None = Field(default=100_000, ge=1)
+    min_mean_word_length: float | None = Field(default=3, ge=0)
+    max_mean_word_length: float | None = Field(default=10, ge=0)
+    max_symbol_word_ratio: float | None = Field(default=0.1, ge=0)
+    """Largest count of '#' (or of ellipses) per word."""
+    max_bullet_lines_ratio: float | None = Field(default=0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float | None = Field(default=0.3, ge=0, le=1)
+    min_alpha_words_ratio: float | None = Field(default=0.8, ge=0, le=1)
+    """Smallest share of words with at least one letter: random symbols fail it."""
+    min_stop_words: int | None = Field(default=2, ge=1)
+    """Fewest distinct stop words a document must contain."""
+    stop_words: list[str] = Field(default_factory=lambda: list(GOPHER_STOP_WORDS), max_length=1000)
+    fineweb: bool = False
+    """Also FineWeb's rules: share of lines ending in punctuation, of short lines, of duplicated
+    line characters, newlines per word (web pages; they drop most structured text)."""
+
+
 class DataSource(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=63)
     role: SourceRole
@@ -105,6 +134,8 @@ class DataSource(SpecModel):
     """Relative sampling weight (normalised over all sources)."""
     schedule: list[WeightPoint] | None = Field(default=None, max_length=64)
     """Curriculum: weight as a piecewise-linear function of training tokens."""
+    quality: QualitySpec | None = None
+    """This source's quality rules, in place of `curation.quality`."""
 
     @model_validator(mode="after")
     def _schedule_sorted(self) -> "DataSource":
@@ -133,6 +164,12 @@ class CurationSpec(SpecModel):
     """Largest share of non-printable characters a document may have."""
     max_repeated_line_ratio: float = Field(default=0.5, ge=0, le=1)
     """Largest share of duplicated lines (templated boilerplate) a document may have."""
+    quality: QualitySpec | None = None
+    """Quality rules for every source without its own (`sources[].quality`); none when unset."""
+    max_dropped_share: float = Field(default=0.9, gt=0, le=1)
+    """A source of which curation drops more than this share of the documents read (once 32 or
+    more are read) refuses the run, naming the source and the filters: its data is broken, or a
+    filter does not suit it."""
     decontaminate: bool = True
     """Drop training documents that share an n-gram with an evaluation set."""
     decontamination_ngram: int = Field(default=13, ge=4, le=64)

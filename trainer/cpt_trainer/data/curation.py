@@ -3,7 +3,8 @@
 Filters run in this order, cheapest first, and a document stops at the first that drops it:
 `too_short` / `too_long` (characters), `non_printable` (share of characters that are neither
 printable nor whitespace), `repeated_lines` (share of non-blank lines that repeat an earlier
-line: templated boilerplate), `contamination` (shares an n-gram with an evaluation set),
+line: templated boilerplate), the source's quality rules (datatrove's Gopher and FineWeb rules,
+see `quality.py`, reported under datatrove's rule names), `contamination` (shares an n-gram with an evaluation set),
 `exact_duplicate` (same text as a kept document, by sha256) and `near_duplicate` (MinHash, see
 `minhash.py`). Every drop is counted in the report with an example (source, file, line,
 reason).
@@ -26,10 +27,11 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from cpt_operator.api.spec import CurationSpec
+from cpt_operator.api.spec import CurationSpec, DataSpec, QualitySpec
 
 from .decontamination import Decontaminator
 from .minhash import NearDuplicateIndex
+from .quality import check as quality_check
 from .report import Origin
 from .sources import Document
 
@@ -59,9 +61,17 @@ def eval_digest(eval_texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def curation_key(spec: CurationSpec, eval_texts: Sequence[str]) -> str:
+def source_quality(data: DataSpec) -> dict[str, QualitySpec]:
+    """Each source's quality rules: its own, else the curation-wide ones; absent: none."""
+    rules = {s.name: s.quality or data.curation.quality for s in data.sources}
+    return {name: spec for name, spec in rules.items() if spec is not None}
+
+
+def curation_key(data: DataSpec, eval_texts: Sequence[str]) -> str:
     """Everything curation depends on besides the documents themselves."""
-    parts = {"spec": spec.dump(), "eval": eval_digest(eval_texts) if spec.decontaminate else ""}
+    spec = data.curation
+    parts = {"spec": spec.dump(), "eval": eval_digest(eval_texts) if spec.decontaminate else "",
+             "quality": {name: q.dump() for name, q in sorted(source_quality(data).items())}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -72,10 +82,12 @@ Check = Callable[[Document], Verdict]
 class Curator:
     """Applies the curation spec to one source's documents at a time."""
 
-    def __init__(self, spec: CurationSpec, eval_texts: Sequence[str]):
+    def __init__(self, spec: CurationSpec, eval_texts: Sequence[str],
+                 quality: dict[str, QualitySpec] | None = None):
         self.spec = spec
         self.decontaminator = Decontaminator(eval_texts, spec.decontamination_ngram) \
             if spec.decontaminate else None
+        self._quality = {name: quality_check(q) for name, q in (quality or {}).items()}
 
     def curate(self, docs: Iterable[Document]) -> Iterator[tuple[Document, Verdict]]:
         """Each document with its verdict: None to keep it, else (filter, reason). One call
@@ -94,7 +106,13 @@ class Curator:
             checks.insert(1, self._charset)
         if self.spec.max_repeated_line_ratio < 1.0:
             checks.insert(-1, self._template)
+        if self._quality:
+            checks.insert(-1, self._quality_rules)
         return checks
+
+    def _quality_rules(self, doc: Document) -> tuple[str, str] | None:
+        rules = self._quality.get(doc.origin.source)
+        return rules(doc.full_text) if rules else None
 
     def _length(self, doc: Document) -> tuple[str, str] | None:
         n = len(doc.full_text)
@@ -137,6 +155,18 @@ class Curator:
             return "near_duplicate", f"Jaccard ~{match[1]:.2f} with {first.where}"
         seen[key] = doc.origin
         return None
+
+
+JUDGED_AFTER = 32
+"""Documents of a source read (over all ranks) before its dropped share is judged: a few bad
+documents at the start of a file must not refuse a run."""
+
+
+def starved_sources(read: dict[str, float], kept: dict[str, float], limit: float) -> dict[str, float]:
+    """Source -> dropped share, for each source of which curation dropped more than `limit` of
+    the documents read, once JUDGED_AFTER or more were read."""
+    shares = {name: 1.0 - kept.get(name, 0) / n for name, n in read.items() if n >= JUDGED_AFTER}
+    return {name: share for name, share in shares.items() if share > limit}
 
 
 def text_hash(text: str) -> int:

@@ -69,7 +69,7 @@ class DataPipeline:
         layouts = share(lambda: [read_layout(s) for s in data.sources])
         readers = [SourceReader(s, CurationReport(), unit_bytes=unit_bytes, layout=layout)
                    for s, layout in zip(data.sources, layouts)]
-        key = curation_key(data.curation, eval_texts)
+        key = curation_key(data, eval_texts)
         hashes = {r.source.name: r.hash for r in readers}
         self.data_version = _data_version(cfg, hashes, key, unit_bytes)
         plan = Plan(cfg, readers, tokenizer, tuple(eval_texts), rank, world_size,

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from cpt_operator.api.spec import Boundary, DataSource, MixtureStrategy
 from cpt_operator.api.trainer_config import TrainerConfig
 
-from .curation import Curator
+from .curation import Curator, source_quality
 from .mixture import Mixture, SourceWeights
 from .packing import Window, pack_window
 from .positions import fresh
@@ -72,7 +72,7 @@ class Producer:
         self._seq_len = packing.seq_len
         self._document_mask = packing.boundary == Boundary.document_mask
         self.report = CurationReport()
-        curator = Curator(data.curation, plan.eval_texts)
+        curator = Curator(data.curation, plan.eval_texts, source_quality(data))
         for reader in plan.readers:
             reader.report = self.report
         self.streams = [SourceStream(r, curator, plan.tokenizer, self.report, seed=data.seed,

@@ -51,10 +51,14 @@ class CurationReport:
         self.filters: dict[str, FilterTally] = {}
         self.read: dict[str, int] = {}
         self.kept: dict[str, int] = {}
+        self.dropped_by: dict[str, dict[str, int]] = {}
+        """Source -> filter -> documents dropped."""
 
     def drop(self, filter_name: str, origin: Origin, reason: str) -> None:
         tally = self.filters.setdefault(filter_name, FilterTally())
         tally.dropped += 1
+        by = self.dropped_by.setdefault(origin.source, {})
+        by[filter_name] = by.get(filter_name, 0) + 1
         if len(tally.examples) < MAX_EXAMPLES:
             example = {"source": origin.source, "file": origin.file, "line": origin.line,
                        "reason": reason}
@@ -78,6 +82,7 @@ class CurationReport:
                         for name, t in sorted(self.filters.items())},
             "read": dict(self.read),
             "kept": dict(self.kept),
+            "droppedBySource": {source: dict(sorted(by.items())) for source, by in sorted(self.dropped_by.items())},
         }
 
     def write(self, path: str) -> None:
