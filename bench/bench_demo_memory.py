@@ -1,13 +1,13 @@
 """Peak host memory of the demo's trainer process tree, against the memory planner.
 
-Runs `cptctl run examples/demo/cptrun.yaml --fresh` (after `python examples/demo/prepare.py`) and
+Runs `cptctl run examples/demo/legal.yaml --fresh` (after `python examples/demo/prepare.py`) and
 samples, twice a second, every process under it started with `-m cpt_trainer` (the trainer and
 the DataLoader worker it forks): RSS and PSS (shared pages split between the processes sharing
 them). `/usr/bin/time -v` on `cptctl` is not enough: it reports the largest single process, not
 the tree. Peaks shorter than the sampling interval can be missed; each process's own VmHWM
 (exact) is reported too.
 
-Usage: python bench/bench_demo_memory.py [--spec examples/demo/cptrun.yaml]
+Usage: python bench/bench_demo_memory.py [--spec examples/demo/legal.yaml]
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def planned(spec_path: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default="examples/demo/cptrun.yaml")
+    parser.add_argument("--spec", default="examples/demo/legal.yaml")
     args = parser.parse_args()
     os.chdir(ROOT)  # the demo spec's relative paths are resolved from the repository root
     result = measure([sys.executable, "-m", "cpt_operator.cli", "run", args.spec, "--fresh", "--no-progress"])

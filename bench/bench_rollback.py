@@ -11,7 +11,7 @@ the run's own event logs:
 and compares it with a checkpoint interval of attempt 1 (time between two CheckpointSaved) and
 with the whole run. Usage: python bench/bench_rollback.py [--steps-per-checkpoint N]
 
-`--demo` measures the same path on the demo model (SmolLM2-135M, examples/demo/cptrun.yaml after
+`--demo` measures the same path on the demo model (SmolLM2-135M, examples/demo/legal.yaml after
 `python examples/demo/prepare.py`): once the first checkpoint exists, a rollback to it is
 requested (`cptctl rollback`, the path a gate takes), and the time from the request to the next
 attempt's first step is compared with the demo's checkpoint interval.
@@ -89,7 +89,7 @@ def demo(out: str) -> int:
     import time
 
     with tempfile.TemporaryDirectory(prefix="bench-rollback-demo-") as tmp:
-        doc = yaml.safe_load((ROOT / "examples" / "demo" / "cptrun.yaml").read_text())
+        doc = yaml.safe_load((ROOT / "examples" / "demo" / "legal.yaml").read_text())
         doc["spec"]["budget"] = {"steps": 2 * doc["spec"]["checkpoint"]["every"]}
         file = Path(tmp) / "demo.yaml"
         file.write_text(yaml.safe_dump(doc))

