@@ -66,3 +66,21 @@ def test_before_the_first_step_a_line_says_what_the_trainer_is_doing(tmp_path: P
     out = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert out == ["attempt 1: loading the model and data (0 s)",
                    "evaluating the base model on 1 suite(s) before the first step (20 s)"]
+
+
+def test_the_wait_of_a_later_attempt_counts_from_that_attempt(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpt_operator.local import progress
+
+    clock = iter([100.0, 300.0, 320.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    shown = Progress(spec(), enabled=False, world_size=1)
+    shown.update(CptRunStatus(attempt=1), AttemptLog(1, EventFollower(tmp_path / "a1.jsonl")))  # t=100
+    log = AttemptLog(2, EventFollower(tmp_path / "a2.jsonl"))
+    shown.update(CptRunStatus(attempt=2), log)  # t=300: a rollback started attempt 2
+    shown.update(CptRunStatus(attempt=2), log)  # t=320
+    out = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert out == ["attempt 1: loading the model and data (0 s)", "attempt 2: loading the model and data (0 s)",
+                   "attempt 2: loading the model and data (20 s)"]
+

@@ -34,7 +34,8 @@ class Progress:
         self.last_step = -1
         self.last_eval: tuple[int, float] | None = None
         """(step, time) of the evaluation last printed: step alone repeats across attempts."""
-        self.waiting_since: float | None = None
+        self.waiting_since: tuple[int, float] | None = None
+        """(attempt, time) the wait before that attempt's first step began."""
 
     def note(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -83,12 +84,12 @@ class Progress:
         """Before the first step: what the trainer is doing, every `WAIT_LINE_S` (loading, then
         the base's evaluation, which takes minutes on a real model)."""
         now = time.monotonic()
-        if self.waiting_since is None:
-            self.waiting_since = now
+        if self.waiting_since is None or self.waiting_since[0] != status.attempt:
+            self.waiting_since = (status.attempt, now)
         if now - self.last_line < WAIT_LINE_S:
             return
         self.last_line = now
-        waited = f"{now - self.waiting_since:.0f} s"
+        waited = f"{now - self.waiting_since[1]:.0f} s"
         evaluation = self.spec.evaluation
         if log is None or log.started is None:
             self.note(f"attempt {status.attempt}: loading the model and data ({waited})")
