@@ -87,8 +87,8 @@ def test_the_module_reports_perplexities_gap_and_fragmentation(tiny_model_dir: P
 
 def _frag_from(doc: dict) -> FragmentationReport:  # type: ignore[type-arg]
     """A report with the JSON's excess (one stand-in term of r = 2) and its candidates."""
-    cands = tuple(TermStats(c["term"], c["count"], c["general_count"], c["keyness"], tuple(c["pieces"]))
-                  for c in doc["candidates"])
+    cands = tuple(TermStats(c["term"], c["count"], c["general_count"], c["keyness"], tuple(c["pieces"]),
+                            c["running"]) for c in doc["candidates"])
     excess = (TermStats("(all terms)", doc["excess"], 0, math.inf, ("a", "b")),) if doc["excess"] else ()
     report = FragmentationReport(terms=excess, domain_words=doc["domain_words"],
                                  domain_tokens=doc["domain_tokens"], r_bar=doc["r_bar"], candidates=cands)

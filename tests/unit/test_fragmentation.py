@@ -68,14 +68,16 @@ def test_r_bar_and_savings_match_an_independent_count(tokenizer, corpora) -> Non
         # Whole-word occurrences (a hyphen joins words only between word characters), and r(u)
         # from the tokenizer directly.
         f = len(re.findall(rf"(?<!\w)(?<!\w-){re.escape(t.term)}(?!\w|-\w)", joined))
+        running = len(re.findall(rf"(?<= ){re.escape(t.term)}(?!\w|-\w)", joined))  # after a space
         r = len(tokenizer.tokenize(" " + t.term))
-        assert (t.count, t.r) == (f, r)
+        assert (t.count, t.running, t.r) == (f, running, r)
         total_f, total_fr = total_f + f, total_fr + f * r
     assert report.r_bar == pytest.approx(total_fr / total_f)
 
     savings = [c.saving for c in report.candidates]
     assert savings == sorted(savings, reverse=True)
-    assert all(c.saving == c.count * (c.r - 1) and c.r > 1 for c in report.candidates)
+    assert all(c.saving == c.running * (c.r - 1) and c.r > 1 for c in report.candidates)
+    assert report.excess == sum(t.count * (t.r - 1) for t in report.terms)
     best_outside = max((t.saving for t in report.terms if t not in report.candidates), default=0)
     assert best_outside <= savings[-1]
     assert report.saving == sum(savings)
@@ -118,3 +120,14 @@ def test_the_analyze_command(tiny_model_dir: Path, corpora, capsys) -> None:  # 
     assert f"r̄ = {doc['r_bar']:.2f}" in text and doc["candidates"][0]["term"] in text
     assert main(["analyze", "--domain", str(corpora["domain"])]) == 2
     assert "--tokenizer URI or --base URI" in capsys.readouterr().err
+
+
+def test_a_new_token_saves_only_where_the_term_follows_a_space(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A manual page's section heading starts a line: splitting it costs tokens there, but the
+    running-form token an extension adds never matches it."""
+    pages = ["NAME\nBESCHREIBUNG\nDas Programm liest die Datei und wird mit der BESCHREIBUNG gestartet.\n"] * 4
+    (term,) = [t for t in analyze(tokenizer, pages, None, min_count=3, max_terms=500).terms
+               if t.term == "BESCHREIBUNG"]
+    assert (term.count, term.running) == (8, 4)
+    assert term.cost == 8 * (term.r - 1) and term.saving == 4 * (term.r - 1)
+

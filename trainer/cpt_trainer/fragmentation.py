@@ -14,9 +14,12 @@ word-splitting pre-tokenisers never merge across the space). Then
 
     r̄ = Σ f(u)·r(u) / Σ f(u)
 
-over the analysed terms. Adding `u` as one token saves `f(u)·(r(u) − 1)` tokens of the domain
-sample; candidates are ranked by that saving (then by term, for a stable order). The saving is
-an upper bound: it assumes every occurrence becomes the new token.
+over the analysed terms. The tokens the domain sample spends on splitting (`excess`) count
+every occurrence. A new token, though, is the running form: it matches only where the term
+follows a space, not at the start of a line or after a bracket (a section heading of a manual
+page never matches). Adding `u` as one token therefore saves `f_run(u)·(r(u) − 1)` tokens, with
+`f_run(u)` the occurrences after a space; candidates are ranked by that saving (then by term, for
+a stable order).
 """
 from __future__ import annotations
 
@@ -42,14 +45,22 @@ class TermStats:
     """Domain rate / smoothed general rate (inf without a general sample)."""
     pieces: tuple[str, ...]
     """The sub-tokens of the term after a space."""
+    running: int | None = None
+    """Occurrences after a space, where a new token of the term would match (None: all of them)."""
 
     @property
     def r(self) -> int:
         return len(self.pieces)
 
     @property
-    def saving(self) -> int:
+    def cost(self) -> int:
+        """Tokens spent on splitting the term, over every occurrence."""
         return self.count * (self.r - 1)
+
+    @property
+    def saving(self) -> int:
+        """Tokens a new token of the term would save: its occurrences after a space."""
+        return (self.count if self.running is None else self.running) * (self.r - 1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class FragmentationReport:
         """Tokens the domain sample spends on splitting its frequent terms: Σ f(u)·(r(u) − 1)
         over every analysed term. Unlike r̄, it weighs a term by the tokens its pieces cost, so a
         long, often split term counts for more than a frequent short word that is whole."""
-        return sum(t.saving for t in self.terms)
+        return sum(t.cost for t in self.terms)
 
     @property
     def excess_share(self) -> float:
@@ -86,7 +97,7 @@ class FragmentationReport:
 
     def to_dict(self) -> dict[str, object]:
         def term(t: TermStats) -> dict[str, object]:
-            return {**asdict(t), "pieces": list(t.pieces), "r": t.r, "saving": t.saving}
+            return {**asdict(t), "pieces": list(t.pieces), "r": t.r, "cost": t.cost, "saving": t.saving}
 
         return {"r_bar": self.r_bar, "domain_words": self.domain_words,
                 "domain_tokens": self.domain_tokens, "terms_analysed": len(self.terms),
@@ -96,17 +107,20 @@ class FragmentationReport:
                 "frequent_terms": [term(t) for t in self.terms[:self.top]]}
 
 
-def words(text: str, min_chars: int = 3) -> Iterable[str]:
+def words(text: str, min_chars: int = 3, after_space: bool = False) -> Iterable[str]:
+    """The words of `text`; with `after_space`, only those right after a space (running form)."""
     for match in _WORD.finditer(text):
         word = match.group()
+        if after_space and text[match.start() - 1:match.start()] != " ":
+            continue
         if len(word) >= min_chars and any(c.isalpha() for c in word):
             yield word
 
 
-def count_words(texts: Iterable[str], min_chars: int = 3) -> Counter[str]:
+def count_words(texts: Iterable[str], min_chars: int = 3, after_space: bool = False) -> Counter[str]:
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(words(text, min_chars))
+        counts.update(words(text, min_chars, after_space))
     return counts
 
 
@@ -146,7 +160,8 @@ def analyze(tokenizer: PreTrainedTokenizerBase, domain_texts: Sequence[str],
     general = count_words(general_texts, min_chars) if general_texts else None
     picked = domain_terms(domain, general, min_count=min_count, min_ratio=min_ratio,
                           max_terms=max_terms)
-    terms = tuple(TermStats(t, f, g, k, subtokens(tokenizer, t)) for t, f, g, k in picked)
+    running = count_words(domain_texts, min_chars, after_space=True)
+    terms = tuple(TermStats(t, f, g, k, subtokens(tokenizer, t), running[t]) for t, f, g, k in picked)
     weight = sum(t.count for t in terms)
     r_bar = sum(t.count * t.r for t in terms) / weight if weight else float("nan")
     ranked = sorted((t for t in terms if t.r > 1), key=lambda t: (-t.saving, t.term))[:top]
@@ -162,10 +177,12 @@ def _token_count(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> in
 
 
 def format_terms(terms: Sequence[TermStats]) -> list[str]:
-    """A plain-text table of terms: count, r(u), saving and the pieces."""
+    """A plain-text table of terms: count (after a space: where a new token matches), r(u),
+    saving and the pieces."""
     width = max([len("term")] + [len(t.term) for t in terms])
-    lines = [f"    {'term':<{width}}  {'count':>7}  {'r':>3}  {'saving':>7}  pieces"]
+    lines = [f"    {'term':<{width}}  {'count':>7}  {'after space':>11}  {'r':>3}  {'saving':>7}  pieces"]
     for t in terms:
-        lines.append(f"    {t.term:<{width}}  {t.count:>7}  {t.r:>3}  {t.saving:>7}  "
+        spaced = t.count if t.running is None else t.running
+        lines.append(f"    {t.term:<{width}}  {t.count:>7}  {spaced:>11}  {t.r:>3}  {t.saving:>7}  "
                      f"{' '.join(t.pieces)}")
     return lines
