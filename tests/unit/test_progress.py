@@ -14,6 +14,11 @@ from cpt_operator.local.observe import AttemptLog
 from cpt_operator.local.progress import Progress
 
 
+def printed(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The lines printed, without their time stamps."""
+    return [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
+
 def spec() -> CptRunSpec:
     return CptRunSpec.model_validate({
         "baseModel": {"uri": "/m"}, "data": {"sources": [{"name": "d", "role": "domain", "uri": "/d"}]},
@@ -63,8 +68,7 @@ def test_before_the_first_step_a_line_says_what_the_trainer_is_doing(tmp_path: P
     log.started = Started(attempt=1, step=0, tokens=0, time=0.0)
     shown.update(status, log)  # t=110: within the interval, nothing
     shown.update(status, log)  # t=120: 20 s in, evaluating the base
-    out = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
-    assert out == ["attempt 1: loading the model and data (0 s)",
+    assert printed(capsys) == ["attempt 1: loading the model and data (0 s)",
                    "evaluating the base model on 1 suite(s) before the first step (20 s)"]
 
 
@@ -80,7 +84,7 @@ def test_the_wait_of_a_later_attempt_counts_from_that_attempt(tmp_path: Path,
     log = AttemptLog(2, EventFollower(tmp_path / "a2.jsonl"))
     shown.update(CptRunStatus(attempt=2), log)  # t=300: a rollback started attempt 2
     shown.update(CptRunStatus(attempt=2), log)  # t=320
-    out = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
-    assert out == ["attempt 1: loading the model and data (0 s)", "attempt 2: loading the model and data (0 s)",
-                   "attempt 2: loading the model and data (20 s)"]
+    assert printed(capsys) == ["attempt 1: loading the model and data (0 s)",
+                               "attempt 2: loading the model and data (0 s)",
+                               "attempt 2: loading the model and data (20 s)"]
 

@@ -56,7 +56,7 @@ from . import checkpoint, code_version, distributed, extension
 from .anomaly import AnomalyDetector, Verdict
 from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
-from .data.curation import starved_sources
+from .data.curation import dropped_shares, starvation, starved_sources
 from .errors import Refused
 from .events import EventLog
 from .metrics import Metrics
@@ -367,10 +367,10 @@ class Attempt:
         names = self.data.source_names
         # Per source: summed NLL and counted tokens (their sums are the step's loss), and the
         # documents curation has read and kept so far on this rank; one all-reduce carries all.
-        report = self.data.curation_report()
+        read_here, kept_here = self.data.documents()
         totals = torch.zeros(4, len(names), dtype=torch.float64, device=self.device)
-        totals[2] = torch.tensor([report["read"].get(n, 0) for n in names], dtype=torch.float64)
-        totals[3] = torch.tensor([report["kept"].get(n, 0) for n in names], dtype=torch.float64)
+        totals[2] = torch.tensor([read_here.get(n, 0) for n in names], dtype=torch.float64)
+        totals[3] = torch.tensor([kept_here.get(n, 0) for n in names], dtype=torch.float64)
         for i, batch in enumerate(micro):
             with self.parallel.accumulating(last=i == len(micro) - 1):
                 nll, mask, kl = self._forward_losses(batch)
@@ -383,9 +383,12 @@ class Attempt:
         grad_norm = self.parallel.clip(self.spec.gradient.clip)
         distributed.all_reduce_sum(totals)
         self.hook.end_step(self.metrics)
-        nll_sums, counts, read, kept = totals.tolist()
-        self._refuse_starved(dict(zip(names, read)), dict(zip(names, kept)), report)
-        dropped = {name: 1.0 - k / r for name, r, k in zip(names, read, kept) if r > 0}
+        nll_sums, counts, read_all, kept_all = totals.tolist()
+        read, kept = dict(zip(names, read_all)), dict(zip(names, kept_all))
+        limit = self.spec.data.curation.max_dropped_share
+        if starved_sources(read, kept, limit):  # on every rank: the counts are global
+            dropped_by = self.data.curation_report().get("droppedBySource", {})
+            raise Refused(starvation(read, kept, limit, dropped_by))
         loss = sum(nll_sums) / n_global
         source_losses = {name: total / count for name, total, count in zip(names, nll_sums, counts)
                          if count > 0}
@@ -393,24 +396,8 @@ class Attempt:
         if verdict is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses, dropped)
-
-    def _refuse_starved(self, read: dict[str, float], kept: dict[str, float], report: dict[str, Any]) -> None:
-        """Refuse the run (on every rank: the counts are global) when curation drops nearly all
-        of a source: its data is broken or a filter does not suit it, and the mixture would
-        silently train on the other sources instead."""
-        limit = self.spec.data.curation.max_dropped_share
-        starved = starved_sources(read, kept, limit)
-        if not starved:
-            return
-        parts = []
-        for name, share in sorted(starved.items()):
-            rules = sorted(report.get("droppedBySource", {}).get(name, {}).items(), key=lambda kv: -kv[1])
-            named = ", ".join(f"{rule} {n}" for rule, n in rules[:3]) or "no rule on rank 0"
-            parts.append(f"source {name!r}: curation dropped {share:.0%} of {read[name]:.0f} documents "
-                         f"read (most by: {named})")
-        raise Refused("; ".join(parts) + f": above curation.maxDroppedShare {limit:.0%}. Fix the data or set "
-                      "the source's own quality rules (sources[].quality), see the curation report")
+        return StepOutcome(loss, grad_norm, int(n_global), verdict, source_losses,
+                           dropped_shares(read, kept))
 
     # ------------------------------------------------------------------- evals, checkpoints
     def evaluate(self, is_base: bool = False) -> dict[str, float]:

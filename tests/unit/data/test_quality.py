@@ -6,7 +6,7 @@ import random
 import pytest
 
 from cpt_operator.api.spec import QualitySpec
-from cpt_trainer.data.curation import JUDGED_AFTER, starved_sources
+from cpt_trainer.data.curation import JUDGED_AFTER, dropped_shares, starvation, starved_sources
 from cpt_trainer.data.quality import RegexWords, check
 
 PROSE = ("The package provides the tools that are needed to build and install the software, and it "
@@ -65,3 +65,13 @@ def test_words_are_letter_runs_and_symbol_runs() -> None:
 ])
 def test_a_source_is_starved_when_more_than_the_limit_is_dropped(read, kept, starved) -> None:
     assert starved_sources(read, kept, 0.9) == starved
+
+
+def test_the_refusal_names_each_starved_source_its_share_and_top_rules() -> None:
+    read, kept = {"web": 40.0, "legal": 100.0}, {"web": 2.0, "legal": 99.0}
+    assert dropped_shares(read, kept) == {"web": pytest.approx(0.95), "legal": pytest.approx(0.01)}
+    message = starvation(read, kept, 0.9, {"web": {"gopher_short_doc": 3, "gopher_below_avg_threshold": 35}})
+    assert message.startswith("source 'web': curation dropped 95% of 40 documents read "
+                              "(most by: gopher_below_avg_threshold 35, gopher_short_doc 3)")
+    assert "legal" not in message and "maxDroppedShare 90%" in message
+

@@ -162,11 +162,31 @@ JUDGED_AFTER = 32
 documents at the start of a file must not refuse a run."""
 
 
+def dropped_shares(read: dict[str, float], kept: dict[str, float]) -> dict[str, float]:
+    """Source -> share of the documents read that curation dropped (sources read from only)."""
+    return {name: 1.0 - kept.get(name, 0) / n for name, n in read.items() if n > 0}
+
+
 def starved_sources(read: dict[str, float], kept: dict[str, float], limit: float) -> dict[str, float]:
     """Source -> dropped share, for each source of which curation dropped more than `limit` of
     the documents read, once JUDGED_AFTER or more were read."""
-    shares = {name: 1.0 - kept.get(name, 0) / n for name, n in read.items() if n >= JUDGED_AFTER}
-    return {name: share for name, share in shares.items() if share > limit}
+    return {name: share for name, share in dropped_shares(read, kept).items()
+            if read[name] >= JUDGED_AFTER and share > limit}
+
+
+def starvation(read: dict[str, float], kept: dict[str, float], limit: float,
+               dropped_by: dict[str, dict[str, int]]) -> str:
+    """Why the run is refused when curation drops nearly all of some sources (`starved_sources`):
+    their data is broken or a filter does not suit them, and the mixture would silently train on
+    the other sources instead. `dropped_by` (source -> rule -> count, one rank's) names the rules."""
+    parts = []
+    for name, share in sorted(starved_sources(read, kept, limit).items()):
+        rules = sorted(dropped_by.get(name, {}).items(), key=lambda kv: -kv[1])
+        named = ", ".join(f"{rule} {n}" for rule, n in rules[:3]) or "no rule on this rank"
+        parts.append(f"source {name!r}: curation dropped {share:.0%} of {read[name]:.0f} documents "
+                     f"read (most by: {named})")
+    return ("; ".join(parts) + f": above curation.maxDroppedShare {limit:.0%}. Fix the data or set the "
+            "source's own quality rules (sources[].quality), see the curation report")
 
 
 def text_hash(text: str) -> int:

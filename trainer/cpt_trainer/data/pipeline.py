@@ -130,6 +130,13 @@ class DataPipeline:
         total = sum(run.values())
         return {n: (t / total if total else 0.0) for n, t in run.items()}
 
+    def documents(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(read, kept) documents per source on this rank so far: the report's counts, without
+        copying the report (the training step reads them every step)."""
+        report = self._report if self.workers else {"read": self._core.report.read,
+                                                     "kept": self._core.report.kept}
+        return report["read"], report["kept"]
+
     def curation_report(self) -> dict[str, Any]:
         """What this rank's reading has dropped so far (it grows as units are read)."""
         report = self._core.report.to_dict() if not self.workers else self._report
