@@ -22,6 +22,7 @@ from typing import Literal, Mapping, Sequence, Union
 
 from .api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from .api.evaluation import Placement
+from .api.goodput import TrainerTimes
 from .api.manifest import attempt_folder, attempt_of, step_of
 from .api.spec import CptRunSpec, ModelFormat, RestoreMode
 from .api.trainer_config import TrainerConfig
@@ -33,9 +34,14 @@ from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
 from .policy.evaluations import EvalPlan, EvalRun, plan_evaluations
+from .policy.goodput import Ending, account, add, attempt_seconds
 from .policy.recipes import recipe_warnings
 from .policy.start import Cause, Start, deadline, instant, overdue
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
+
+GOODPUT_REFRESH_S = 30.0
+"""How stale the live goodput of a running attempt may get: it changes with the clock, and a status
+write every pass would cost the API server more than the figure is worth."""
 
 AttemptPhase = Literal["absent", "running", "succeeded", "failed", "stopped"]
 
@@ -57,6 +63,8 @@ class AttemptState:
     start: Start | None = None
     """How the attempt's start goes, from its pods (a cluster's backend; None where nothing is
     known of pods: the local backend, an attempt without a Job)."""
+    times: TrainerTimes | None = None
+    """The trainer's latest report of its own time (None before its first)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +194,8 @@ class _Planner:
 
     def __init__(self, spec: CptRunSpec, status: CptRunStatus, obs: Observed):
         self.spec, self.obs = spec, obs
+        self.before = status
+        """The status as the pass found it."""
         self.status = status.model_copy(deep=True)
         self.actions: list[ActionT] = []
         self.evals = EvalPlan()
@@ -196,6 +206,9 @@ class _Planner:
 
     def start(self, restore_from: str | None, reason: str, mode: RestoreMode | None = None) -> None:
         st = self.status
+        self.close_attempt()
+        if st.goodput.since is None:
+            st.goodput.since = _unix(self.obs.now)
         st.attempt = st.attempts_seen = max(st.attempt, st.attempts_seen) + 1
         if mode is None:
             mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
@@ -218,8 +231,21 @@ class _Planner:
         if self.obs.attempt.state == "running":
             self.actions.append(StopAttempt(self.status.attempt, reason, checkpoint))
 
+    def close_attempt(self) -> None:
+        """Fold the current attempt's time into `goodput.ended`, once, as it ends."""
+        st = self.status
+        if st.attempt == 0 or st.goodput.attempts >= st.attempt or _unix(self.obs.now) is None:
+            return
+        ending, kept = _ending(self)
+        times = _times(self)
+        seconds = _attempt_seconds(self, ending, kept)
+        st.goodput = st.goodput.model_copy(update={
+            "ended": add(st.goodput.ended, seconds), "attempts": st.attempt, "last": None,
+            "restarts": st.goodput.restarts + (times.restarts if times else 0)})
+
     def finish(self, phase: Phase, reason: str, message: str, checkpoint: bool = True) -> None:
         st = self.status
+        self.close_attempt()
         st.phase, st.message = phase, message
         self.stop_attempt(message, checkpoint)
         set_condition(st, ConditionType.progressing, False, reason, message, self.obs.now)
@@ -229,6 +255,61 @@ class _Planner:
         elif phase == Phase.failed:
             set_condition(st, ConditionType.failed, True, reason, message, self.obs.now)
         self.emit("Normal" if phase == Phase.succeeded else "Warning", reason, message)
+
+
+def _ending(p: _Planner) -> tuple[Ending, int | None]:
+    """How the current attempt ends, and for a rollback into itself the step it keeps."""
+    st = p.status
+    if st.phase == Phase.rolling_back:
+        target = st.restore_from
+        same = target is not None and attempt_of(target) == st.attempt
+        return "rollback", step_of(target) if same and target else None
+    return ("finished" if p.obs.attempt.state in ("running", "succeeded", "stopped") else "failed"), None
+
+
+def _unix(rfc3339: str | None) -> float | None:
+    """A time of status as Unix seconds (None for one that is not RFC 3339: some tests' clocks)."""
+    try:
+        return instant(rfc3339).timestamp() if rfc3339 else None
+    except ValueError:
+        return None
+
+
+def _times(p: _Planner) -> TrainerTimes | None:
+    """The current attempt's newest trainer report: observed now, else the last one kept."""
+    seen = p.obs.attempt.times if p.obs.attempt.number == p.status.attempt else None
+    kept = p.status.goodput.last
+    if seen is None or (kept is not None and kept.reported > seen.reported):
+        return kept
+    return seen
+
+
+def _attempt_seconds(p: _Planner, ending: Ending, kept: int | None = None) -> dict[str, float]:
+    st, obs = p.status, p.obs
+    now = _unix(obs.now) or 0.0
+    created = _unix(st.attempt_started_at) or now
+    return attempt_seconds(created, now, _times(p), ending, kept)
+
+
+def _goodput(p: _Planner) -> None:
+    """The live account: the ended attempts plus the current one (frozen once the run ended)."""
+    st = p.status
+    now = _unix(p.obs.now)
+    if st.goodput.since is None or now is None:
+        return
+    live = st.attempt > st.goodput.attempts and st.phase not in TERMINAL_PHASES
+    if not live and st.goodput.until is not None and st.goodput.seconds == add(st.goodput.ended, {}):
+        return  # the run ended earlier: its account stays as it was then
+    times = _times(p) if live else None
+    restarts = st.goodput.restarts + (times.restarts if times else 0)
+    before = p.before
+    if live and st.goodput.until is not None and now - st.goodput.until < GOODPUT_REFRESH_S \
+            and (st.attempt, st.phase, restarts) == (before.attempt, before.phase, before.in_place_restarts):
+        return  # nothing changed but the clock: a status write every pass is not worth it
+    current = _attempt_seconds(p, "running") if live else None
+    st.goodput = account(st.goodput, now, current)
+    st.goodput.last = times
+    st.in_place_restarts = restarts
 
 
 def _condition(status: CptRunStatus, type_: ConditionType) -> Condition | None:
@@ -621,6 +702,7 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     _owed_evaluations(p)
     _decide(p)
     _evaluations(p)
+    _goodput(p)
     return _plan(p)
 
 

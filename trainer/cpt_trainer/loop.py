@@ -59,6 +59,7 @@ from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .data.curation import dropped_shares, starvation, starved_sources
 from .errors import Refused
 from .events import EventLog
+from .goodput import TimeAccount
 from .metrics import Metrics
 from .load.ranges import total_read
 from .load.stores import WeightStore
@@ -106,6 +107,8 @@ class Attempt:
         self.autocast_dtype = torch.bfloat16 if (
             precision == Precision.bf16 or (precision == Precision.auto and use_cuda)) else None
         self.events = EventLog(cfg.run_dir, enabled=self.dist.is_main)
+        self.clock = TimeAccount(cfg.run_dir)
+        """Where this attempt's time goes (rank 0's is reported)."""
         self.metrics = Metrics(cfg, serve=self.dist.is_main)
         self.stop_requested = False
         """The ranks agreed to stop (set only by `_agree_stop`, and only ever to True)."""
@@ -135,11 +138,22 @@ class Attempt:
         uri = self.cfg.restore_from
         if uri is None and base.format == ModelFormat.checkpoint:
             uri = base.uri
+        own = self._own_newest()
+        if own is not None:  # restarted in place: continue where this attempt last saved
+            uri, mode = own, RestoreMode.full_state
         if uri is None:
             return StartPoint(None, RestoreMode.weights_only, self.weights.base_weights())
         source = self.weights.open(uri, (MODEL_DIR, OPTIMIZER_DIR) if mode == RestoreMode.full_state else (MODEL_DIR,))
         self.restored_manifest = source.manifest
         return StartPoint(uri, mode, Weights.of_checkpoint(source))
+
+    def _own_newest(self) -> str | None:
+        """The attempt's newest committed checkpoint: there is one only when torchrun restarted
+        this trainer in place (an attempt's folder is never reused). Rank 0 looks, every rank
+        follows, whatever each node's restart count says."""
+        found = distributed.broadcast_object(
+            checkpoint.latest_valid(self.cfg.checkpoint_uri, deep=False) if self.dist.is_main else None)
+        return checkpoint.join(self.cfg.checkpoint_uri, found[0]) if found else None  # type: ignore[index]
 
     def _check_owner(self) -> None:
         """Before anything is written, pruned or restored: the checkpoint root (and the restore
@@ -405,9 +419,10 @@ class Attempt:
         # (`evals/evaluator.py`), whatever the strategy.
         results: dict[str, float] = {}
         if self.evaluator is not None:
-            results = self.evaluator.evaluate(self.model)
-            results.update(self.hook.evaluate(self.model, self.evaluator))
-            self.parallel.reshard()
+            with self.clock.timed("evaluating"):
+                results = self.evaluator.evaluate(self.model)
+                results.update(self.hook.evaluate(self.model, self.evaluator))
+                self.parallel.reshard()
         self.metrics.evals(results, step=self.step, tokens=self.tokens, base=is_base)
         return results
 
@@ -438,7 +453,9 @@ class Attempt:
                         train_loss=train_loss, stable=not self.unstable,
                         config_json=cfg.dump_json(), write_model_files=model_files,
                         evaluation=evaluation)
-        uri = self.checkpointer.save(self.model, self.optimizer, snap)
+        self.clock.saving(self.step)
+        with self.clock.timed("checkpointing"):
+            uri = self.checkpointer.save(self.model, self.optimizer, snap)
         self.unstable = False
         self.last_saved_step, self.last_checkpoint = self.step, uri
         self._report_saves()
@@ -447,11 +464,13 @@ class Attempt:
     def _report_saves(self, wait: bool = False) -> None:
         """Metrics and events for checkpoints committed in the background (main thread)."""
         if wait:
-            self.checkpointer.wait()
+            with self.clock.timed("checkpointing"):
+                self.checkpointer.wait()
         for saved in self.checkpointer.completed():
             self._announce(saved)
 
     def _announce(self, saved: Saved) -> None:
+        self.clock.committed(saved.step)
         self.metrics.checkpoint(saved.step, saved.seconds, stall=saved.stall_seconds)
         self.events.emit(CheckpointSaved, step=saved.step, tokens=saved.tokens,
                          name=checkpoint_name(saved.step), uri=saved.uri, seconds=saved.seconds,
@@ -515,10 +534,12 @@ class Attempt:
         self.setup()
         cfg = self.cfg
         loaded = distributed.gather_objects(total_read())
+        self.clock.started(self.step)
         started = self.events.emit(Started, attempt=cfg.attempt, step=self.step, tokens=self.tokens,
                                    restore_from=self.start.uri, world_size=self.dist.world_size,
                                    metrics_url=self.metrics.url, base_sha256=self.base_sha,
-                                   loaded_bytes=loaded, setup_seconds=time.monotonic() - self.began)
+                                   loaded_bytes=loaded, setup_seconds=time.monotonic() - self.began,
+                                   restart=self.clock.restarts, times=self._times())
         if started is not None:  # where the control plane learns the digest the run records
             store.put_atomic(cfg.checkpoint_uri, STARTED,
                              started.model_dump_json(by_alias=True).encode())
@@ -529,7 +550,16 @@ class Attempt:
             self.metrics.gates(self.spec, base)
             self._announce_eval(step=0, tokens=0, metrics=base, is_base=True)
 
+    def _times(self) -> Any:
+        times = self.clock.report(self.step)
+        self.metrics.times(times)
+        return times
+
     def advance(self) -> int | None:
+        with self.clock.step():
+            return self._advance()
+
+    def _advance(self) -> int | None:
         """One optimizer step and everything a step owes: metrics, events, anomaly handling,
         evaluation and checkpoint when due. Returns an exit code when the attempt must end."""
         began = time.perf_counter()
@@ -562,7 +592,7 @@ class Attempt:
         if self.step % self.spec.training.log_every == 0 or self.step == self.total:
             self.events.emit(Progress, step=self.step, tokens=self.tokens, loss=_finite(out.loss),
                              lr=self.schedule(self.step - 1), grad_norm=_finite(out.grad_norm),
-                             tokens_per_s=tps, skipped=skipped)
+                             tokens_per_s=tps, skipped=skipped, times=self._times())
         self._agree_stop()
         self._boundary(self.last_loss)
         self._report_saves()
@@ -573,13 +603,13 @@ class Attempt:
             if self.last_saved_step != self.step:
                 self.save({}, self.last_loss)
             self._report_saves(wait=True)
-            self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted",
+            self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted", times=self._times(),
                              message="stopped on request after a checkpoint")
             return 0
         if self.last_saved_step != self.step:
             self._boundary(self.last_loss)
         self._report_saves(wait=True)
-        self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="budget",
+        self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="budget", times=self._times(),
                          message=f"budget reached: {self.step} steps, {self.tokens:,} tokens")
         return 0
 
@@ -638,7 +668,8 @@ class Attempt:
     def _recover(self, window: DataSkip | None) -> None:
         """Restore the last stable checkpoint; the data moves on, past the blamed window."""
         self.anomaly.consecutive = 0
-        origin = self._restore_stable()
+        with self.clock.timed("anomalies"):
+            origin = self._restore_stable()
         if window is not None:
             self._record_skips(merge_skips(self.skips, [window]))
         blame = (f"; source {window.source} is blamed, its tokens {window.start}-{window.end} "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from cpt_operator.api.goodput import TIMES_SERIES, TrainerTimes
 from cpt_operator.api.spec import CptRunSpec
 from cpt_operator.api.trainer_config import TrainerConfig
 from cpt_operator.api.metrics import gate_limit
@@ -78,6 +79,8 @@ class Metrics:
         self.grad_std = g("cpt_grad_norm_std", "Std of the grad norm over the anomaly window")
         self.anomaly_k = g("cpt_anomaly_k", "k of the grad-norm anomaly rule (mean + k*std)")
         self.ckpt_time = g("cpt_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
+        self.times_g = g(TIMES_SERIES, "The trainer's account of its time (api.goodput.TrainerTimes): "
+                         "seconds by part, began/reported Unix times, first_step/step, restarts", "part")
         self.up_g = g("cpt_trainer_up", "1 while the training loop runs")
         self.new_token_loss = g("cpt_new_token_loss", "Mean loss where a token added by tokenizer "
                                 "extension is the target, since the last checkpoint", "token")
@@ -174,6 +177,10 @@ class Metrics:
         the term, readable, rather than its byte-level vocabulary entry)."""
         self.new_token_loss.labels(token=token, **self._labels).set(loss)
         self.new_token_seen.labels(token=token, **self._labels).inc(seen)
+
+    def times(self, times: TrainerTimes) -> None:
+        for part, value in times.model_dump().items():
+            self.times_g.labels(part=part, **self._labels).set(value)
 
     def up(self, running: bool) -> None:
         self.up_g.labels(**self._labels).set(1 if running else 0)

@@ -282,6 +282,11 @@ class StopPolicySpec(SpecModel):
     """Rollbacks after which the run stops (Failed) instead of trying again."""
     max_attempt_restarts: int = Field(default=3, ge=0, le=100)
     """Restarts after infrastructure failures (pod or node loss) before giving up."""
+    max_in_place_restarts: int = Field(default=2, ge=0, le=20)
+    """Crashed trainer processes torchrun restarts inside their attempt (`--max-restarts`): the
+    ranks form again and continue from the attempt's newest checkpoint, with no new Job, pods or
+    image pulls. Past it the attempt fails and a new attempt (a restart above) takes over. A
+    one-process local run has no torchrun: it restarts by attempt only."""
     plateau: PlateauSpec | None = None
     no_improvement: NoImprovementSpec | None = None
     """Off unless set: finish (and choose, usually the base) when the domain has not improved

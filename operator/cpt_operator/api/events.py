@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, TypeAdapter
 
 from .base import SpecModel
+from .goodput import TrainerTimes
 from .skips import DataSkip
 
 
@@ -29,6 +30,10 @@ class Started(SpecModel):
     a remote base. Each rank reads its own shards, so each holds about 1/world of the total."""
     setup_seconds: float | None = None
     """From the trainer's start to this event: loading, restoring, the base's evaluation excluded."""
+    restart: int = 0
+    """In-place restarts of this attempt's trainers before this one (torchrun's count): a restarted
+    trainer continues from the attempt's newest checkpoint."""
+    times: TrainerTimes | None = None
     time: float
 
 
@@ -42,6 +47,8 @@ class Progress(SpecModel):
     grad_norm: float | None
     tokens_per_s: float
     skipped: bool = False
+    times: TrainerTimes | None = None
+    """The trainer's account of its time so far (`api.goodput`)."""
     time: float
 
 
@@ -94,6 +101,7 @@ class Finished(SpecModel):
     reason: Literal["budget", "interrupted", "anomaly", "refused", "error"]
     """`refused`: the trainer refused its config (exit code `EXIT_REFUSED`); the message says why."""
     message: str = ""
+    times: TrainerTimes | None = None
     time: float
 
 

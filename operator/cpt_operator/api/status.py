@@ -10,6 +10,7 @@ from enum import Enum
 from pydantic import Field
 
 from .base import SpecModel
+from .goodput import Goodput
 from .skips import DataSkip
 
 
@@ -219,6 +220,11 @@ class CptRunStatus(SpecModel):
     last_good_checkpoint: str | None = None
     rollbacks: int = 0
     restarts: int = 0
+    in_place_restarts: int = 0
+    """Trainers restarted inside their attempt (torchrun `--max-restarts`, up to
+    stopPolicy.maxInPlaceRestarts an attempt): no new attempt, no restart counted."""
+    goodput: Goodput = Field(default_factory=Goodput)
+    """Where the run's wall time went, by cause, and the productive share (`api.goodput`)."""
     evictions: int = 0
     """Attempts Kueue evicted (preempted, pods not ready in time): resumed, never counted as
     restarts against stopPolicy.maxAttemptRestarts."""
@@ -270,7 +276,9 @@ class CptRunStatus(SpecModel):
             f"checkpoints: last {self.last_checkpoint or '-'}, last good {self.last_good_checkpoint or '-'}, "
             f"chosen {self.best_checkpoint or '-'}"
             + (" (no checkpoint is better than the base)" if self.best_checkpoint == BASE else ""),
-            f"rollbacks:   {self.rollbacks}, restarts: {self.restarts}, evictions: {self.evictions}",
+            f"rollbacks:   {self.rollbacks}, restarts: {self.restarts} (in place: {self.in_place_restarts}), "
+            f"evictions: {self.evictions}",
+            self.goodput.describe(),
         ]
         for rec in self.history:
             value = f" {rec.metric}={rec.value:.4g} (baseline {rec.baseline:.4g})" \

@@ -85,8 +85,8 @@ def torchrun_args(spec: CptRunSpec, name: str, settings: Settings) -> list[str]:
     # (30 s by default: too short for a sharded save); the kubelet's SIGKILL comes at the grace.
     shutdown = max(30, resources.stop_grace_seconds - TORCHRUN_EXIT_MARGIN_S)
     module = out.index("-m")
-    return out[:module] + ["--node-rank=$(JOB_COMPLETION_INDEX)",
-                           f"--shutdown-timeout={shutdown}"] + out[module:]
+    return out[:module] + ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--shutdown-timeout={shutdown}",
+                           f"--max-restarts={spec.stop_policy.max_in_place_restarts}"] + out[module:]
 
 
 def _resources(spec: CptRunSpec) -> Object:

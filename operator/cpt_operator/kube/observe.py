@@ -100,7 +100,8 @@ def observed(*, body: Mapping[str, Any], attempt: AttemptState, series: TrainerS
     asks = requests(body.get("metadata", {}).get("annotations"))
     records = records or Records()
     if series is not None and attempt.state != "absent":
-        attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens)
+        attempt = replace(attempt, step=series.step or attempt.step, tokens=series.tokens or attempt.tokens,
+                          times=series.times or attempt.times)
     base = records.base or (dict(series.base) if series else {})
     return Observed(attempt=attempt, now=now_rfc3339(), base=base, base_sha256=records.base_sha256,
                     points=merge_points(points, records.points, refs),

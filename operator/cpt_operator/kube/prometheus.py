@@ -29,6 +29,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from pydantic import ValidationError
+
+from ..api.goodput import TIMES_SERIES, TrainerTimes
 from ..policy.types import EvalPoint
 
 Series = Mapping[str, Any]
@@ -159,10 +162,12 @@ class TrainerSeries:
     tokens: int = 0
     checkpoint_step: int | None = None
     """The step of the current attempt's newest committed checkpoint (cpt_last_checkpoint_step)."""
+    times: TrainerTimes | None = None
+    """The current attempt's trainer's account of its time (`cpt_trainer_times`)."""
 
 
 EVAL_SERIES = ("cpt_eval_metric", "cpt_eval_step", "cpt_eval_tokens")
-NOW_SERIES = ("cpt_step", "cpt_tokens_total", "cpt_anomalies_total", "cpt_last_checkpoint_step")
+NOW_SERIES = ("cpt_step", "cpt_tokens_total", "cpt_anomalies_total", "cpt_last_checkpoint_step", TIMES_SERIES)
 
 
 def _int(value: float | None) -> int | None:
@@ -181,7 +186,20 @@ def trainer_series(evals: Sequence[Series], base: Sequence[Series], now: Sequenc
     return TrainerSeries(points=points, base=labelled_values(base, "suite", "metric"), anomalies=anomalies,
                          step=_int(scalar(current["cpt_step"])) or 0,
                          tokens=_int(scalar(current["cpt_tokens_total"])) or 0,
-                         checkpoint_step=_int(scalar(current["cpt_last_checkpoint_step"])))
+                         checkpoint_step=_int(scalar(current["cpt_last_checkpoint_step"])),
+                         times=_times(labelled_values(current[TIMES_SERIES], "part")))
+
+
+def _times(parts: Mapping[str, float]) -> TrainerTimes | None:
+    """The trainer's account from its gauge's series; None before it reported, or when a scrape
+    caught only part of it."""
+    if not {"began", "reported"} <= parts.keys() or not all(math.isfinite(v) for v in parts.values()):
+        return None
+    try:
+        return TrainerTimes.model_validate(
+            {k: (int(v) if k in ("first_step", "step", "restarts") else v) for k, v in parts.items()})
+    except ValidationError:
+        return None
 
 
 @dataclass(frozen=True)

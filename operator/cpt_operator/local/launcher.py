@@ -22,13 +22,15 @@ PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when the thread that forked it exits."""
 
 
-def trainer_command(config: Path, nproc: int) -> list[str]:
+def trainer_command(config: Path, nproc: int, max_restarts: int = 0) -> list[str]:
+    """The trainer's command line; with several processes, torchrun restarts crashed ones in
+    place up to `max_restarts` times (stopPolicy.maxInPlaceRestarts)."""
     if nproc == 1:
         # One process needs no rendezvous, agent or process group: fewer moving parts between
         # a stop signal and the trainer, and a faster start.
         return [sys.executable, "-m", "cpt_trainer", "--config", str(config)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "cpt_trainer", "--config", str(config)]
+    return [sys.executable, "-m", "cpt_trainer.launch", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "cpt_trainer", "--config", str(config)]
 
 
 class TrainerProcess:

@@ -14,6 +14,7 @@ from typing import Mapping
 from ..api.exit_codes import EXIT_REFUSED
 from ..api.manifest import EVENTS
 from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
+from ..api.goodput import TrainerTimes
 from ..policy.evaluations import EvalRun
 from ..reconcile import AttemptState, Observed
 from ..records import RunRecords, checkpoint_evals, merge_points
@@ -38,6 +39,8 @@ class AttemptLog:
     started: Started | None = None
     finished: Finished | None = None
     last_eval: Evaluated | None = None
+    times: TrainerTimes | None = None
+    """The trainer's latest account of its time."""
 
     def update(self) -> list[object]:
         events = self.follower.read_new()
@@ -46,6 +49,8 @@ class AttemptLog:
         return events
 
     def _take(self, ev: object) -> None:
+        if isinstance(ev, (Started, Progress, Finished)) and ev.times is not None:
+            self.times = ev.times
         if isinstance(ev, Anomaly):
             self.anomalies[ev.kind] += 1
         elif isinstance(ev, Progress):
@@ -76,17 +81,20 @@ class LocalObserver:
         tokens = log.last_progress.tokens if log.last_progress else (log.started.tokens if log.started else 0)
         if number == 0:
             return AttemptState(number=0, state="absent")
+        times = log.times
         if proc is not None and proc.poll() is None:
-            return AttemptState(number=number, state="running", step=step, tokens=tokens)
+            return AttemptState(number=number, state="running", step=step, tokens=tokens, times=times)
         if log.finished and log.finished.reason == "budget":
-            return AttemptState(number=number, state="succeeded", step=log.finished.step, tokens=log.finished.tokens)
+            return AttemptState(number=number, state="succeeded", step=log.finished.step, tokens=log.finished.tokens,
+                                times=times)
         if log.finished and log.finished.reason == "interrupted":
-            return AttemptState(number=number, state="stopped", step=log.finished.step, tokens=log.finished.tokens)
+            return AttemptState(number=number, state="stopped", step=log.finished.step, tokens=log.finished.tokens,
+                                times=times)
         message = log.finished.message if log.finished else self._crash_message(number, proc)
         refused = bool(log.finished and log.finished.reason == "refused") or \
             (proc is not None and proc.poll() == EXIT_REFUSED)
         return AttemptState(number=number, state="failed", message=message, step=step, tokens=tokens,
-                            refused=refused)
+                            refused=refused, times=times)
 
     def _crash_message(self, number: int, proc: TrainerProcess | None) -> str:
         code = proc.poll() if proc else None

@@ -66,7 +66,8 @@ class LocalRun:
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / CONFIG
         config.write_text(self.trainer_config(action).dump_json())
-        self.proc = TrainerProcess(trainer_command(config, self.nproc), folder / "trainer.log")
+        self.proc = TrainerProcess(trainer_command(config, self.nproc, self.spec.stop_policy.max_in_place_restarts),
+                                   folder / "trainer.log")
 
     def carry_out(self, plan: Plan) -> None:
         for action in plan.actions:
