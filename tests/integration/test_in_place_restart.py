@@ -118,3 +118,20 @@ def test_killed_workers_restart_in_place_then_a_new_attempt_takes_over(tmp_path,
     shown = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "status", str(run_dir)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "in place: 2" in shown.stdout and "goodput:" in shown.stdout, shown.stdout
+
+
+def test_a_refused_config_is_refused_again_at_once_by_the_restarted_trainers(tmp_path, tiny_model_dir, corpora):
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 6})
+    spec["data"]["sources"][0]["uri"] = str(tmp_path / "missing" / "*.txt")
+    spec["stopPolicy"] = {"maxInPlaceRestarts": 2}
+    file = write_run(tmp_path, spec, "refused")
+    done = subprocess.run([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
+                           "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    run_dir = tmp_path / "runs" / "refused"
+    final = status(run_dir)
+    assert final["phase"] == "Failed" and final["restarts"] == 0 and final["attempt"] == 1, final
+    refusals = [e for e in events(run_dir / "attempt-001" / "events.jsonl") if e.get("reason") == "refused"]
+    # torchrun restarts a worker whatever it exited with; the restarts refuse before loading anything
+    assert len(refusals) == 3, refusals
+    assert all("again: restarted in place" in e["message"] and "legal" in e["message"] for e in refusals[1:])

@@ -7,6 +7,7 @@ log is what `kubectl logs` shows of its progress.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -45,3 +46,22 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def earlier_refusal(run_dir: str) -> str | None:
+    """Why an earlier trainer of this attempt refused its config, if one did: torchrun restarts a
+    worker in place whatever it exited with, and the same config would be refused again, after
+    loading the model once more."""
+    try:
+        with open(os.path.join(run_dir, EVENTS), encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "finished" and event.get("reason") == "refused":
+            return str(event.get("message", "")).removeprefix("refused: ")
+    return None

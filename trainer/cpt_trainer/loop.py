@@ -58,7 +58,7 @@ from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .data.curation import dropped_shares, starvation, starved_sources
 from .errors import Refused
-from .events import EventLog
+from .events import EventLog, earlier_refusal
 from .goodput import TimeAccount
 from .metrics import Metrics
 from .load.ranges import total_read
@@ -171,6 +171,9 @@ class Attempt:
     def setup(self) -> None:
         spec, cfg = self.spec, self.cfg
         torch.manual_seed(spec.training.seed)
+        refused = distributed.broadcast_object(earlier_refusal(cfg.run_dir) if self.dist.is_main else None)
+        if refused:
+            raise Refused(f"{refused} (again: restarted in place)")
         self._check_owner()
         self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.asynchronous,

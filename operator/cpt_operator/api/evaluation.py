@@ -287,6 +287,11 @@ class StopPolicySpec(SpecModel):
     ranks form again and continue from the attempt's newest checkpoint, with no new Job, pods or
     image pulls. Past it the attempt fails and a new attempt (a restart above) takes over. A
     one-process local run has no torchrun: it restarts by attempt only."""
+    max_pod_replacements: int = Field(default=0, ge=0, le=20)
+    """On a cluster: failed pods of an attempt replaced on their own, by index (the Job's
+    backoffLimitPerIndex), while the other pods wait in the rendezvous; 0 fails the attempt at
+    the first failed pod, as a new attempt is the surer cure. Off by default: a replaced pod 0
+    takes torchrun's rendezvous with it, so every pod's trainers restart anyway."""
     plateau: PlateauSpec | None = None
     no_improvement: NoImprovementSpec | None = None
     """Off unless set: finish (and choose, usually the base) when the domain has not improved

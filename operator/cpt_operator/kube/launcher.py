@@ -156,6 +156,30 @@ def pod_spec(spec: CptRunSpec, name: str, settings: Settings) -> Object:
     return pod
 
 
+def replacement(spec: CptRunSpec) -> Object:
+    """How the Job answers a failed pod. By default it fails at once: a new attempt from the
+    newest checkpoint is the operator's decision (bounded by stopPolicy.maxAttemptRestarts).
+    With stopPolicy.maxPodReplacements the failed pod is replaced on its own, by index, while the
+    others wait in torchrun's rendezvous (their workers restart in place) and all continue from
+    the attempt's newest checkpoint: no new Job, no other pod rescheduled. Past that (any index),
+    or when a trainer refused its config (the same pod would refuse again), the Job fails. A pod
+    evicted or preempted (DisruptionTarget) is replaced without counting."""
+    replacements = spec.stop_policy.max_pod_replacements
+    if replacements == 0:
+        return {"backoffLimit": 0}
+    return {
+        "backoffLimitPerIndex": replacements,
+        "maxFailedIndexes": 0,
+        # the replacement only once the old pod is gone: one trainer per index, never two
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                  "values": [EXIT_REFUSED]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+    }
+
+
 def indexed_job(run: RunRef, spec: CptRunSpec, attempt: int, settings: Settings) -> Object:
     name = attempt_name(run.name, attempt)
     nodes = spec.resources.nodes
@@ -172,9 +196,7 @@ def indexed_job(run: RunRef, spec: CptRunSpec, attempt: int, settings: Settings)
         "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
         # queued: no pod exists until Kueue admits the whole gang and unsuspends the Job
         **({"suspend": True} if queue else {}),
-        # a failed pod fails the attempt at once: restarting from a checkpoint is the
-        # operator's decision (bounded by stopPolicy.maxAttemptRestarts), not the Job's
-        "backoffLimit": 0,
+        **replacement(spec),
         "template": {"metadata": {"labels": pod_labels, "annotations": annotations},
                      "spec": pod_spec(spec, name, settings)}}}
 

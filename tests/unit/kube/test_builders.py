@@ -7,8 +7,9 @@ import re
 
 import pytest
 
+from cpt_operator.api.exit_codes import EXIT_REFUSED
 from cpt_operator.api.status import Overrides
-from cpt_operator.api.spec import RestoreMode, TokenizerExtensionSpec, TokenizerSpec
+from cpt_operator.api.spec import CptRunSpec, RestoreMode, TokenizerExtensionSpec, TokenizerSpec
 from cpt_operator.api.storage import STAGING_DIR_ENV
 from cpt_operator.kube.builders import (CONFIG_FILE, RunRef, SpecProblem, attempt_name, checkpoint_root,
                                         trainer_config)
@@ -16,7 +17,7 @@ from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.settings import Settings
 from cpt_operator.reconcile import StartAttempt
 
-from .cases import RUN, build_spec
+from .cases import RUN, build_spec, spec_doc
 
 SETTINGS = Settings(trainer_image="registry.example/cpt-trainer:1.0")
 
@@ -221,3 +222,25 @@ def test_a_cluster_run_needs_an_object_store_for_checkpoints():
 def test_builders_are_pure_same_inputs_same_objects():
     assert attempt_objects() == attempt_objects()
     assert RunRef(name="a", namespace="b", uid="c") == RunRef(name="a", namespace="b", uid="c")
+
+
+def stop_policy(**policy: int):
+    return CptRunSpec.model_validate({**spec_doc(), "stopPolicy": policy})
+
+
+def test_torchrun_restarts_crashed_trainers_in_place_up_to_the_spec():
+    *_, job = attempt_objects(stop_policy(maxInPlaceRestarts=3))
+    args = pod_spec(job)["containers"][0]["args"]
+    assert "--max-restarts=3" in args and args.index("--max-restarts=3") < args.index("-m")
+
+
+def test_a_failed_pod_fails_the_job_unless_pods_may_be_replaced_by_index():
+    *_, job = attempt_objects()
+    assert job["spec"]["backoffLimit"] == 0 and "podFailurePolicy" not in job["spec"]
+    *_, job = attempt_objects(stop_policy(maxPodReplacements=2))
+    spec = job["spec"]
+    assert "backoffLimit" not in spec  # a Job-wide limit would end it at the first failure
+    assert (spec["backoffLimitPerIndex"], spec["maxFailedIndexes"], spec["podReplacementPolicy"]) == (2, 0, "Failed")
+    refuse, disrupted = spec["podFailurePolicy"]["rules"]
+    assert refuse["action"] == "FailJob" and refuse["onExitCodes"]["values"] == [EXIT_REFUSED]
+    assert disrupted == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
