@@ -21,6 +21,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,25 @@ def operator(kube_cluster, prometheus, s3_server,  # type: ignore[no-untyped-def
     install_crd(kube_cluster)
     yield from running_operator(kube_cluster, prometheus, s3_server,
                                 tmp_path_factory.mktemp("operator") / "operator.log")
+
+
+@pytest.fixture(scope="module")
+def host_s3(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.S3Server]:
+    """An S3 server on the host's address: pods reach it over the bridge."""
+    s3 = cluster.S3Server(tmp_path_factory.mktemp("s3-real"), host=real_node.ip).start()
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+@pytest.fixture(scope="module")
+def host_prometheus(kube_cluster: Any, real_node: Any,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Prometheus]:
+    """Prometheus on the host's address (the operator pod queries it), scraping the trainer pods
+    it finds by their prometheus.io annotations."""
+    prom = cluster.Prometheus(tmp_path_factory.mktemp("prom-real"), host=real_node.ip, discover_pods=kube_cluster)
+    try:
+        yield prom.start()
+    finally:
+        prom.stop()

@@ -65,6 +65,9 @@ def build_registry() -> tuple[Any, dict[str, Any]]:
     m["cpt_run_attempt"] = Gauge("cpt_run_attempt", "", ("namespace", "run"), registry=r)
     m["cpt_run_gpus"] = Gauge("cpt_run_gpus", "", ("namespace", "run"), registry=r)
     m["cpt_run_improved"] = Gauge("cpt_run_improved", "", ("namespace", "run"), registry=r)
+    m["cpt_run_goodput_ratio"] = Gauge("cpt_run_goodput_ratio", "", ("namespace", "run"), registry=r)
+    m["cpt_run_time_seconds"] = Gauge("cpt_run_time_seconds", "", ("namespace", "run", "cause"), registry=r)
+    m["cpt_run_in_place_restarts"] = Gauge("cpt_run_in_place_restarts", "", ("namespace", "run"), registry=r)
     m["cpt_reconcile_seconds"] = Histogram("cpt_reconcile_seconds", "", registry=r)
     return r, m
 
@@ -96,6 +99,11 @@ def healthy_run(m: dict[str, Any], ns: str, run: str, attempt: str = "1") -> Non
     m["cpt_run_attempt"].labels(namespace=ns, run=run).set(int(attempt))
     m["cpt_run_gpus"].labels(namespace=ns, run=run).set(16)
     m["cpt_run_improved"].labels(namespace=ns, run=run).set(1)
+    m["cpt_run_goodput_ratio"].labels(namespace=ns, run=run).set(0.91)
+    for cause, seconds in (("productive", 9100.0), ("starting", 300.0), ("restoring", 250.0),
+                           ("checkpointing", 200.0), ("lostSteps", 100.0), ("failures", 50.0)):
+        m["cpt_run_time_seconds"].labels(namespace=ns, run=run, cause=cause).set(seconds)
+    m["cpt_run_in_place_restarts"].labels(namespace=ns, run=run).set(1)
 
 
 def incidents(m: dict[str, Any], ns: str) -> None:
@@ -115,6 +123,8 @@ def incidents(m: dict[str, Any], ns: str) -> None:
     m["cpt_run_improved"].labels(namespace=ns, run="flat").set(0)
     healthy_run(m, ns, "junk")          # curation drops 80% of the web source
     m["cpt_source_dropped_share"].labels(source="web", role="replay", namespace=ns, run="junk", attempt="1").set(0.8)
+    healthy_run(m, ns, "slow")          # half its time goes to restarts and restores
+    m["cpt_run_goodput_ratio"].labels(namespace=ns, run="slow").set(0.5)
     healthy_run(m, ns, "hard")          # the web source's loss stays at twice the legal one's
     m["cpt_source_loss"].labels(source="web", role="replay", namespace=ns, run="hard", attempt="1").set(4.8)
 
@@ -213,6 +223,7 @@ def alert_rules(prometheus: Any, exporter: Exporter) -> Iterator[None]:
     ("CptRunNoImprovement", "flat"),
     ("CptSourceMostlyDropped", "junk"),
     ("CptSourceLossHigh", "hard"),
+    ("CptGoodputLow", "slow"),
 ])
 def test_alert_goes_off_on_its_incident_and_only_there(prometheus: Any, exporter: Exporter,
                                                        alert_rules: None, alert: str, run: str) -> None:

@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -37,28 +37,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.helm, pyte
 
 RUN = "two-pods"
 RESTRICTED_NS = {"pod-security.kubernetes.io/enforce": "restricted"}
-
-
-@pytest.fixture(scope="module")
-def host_s3(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """An S3 server on the host's address: pods reach it over the bridge."""
-    s3 = S3Server(tmp_path_factory.mktemp("s3-real"), host=real_node.ip).start()
-    try:
-        yield s3
-    finally:
-        s3.stop()
-
-
-@pytest.fixture(scope="module")
-def host_prometheus(kube_cluster: Any, real_node: Any,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    """Prometheus on the host's address (the operator pod queries it), scraping the trainer pods
-    it finds by their prometheus.io annotations."""
-    prom = Prometheus(tmp_path_factory.mktemp("prom-real"), host=real_node.ip, discover_pods=kube_cluster)
-    try:
-        yield prom.start()
-    finally:
-        prom.stop()
 
 
 def new_namespace(kube: Any, prefix: str) -> str:

@@ -30,10 +30,12 @@ TRAINER_SERIES = {
 
 def _operator_series() -> set[str]:
     """The operator's series, read from its own registry with one sample of each."""
+    from cpt_operator.api.goodput import Goodput
     from cpt_operator.kube.metrics import OperatorMetrics
 
     m = OperatorMetrics()
-    m.observe_run("uid", "ns", "run", "Running", attempt=1, gpus=8, improved=True)
+    m.observe_run("uid", "ns", "run", "Running", attempt=1, gpus=8, improved=True,
+                  goodput=Goodput(share=0.9, seconds={"productive": 90.0, "starting": 10.0}), in_place_restarts=1)
     m.gate_breaches.labels("ns", "run", "gate").inc()
     m.rollbacks.labels("ns", "run", "base").inc()
     m.reconcile_seconds.observe(0.1)

@@ -539,7 +539,8 @@ def reconcile_run(rt: Runtime, namespace: str, name: str, *, watched: Children |
         if plan.status.phase in TERMINAL_PHASES:
             rt.forget(run.uid)
         rt.metrics.observe_run(run.uid, namespace, name, plan.status.phase.value, plan.status.attempt,
-                               _gpus(spec, plan, state), plan.status.improved)
+                               _gpus(spec, plan, state), plan.status.improved, plan.status.goodput,
+                               plan.status.in_place_restarts)
         return plan
 
 

@@ -6,6 +6,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..api.goodput import CAUSES, Goodput
 from ..api.status import Phase
 
 
@@ -23,6 +24,13 @@ class OperatorMetrics:
         self.improved = Gauge("cpt_run_improved", "1 when the run has a checkpoint better than its base, "
                               "0 when the base is the choice (condition Improved); absent until judged",
                               ["namespace", "run"], registry=r)
+        self.goodput = Gauge("cpt_run_goodput_ratio", "Share of the run's wall time spent in optimizer steps "
+                             "it keeps (status.goodput.share)", ["namespace", "run"], registry=r)
+        self.time_by_cause = Gauge("cpt_run_time_seconds", "The run's wall time so far by cause "
+                                   "(status.goodput.seconds: productive, starting, restoring, ...)",
+                                   ["namespace", "run", "cause"], registry=r)
+        self.in_place = Gauge("cpt_run_in_place_restarts", "Trainers restarted inside their attempt "
+                              "(status.inPlaceRestarts)", ["namespace", "run"], registry=r)
         self.reconcile_seconds = Histogram("cpt_reconcile_seconds", "Time of one reconcile pass",
                                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                            registry=r)
@@ -32,19 +40,30 @@ class OperatorMetrics:
             self.runs.labels(phase.value).set(0)
 
     def observe_run(self, key: str, namespace: str, run: str, phase: str, attempt: int, gpus: int,
-                    improved: bool | None = None) -> None:
+                    improved: bool | None = None, goodput: Goodput | None = None,
+                    in_place_restarts: int = 0) -> None:
         self.attempt.labels(namespace, run).set(attempt)
         self.gpus.labels(namespace, run).set(gpus)
+        self.in_place.labels(namespace, run).set(in_place_restarts)
         if improved is not None:
             self.improved.labels(namespace, run).set(1 if improved else 0)
+        if goodput is not None and goodput.share is not None:
+            self.goodput.labels(namespace, run).set(goodput.share)
+            for cause, seconds in goodput.seconds.items():
+                self.time_by_cause.labels(namespace, run, cause).set(seconds)
         with self._lock:
             self._phases[key] = phase
             self._count()
 
     def forget_run(self, key: str, namespace: str, run: str) -> None:
-        for gauge in (self.attempt, self.gpus, self.improved):
+        for gauge in (self.attempt, self.gpus, self.improved, self.goodput, self.in_place):
             try:
                 gauge.remove(namespace, run)
+            except KeyError:
+                pass
+        for cause in CAUSES:
+            try:
+                self.time_by_cause.remove(namespace, run, cause.value)
             except KeyError:
                 pass
         with self._lock:

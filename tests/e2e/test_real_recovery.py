@@ -1,0 +1,198 @@
+"""Recovery on real pods, and how long it takes, three ways in one run of two pods: a crashed
+trainer process restarted in place by torchrun, a crashed pod replaced by index, and a failure
+past those limits answered by a new attempt (a new Job). Each is timed from the SIGKILL to the
+next training step and split into its parts; the figures are printed and written to
+`recovery.json` in the test's folder (bench/RESULTS.md quotes them).
+
+What is not real here: see tests/e2e/test_real_cluster_run.py (one machine's kubelet, both
+"nodes" on it, CoreDNS as a host process, the harness's pod discovery for Prometheus).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cpt_operator.api.events import Progress, Started, parse_event
+from cpt_operator.policy.start import instant
+from tests.cluster.cluster import Prometheus, S3Server
+from tests.e2e.operator_harness import status_of
+from tests.e2e.test_helm_install import helm
+from tests.e2e.test_real_cluster_run import (container_id, manifests, new_namespace, two_node_run,
+                                             upload_inputs)
+from tests.helm import chartlib
+
+pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.helm, pytest.mark.s3,
+              pytest.mark.prometheus, pytest.mark.slow, pytest.mark.timeout(900)]
+
+RUN = "two-pods"  # the name two_node_run gives its run
+
+
+def events_of(kube: Any, ns: str, pod: str) -> list[Any]:
+    """Rank 0's events, from its container's log (the trainer logs each one)."""
+    text = kube.kubectl_result("logs", "-n", ns, pod).stdout
+    return [parse_event(m.group(1)) for m in re.finditer(r" event (\{.*\})$", text, re.M)]
+
+
+def worker_pid(real_node: Any, pod: dict[str, Any]) -> int:
+    """The host PID of the pod's trainer process: the child of its torchrun."""
+    cid = container_id(pod)
+    assert cid, pod["status"]
+    listing = real_node.ctr("tasks", "ps", cid).stdout.split()
+    pids = [int(p) for p in listing if p.isdigit()]
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    agents = {p for p in pids if b"cpt_trainer.launch" in cmdline(p)}
+    workers = [p for p in pids if p not in agents and b"cpt_trainer" in cmdline(p)
+               and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) in agents]
+    assert len(workers) == 1, (listing, [cmdline(p) for p in pids])
+    return workers[0]
+
+
+def recovery_in_pod(evs: list[Any], killed_at: float) -> dict[str, float] | None:
+    """Kill -> the next step, from rank 0's events in its pod: torchrun noticing and re-forming
+    the ranks (to the new trainer process), the trainer's start (imports, process group, the
+    restore from S3), and its first step; with the steps replayed since the last checkpoint."""
+    after = [i for i, e in enumerate(evs) if isinstance(e, Started) and e.time > killed_at]
+    if not after:
+        return None
+    i = after[0]
+    started = evs[i]
+    step = next((e for e in evs[i:] if isinstance(e, Progress)), None)
+    before = [e for e in evs[:i] if getattr(e, "times", None) is not None and e.time <= killed_at]
+    if step is None or not before or started.times is None:
+        return None
+    last = before[-1].times
+    # the restarted trainer counts (its start - the last report) as the failure's time
+    process = last.reported + (started.times.failures - last.failures)
+    done = max((e.step for e in evs[:i] if isinstance(e, Progress) and e.time <= killed_at), default=0)
+    return {"kill_to_step_s": step.time - killed_at, "detect_and_reform_s": process - killed_at,
+            "trainer_start_and_restore_s": started.time - process, "first_step_s": step.time - started.time,
+            "steps_replayed": done - started.step}
+
+
+def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
+        kube_cluster: Any, real_node: Any, helm_bin: Path, operator_image: str, trainer_image: str,
+        host_s3: S3Server, host_prometheus: Prometheus, tmp_path: Path, tiny_model_dir: Path,
+        corpora: dict[str, Path]) -> None:
+    kube = kube_cluster
+    system, ns = new_namespace(kube, "cpt-system"), new_namespace(kube, "team")
+    bucket = host_s3.create_bucket()
+    inputs = upload_inputs(host_s3, bucket, tmp_path, tiny_model_dir, corpora)
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+                "stringData": dict(host_s3.env)}, namespace=ns)
+    operator_repo, operator_tag = operator_image.rsplit(":", 1)
+    trainer_repo, trainer_tag = trainer_image.rsplit(":", 1)
+    placement = real_node.placement
+    values = {
+        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "Never"},
+        "trainer": {"image": {"repository": trainer_repo, "tag": trainer_tag}},
+        "operator": {"namespaces": [ns], "prometheusUrl": host_prometheus.url,
+                     "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"]},
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    install = helm(helm_bin, kube, "install", "cpt", str(chartlib.CHART), "-n", system, "-f", str(values_file),
+                   "--wait", "--timeout", "240s", timeout=300)
+    assert install.returncode == 0, install.stderr
+    run = two_node_run(inputs, bucket, placement)
+    run["spec"]["budget"] = {"steps": 120}
+    run["spec"]["stopPolicy"] = {"maxInPlaceRestarts": 2, "maxPodReplacements": 1, "maxAttemptRestarts": 1}
+    figures: dict[str, Any] = {}
+    try:
+        kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(run))
+
+        def pod(attempt: int, index: int) -> dict[str, Any] | None:
+            live = [p for p in kube.pods(ns, f"cpt.mlops.dev/run={RUN},cpt.mlops.dev/attempt={attempt}")
+                    if p["metadata"]["name"].startswith(f"{RUN}-a{attempt}-{index}-")
+                    and container_id(p) is not None]
+            return live[0] if live else None
+
+        def saved_beyond(step: int) -> list[str] | None:
+            found = [n for n in manifests(host_s3, bucket, 1) if int(n.split("-")[1]) > step]
+            return found or None
+
+        # 1. a trainer process crashes: torchrun restarts it in place, both pods keep running
+        kube.wait_for(lambda: saved_beyond(0), "attempt 1's first checkpoint", timeout=420, interval=0.5)
+        pod0 = kube.wait_for(lambda: pod(1, 0), "pod 0", timeout=60)
+        os.kill(worker_pid(real_node, kube.wait_for(lambda: pod(1, 1), "pod 1", timeout=60)), signal.SIGKILL)
+        killed = time.time()
+        name0 = pod0["metadata"]["name"]
+        figures["in_place"] = kube.wait_for(lambda: recovery_in_pod(events_of(kube, ns, name0), killed),
+                                            "the next step after the in-place restart", timeout=300, interval=1)
+
+        # 2. a pod's container dies: the Job replaces that pod by index; pod 0 stays
+        newest = int(manifests(host_s3, bucket, 1)[-1].split("-")[1])
+        kube.wait_for(lambda: saved_beyond(newest), "a checkpoint after the restart", timeout=300, interval=0.5)
+        victim = kube.wait_for(lambda: pod(1, 1), "pod 1", timeout=60)
+        real_node.ctr("tasks", "kill", "-s", "SIGKILL", container_id(victim))
+        killed = time.time()
+        figures["pod_replaced"] = kube.wait_for(
+            lambda: recovery_in_pod(events_of(kube, ns, name0), killed),
+            "the next step after pod 1 was replaced", timeout=300, interval=1)
+        replaced = kube.wait_for(lambda: pod(1, 1), "the replacement pod 1", timeout=60)
+        assert replaced["metadata"]["uid"] != victim["metadata"]["uid"]
+        assert (pod(1, 0) or {}).get("metadata", {}).get("uid") == pod0["metadata"]["uid"]
+        assert [j["metadata"]["name"] for j in kube.kubectl_json("get", "jobs", "-n", ns)["items"]] == [f"{RUN}-a1"]
+
+        # 3. pod 1 again: past its replacement the Job fails, and a new attempt takes over
+        newest = int(manifests(host_s3, bucket, 1)[-1].split("-")[1])
+        kube.wait_for(lambda: saved_beyond(newest), "a checkpoint after the replacement", timeout=300, interval=0.5)
+        victim = kube.wait_for(lambda: pod(1, 1), "pod 1", timeout=60)
+        real_node.ctr("tasks", "kill", "-s", "SIGKILL", container_id(victim))
+        killed = time.time()
+        a2 = kube.wait_for(lambda: pod(2, 0), "attempt 2's pod 0", timeout=300, interval=1)
+        name2 = a2["metadata"]["name"]
+
+        def first_step() -> list[Any] | None:
+            evs = events_of(kube, ns, name2)
+            return evs if any(isinstance(e, Progress) for e in evs) else None
+
+        evs = kube.wait_for(first_step, "attempt 2's first step", timeout=300, interval=1)
+        job = kube.kubectl_json("get", "job", f"{RUN}-a2", "-n", ns)
+        created = instant(job["metadata"]["creationTimestamp"]).timestamp()
+        running = instant(next(cs["state"]["running"]["startedAt"] for cs in a2["status"]["containerStatuses"]
+                               if cs["name"] == "trainer")).timestamp()
+        started = next(e for e in evs if isinstance(e, Started))
+        step = next(e for e in evs if isinstance(e, Progress))
+        assert started.times is not None
+        figures["new_attempt"] = {
+            "kill_to_step_s": step.time - killed, "detect_and_new_job_s": created - killed,
+            "pods_start_s": running - created, "torchrun_to_trainer_s": started.times.began - running,
+            "trainer_start_and_restore_s": started.time - started.times.began,
+            "first_step_s": step.time - started.time}
+
+        def ended() -> dict[str, Any] | None:
+            status = status_of(kube, ns, RUN)
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = kube.wait_for(ended, "the run to end", timeout=600, interval=2)
+    finally:
+        print(f"--- recovery ---\n{json.dumps(figures, indent=1)}")
+        (tmp_path / "recovery.json").write_text(json.dumps(figures, indent=1))
+        helm(helm_bin, kube, "uninstall", "cpt", "-n", system, "--wait", "--timeout", "60s")
+
+    assert status["phase"] == "Succeeded", status
+    assert (status["attempt"], status["restarts"]) == (2, 1), status
+    assert status["inPlaceRestarts"] == 2, status  # the process, then pod 1's replacement (pod 0 restarted its)
+    # the goodput account covers the run's wall time, the losses of each failure among it
+    goodput = status["goodput"]
+    seconds, wall = goodput["seconds"], goodput["until"] - goodput["since"]
+    assert abs(sum(seconds.values()) - wall) <= 0.03 * wall + 2, (seconds, wall)
+    for cause in ("productive", "starting", "restoring", "failures", "lostSteps", "checkpointing"):
+        assert seconds[cause] > 0, (cause, seconds)
+    assert 0 < goodput["share"] < 1
+    for kind in ("in_place", "pod_replaced"):
+        assert figures[kind]["steps_replayed"] >= 0 and figures[kind]["kill_to_step_s"] > 0, figures
