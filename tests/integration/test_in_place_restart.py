@@ -88,6 +88,7 @@ def test_killed_workers_restart_in_place_then_a_new_attempt_takes_over(tmp_path,
     finally:
         runner.kill()
     assert runner.returncode == 0, out
+    assert out.count("torchrun restarted the ranks in place") == 2, out
 
     evs = events(log)
     starts = [e for e in evs if e["event"] == "started"]

@@ -124,6 +124,7 @@ class TimeAccount:
     def saving(self, step: int) -> None:
         """A save of `step` began: once committed, the steps up to it are safe."""
         self._at_save[step] = self.times.steps + self._in_step()
+        self.times.saves += 1
 
     def committed(self, step: int) -> None:
         if step in self._at_save:

@@ -80,6 +80,8 @@ class TrainerTimes(SpecModel):
     """In-place restarts: from the crashed trainer's last report to its successor's start."""
     restarts: int = 0
     """In-place restarts of this attempt's trainers (torchrun `--max-restarts`)."""
+    saves: int = 0
+    """Checkpoint saves begun (their stall is `checkpointing`)."""
 
 
 class Goodput(SpecModel):

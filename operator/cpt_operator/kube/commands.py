@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..api.status import CptRunStatus, Phase
+from ..policy.cadence import advice
 from .settings import ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 
 
@@ -56,6 +57,10 @@ def show_status(run: str, *, namespace: str | None, kubeconfig: str | None, as_j
         print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
         return 0
     print(status.describe(f"{ns}/{run}"))
+    every = (body.get("spec") or {}).get("checkpoint", {}).get("every")
+    line = advice(status, int(every)) if isinstance(every, int) else None
+    if line:
+        print(line)
     return 0
 
 

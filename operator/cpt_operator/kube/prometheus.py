@@ -197,7 +197,7 @@ def _times(parts: Mapping[str, float]) -> TrainerTimes | None:
         return None
     try:
         return TrainerTimes.model_validate(
-            {k: (int(v) if k in ("first_step", "step", "restarts") else v) for k, v in parts.items()})
+            {k: (int(v) if k in ("first_step", "step", "restarts", "saves") else v) for k, v in parts.items()})
     except ValidationError:
         return None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..api.manifest import ATTEMPT_PREFIX, step_of
 from ..api.status import BASE
+from ..policy.cadence import advice
 from .rundir import RunDir
 
 
@@ -27,6 +28,11 @@ def show_status(run: str, *, as_json: bool = False) -> int:
         print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
         return 0
     print(status.describe(rd.root.name))
+    from ..api import load_run
+
+    line = advice(status, load_run(rd.spec_file).spec.checkpoint.every) if rd.spec_file.exists() else None
+    if line:
+        print(line)
     return 0
 
 

@@ -36,6 +36,8 @@ class Progress:
         """(step, time) of the evaluation last printed: step alone repeats across attempts."""
         self.waiting_since: tuple[int, float] | None = None
         """(attempt, time) the wait before that attempt's first step began."""
+        self.in_place: int | None = None
+        """In-place restarts already told (None before the first update: a resumed run's are old)."""
 
     def note(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -59,6 +61,13 @@ class Progress:
         self.note(f"evaluated {what}: {metrics}" + (f" | gate headroom: {room}" if room else ""))
 
     def update(self, status: CptRunStatus, log: AttemptLog | None) -> None:
+        if self.in_place is None:
+            self.in_place = status.in_place_restarts
+        elif status.in_place_restarts > self.in_place:
+            self.in_place = status.in_place_restarts
+            origin = log.started.restore_from if log and log.started and log.started.restore_from else "its start"
+            self.note(f"attempt {status.attempt}: a trainer process died; torchrun restarted the ranks in place "
+                      f"from {origin} (in-place restart {self.in_place} of this run)")
         if log is not None and log.last_eval is not None:
             self.evaluation(status, log.last_eval)
         progress = log.last_progress if log else None
