@@ -164,7 +164,17 @@ class StopEvaluations:
     targets: tuple[str, ...]
 
 
-ActionT = Union[StartAttempt, StopAttempt, Pin, Emit, Sweep, Evaluate, StopEvaluations]
+@dataclass(frozen=True)
+class Release:
+    """The pods of a failed attempt go now, without their grace: a save needs every rank, so the
+    survivors of a dead one cannot write a checkpoint, and a trainer stuck in a collective with it
+    would hold its GPUs (and the next attempt) until the grace ended. The Job stays: its failure
+    is what the run reports."""
+
+    number: int
+
+
+ActionT = Union[StartAttempt, StopAttempt, Pin, Emit, Sweep, Evaluate, StopEvaluations, Release]
 
 
 @dataclass(frozen=True)
@@ -567,6 +577,8 @@ def _running(p: _Planner) -> None:
     elif attempt.state == "failed" and _start_failed(p):
         return
     elif _must_wait(p):  # a failed Job's other pods are still stopping (its FailureTarget comes first)
+        if attempt.state == "failed" and attempt.number in p.obs.pods_left:
+            p.actions.append(Release(attempt.number))
         return
     else:  # failed, or gone without a trace (node loss, deleted Job)
         _restart_after_failure(p, attempt.message or f"attempt {attempt.number} is {attempt.state}")

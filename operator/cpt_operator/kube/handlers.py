@@ -35,8 +35,8 @@ from ..policy.model_shape import ModelShape
 from ..policy.types import EvalPoint
 from ..policy.tenancy import refusals
 from ..policy.evaluations import EvalRun
-from ..reconcile import (AttemptState, Emit, Evaluate, Pin, Plan, StartAttempt, StopAttempt, StopEvaluations, Sweep,
-                         reconcile, reconcile_unreadable, set_condition)
+from ..reconcile import (AttemptState, Emit, Evaluate, Pin, Plan, Release, StartAttempt, StopAttempt, StopEvaluations,
+                         Sweep, reconcile, reconcile_unreadable, set_condition)
 from ..records import Records, RunRecords, checkpoint_evals as obs_checkpoints
 from ..store import CheckpointRef, list_checkpoints
 from .attempts import Attempts, Children, group
@@ -240,6 +240,8 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
             rt.kube.delete_job(run.namespace, attempt_name(run.name, action.number))
             if not action.checkpoint:
                 rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
+        elif isinstance(action, Release):
+            rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
         elif isinstance(action, Sweep):
             for number in action.numbers:
                 for kind, name in attempts.stray_objects.get(number, []):

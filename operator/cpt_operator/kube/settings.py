@@ -56,8 +56,9 @@ class Settings:
     tenancy: TenancyPolicy = field(default_factory=TenancyPolicy)
     """What the platform team allows runs (chart values `tenancy`, environment CPT_TENANCY)."""
     rollback_grace_s: int = 15
-    """Grace of a rolled-back attempt's pods: its progress is being discarded, so it only needs
-    time to exit, not to save (a stop or finish keeps the pods' full grace to checkpoint)."""
+    """Grace of a rolled-back or failed attempt's pods: its progress is being discarded (or cannot
+    be saved without the failed rank), so it only needs time to exit, not to save (a stop or
+    finish keeps the pods' full grace to checkpoint)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -89,3 +89,15 @@ def test_a_finished_run_still_sweeps() -> None:
     status = CptRunStatus(phase=Phase.succeeded, attempt=2, base_metrics=BASE)
     plan = reconcile(spec(), status, obs(2, "succeeded", strays={1: ("Job",)}))
     assert of(plan, Sweep) == [Sweep((1,))]
+
+
+def test_the_survivors_of_a_failed_attempt_are_released_without_their_grace() -> None:
+    from cpt_operator.reconcile import Release, StopAttempt
+
+    plan = reconcile(spec(), RUNNING, obs(1, "failed", pods_left=(1,)))
+    assert of(plan, Release) == [Release(1)]  # they cannot save without the failed rank
+    assert not of(plan, StartAttempt) and not of(plan, StopAttempt)  # the Job and its failure stay
+    gone = reconcile(spec(), RUNNING, obs(1, "failed"))
+    assert not of(gone, Release) and of(gone, StartAttempt)
+    older = reconcile(spec(), RUNNING_2, obs(2, "absent", pods_left=(1,)))
+    assert not of(older, Release)  # another attempt's pods: swept, not released
