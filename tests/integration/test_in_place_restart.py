@@ -136,3 +136,36 @@ def test_a_refused_config_is_refused_again_at_once_by_the_restarted_trainers(tmp
     # torchrun restarts a worker whatever it exited with; the restarts refuse before loading anything
     assert len(refusals) == 3, refusals
     assert all("again: restarted in place" in e["message"] and "legal" in e["message"] for e in refusals[1:])
+
+
+def test_a_stop_signal_to_one_rank_saves_and_the_ranks_go_on_in_place(tmp_path, tiny_model_dir, corpora):
+    """What a deleted pod does to the others: its rank is signalled, every rank saves, and the
+    ranks that were not signalled exit EXIT_PEER_STOPPED, so torchrun restarts them in place
+    from that checkpoint instead of completing."""
+    spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 40}, checkpoint={"every": 10, "keep": 3})
+    spec["training"] = {**spec["training"], "logEvery": 1}
+    file = write_run(tmp_path, spec, "peer")
+    run_dir = tmp_path / "runs" / "peer"
+    config = run_dir / "attempt-001" / "trainer-config.json"
+    log = run_dir / "attempt-001" / "events.jsonl"
+    runner = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
+                               "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: any(e["event"] == "progress" and e["step"] >= 3 for e in events(log)), 120, "training")
+        ranks = ranks_of(config)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 only, as a deleted pod's trainer gets it
+        out, _ = runner.communicate(timeout=300)
+    finally:
+        runner.kill()
+    assert runner.returncode == 0, out
+    evs = events(log)
+    stopped = next(e for e in evs if e["event"] == "finished" and e["reason"] == "interrupted")
+    starts = [e for e in evs if e["event"] == "started"]
+    assert len(starts) == 2 and starts[1]["step"] == stopped["step"], (starts, stopped)  # nothing replayed
+    assert starts[1]["restoreFrom"].endswith(f"attempt-001/step-{stopped['step']:08d}")
+    final = status(run_dir)
+    assert final["phase"] == "Succeeded" and final["step"] == 40 and final["attempt"] == 1, final
+    assert final["inPlaceRestarts"] == 1 and final["restarts"] == 0
+    assert final["goodput"]["seconds"]["lostSteps"] == 0, final["goodput"]  # the stop saved every step

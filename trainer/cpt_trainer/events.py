@@ -48,10 +48,14 @@ class EventLog:
             self._file = None
 
 
-def earlier_refusal(run_dir: str) -> str | None:
-    """Why an earlier trainer of this attempt refused its config, if one did: torchrun restarts a
-    worker in place whatever it exited with, and the same config would be refused again, after
-    loading the model once more."""
+FINAL_REASONS = ("refused", "anomaly")
+"""How a trainer ends that a restart would only repeat."""
+
+
+def earlier_ending(run_dir: str) -> tuple[str, str] | None:
+    """(reason, message) of an earlier trainer of this attempt that refused its config or stopped
+    on an anomaly rule, if one did: torchrun restarts a worker in place whatever it exited with,
+    and the same trainer would end the same way, after loading the model once more."""
     try:
         with open(os.path.join(run_dir, EVENTS), encoding="utf-8") as f:
             lines = f.readlines()
@@ -62,6 +66,6 @@ def earlier_refusal(run_dir: str) -> str | None:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "finished" and event.get("reason") == "refused":
-            return str(event.get("message", "")).removeprefix("refused: ")
+        if event.get("event") == "finished" and event.get("reason") in FINAL_REASONS:
+            return str(event["reason"]), str(event.get("message", "")).removeprefix("refused: ")
     return None

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from cpt_operator import store
 from cpt_operator.api.evaluation import Placement
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
-from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_REFUSED
+from cpt_operator.api.exit_codes import EXIT_ANOMALY, EXIT_PEER_STOPPED, EXIT_REFUSED
 from cpt_operator.api.manifest import (MODEL_DIR, OPTIMIZER_DIR, SKIPS, STARTED, TRAIN_STATE, Lineage, checkpoint_name,
                                        data_file, eval_record_name, rng_file)
 from cpt_operator.api.skips import SKIP_LIST, DataSkip, merge_skips
@@ -58,7 +58,7 @@ from .checkpointer import Checkpointer, Saved, Snapshot, set_rng_state
 from .data import Batch, DataPipeline, check_document_isolation, tokenizer_hash
 from .data.curation import dropped_shares, starvation, starved_sources
 from .errors import Refused
-from .events import EventLog, earlier_refusal
+from .events import EventLog, earlier_ending
 from .goodput import TimeAccount
 from .metrics import Metrics
 from .load.ranges import total_read
@@ -147,6 +147,14 @@ class Attempt:
         self.restored_manifest = source.manifest
         return StartPoint(uri, mode, Weights.of_checkpoint(source))
 
+    def _check_earlier_ending(self) -> None:
+        """A trainer restarted in place ends at once as its predecessor did, if that refused its
+        config or stopped on an anomaly rule (rank 0's log decides for every rank)."""
+        ended = distributed.broadcast_object(earlier_ending(self.cfg.run_dir) if self.dist.is_main else None)
+        if isinstance(ended, tuple):
+            reason, message = str(ended[0]), str(ended[1])
+            raise (Refused if reason == "refused" else AnomalyStop)(f"{message} (again: restarted in place)")
+
     def _own_newest(self) -> str | None:
         """The attempt's newest committed checkpoint: there is one only when torchrun restarted
         this trainer in place (an attempt's folder is never reused). Rank 0 looks, every rank
@@ -171,9 +179,7 @@ class Attempt:
     def setup(self) -> None:
         spec, cfg = self.spec, self.cfg
         torch.manual_seed(spec.training.seed)
-        refused = distributed.broadcast_object(earlier_refusal(cfg.run_dir) if self.dist.is_main else None)
-        if refused:
-            raise Refused(f"{refused} (again: restarted in place)")
+        self._check_earlier_ending()
         self._check_owner()
         self.checkpointer = Checkpointer(cfg.checkpoint_uri, self.dist, keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.asynchronous,
@@ -608,7 +614,8 @@ class Attempt:
             self._report_saves(wait=True)
             self.events.emit(Finished, step=self.step, tokens=self.tokens, reason="interrupted", times=self._times(),
                              message="stopped on request after a checkpoint")
-            return 0
+            # the signal reached another rank only: its pod went, this one's did not
+            return 0 if self.signalled else EXIT_PEER_STOPPED
         if self.last_saved_step != self.step:
             self._boundary(self.last_loss)
         self._report_saves(wait=True)
@@ -711,6 +718,11 @@ class Attempt:
         self.events.close()
 
 
+class AnomalyStop(Exception):
+    """An earlier trainer of this attempt stopped on an anomaly rule (onNonFinite: stop): a trainer
+    restarted in place stops the same way at once."""
+
+
 def _check_tokenizer_version(expected: str | None, actual: str, source: str) -> None:
     """`tokenizer.version` pins the tokenizer a run was planned with (its hash, or a prefix of
     at least 12 hex digits): a silently changed tokenizer would change every token id."""
@@ -743,6 +755,9 @@ def run_attempt(cfg: TrainerConfig) -> int:
         signal.siginterrupt(sig, False)
     try:
         return attempt.run()
+    except AnomalyStop as exc:
+        attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="anomaly", message=str(exc))
+        return EXIT_ANOMALY
     except Refused as exc:
         log.error("refused: %s", exc)
         attempt.events.emit(Finished, step=attempt.step, tokens=attempt.tokens, reason="refused",

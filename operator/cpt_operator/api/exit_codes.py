@@ -11,3 +11,8 @@ EXIT_REFUSED = 2
 attempt would fail the same way, so the control plane spends no restart on it."""
 EXIT_ANOMALY = 3
 """Training stopped on an anomaly rule (non-finite or spiking loss, too many in a row)."""
+EXIT_PEER_STOPPED = 4
+"""The trainer stopped after a checkpoint because another rank was signalled, not this one (that
+rank's pod was deleted, its node drained): not an end of the attempt. Under torchrun it counts as
+a failure, so torchrun restarts this trainer in place (stopPolicy.maxInPlaceRestarts) to go on with
+the signalled rank's replacement, and its pod never completes an index the attempt still needs."""

@@ -51,3 +51,19 @@ def test_a_first_start_begins_at_the_process_start(tmp_path):
     clock = TimeAccount(str(tmp_path))
     assert clock.restarts == 0 and time.time() - 600 < clock.times.began <= time.time()
     assert process_start() == pytest.approx(clock.times.began, abs=1.0)
+
+
+def test_a_refusal_or_an_anomaly_stop_is_what_a_restarted_trainer_repeats(tmp_path):
+    from cpt_trainer.events import earlier_ending
+
+    assert earlier_ending(str(tmp_path)) is None
+    lines = [{"event": "finished", "reason": "error", "message": "RuntimeError: peer gone"},
+             {"event": "finished", "reason": "interrupted", "message": "stopped on request"}]
+    (tmp_path / EVENTS).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert earlier_ending(str(tmp_path)) is None  # a crash or a stop: a restart goes on
+    with open(tmp_path / EVENTS, "a") as f:
+        f.write(json.dumps({"event": "finished", "reason": "refused", "message": "refused: data: no files"}) + "\n")
+    assert earlier_ending(str(tmp_path)) == ("refused", "data: no files")
+    with open(tmp_path / EVENTS, "a") as f:
+        f.write(json.dumps({"event": "finished", "reason": "anomaly", "message": "non-finite loss"}) + "\n")
+    assert earlier_ending(str(tmp_path)) == ("anomaly", "non-finite loss")
