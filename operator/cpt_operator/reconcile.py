@@ -34,14 +34,10 @@ from .policy.admission import Admission, condition as admission_condition
 from .policy.alerts import due
 from .policy.decide import Trigger, act
 from .policy.evaluations import EvalPlan, EvalRun, plan_evaluations
-from .policy.goodput import Ending, account, add, attempt_seconds
+from .policy import goodput
 from .policy.recipes import recipe_warnings
 from .policy.start import Cause, Start, deadline, instant, overdue
 from .policy.types import BASE, Action, CheckpointEvals, Decision, EvalPoint, Observations
-
-GOODPUT_REFRESH_S = 30.0
-"""How stale the live goodput of a running attempt may get: it changes with the clock, and a status
-write every pass would cost the API server more than the figure is worth."""
 
 AttemptPhase = Literal["absent", "running", "succeeded", "failed", "stopped"]
 
@@ -217,8 +213,7 @@ class _Planner:
     def start(self, restore_from: str | None, reason: str, mode: RestoreMode | None = None) -> None:
         st = self.status
         self.close_attempt()
-        if st.goodput.since is None:
-            st.goodput.since = _unix(self.obs.now)
+        goodput.begin(st, self.obs.now)
         st.attempt = st.attempts_seen = max(st.attempt, st.attempts_seen) + 1
         if mode is None:
             mode = RestoreMode.full_state if restore_from else self.spec.base_model.restore_mode
@@ -242,16 +237,17 @@ class _Planner:
             self.actions.append(StopAttempt(self.status.attempt, reason, checkpoint))
 
     def close_attempt(self) -> None:
-        """Fold the current attempt's time into `goodput.ended`, once, as it ends."""
+        """Fold the current attempt's time into the run's goodput, once, as it ends."""
         st = self.status
-        if st.attempt == 0 or st.goodput.attempts >= st.attempt or _unix(self.obs.now) is None:
-            return
-        ending, kept = _ending(self)
-        times = _times(self)
-        seconds = _attempt_seconds(self, ending, kept)
-        st.goodput = st.goodput.model_copy(update={
-            "ended": add(st.goodput.ended, seconds), "attempts": st.attempt, "last": None,
-            "restarts": st.goodput.restarts + (times.restarts if times else 0)})
+        target = st.restore_from if st.phase == Phase.rolling_back else None
+        ending: goodput.Ending = "rollback" if st.phase == Phase.rolling_back else \
+            "finished" if self.obs.attempt.state in ("running", "succeeded", "stopped") else "failed"
+        goodput.close(st, self.obs.now, self._seen(), ending,
+                      step_of(target) if target and attempt_of(target) == st.attempt else None)
+
+    def _seen(self) -> TrainerTimes | None:
+        """The trainer's report observed this pass, if it is the current attempt's."""
+        return self.obs.attempt.times if self.obs.attempt.number == self.status.attempt else None
 
     def finish(self, phase: Phase, reason: str, message: str, checkpoint: bool = True) -> None:
         st = self.status
@@ -265,61 +261,6 @@ class _Planner:
         elif phase == Phase.failed:
             set_condition(st, ConditionType.failed, True, reason, message, self.obs.now)
         self.emit("Normal" if phase == Phase.succeeded else "Warning", reason, message)
-
-
-def _ending(p: _Planner) -> tuple[Ending, int | None]:
-    """How the current attempt ends, and for a rollback into itself the step it keeps."""
-    st = p.status
-    if st.phase == Phase.rolling_back:
-        target = st.restore_from
-        same = target is not None and attempt_of(target) == st.attempt
-        return "rollback", step_of(target) if same and target else None
-    return ("finished" if p.obs.attempt.state in ("running", "succeeded", "stopped") else "failed"), None
-
-
-def _unix(rfc3339: str | None) -> float | None:
-    """A time of status as Unix seconds (None for one that is not RFC 3339: some tests' clocks)."""
-    try:
-        return instant(rfc3339).timestamp() if rfc3339 else None
-    except ValueError:
-        return None
-
-
-def _times(p: _Planner) -> TrainerTimes | None:
-    """The current attempt's newest trainer report: observed now, else the last one kept."""
-    seen = p.obs.attempt.times if p.obs.attempt.number == p.status.attempt else None
-    kept = p.status.goodput.last
-    if seen is None or (kept is not None and kept.reported > seen.reported):
-        return kept
-    return seen
-
-
-def _attempt_seconds(p: _Planner, ending: Ending, kept: int | None = None) -> dict[str, float]:
-    st, obs = p.status, p.obs
-    now = _unix(obs.now) or 0.0
-    created = _unix(st.attempt_started_at) or now
-    return attempt_seconds(created, now, _times(p), ending, kept)
-
-
-def _goodput(p: _Planner) -> None:
-    """The live account: the ended attempts plus the current one (frozen once the run ended)."""
-    st = p.status
-    now = _unix(p.obs.now)
-    if st.goodput.since is None or now is None:
-        return
-    live = st.attempt > st.goodput.attempts and st.phase not in TERMINAL_PHASES
-    if not live and st.goodput.until is not None and st.goodput.seconds == add(st.goodput.ended, {}):
-        return  # the run ended earlier: its account stays as it was then
-    times = _times(p) if live else None
-    restarts = st.goodput.restarts + (times.restarts if times else 0)
-    before = p.before
-    if live and st.goodput.until is not None and now - st.goodput.until < GOODPUT_REFRESH_S \
-            and (st.attempt, st.phase, restarts) == (before.attempt, before.phase, before.in_place_restarts):
-        return  # nothing changed but the clock: a status write every pass is not worth it
-    current = _attempt_seconds(p, "running") if live else None
-    st.goodput = account(st.goodput, now, current)
-    st.goodput.last = times
-    st.in_place_restarts = restarts
 
 
 def _condition(status: CptRunStatus, type_: ConditionType) -> Condition | None:
@@ -714,7 +655,7 @@ def reconcile(spec: CptRunSpec, status: CptRunStatus, obs: Observed) -> Plan:
     _owed_evaluations(p)
     _decide(p)
     _evaluations(p)
-    _goodput(p)
+    goodput.refresh(p.status, p.before, p.obs.now, p._seen())
     return _plan(p)
 
 
