@@ -164,8 +164,8 @@ class StopEvaluations:
 class Release:
     """The pods of a failed attempt go now, without their grace: a save needs every rank, so the
     survivors of a dead one cannot write a checkpoint, and a trainer stuck in a collective with it
-    would hold its GPUs (and the next attempt) until the grace ended. The Job stays: its failure
-    is what the run reports."""
+    would hold its GPUs (and the next attempt) until the grace ended. The Job and the failed pod
+    stay: their failure is what the run reports, and the pod's log is the user's."""
 
     number: int
 

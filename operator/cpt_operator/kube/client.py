@@ -200,10 +200,12 @@ class KubeClient:
                 return False
             raise
 
-    def delete_pods(self, namespace: str, label_selector: str, grace_s: int) -> None:
+    def delete_pods(self, namespace: str, label_selector: str, grace_s: int, live_only: bool = False) -> None:
         """Delete pods with a shorter grace than their own (the Job's deletion alone would give
-        each its full terminationGracePeriodSeconds)."""
-        self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector,
+        each its full terminationGracePeriodSeconds); `live_only` spares the pods that ended (a
+        failed pod keeps its exit code and its log for the user)."""
+        fields = "status.phase!=Failed,status.phase!=Succeeded" if live_only else None
+        self.core.delete_collection_namespaced_pod(namespace, label_selector=label_selector, field_selector=fields,
                                                    grace_period_seconds=grace_s, _request_timeout=self.timeout)
 
     def children(self, run: RunRef, kinds: tuple[str, ...] = ("Job", "Pod", "ConfigMap", "Service")

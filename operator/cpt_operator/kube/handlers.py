@@ -241,7 +241,8 @@ def _carry_out(rt: Runtime, run: RunRef, spec: CptRunSpec, body: Mapping[str, An
             if not action.checkpoint:
                 rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
         elif isinstance(action, Release):
-            rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s)
+            rt.kube.delete_pods(run.namespace, selector(run, action.number), rt.settings.rollback_grace_s,
+                                live_only=True)
         elif isinstance(action, Sweep):
             for number in action.numbers:
                 for kind, name in attempts.stray_objects.get(number, []):

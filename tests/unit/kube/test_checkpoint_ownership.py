@@ -112,7 +112,7 @@ class StoppingKube(FakeKube):
         self.created = [o for o in self.created if o["metadata"]["name"] != name]
         return True
 
-    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+    def delete_pods(self, namespace: str, selector: str, grace_s: int, live_only: bool = False) -> None:
         pass
 
 

@@ -75,7 +75,7 @@ class FakeKube:
         self.created = [o for o in self.created if (o["kind"], o["metadata"]["name"]) != (kind, name)]
         return len(self.created) < before
 
-    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+    def delete_pods(self, namespace: str, selector: str, grace_s: int, live_only: bool = False) -> None:
         pass
 
     def jobs(self) -> list[str]:

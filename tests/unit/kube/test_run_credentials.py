@@ -122,7 +122,7 @@ class StartingKube(Kube):
         self.created = [o for o in self.created if o["kind"] != "Job"]
         return True
 
-    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+    def delete_pods(self, namespace: str, selector: str, grace_s: int, live_only: bool = False) -> None:
         self.created = [o for o in self.created if o["kind"] != "Pod"]
 
     def job_started(self, ago_s: float) -> None:

@@ -31,7 +31,7 @@ class Kube(FakeKube):
         self.deleted.append(f"job/{name}")
         return self.delete(namespace, "Job", name)
 
-    def delete_pods(self, namespace: str, selector: str, grace_s: int) -> None:
+    def delete_pods(self, namespace: str, selector: str, grace_s: int, live_only: bool = False) -> None:
         self.deleted.append(f"pods/{selector}")
         self.created = [o for o in self.created if o["kind"] != "Pod"]
 
