@@ -153,7 +153,9 @@ class Attempt:
         ended = distributed.broadcast_object(earlier_ending(self.cfg.run_dir) if self.dist.is_main else None)
         if isinstance(ended, tuple):
             reason, message = str(ended[0]), str(ended[1])
-            raise (Refused if reason == "refused" else AnomalyStop)(f"{message} (again: restarted in place)")
+            log.warning("ending as the trainer before this in-place restart did (%s), before loading anything",
+                        reason)
+            raise (Refused if reason == "refused" else AnomalyStop)(message)
 
     def _own_newest(self) -> str | None:
         """The attempt's newest committed checkpoint: there is one only when torchrun restarted

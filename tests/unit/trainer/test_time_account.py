@@ -49,7 +49,7 @@ def test_a_restarted_trainer_carries_the_last_report_on(tmp_path, monkeypatch):
 
 def test_a_first_start_begins_at_the_process_start(tmp_path):
     clock = TimeAccount(str(tmp_path))
-    assert clock.restarts == 0 and time.time() - 600 < clock.times.began <= time.time()
+    assert clock.restarts == 0 and clock.times.began <= time.time()  # this process's start, however long ago
     assert process_start() == pytest.approx(clock.times.began, abs=1.0)
 
 
