@@ -63,17 +63,22 @@ def progressed(path: Path, starts: int) -> bool:
     return any(e["event"] == "checkpoint" for e in after) and any(e["event"] == "progress" for e in after)
 
 
+def start_run(tmp_path: Path, spec: dict, name: str) -> tuple[subprocess.Popen[str], Path]:
+    """`cptctl run` of `spec` on 2 ranks in the background, and its run directory."""
+    file = write_run(tmp_path, spec, name)
+    runner = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
+                               "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    return runner, tmp_path / "runs" / name
+
+
 def test_killed_workers_restart_in_place_then_a_new_attempt_takes_over(tmp_path, tiny_model_dir, corpora):
     spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 60}, checkpoint={"every": 3, "keep": 3})
     spec["stopPolicy"] = {"maxInPlaceRestarts": 2, "maxAttemptRestarts": 1}
     spec["training"] = {**spec["training"], "logEvery": 1}
-    file = write_run(tmp_path, spec, "restarts")
-    run_dir = tmp_path / "runs" / "restarts"
+    runner, run_dir = start_run(tmp_path, spec, "restarts")
     config = run_dir / "attempt-001" / "trainer-config.json"
     log = run_dir / "attempt-001" / "events.jsonl"
-    runner = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
-                               "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
     try:
         for kill in range(3):  # two in place, the third past the limit
             wait_for(lambda k=kill: progressed(log, k + 1), 120, f"training after start {kill + 1}")
@@ -146,13 +151,9 @@ def test_a_stop_signal_to_one_rank_saves_and_the_ranks_go_on_in_place(tmp_path, 
     from that checkpoint instead of completing."""
     spec = tiny_spec(tiny_model_dir, corpora, budget={"steps": 40}, checkpoint={"every": 10, "keep": 3})
     spec["training"] = {**spec["training"], "logEvery": 1}
-    file = write_run(tmp_path, spec, "peer")
-    run_dir = tmp_path / "runs" / "peer"
+    runner, run_dir = start_run(tmp_path, spec, "peer")
     config = run_dir / "attempt-001" / "trainer-config.json"
     log = run_dir / "attempt-001" / "events.jsonl"
-    runner = subprocess.Popen([sys.executable, "-m", "cpt_operator.cli", "run", str(file), "--nproc", "2",
-                               "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: any(e["event"] == "progress" and e["step"] >= 3 for e in events(log)), 120, "training")
         ranks = ranks_of(config)

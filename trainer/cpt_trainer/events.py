@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import IO, Any, Union
+from typing import IO, Any, Iterator, Union
 
 from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
 from cpt_operator.api.manifest import EVENTS
@@ -52,20 +52,27 @@ FINAL_REASONS = ("refused", "anomaly")
 """How a trainer ends that a restart would only repeat."""
 
 
-def earlier_ending(run_dir: str) -> tuple[str, str] | None:
-    """(reason, message) of an earlier trainer of this attempt that refused its config or stopped
-    on an anomaly rule, if one did: torchrun restarts a worker in place whatever it exited with,
-    and the same trainer would end the same way, after loading the model once more."""
+def logged_newest_first(run_dir: str) -> Iterator[dict[str, Any]]:
+    """The events an earlier trainer of this attempt wrote to its log, newest first (rank 0's
+    run directory outlives its workers when torchrun restarts them in place); a line a killed
+    trainer left half-written is skipped."""
     try:
         with open(os.path.join(run_dir, EVENTS), encoding="utf-8") as f:
             lines = f.readlines()
     except OSError:
-        return None
+        return
     for line in reversed(lines):
         try:
-            event = json.loads(line)
+            yield json.loads(line)
         except ValueError:
             continue
+
+
+def earlier_ending(run_dir: str) -> tuple[str, str] | None:
+    """(reason, message) of an earlier trainer of this attempt that refused its config or stopped
+    on an anomaly rule, if one did: torchrun restarts a worker in place whatever it exited with,
+    and the same trainer would end the same way, after loading the model once more."""
+    for event in logged_newest_first(run_dir):
         if event.get("event") == "finished" and event.get("reason") in FINAL_REASONS:
             return str(event["reason"]), str(event.get("message", "")).removeprefix("refused: ")
     return None

@@ -12,13 +12,12 @@ node's failure caused.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from typing import Iterator
 
 from cpt_operator.api.goodput import TrainerTimes
-from cpt_operator.api.manifest import EVENTS
+from .events import logged_newest_first
 
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 """torchrun's count of its workers' restarts (0 at the first start)."""
@@ -46,19 +45,8 @@ def process_start() -> float:
 
 def last_report(run_dir: str) -> TrainerTimes | None:
     """The newest `times` an earlier trainer of this attempt wrote to its event log."""
-    try:
-        with open(os.path.join(run_dir, EVENTS), encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            times = json.loads(line).get("times")
-        except ValueError:
-            continue  # a line the killed trainer left half-written
-        if times:
-            return TrainerTimes.model_validate(times)
-    return None
+    times = next((e["times"] for e in logged_newest_first(run_dir) if e.get("times")), None)
+    return TrainerTimes.model_validate(times) if times else None
 
 
 class TimeAccount:
