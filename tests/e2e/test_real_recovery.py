@@ -1,12 +1,23 @@
-"""Recovery on real pods, and how long it takes, three ways in one run of two pods: a crashed
-trainer process (twice) restarted in place by torchrun, a deleted pod replaced by index while the
-other pod's trainers restart in place, and a failure past those limits answered by a new attempt
-(a new Job). Each is timed from the kill or the deletion to the next training step and split
-into its parts; the figures are printed and written to `recovery.json` in the test's folder
-(bench/RESULTS.md quotes them).
+"""A CptRun as a user runs it, every pod in a real container, and its recovery from failures,
+timed. `helm install` puts the operator on the real node as a pod (its image, its
+ServiceAccount, the API server through the in-cluster config); `kubectl apply` of a two-node run
+makes it create the ConfigMap, headless Service and Indexed Job, and the two trainer pods (the
+trainer image) find each other through the Service's DNS names, rendezvous with torchrun's c10d,
+train the tiny model on data in S3 and write their checkpoints there. Pod Security "restricted"
+is enforced in both namespaces.
 
-What is not real here: see tests/e2e/test_real_cluster_run.py (one machine's kubelet, both
-"nodes" on it, CoreDNS as a host process, the harness's pod discovery for Prometheus).
+Midway it recovers three ways: a crashed trainer process (twice) restarted in place by torchrun,
+a deleted pod replaced by index while the other pod's trainers restart in place, and a crash past
+those limits answered by a new attempt (a new Job) restored from the newest checkpoint in S3,
+which trains to the end of the budget. Each recovery is timed from the kill or the deletion to the
+next training step and split into its parts; the figures are printed and written to
+`recovery.json` in the test's folder (bench/RESULTS.md quotes them). The end is checked as a user
+would: the chosen checkpoint's lineage, the trainers' own logs, `kubectl get cptruns`.
+
+What is not real here (tests/cluster/README.md): the node is one machine's kubelet, so both
+"nodes" of the run are pods on the same node; CoreDNS runs as a host process; the `kubernetes`
+Service is one DNAT rule instead of kube-proxy; Prometheus finds pods through the harness's
+PodDiscovery (Debian's Prometheus has no Kubernetes discovery).
 """
 from __future__ import annotations
 
@@ -21,20 +32,17 @@ from typing import Any
 import pytest
 import yaml
 
-from cpt_operator.api.events import Progress, Started, parse_event
+from cpt_api.events import Finished, Progress, Started, parse_event
+from cpt_api.manifest import MANIFEST
 from cpt_operator.policy.start import instant
 from tests.cluster.cluster import Prometheus, S3Server
-from tests.e2e.operator_harness import status_of
+from tests.e2e.operator_harness import condition, status_of, trainer_config
+from tests.e2e.real_pods import RUN, container_id, manifests, new_namespace, two_node_run, upload_inputs
 from tests.e2e.test_helm_install import helm
-from tests.e2e.test_real_cluster_run import (container_id, manifests, new_namespace, two_node_run,
-                                             upload_inputs)
 from tests.helm import chartlib
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node, pytest.mark.helm, pytest.mark.s3,
               pytest.mark.prometheus, pytest.mark.slow, pytest.mark.timeout(900)]
-
-RUN = "two-pods"  # the name two_node_run gives its run
-
 
 def events_of(kube: Any, ns: str, pod: str) -> list[Any]:
     """Rank 0's events, from its container's log (the trainer logs each one)."""
@@ -107,7 +115,10 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
     values_file.write_text(yaml.safe_dump(values))
     install = helm(helm_bin, kube, "install", "cpt", str(chartlib.CHART), "-n", system, "-f", str(values_file),
                    "--wait", "--timeout", "240s", timeout=300)
-    assert install.returncode == 0, install.stderr
+    assert install.returncode == 0, install.stderr + kube.kubectl_result(
+        "get", "pods", "-n", system, "-o", "wide").stdout
+    (op_pod,) = kube.pods(system, "app.kubernetes.io/component=operator")
+    assert op_pod["spec"]["nodeName"] == real_node.name
     run = two_node_run(inputs, bucket, placement)
     run["spec"]["budget"] = {"steps": 120}
     run["spec"]["stopPolicy"] = {"maxInPlaceRestarts": 3, "maxPodReplacements": 1, "maxAttemptRestarts": 1}
@@ -128,6 +139,7 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
         # 1. a trainer process crashes, twice: torchrun restarts it in place, both pods keep running
         pod0 = kube.wait_for(lambda: pod(1, 0), "pod 0", timeout=420)
         name0 = pod0["metadata"]["name"]
+        assert all(p["spec"]["nodeName"] == real_node.name for p in kube.pods(ns, f"cpt.mlops.dev/run={RUN}"))
         for crash in (1, 2):
             newest = int((manifests(host_s3, bucket, 1) or ["step-0"])[-1].split("-")[1])
             kube.wait_for(lambda n=newest: saved_beyond(n), "a checkpoint to restart from", timeout=420, interval=0.5)
@@ -158,6 +170,7 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
         victim = kube.wait_for(lambda: pod(1, 1), "pod 1", timeout=60)
         real_node.ctr("tasks", "kill", "-s", "SIGKILL", container_id(victim))
         killed = time.time()
+        killed_after = manifests(host_s3, bucket, 1)
         a2 = kube.wait_for(lambda: pod(2, 0), "attempt 2's pod 0", timeout=300, interval=1)
         name2 = a2["metadata"]["name"]
 
@@ -184,12 +197,18 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
             return status if status.get("phase") in ("Succeeded", "Failed") else None
 
         status = kube.wait_for(ended, "the run to end", timeout=600, interval=2)
+        logs = {p["metadata"]["name"]: kube.kubectl("logs", "-n", ns, p["metadata"]["name"])
+                for p in kube.pods(ns, f"cpt.mlops.dev/run={RUN},cpt.mlops.dev/attempt=2")}
+        assert status["phase"] == "Succeeded", (status, {k: v[-2000:] for k, v in logs.items()},
+                                                kube.kubectl("logs", "-n", system, op_pod["metadata"]["name"]))
     finally:
+        op_logs = kube.kubectl_result("logs", "-n", system, "-l", "app.kubernetes.io/component=operator",
+                                      "--tail", "80").stdout
+        print(f"--- operator pod log (tail) ---\n{op_logs}")
         print(f"--- recovery ---\n{json.dumps(figures, indent=1)}")
         (tmp_path / "recovery.json").write_text(json.dumps(figures, indent=1))
         helm(helm_bin, kube, "uninstall", "cpt", "-n", system, "--wait", "--timeout", "60s")
 
-    assert status["phase"] == "Succeeded", status
     assert (status["attempt"], status["restarts"]) == (2, 1), status
     assert status["inPlaceRestarts"] == 3, status  # two crashes, then pod 1's replacement (pod 0 restarted its)
     # the goodput account covers the run's wall time, the losses of each failure among it
@@ -202,3 +221,26 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
     for kind in ("in_place_1", "in_place_2", "pod_deleted"):
         assert figures[kind]["steps_replayed"] >= 0 and figures[kind]["kill_to_step_s"] > 0, figures
     assert figures["pod_deleted"]["steps_replayed"] == 0  # every rank saved before pod 1 went
+
+    # attempt 2 resumed from the newest checkpoint attempt 1 had written when its pod died
+    config = trainer_config(kube, ns, f"{RUN}-a2")
+    resumed_from = config["restoreFrom"].removeprefix(f"s3://{bucket}/runs/{RUN}/")
+    assert resumed_from in [f"attempt-001/{n}" for n in manifests(host_s3, bucket, 1)]
+    assert resumed_from.split("/")[1] >= killed_after[-1], (resumed_from, killed_after)
+    assert config["restoreMode"] == "fullState"
+    # kubectl logs of the trainer pods is the trainer's own output, from both ranks
+    assert len(logs) == 2 and all("step" in text for text in logs.values()), sorted(logs)
+    ends = [parse_event(m.group(1)) for text in logs.values() for m in re.finditer(r" event (\{.*\})$", text, re.M)]
+    assert any(isinstance(e, Finished) and e.reason == "budget" and e.step == 120 for e in ends), logs
+    # the checkpoints and their manifests are in S3; the chosen one is among them, and its lineage
+    # names the code that wrote it and the evaluation it was measured on
+    assert manifests(host_s3, bucket, 2)[-1] == "step-00000120"
+    attempt_dir, step = status["bestCheckpoint"].split("/")  # attempt-NNN/step-NNNNNNNN
+    assert step in manifests(host_s3, bucket, int(attempt_dir.removeprefix("attempt-")))
+    chosen = json.loads(host_s3.client().get_object(
+        Bucket=bucket, Key=f"runs/{RUN}/{status['bestCheckpoint']}/{MANIFEST}")["Body"].read())
+    assert chosen["lineage"]["codeVersion"].endswith(f" in {trainer_image}"), chosen["lineage"]
+    assert sorted(chosen["lineage"]["evalDigests"]) == ["general", "legal"]
+    assert condition(status, "Succeeded")["status"] == "True"
+    printed = kube.kubectl("get", "cptruns", "-n", ns)
+    assert RUN in printed and "Succeeded" in printed
