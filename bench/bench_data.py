@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cpt_operator.api.trainer_config import TrainerConfig  # noqa: E402
+from cpt_api.trainer_config import TrainerConfig  # noqa: E402
 from cpt_trainer.data import DataPipeline  # noqa: E402
 
 H100_BF16_PEAK = 989e12

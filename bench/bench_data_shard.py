@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_data import train_tokenizer  # noqa: E402
 
-from cpt_operator.api.trainer_config import TrainerConfig  # noqa: E402
+from cpt_api.trainer_config import TrainerConfig  # noqa: E402
 from cpt_trainer.data import DataPipeline  # noqa: E402
 
 WORLD = 4

@@ -87,7 +87,7 @@ def measure(command: list[str], interval: float = 0.5) -> dict[str, float]:
 def planned(spec_path: str) -> float:
     """A rank's planned host memory at its peak: its process, the step and the data worker
     (`cptctl run` of one process starts no launcher)."""
-    from cpt_operator.api.load import load_run
+    from cpt_api.load import load_run
     from cpt_operator.base_shape import read_shape
     from cpt_operator.policy.memory_host import host_estimate
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from cpt_operator.api.events import Finished, Started, parse_event  # noqa: E402
+from cpt_api.events import Finished, Started, parse_event  # noqa: E402
 
 
 def spec(tmp: Path, steps: int, every: int) -> dict[str, Any]:

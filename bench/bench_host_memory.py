@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpt_operator.api.spec import CptRunSpec  # noqa: E402
+from cpt_api.spec import CptRunSpec  # noqa: E402
 from cpt_operator.policy.memory_host import host_estimate  # noqa: E402
 from cpt_operator.policy.model_shape import ModelShape  # noqa: E402
 from tests.conftest import build_tiny_model, corpora_in  # noqa: E402

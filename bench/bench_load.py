@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cpt_operator.api.spec import CptRunSpec  # noqa: E402
-from cpt_operator.api.trainer_config import TrainerConfig  # noqa: E402
+from cpt_api.spec import CptRunSpec  # noqa: E402
+from cpt_api.trainer_config import TrainerConfig  # noqa: E402
 from cpt_operator.policy.memory_host import host_estimate  # noqa: E402
 from cpt_operator.policy.model_shape import ModelShape  # noqa: E402
 

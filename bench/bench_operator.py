@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 import cluster  # noqa: E402  (tests/cluster/cluster.py)
 
-from cpt_operator.api.manifest import FileEntry, Lineage, Manifest  # noqa: E402
+from cpt_api.manifest import FileEntry, Lineage, Manifest  # noqa: E402
 
 
 def cptrun(name: str, bucket: str, pool: str = "cpu") -> dict[str, Any]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from cpt_operator.api.events import parse_event  # noqa: E402
+from cpt_api.events import parse_event  # noqa: E402
 
 
 def scenario(tmp: Path, every: int) -> Path:

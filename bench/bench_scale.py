@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from cpt_operator.api.spec import CptRunSpec  # noqa: E402
+from cpt_api.spec import CptRunSpec  # noqa: E402
 from cpt_operator.policy.memory import Layout, MemoryPlan, estimate  # noqa: E402
 from cpt_operator.policy.memory_host import HostPlan, host_estimate  # noqa: E402
 from cpt_operator.policy.model_shape import ModelShape  # noqa: E402
@@ -108,7 +108,7 @@ def train_step(parallel: Any, optimizer: torch.optim.Optimizer, ids: torch.Tenso
 
 
 def snapshot(step: int, model: torch.nn.Module) -> Any:
-    from cpt_operator.api.manifest import Lineage
+    from cpt_api.manifest import Lineage
     from cpt_trainer.checkpointer import Snapshot
 
     lineage = Lineage(run="bench", attempt=1, parent=None, base_uri="random", restore_mode="weightsOnly",
@@ -147,7 +147,7 @@ def measure_saves(parallel: Any, optimizer: torch.optim.Optimizer, dist: Any, id
 
 
 def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from cpt_operator.api.spec import ParallelismSpec
+    from cpt_api.spec import ParallelismSpec
     from cpt_trainer import distributed
     from cpt_trainer.parallel import parallelize
 
@@ -178,7 +178,7 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def training_worker(args: argparse.Namespace) -> dict[str, Any]:
     """A real trainer attempt: time in DataPipeline.next_batch against the whole step."""
-    from cpt_operator.api.trainer_config import TrainerConfig
+    from cpt_api.trainer_config import TrainerConfig
     from cpt_trainer import distributed
     from cpt_trainer.loop import Attempt
 
@@ -278,7 +278,7 @@ def write_model(directory: Path, tokenizer: Any) -> None:
 
 
 def training_config(tmp: Path, corpus: Path, model: Path, seq_len: int, batch: int, steps: int) -> Path:
-    from cpt_operator.api.trainer_config import TrainerConfig
+    from cpt_api.trainer_config import TrainerConfig
 
     sources = [{"name": "code", "role": "domain", "uri": str(corpus / "code" / "*.jsonl"),
                 "format": "jsonl", "weight": 0.7},

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from cpt_operator.api import TrainerConfig  # noqa: E402
+from cpt_api import TrainerConfig  # noqa: E402
 from cpt_trainer.loop import Attempt  # noqa: E402
 
 

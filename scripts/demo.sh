@@ -46,7 +46,7 @@ if [ "$domain" = german ]; then
 import json, sys
 from pathlib import Path
 from transformers import AutoTokenizer
-from cpt_operator.api.spec import BaseModelSpec
+from cpt_api.spec import BaseModelSpec
 from cpt_trainer.model import load_tokenizer
 base = load_tokenizer(BaseModelSpec(uri="demo-data/models/SmolLM2-135M-Instruct.Q4_1.gguf", format="gguf"), None)
 extended_dir = sorted(Path(sys.argv[1], "checkpoints").glob("attempt-*/tokenizer-*"))[-1]

@@ -9,8 +9,8 @@ bash tests/cluster/build.sh
 # test's timeout; the real node needs root, its tests skip without it.
 [[ $(id -u) != 0 ]] || bash tests/cluster/images.sh pause base operator trainer >/dev/null
 lint-imports --config pyproject.toml
-ruff check operator trainer tests bench
-mypy operator/cpt_operator trainer/cpt_trainer
+ruff check api operator trainer tests bench
+mypy api/cpt_api operator/cpt_operator trainer/cpt_trainer
 if [[ $# -gt 0 ]]; then
   exec python -m pytest --durations=30 "$@"
 fi

@@ -12,8 +12,8 @@ import logging
 
 import fsspec
 
-from .api.spec import BaseModelSpec, ModelFormat
-from .api.storage import storage_options, summarise_error
+from cpt_api.spec import BaseModelSpec, ModelFormat
+from cpt_api.storage import storage_options, summarise_error
 from .gguf_header import GgufArray, read_header
 from .policy.model_shape import ModelShape
 

@@ -19,13 +19,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .api.evaluation import Metric
-from .api.spec import CptRunSpec
-from .api.status import BASE, CptRunStatus
+from cpt_api.evaluation import Metric
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import BASE, CptRunStatus
 from .policy import CheckpointEvals, EvalPoint, select_checkpoint
 from .policy.headroom import headroom
-from .api.manifest import attempt_of as attempt_number
-from .api.metrics import gate_limit, metric_key, worse_by
+from cpt_api.manifest import attempt_of as attempt_number
+from cpt_api.metrics import gate_limit, metric_key, worse_by
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

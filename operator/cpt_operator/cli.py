@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypeAlias
 
-from .api import InvalidSpec, load_run
+from cpt_api import InvalidSpec, load_run
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from .api.crd import crd_yaml
+    from cpt_operator.crd import crd_yaml
 
     text = crd_yaml()
     if args.output:
@@ -152,10 +153,23 @@ def _trainer_tool(module: str, argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", module, *argv], env=os.environ.copy())
 
 
+# typeshed names the type of add_subparsers() only under its private name
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cptctl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    # one group at a time, in the order `cptctl --help` lists them
+    _file_commands(sub)
+    _run_commands(sub)
+    _checkpoint_commands(sub)
+    _trainer_tools(sub)
+    return parser
 
+
+def _file_commands(sub: Subparsers) -> None:
+    """Commands that read a CptRun file: check it, print the CRD, plan its memory, run it here."""
     p = sub.add_parser("validate", help="check a CptRun file; print every error with its field path")
     p.add_argument("file")
     p.set_defaults(func=cmd_validate)
@@ -182,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.set_defaults(func=cmd_run)
 
+
+def _run_commands(sub: Subparsers) -> None:
+    """Commands that look at or steer a run, local or on a cluster (`_on_cluster` decides which)."""
     for name, func, help_ in (("status", cmd_status, "phase, step, checkpoints and decisions"),
                               ("stop", cmd_stop, "stop a run after a consistent checkpoint"),
                               ("resume", cmd_resume, "continue a stopped run on a cluster from its newest "
@@ -199,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     p.set_defaults(func=cmd_rollback)
 
+
+def _checkpoint_commands(sub: Subparsers) -> None:
+    """Commands that read a run's checkpoints: compare them, export one."""
     p = sub.add_parser("checkpoints", help="metrics per checkpoint, Pareto frontier and choice")
     p.add_argument("run")
     p.add_argument("--plot", help="write the curves (domain vs general, stability gap) to this PNG")
@@ -216,13 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.set_defaults(func=cmd_export)
 
+
+def _trainer_tools(sub: Subparsers) -> None:
+    """Torch-side tools: `main` hands them every argument unparsed, so they own their own --help."""
     p = sub.add_parser("diagnose", help="is CPT the right lever? bits-per-byte gap + fragmentation",
                        add_help=False)
     p.set_defaults(func=lambda a: _trainer_tool("cpt_trainer.diagnose", a.rest))
     p = sub.add_parser("tokenizer", help="tokenizer analysis (fragmentation, candidate terms)",
                        add_help=False)
     p.set_defaults(func=lambda a: _trainer_tool("cpt_trainer.tokenizer_tools", a.rest))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ the operator run before starting an attempt (the operator caches the shape per s
 """
 from __future__ import annotations
 
-from .api.quantity import format_bytes
-from .api.spec import CptRunSpec
+from cpt_api.quantity import format_bytes
+from cpt_api.spec import CptRunSpec
 from .base_shape import read_shape
 from .policy.memory import MemoryPlan, dtypes, estimate, memory_limit
 from .policy.memory_fix import Usage, checked, device_usage, host_usage, scratch_usage, wont_fit

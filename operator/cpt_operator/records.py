@@ -20,12 +20,12 @@ from typing import Iterable, Sequence, TypeVar
 import fsspec
 from pydantic import ValidationError
 
-from .api.events import Evaluated, Started
-from .api.manifest import EVALS_DIR, SKIPS, STARTED, attempt_of, is_eval_record
-from .api.skips import SKIP_LIST, DataSkip
-from .api.storage import storage_options
+from cpt_api.events import Evaluated, Started
+from cpt_api.manifest import EVALS_DIR, SKIPS, STARTED, attempt_of, is_eval_record
+from cpt_api.skips import SKIP_LIST, DataSkip
+from cpt_api.storage import storage_options
 from .policy.types import CheckpointEvals, EvalPoint
-from .store import CheckpointRef
+from cpt_api.store import CheckpointRef
 
 R = TypeVar("R", Evaluated, Started)
 

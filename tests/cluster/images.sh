@@ -139,7 +139,7 @@ build_base() {
 repo=$(cd "$here/../.." && pwd)
 # What a Dockerfile's COPY lines read: the tag changes exactly when one of these does.
 source_tag() {
-  (cd "$repo" && find "$@" pyproject.toml README.md operator/cpt_operator trainer/cpt_trainer \
+  (cd "$repo" && find "$@" pyproject.toml README.md api/cpt_api operator/cpt_operator trainer/cpt_trainer \
       -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum) |
     sha256sum | cut -c1-12
 }

@@ -25,8 +25,8 @@ import pytest
 import s3fs
 import torch
 
-from cpt_operator.api.manifest import BLOCKS, PINNED, RUN_RECORD, STARTED, checkpoint_name
-from cpt_operator.api.tenancy import TENANCY_ENV
+from cpt_api.manifest import BLOCKS, PINNED, RUN_RECORD, STARTED, checkpoint_name
+from cpt_api.tenancy import TENANCY_ENV
 from cpt_trainer import checkpoint
 from cpt_trainer.load.node_copy import copy_path, digest
 from cpt_trainer.model import load_checkpoint_model

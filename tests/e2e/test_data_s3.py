@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.trainer_config import TrainerConfig
 from cpt_trainer.data import DataPipeline
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(180)]

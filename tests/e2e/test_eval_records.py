@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
+from cpt_api import CptRunSpec, CptRunStatus, Phase
 from cpt_operator.kube.observe import PointCache, observed
 from cpt_operator.kube.prometheus import PrometheusReader
 from cpt_operator.reconcile import AttemptState, reconcile
 from cpt_operator.records import RunRecords
-from cpt_operator.store import list_checkpoints
+from cpt_api.store import list_checkpoints
 from tests.cluster import cluster
 from tests.integration.harness import events, log_tail, of, start, tiny_spec, wait_for, write_config
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from cpt_operator.api import kueue as kq
+from cpt_api import kueue as kq
 from tests.cluster.kueue import Kueue
 from tests.e2e.operator_harness import (OperatorProcess, condition, events, job_names, status_of, trainer_config)
 from tests.e2e.test_operator import cptrun, write_checkpoint

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from cpt_operator.api.alerts import ACTION_GATE, ACTION_LABEL
-from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
+from cpt_api.alerts import ACTION_GATE, ACTION_LABEL
+from cpt_api.manifest import FileEntry, Lineage, Manifest
 from tests.e2e.operator_harness import (TOKEN, OperatorProcess, condition, events, get_run, install_crd,
                                         job_names, running_operator, status_of, trainer_config)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.exit_codes import EXIT_REFUSED
+from cpt_api.exit_codes import EXIT_REFUSED
 from tests.e2e.operator_harness import (OperatorProcess, condition, events, get_run, job_names,
                                         status_of, trainer_config)
 from tests.e2e.test_operator import cptrun, write_checkpoint

@@ -31,9 +31,9 @@ from typing import Any, Callable, TypeVar
 
 import pytest
 
-from cpt_operator.api.events import Evaluated, Finished, Started, parse_event
-from cpt_operator.api.manifest import EVENTS
-from cpt_operator.store import CheckpointRef, list_checkpoints
+from cpt_api.events import Evaluated, Finished, Started, parse_event
+from cpt_api.manifest import EVENTS
+from cpt_api.store import CheckpointRef, list_checkpoints
 from tests.e2e.operator_harness import (OperatorProcess, condition, events, free_port, job_names, status_of,
                                         trainer_config)
 from tests.integration.harness import forgetting_files, pretrain_on_code

@@ -15,10 +15,10 @@ from typing import Any
 import fsspec
 import pytest
 
-from cpt_operator.api.events import Evaluated
-from cpt_operator.api.manifest import eval_record_name
-from cpt_operator.api.storage import storage_options
-from cpt_operator.store import list_checkpoints
+from cpt_api.events import Evaluated
+from cpt_api.manifest import eval_record_name
+from cpt_api.storage import storage_options
+from cpt_api.store import list_checkpoints
 from tests.e2e.operator_harness import OperatorProcess, condition, job_names, status_of
 from tests.e2e.test_operator_full_loop import Kubelet, s3_secret, trainer_events, until
 from tests.integration.harness import forgetting_files

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from cpt_operator.api.events import CheckpointSaved, Evaluated
-from cpt_operator.api.manifest import MANIFEST, Manifest
+from cpt_api.events import CheckpointSaved, Evaluated
+from cpt_api.manifest import MANIFEST, Manifest
 from tests.cluster.cluster import Toxiproxy
 from tests.e2e.operator_harness import OperatorProcess, install_crd, operator_env, status_of
 from tests.e2e.test_operator_full_loop import GENERAL, RUN, THRESHOLD, Kubelet, forgetful_run, s3_secret, trainer_events

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from cpt_operator.api.alerts import ACTION_GATE, ACTION_LABEL
+from cpt_api.alerts import ACTION_GATE, ACTION_LABEL
 from tests.helm.chartlib import RULES, ROOT, find, run, template
 
 pytestmark = pytest.mark.helm

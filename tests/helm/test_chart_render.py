@@ -84,7 +84,7 @@ def test_operator_container_follows_the_operator_contract(helm_bin: Path) -> Non
 
 
 def test_tenancy_values_reach_the_admission_policy_and_the_operator_alike(helm_bin: Path) -> None:
-    from cpt_operator.api.tenancy import TENANCY_ENV, TenancyPolicy
+    from cpt_api.tenancy import TENANCY_ENV, TenancyPolicy
     from tests.tenancy_cases import POLICY
 
     assert find(template(helm_bin), "ValidatingAdmissionPolicy") == []  # nothing restricted: no policy

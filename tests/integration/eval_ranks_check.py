@@ -27,8 +27,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cpt_operator.api.evaluation import EvaluationSpec
-from cpt_operator.api.spec import ParallelismSpec, Sharding
+from cpt_api.evaluation import EvaluationSpec
+from cpt_api.spec import ParallelismSpec, Sharding
 from cpt_trainer import distributed
 from cpt_trainer.distributed import Dist
 from cpt_trainer.evals import Evaluator, runtime

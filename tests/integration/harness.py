@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpt_operator.api import TrainerConfig
-from cpt_operator.api.events import parse_event
+from cpt_api import TrainerConfig
+from cpt_api.events import parse_event
 
 
 def odd_length(text: str) -> bool:
@@ -157,7 +157,7 @@ def kill_after_checkpoint(config: Path, nproc: int, checkpoints: Path, step: int
     """Start the trainer, SIGKILL its process group as soon as checkpoint `step` is committed,
     and check that no process of it lives on (torchrun's workers are in sessions of their own:
     they must die with it) and that the run had not ended by itself. Returns the checkpoint."""
-    from cpt_operator.api.manifest import checkpoint_name
+    from cpt_api.manifest import checkpoint_name
 
     target = checkpoints / checkpoint_name(step)
     proc = start(config, nproc=nproc)

@@ -16,8 +16,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict)
 
-from cpt_operator.api.manifest import MODEL_DIR, OPTIMIZER_DIR
-from cpt_operator.api.spec import ParallelismSpec, Sharding
+from cpt_api.manifest import MODEL_DIR, OPTIMIZER_DIR
+from cpt_api.spec import ParallelismSpec, Sharding
 from cpt_trainer import distributed
 from cpt_trainer.checkpoint import read_manifest
 from cpt_trainer.checkpointer import Checkpointer

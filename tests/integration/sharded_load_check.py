@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from cpt_operator.api.spec import ParallelismSpec, Sharding
+from cpt_api.spec import ParallelismSpec, Sharding
 from cpt_trainer import distributed
 from cpt_trainer.extension.rows import fill_rows, grow, grown_names, mean_init
 from cpt_trainer.extension.tokenizer import NewToken

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt_operator.api.events import parse_event
+from cpt_api.events import parse_event
 from tests.conftest import _license_texts
 from tests.integration.harness import jsonl, pretrain_on_code, python_files
 

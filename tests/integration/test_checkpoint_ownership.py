@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator import store
-from cpt_operator.api.manifest import RUN_RECORD, checkpoint_name
+from cpt_api import store
+from cpt_api.manifest import RUN_RECORD, checkpoint_name
 from cpt_trainer import checkpoint
 
 from tests.integration.harness import log_tail, run, tiny_spec, write_config

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from cpt_operator.api import load_run
-from cpt_operator.api.evaluation import EvaluationSpec, Metric
+from cpt_api import load_run
+from cpt_api.evaluation import EvaluationSpec, Metric
 from cpt_trainer.evals import Evaluator
 from cpt_trainer.model import load_model, load_tokenizer
 from tests.conftest import write_benchmark_tasks

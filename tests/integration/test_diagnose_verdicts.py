@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt_operator.api.spec import BaseModelSpec
+from cpt_api.spec import BaseModelSpec
 from cpt_trainer.diagnose import Thresholds, perplexity, recommend
 from cpt_trainer.fragmentation import analyze
 from cpt_trainer.model import load_base

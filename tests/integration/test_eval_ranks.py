@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from cpt_operator.api.spec import Sharding
+from cpt_api.spec import Sharding
 from cpt_trainer.distributed import Dist
 from cpt_trainer.evals.generation import decode, greedy, prompt_rows
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cpt_operator import cli
-from cpt_operator.api.manifest import checkpoint_name
-from cpt_operator.api.status import CptRunStatus
+from cpt_api.manifest import checkpoint_name
+from cpt_api.status import CptRunStatus
 from cpt_trainer import checkpoint
 from cpt_trainer.model import load_checkpoint_model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt_operator.store import list_checkpoints
+from cpt_api.store import list_checkpoints
 from tests.integration.harness import forgetting_files, pretrain_on_code
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from cpt_operator.api.manifest import checkpoint_name
+from cpt_api.manifest import checkpoint_name
 
 from tests.integration.harness import events, log_tail, manifest_of, of, run, tiny_spec, write_config
 

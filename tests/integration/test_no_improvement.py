@@ -69,7 +69,7 @@ def test_a_run_that_makes_the_domain_worse_chooses_the_base_and_stops_early(
     assert "no improvement: no checkpoint is better than the base" in done.stdout
 
     # each checkpoint's lineage names the evaluation it was measured on and the code that wrote it
-    from cpt_operator.api.spec import CptRunSpec
+    from cpt_api.spec import CptRunSpec
     from cpt_trainer import __version__
     from cpt_trainer.evals.data import load_samples, suite_digest
 

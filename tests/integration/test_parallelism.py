@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.manifest import checkpoint_name
+from cpt_api.manifest import checkpoint_name
 
 from tests.integration.harness import (check_checkpoint_on, events, log_tail, of, run, tiny_spec,
                                        write_config)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from cpt_operator.api.manifest import checkpoint_name
+from cpt_api.manifest import checkpoint_name
 
 from tests.integration.harness import (check_checkpoint_on, events, kill_after_checkpoint, log_tail,
                                        manifest_of, of, run, tiny_spec, write_config)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cpt_operator.api.manifest import EVENTS, eval_record_name
-from cpt_operator.store import list_checkpoints
+from cpt_api.manifest import EVENTS, eval_record_name
+from cpt_api.store import list_checkpoints
 from tests.integration.harness import forgetting_files, pretrain_on_code
 
 pytestmark = pytest.mark.slow

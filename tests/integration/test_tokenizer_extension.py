@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt_operator.api.manifest import checkpoint_name
-from cpt_operator.api.status import CheckpointSummary, CptRunStatus
+from cpt_api.manifest import checkpoint_name
+from cpt_api.status import CheckpointSummary, CptRunStatus
 from cpt_operator.checkpoint_report import render_report
 from cpt_trainer.data.tokenizer_hash import tokenizer_hash
 from cpt_trainer.model import load_tokenizer
@@ -142,7 +142,7 @@ def test_extend_train_checkpoint_reload_restore_and_refuse(tmp_path, tiny_model_
 
 
 def _base(model_dir: Path):
-    from cpt_operator.api.spec import BaseModelSpec
+    from cpt_api.spec import BaseModelSpec
 
     return BaseModelSpec(uri=str(model_dir))
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from cpt_operator.api.manifest import checkpoint_name
+from cpt_api.manifest import checkpoint_name
 from cpt_trainer import checkpoint
 
 from tests.integration.harness import (events, kill_after_checkpoint, log_tail, manifest_of, of,
@@ -194,7 +194,7 @@ def test_a_base_changed_after_the_first_start_is_refused_naming_both_digests(tmp
                                                                               corpora):
     """The run records the base's digest at its first start (status.baseSha256) and hands it to
     every later attempt: a restart from the base after its files changed is refused."""
-    from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
+    from cpt_api import CptRunSpec, CptRunStatus, Phase
     from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
     from cpt_operator.records import RunRecords
     from cpt_trainer.load.node_copy import digest

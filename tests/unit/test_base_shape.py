@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from cpt_operator.api.spec import BaseModelSpec
+from cpt_api.spec import BaseModelSpec
 from cpt_operator.base_shape import ShapeUnavailable, read_shape
 from cpt_operator.gguf_header import read_header
 from cpt_operator.policy.model_shape import ModelShape

@@ -128,6 +128,18 @@ def test_images_install_their_extra_from_the_repository_pyproject(dockerfile: st
     assert VALUES["operator"]["podSecurityContext"]["runAsUser"] == 10001
 
 
+@pytest.mark.parametrize("dockerfile, ships, leaves_out", [
+    ("operator/Dockerfile", ["api/cpt_api", "operator/cpt_operator"], "trainer/cpt_trainer"),
+    ("trainer/Dockerfile", ["api/cpt_api", "trainer/cpt_trainer"], "operator/cpt_operator"),
+], ids=["the operator image ships the contract and the operator",
+        "the trainer image ships the contract and the trainer"])
+def test_each_image_ships_the_contract_package_and_its_own_package_only(dockerfile: str, ships: list[str],
+                                                                        leaves_out: str) -> None:
+    copied = re.findall(r"^COPY (?!--from)(\S+)", (ROOT / dockerfile).read_text(), re.M)
+    assert [c for c in copied if c.endswith(("cpt_api", "cpt_operator", "cpt_trainer"))] == ships
+    assert leaves_out not in copied
+
+
 def test_both_images_build_from_a_python_base_given_as_a_build_argument() -> None:
     """No CUDA base for the trainer: PyPI's torch wheels bring the CUDA libraries, the node the
     driver. The tests build both FROM a local Debian base through the same argument."""

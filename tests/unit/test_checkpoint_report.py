@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt_operator.api.evaluation import GateSpec
-from cpt_operator.api.spec import CptRunSpec
-from cpt_operator.api.status import CheckpointSummary, Condition, CptRunStatus, RollbackRecord
+from cpt_api.evaluation import GateSpec
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import CheckpointSummary, Condition, CptRunStatus, RollbackRecord
 from cpt_operator.checkpoint_report import _mark_gate_limits, base_to_chosen, render_report
 
 SUITES = [

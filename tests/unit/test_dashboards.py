@@ -30,7 +30,7 @@ TRAINER_SERIES = {
 
 def _operator_series() -> set[str]:
     """The operator's series, read from its own registry with one sample of each."""
-    from cpt_operator.api.goodput import Goodput
+    from cpt_api.goodput import Goodput
     from cpt_operator.kube.metrics import OperatorMetrics
 
     m = OperatorMetrics()

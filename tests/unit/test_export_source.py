@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_operator.api.status import CptRunStatus
+from cpt_api.status import CptRunStatus
 from cpt_operator.local.commands import export_source
 
 STEP3, STEP6 = "step-00000003", "step-00000006"

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.manifest import Lineage, checkpoint_name
+from cpt_api.manifest import Lineage, checkpoint_name
 from cpt_trainer.checkpointer import Checkpointer, HostStager, Snapshot
 from cpt_trainer.distributed import Dist
 

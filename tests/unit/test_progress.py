@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt_operator.api.events import Evaluated, Progress as ProgressEvent
-from cpt_operator.api.spec import CptRunSpec
-from cpt_operator.api.status import CptRunStatus
+from cpt_api.events import Evaluated, Progress as ProgressEvent
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import CptRunStatus
 from cpt_operator.local.events import EventFollower
 from cpt_operator.local.observe import AttemptLog
 from cpt_operator.local.progress import Progress
@@ -56,7 +56,7 @@ def test_the_same_step_evaluated_by_the_next_attempt_is_printed_again(
 def test_before_the_first_step_a_line_says_what_the_trainer_is_doing(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from cpt_operator.api.events import Started
+    from cpt_api.events import Started
     from cpt_operator.local import progress
 
     clock = iter([100.0, 110.0, 120.0])

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
-from cpt_operator.api.events import Evaluated, Started
-from cpt_operator.api.manifest import SKIPS, STARTED, eval_record_name
-from cpt_operator.api.skips import SKIP_LIST, DataSkip
+from cpt_api import CptRunSpec, CptRunStatus, Phase
+from cpt_api.events import Evaluated, Started
+from cpt_api.manifest import SKIPS, STARTED, eval_record_name
+from cpt_api.skips import SKIP_LIST, DataSkip
 from cpt_operator.kube.builders import RunRef, trainer_config
 from cpt_operator.kube.observe import observed
 from cpt_operator.kube.prometheus import TrainerSeries
@@ -17,7 +17,7 @@ from cpt_operator.kube.settings import Settings
 from cpt_operator.policy.types import EvalPoint
 from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
 from cpt_operator.records import RunRecords
-from cpt_operator.store import attempt_dir
+from cpt_api.store import attempt_dir
 
 BASE = {"general.perplexity": 10.0}
 

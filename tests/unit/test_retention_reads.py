@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.manifest import Lineage, checkpoint_name
+from cpt_api.manifest import Lineage, checkpoint_name
 from cpt_trainer import checkpoint
 from cpt_trainer.checkpointer import Checkpointer, Snapshot
 from cpt_trainer.distributed import Dist
@@ -90,7 +90,7 @@ def test_a_pins_file_read_while_it_is_replaced_does_not_fail_the_save(tmp_path, 
     from botocore.exceptions import FlexibleChecksumError
 
     import cpt_trainer.checkpointer as checkpointer
-    from cpt_operator import store
+    from cpt_api import store
 
     monkeypatch.setattr(checkpointer, "RETENTION_WAIT_S", 0.0)
     real_pins, reads = store.pins, []

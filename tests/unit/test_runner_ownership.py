@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt_operator.api.manifest import RUN_RECORD
+from cpt_api.manifest import RUN_RECORD
 from cpt_operator.local.rundir import RunDir
 from cpt_operator.local.runner import LocalRun, RunError, run_local
-from cpt_operator.api import load_run
+from cpt_api import load_run
 from cpt_operator.local.progress import Progress
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "tiny-local.yaml"

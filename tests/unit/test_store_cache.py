@@ -7,8 +7,8 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
-from cpt_operator.store import list_checkpoints
+from cpt_api.manifest import FileEntry, Lineage, Manifest
+from cpt_api.store import list_checkpoints
 
 
 def write(root: Path, step: int) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from cpt_operator import store
-from cpt_operator.api.ownership import RunRecord
+from cpt_api import store
+from cpt_api.ownership import RunRecord
 
 
 def test_a_reader_never_sees_pins_half_written(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cpt_operator.api.spec import RestoreMode, TokenizerExtensionSpec
+from cpt_api.spec import RestoreMode, TokenizerExtensionSpec
 from cpt_trainer.data import Batch
 from cpt_trainer.data.tokenizer_hash import tokenizer_hash
 from cpt_trainer.errors import Refused
@@ -204,7 +204,7 @@ def test_new_token_counters_sum_loss_and_targets(base, extended):
 
 
 def test_new_token_series_are_exported_with_the_run_labels(tiny_model_dir, corpora, tmp_path):
-    from cpt_operator.api.trainer_config import TrainerConfig
+    from cpt_api.trainer_config import TrainerConfig
     from cpt_trainer.metrics import Metrics
     from tests.integration.harness import tiny_spec
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.trainer_config import TrainerConfig
 
 from .hostmem import fix_mmap_threshold
 from .lifetime import die_with_parent

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cpt_operator.api.spec import AnomalySpec
+from cpt_api.spec import AnomalySpec
 
 MIN_HISTORY = 10
 BLAME_MARGIN = 2.0

@@ -1,4 +1,4 @@
-"""Checkpoint storage for the format in `cpt_operator.api.manifest`, through fsspec: listing,
+"""Checkpoint storage for the format in `cpt_api.manifest`, through fsspec: listing,
 verifying, fetching, committing and pruning. What goes into a checkpoint is `checkpointer.py`.
 
 Layout of `<checkpoint_uri>/step-XXXXXXXX/`:
@@ -19,7 +19,7 @@ whose checksums match: never a checkpoint that looks valid and is not. Retention
 after the new manifest exists and deletes a checkpoint manifest-first, so an interrupted delete
 leaves an (ignored, reported) incomplete directory.
 
-Ownership. Under a run's checkpoint root (`run.json`, `pinned.json`: `cpt_operator.api.ownership`)
+Ownership. Under a run's checkpoint root (`run.json`, `pinned.json`: `cpt_api.ownership`)
 the trainer writes, prunes and restores only when the root belongs to its run, and retention
 keeps every checkpoint the control plane pinned.
 """
@@ -34,11 +34,11 @@ from typing import Any
 
 import fsspec
 
-from cpt_operator import store
-from cpt_operator.api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks, FileEntry, Lineage,
+from cpt_api import store
+from cpt_api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks, FileEntry, Lineage,
                                        Manifest, Problem, block_size_for, checkpoint_name, root_of,
                                        step_of, verify, writer_rank)
-from cpt_operator.api.ownership import RunRecord, import_problem, owner_problem
+from cpt_api.ownership import RunRecord, import_problem, owner_problem
 
 from .errors import Refused
 from .node_cache import locked, node_cache

@@ -3,7 +3,8 @@
 Parts: the model and the AdamW state (sharded through torch.distributed.checkpoint, so any
 world size can load what any other wrote), and small JSON files: the train state (rank 0) and,
 per rank, the data position and RNG. The loop hands over a `Snapshot` of the JSON parts and the
-live model / optimizer; this module decides where bytes go and when a checkpoint exists.
+live model / optimizer (`checkpoint_manager.py` assembles both from the attempt's stateful parts, and
+loads them back); this module decides where bytes go and when a checkpoint exists.
 
 Asynchronous saves. `save` copies the tensors to host memory (the only part that stalls
 training), writes the small files, and returns; one background thread then writes the shards,
@@ -14,19 +15,16 @@ most one save is in flight: the next `save` (or `close`) waits for the previous 
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -40,16 +38,17 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from cpt_operator.api.manifest import (BLOCKS, CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
+from cpt_api.manifest import (BLOCKS, CONFIG, MODEL_DIR, OPTIMIZER_DIR, TRAIN_STATE,
                                        FileBlocks, FileEntry, Lineage, Manifest, checkpoint_name, data_file,
                                        rng_file)
-from cpt_operator.api.storage import STAGING_DIR_ENV
+from cpt_api.storage import STAGING_DIR_ENV
 
 from . import checkpoint, distributed
 from .checkpoint import CheckpointExists
 from .distributed import Dist
 from .errors import Refused
 from .load.verified import CheckpointSource
+from .rng import RngState
 from .store_errors import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ class Snapshot:
     """Writes config.json and the tokenizer into a directory (rank 0)."""
     evaluation: dict[str, float] | None = None
     """This step's evaluation, which the loop announces once the checkpoint is committed."""
+    rng: RngState = dataclasses.field(default_factory=RngState)
+    """This rank's random streams, read when the small files are written."""
 
 
 @dataclass
@@ -204,7 +205,7 @@ class Checkpointer:
             with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
                 f.write(snap.config_json)
         checkpoint.write_json(directory, data_file(rank), snap.data_state)
-        checkpoint.write_json(directory, rng_file(rank), rng_state())
+        checkpoint.write_json(directory, rng_file(rank), snap.rng.state_dict())
 
     def _finish(self, staging: str, target_uri: str, staged: dict[str, Any], snap: Snapshot,
                 began: float, stall: float) -> Saved:
@@ -328,41 +329,3 @@ def _remove_tree(directory: str) -> None:
         for name in dirs:
             os.rmdir(os.path.join(here, name))
     os.rmdir(directory)
-
-
-# ---------------------------------------------------------------------------------- RNG
-# JSON, not pickle: loading a checkpoint must never execute code from it.
-
-def _tensor_b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode()
-
-
-def _b64_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def rng_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    bitgen = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "torch": _tensor_b64(torch.get_rng_state()),
-        "python": [version, list(internal), gauss],
-        "numpy": {"bit_generator": bitgen["bit_generator"],
-                  "key": bitgen["state"]["key"].tolist(), "pos": int(bitgen["state"]["pos"]),
-                  "has_gauss": int(bitgen["has_gauss"]), "gauss": float(bitgen["gauss"])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [_tensor_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(_b64_tensor(state["torch"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_b64_tensor(s) for s in state["cuda"]])

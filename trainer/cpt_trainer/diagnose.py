@@ -221,7 +221,7 @@ def read_sample(uri: str, args: argparse.Namespace, label: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> Diagnosis:
-    from cpt_operator.api.spec import BaseModelSpec, TokenizerSpec
+    from cpt_api.spec import BaseModelSpec, TokenizerSpec
 
     from .model import load_base
 

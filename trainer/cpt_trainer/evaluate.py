@@ -17,19 +17,20 @@ from datetime import timedelta
 import fsspec
 import torch
 
-from cpt_operator import store
-from cpt_operator.api.events import Evaluated
-from cpt_operator.api.manifest import MODEL_DIR, checkpoint_name, eval_record_name, step_of
-from cpt_operator.api.spec import Precision
-from cpt_operator.api.status import BASE
-from cpt_operator.api.storage import storage_options
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api import store
+from cpt_api.events import Evaluated
+from cpt_api.manifest import MODEL_DIR, checkpoint_name, eval_record_name, step_of
+from cpt_api.spec import EvaluationSpec, Precision
+from cpt_api.status import BASE
+from cpt_api.storage import storage_options
+from cpt_api.trainer_config import TrainerConfig
 
 from . import checkpoint, distributed, extension
 from .checkpointer import Checkpointer
+from .distributed import Dist
 from .errors import Refused
-from .load.stores import WeightStore
-from .load.weights import Weights, build, fill
+from .weight_store import WeightStore
+from .weights import Weights, build, fill
 from .model import attention_backend, load_tokenizer
 from .parallel import parallelize
 
@@ -68,6 +69,19 @@ def evaluate_target(cfg: TrainerConfig, target: str) -> Evaluated | None:
         tokens, start = manifest.tokens, Weights.of_checkpoint(source)
     compute = torch.bfloat16 if spec.training.precision == Precision.bf16 or (
         spec.training.precision == Precision.auto and use_cuda) else None
+    results = _evaluate(cfg, evaluation, dist, weights, start, compute, target)
+    if not dist.is_main:
+        return None
+    record = Evaluated(step=step, tokens=tokens, metrics=results, is_base=is_base,
+                       checkpoint=None if is_base else checkpoint_name(step), time=time.time())
+    store.put_atomic(cfg.checkpoint_uri, eval_record_name(step), record.model_dump_json(by_alias=True).encode())
+    return record
+
+
+def _evaluate(cfg: TrainerConfig, evaluation: EvaluationSpec, dist: Dist, weights: WeightStore, start: Weights,
+              compute: torch.dtype | None, target: str) -> dict[str, float]:
+    """The run's suites (and its hook's metrics) on `start`'s weights, as the trainer runs them."""
+    spec = cfg.spec
     attention = attention_backend(spec.training.attention, dist.device)
     tokenizer = load_tokenizer(spec.base_model, spec.tokenizer, weights.base_path())
     hook = extension.build_hook(cfg, tokenizer, rank=dist.rank, is_main=dist.is_main)
@@ -86,23 +100,18 @@ def evaluate_target(cfg: TrainerConfig, target: str) -> Evaluated | None:
         evaluator = Evaluator(evaluation, tokenizer, device=dist.device, seq_len=spec.packing.seq_len,
                               autocast_dtype=compute, reference=reference)
         began = time.monotonic()
-        results = evaluator.evaluate(parallel.model)
+        results: dict[str, float] = evaluator.evaluate(parallel.model)
         results.update(hook.evaluate(parallel.model, evaluator))
         log.info("evaluated %s in %.1f s: %s", target, time.monotonic() - began, results)
     finally:
         checkpointer.close()
-    if not dist.is_main:
-        return None
-    record = Evaluated(step=step, tokens=tokens, metrics=results, is_base=is_base,
-                       checkpoint=None if is_base else checkpoint_name(step), time=time.time())
-    store.put_atomic(cfg.checkpoint_uri, eval_record_name(step), record.model_dump_json(by_alias=True).encode())
-    return record
+    return results
 
 
 def run_evaluation(cfg: TrainerConfig, target: str) -> int:
     """The process's exit code: 0 once the record exists, EXIT_REFUSED when the configuration
     cannot work (a missing checkpoint, a broken suite), else the error propagates (non-zero)."""
-    from cpt_operator.api.exit_codes import EXIT_REFUSED
+    from cpt_api.exit_codes import EXIT_REFUSED
 
     try:
         evaluate_target(cfg, target)

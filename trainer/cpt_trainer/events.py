@@ -1,4 +1,4 @@
-"""Rank 0's event stream: one `cpt_operator.api.events` model a line in `<runDir>/events.jsonl`.
+"""Rank 0's event stream: one `cpt_api.events` model a line in `<runDir>/events.jsonl`.
 
 Each line is flushed as soon as it is written: the local runner tails this file, and a trainer
 that is SIGKILLed must not take its last events with it. Each event is also logged (`event
@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import IO, Any, Iterator, Union
 
-from cpt_operator.api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
-from cpt_operator.api.manifest import EVENTS
+from cpt_api.events import Anomaly, CheckpointSaved, Evaluated, Finished, Progress, Started
+from cpt_api.manifest import EVENTS
 
 EventModel = type[Started] | type[Progress] | type[Anomaly] | type[Evaluated] | \
     type[CheckpointSaved] | type[Finished]
 Event = Union[Started, Progress, Anomaly, Evaluated, CheckpointSaved, Finished]
 log = logging.getLogger(__name__)
+
+
+def finite(value: float) -> float | None:
+    """A value as an event field holds it: JSON has no NaN or Inf, so those become null."""
+    return value if math.isfinite(value) else None
 
 
 class EventLog:

@@ -34,7 +34,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from cpt_operator.api.manifest import ATTEMPT_PREFIX, MODEL_DIR, is_model_file
+from cpt_api.manifest import ATTEMPT_PREFIX, MODEL_DIR, is_model_file
 
 from . import checkpoint
 from .errors import Refused

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Iterator
 
-from cpt_operator.api.goodput import TrainerTimes
+from cpt_api.goodput import TrainerTimes
 from .events import logged_newest_first
 
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import RestoreMode
+from cpt_api.spec import RestoreMode
 
 from .data import Batch
 

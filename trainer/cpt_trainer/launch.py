@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cpt_operator.api.exit_codes import EXIT_REFUSED
+from cpt_api.exit_codes import EXIT_REFUSED
 
 
 FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"

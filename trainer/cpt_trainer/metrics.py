@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from cpt_operator.api.goodput import TIMES_SERIES, TrainerTimes
-from cpt_operator.api.spec import CptRunSpec
-from cpt_operator.api.trainer_config import TrainerConfig
-from cpt_operator.api.metrics import gate_limit
+from cpt_api.goodput import TIMES_SERIES, TrainerTimes
+from cpt_api.spec import CptRunSpec
+from cpt_api.trainer_config import TrainerConfig
+from cpt_api.metrics import gate_limit
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

@@ -1,7 +1,7 @@
 """The model and tokenizer a run names: architecture skeletons, whole-model loads for tools and
 GGUF bases, the tokenizer, and the checks that a base is the one the spec and the run recorded.
 
-Training ranks never load a whole base: `load/weights.py` builds a skeleton here, shards it and
+Training ranks never load a whole base: `weights.py` builds a skeleton here, shards it and
 reads each rank's slices. Remote URIs (any fsspec URL) are copied once per node and hashed on the
 way (`load/node_copy.py`); the base itself is only ever read. Every load is checked against the
 spec's `baseModel.sha256` when one is given, so a run never silently trains another model.
@@ -16,8 +16,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from cpt_operator.api.manifest import MODEL_DIR
-from cpt_operator.api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
+from cpt_api.manifest import MODEL_DIR
+from cpt_api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
 
 from .errors import Refused
 from .load.node_copy import base_digest, local_copy

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     OffloadPolicy, fully_shard)
 from torch.nn.parallel import DistributedDataParallel
 
-from cpt_operator.api.spec import ActivationCheckpointing, ParallelismSpec, Sharding
+from cpt_api.spec import ActivationCheckpointing, ParallelismSpec, Sharding
 
 from .distributed import Dist
 from .errors import Refused

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cpt_operator.api.spec import CptRunSpec, DecayKind
+from cpt_api.spec import CptRunSpec, DecayKind
 
 _EXP_GAMMA = 5.0
 

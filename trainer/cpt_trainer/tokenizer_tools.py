@@ -20,7 +20,7 @@ from .fragmentation import FragmentationReport, analyze, format_terms
 
 
 def load_tokenizer_only(tokenizer: str | None, base: str | None, fmt: str) -> PreTrainedTokenizerBase:
-    from cpt_operator.api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
+    from cpt_api.spec import BaseModelSpec, ModelFormat, TokenizerSpec
 
     from .model import load_tokenizer
 

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.spec import API_VERSION, KIND, CptRunSpec
-from ..api.storage import OBJECT_STORE_SCHEMES, is_object_store
-from ..api.trainer_config import TrainerConfig
-from ..api.manifest import CONFIG, attempt_folder
+from cpt_api.spec import API_VERSION, KIND, CptRunSpec
+from cpt_api.storage import OBJECT_STORE_SCHEMES, is_object_store
+from cpt_api.trainer_config import TrainerConfig
+from cpt_api.manifest import CONFIG, attempt_folder
 from ..reconcile import StartAttempt, attempt_config
 from .settings import Settings
 

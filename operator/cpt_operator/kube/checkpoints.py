@@ -1,21 +1,22 @@
-"""The operator's side of checkpoint ownership and retention, done before an attempt starts.
+"""The operator's side of the start checks (`policy.start_checks` decides): what it reads and
+does for them, and how it records a hold.
 
 A CptRun claims its checkpoint root (`run.json`) before its first Job exists, and a root that
 another run claimed keeps it from starting (`CheckpointUriInUse`); its pins (`pinned.json`)
 are written before any Job that could prune, and a pin the store refused holds the start
-(`CheckpointsPinned=False`, retried every pass). Format and rules: `cpt_operator.api.ownership`.
+(`CheckpointsPinned=False`, retried every pass). Format and rules: `cpt_api.ownership`.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Mapping, Protocol
 
-from ..api.ownership import RunRecord, owner_problem
-from ..api.spec import CptRunSpec
-from ..api.storage import summarise_error
-from ..api.status import ConditionType, CptRunStatus, Reason
-from ..reconcile import Pin, Plan, StartAttempt, StopAttempt, set_condition
-from ..store import claim, pin
+from cpt_api.ownership import RunRecord, owner_problem
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import ConditionType, CptRunStatus, Reason
+from ..policy.start_checks import pin_failure
+from ..reconcile import Pin, Plan, set_condition
+from cpt_api.store import claim, pin
 from .builders import RunRef, checkpoint_root
 from .observe import now_rfc3339
 
@@ -27,15 +28,9 @@ class StatusWriter(Protocol):
                      new: Mapping[str, Any], attempts: int = ...) -> None: ...
 
 
-def starts(plan: Plan) -> bool:
-    return any(isinstance(a, StartAttempt) for a in plan.actions)
-
-
-def foreign_owner(run: RunRef, spec: CptRunSpec, plan: Plan) -> str | None:
-    """Why the attempt `plan` starts may not use checkpoint.uri (None: the root is this run's,
-    claimed now if it had no owner)."""
-    if not starts(plan):
-        return None
+def claim_root(run: RunRef, spec: CptRunSpec) -> str | None:
+    """Why the run may not use checkpoint.uri (None: the root is this run's, claimed now if it
+    had no owner)."""
     root = checkpoint_root(spec)
     record = RunRecord(uid=run.uid, name=run.name, namespace=run.namespace)
     return owner_problem(root, claim(root, record), record)
@@ -50,7 +45,7 @@ def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Pla
     try:
         pin(checkpoint_root(spec), list(pins.names), dict(pins.judged))
     except OSError as exc:
-        why = f"pinning {', '.join(pins.names)} failed (retrying): {summarise_error(exc)}"
+        why = pin_failure(pins.names, exc)
         log.warning("%s/%s: %s: %s", run.namespace, run.name, why, exc)
         set_condition(plan.status, ConditionType.checkpoints_pinned, False, Reason.pin_failed.value, why,
                       now_rfc3339())
@@ -60,12 +55,6 @@ def write_pins(written: dict[str, Pin], run: RunRef, spec: CptRunSpec, plan: Pla
         set_condition(plan.status, ConditionType.checkpoints_pinned, True, Reason.pinned.value,
                       f"{len(pins.names)} checkpoints pinned", now_rfc3339())
     return None
-
-
-def prunes(plan: Plan) -> bool:
-    """The plan starts an attempt, or stops one whose trainer saves a last checkpoint: either
-    trainer prunes the checkpoint root by the pins, so they must be written first."""
-    return starts(plan) or any(isinstance(a, StopAttempt) and a.checkpoint for a in plan.actions)
 
 
 def hold_start(kube: StatusWriter, run: RunRef, body: Mapping[str, Any], status: CptRunStatus, why: str) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ..api import kueue
-from ..api.spec import GROUP, PLURAL, VERSION
+from cpt_api import kueue
+from cpt_api.spec import GROUP, PLURAL, VERSION
 from .builders import LABEL_RUN, Object, RunRef, run_label
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..api.status import CptRunStatus, Phase
+from cpt_api.status import CptRunStatus, Phase
 from ..policy.cadence import advice
 from .settings import ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..api.spec import CptRunSpec
-from ..api.status import Reason
-from ..api.storage import REQUIRED_KEYS, RUN_CREDENTIALS, S3Credentials
-from ..api.tenancy import TenancyPolicy
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import Reason
+from cpt_api.storage import REQUIRED_KEYS, RUN_CREDENTIALS, S3Credentials
+from cpt_api.tenancy import TenancyPolicy
 from ..policy.tenancy import endpoint_refusal
 from .builders import RunRef, checkpoint_root
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-from ..api.evaluation import EVALUATION_TRIES
-from ..api.kueue import LABEL_PRIORITY, LABEL_QUEUE
-from ..api.manifest import attempt_folder, attempt_of, checkpoint_name, step_of
-from ..api.spec import CptRunSpec
-from ..api.status import BASE
-from ..api.trainer_config import TrainerConfig
+from cpt_api.evaluation import EVALUATION_TRIES
+from cpt_api.kueue import LABEL_PRIORITY, LABEL_QUEUE
+from cpt_api.manifest import attempt_folder, attempt_of, checkpoint_name, step_of
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import BASE
+from cpt_api.trainer_config import TrainerConfig
 from ..policy.evaluations import EvalRun
 from ..reconcile import Evaluate, evaluation_config, evaluation_target
 from .builders import (CONFIG_DIR, CONFIG_FILE, LABEL_EVALUATION, LABEL_RUN, MAX_JOB_NAME, WORK_DIR, Object, RunRef,

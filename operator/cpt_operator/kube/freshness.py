@@ -27,7 +27,7 @@ from typing import Callable, Generic, Hashable, Iterable, TypeVar
 from ..policy.types import EvalPoint
 from ..reconcile import Emit, Pin, Plan
 from ..records import Records
-from ..store import CheckpointRef
+from cpt_api.store import CheckpointRef
 
 T = TypeVar("T")
 

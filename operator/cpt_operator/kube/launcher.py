@@ -10,11 +10,11 @@ import shlex
 import warnings
 from typing import Any, Mapping, Protocol, Sequence
 
-from ..api.exit_codes import EXIT_REFUSED
-from ..api.kueue import LABEL_PRIORITY, LABEL_QUEUE
-from ..api.spec import CptRunSpec
-from ..api.storage import STAGING_DIR_ENV
-from ..api.trainer_config import TrainerConfig
+from cpt_api.exit_codes import EXIT_REFUSED
+from cpt_api.kueue import LABEL_PRIORITY, LABEL_QUEUE
+from cpt_api.spec import CptRunSpec
+from cpt_api.storage import STAGING_DIR_ENV
+from cpt_api.trainer_config import TrainerConfig
 from ..policy.start import Start, assess, clock_start
 from ..reconcile import AttemptState
 from .attempts import alive

@@ -6,8 +6,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..api.goodput import CAUSES, Goodput
-from ..api.status import Phase
+from cpt_api.goodput import CAUSES, Goodput
+from cpt_api.status import Phase
 
 
 class OperatorMetrics:

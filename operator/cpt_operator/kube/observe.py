@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..api.alerts import AlertRef, decode_refs
+from cpt_api.alerts import AlertRef, decode_refs
 from ..policy.evaluations import EvalRun
 from ..policy.types import EvalPoint
 from ..reconcile import AttemptState, Observed
 from ..records import Records, checkpoint_evals, merge_points
-from ..store import CheckpointRef
+from cpt_api.store import CheckpointRef
 from .prometheus import TrainerSeries
 from .settings import ANNOTATION_ALERT, ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP
 

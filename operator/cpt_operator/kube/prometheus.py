@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from ..api.goodput import TIMES_SERIES, TrainerTimes
+from cpt_api.goodput import TIMES_SERIES, TrainerTimes
 from ..policy.types import EvalPoint
 
 Series = Mapping[str, Any]

@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..api.tenancy import TenancyPolicy
+from cpt_api.tenancy import TenancyPolicy
 
 ANNOTATION_STOP = "cpt.mlops.dev/stop"
 ANNOTATION_ROLLBACK = "cpt.mlops.dev/rollback-to"

@@ -2,7 +2,7 @@
 
 It accepts Alertmanager's (and Grafana's, which is the same shape) webhook payload, or a plain
 `{"run": ..., "namespace": ..., "gate": ..., "cpt_action": "gate"}`. Only alerts that carry the
-action label (`cpt_operator.api.alerts`) may act; the others are reported as ignored. A breach of
+action label (`cpt_api.alerts`) may act; the others are reported as ignored. A breach of
 a gate the run defines, about its running attempt and not seen before, is recorded as an
 annotation on the CptRun; the next reconcile pass acts on it exactly as on a gate that fired on
 metrics. A gate the run does not define is refused (422, naming the run's gates).
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
-from ..api.alerts import (ACTION_GATE, ACTION_LABEL, ATTEMPT_LABEL, GATE_LABEL, NAMESPACE_LABEL, RUN_LABEL,
+from cpt_api.alerts import (ACTION_GATE, ACTION_LABEL, ATTEMPT_LABEL, GATE_LABEL, NAMESPACE_LABEL, RUN_LABEL,
                           Verdict)
 from ..policy.alerts import Admission, Alerted
 

@@ -5,8 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..api.manifest import ATTEMPT_PREFIX, step_of
-from ..api.status import BASE
+from cpt_api.manifest import ATTEMPT_PREFIX, step_of
+from cpt_api.status import BASE
 from ..policy.cadence import advice
 from .rundir import RunDir
 
@@ -28,7 +28,7 @@ def show_status(run: str, *, as_json: bool = False) -> int:
         print(status.model_dump_json(by_alias=True, exclude_none=True, indent=2))
         return 0
     print(status.describe(rd.root.name))
-    from ..api import load_run
+    from cpt_api import load_run
 
     line = advice(status, load_run(rd.spec_file).spec.checkpoint.every) if rd.spec_file.exists() else None
     if line:
@@ -62,7 +62,7 @@ def show_checkpoints(run: str, *, plot: str | None = None, as_json: bool = False
     if as_json:
         print(json.dumps([c.dump() for c in status.checkpoints], indent=2))
         return 0
-    from ..api import load_run
+    from cpt_api import load_run
     from ..checkpoint_report import render_report  # matplotlib only when asked for
 
     spec = load_run(rd.spec_file).spec if rd.spec_file.exists() else None

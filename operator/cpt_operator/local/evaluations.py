@@ -15,12 +15,12 @@ from pathlib import Path
 
 import fsspec
 
-from ..api.evaluation import EVALUATION_TRIES
-from ..api.events import Evaluated
-from ..api.manifest import CONFIG, attempt_folder, eval_record_name, step_of
-from ..api.status import BASE
-from ..api.storage import storage_options
-from ..api.spec import CptRunSpec
+from cpt_api.evaluation import EVALUATION_TRIES
+from cpt_api.events import Evaluated
+from cpt_api.manifest import CONFIG, attempt_folder, eval_record_name, step_of
+from cpt_api.status import BASE
+from cpt_api.storage import storage_options
+from cpt_api.spec import CptRunSpec
 from ..policy.evaluations import EvalRun
 from ..reconcile import Evaluate, evaluation_config, evaluation_target
 from .launcher import TrainerProcess

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api.events import parse_event
+from cpt_api.events import parse_event
 
 
 class EventFollower:

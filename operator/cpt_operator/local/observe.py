@@ -11,14 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from ..api.exit_codes import EXIT_REFUSED
-from ..api.manifest import EVENTS
-from ..api.events import Anomaly, Evaluated, Finished, Progress, Started
-from ..api.goodput import TrainerTimes
+from cpt_api.exit_codes import EXIT_REFUSED
+from cpt_api.manifest import EVENTS
+from cpt_api.events import Anomaly, Evaluated, Finished, Progress, Started
+from cpt_api.goodput import TrainerTimes
 from ..policy.evaluations import EvalRun
 from ..reconcile import AttemptState, Observed
 from ..records import RunRecords, checkpoint_evals, merge_points
-from ..store import list_checkpoints
+from cpt_api.store import list_checkpoints
 from .events import EventFollower
 from .launcher import TrainerProcess
 from .rundir import RunDir

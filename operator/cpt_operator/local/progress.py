@@ -12,10 +12,10 @@ import time
 
 from tqdm import tqdm
 
-from ..api.evaluation import Placement
-from ..api.events import Evaluated
-from ..api.spec import CptRunSpec
-from ..api.status import CptRunStatus
+from cpt_api.evaluation import Placement
+from cpt_api.events import Evaluated
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import CptRunStatus
 from ..policy.headroom import Headroom, headroom
 from ..policy.types import EvalPoint
 from .observe import AttemptLog

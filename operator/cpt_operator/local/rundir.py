@@ -15,8 +15,8 @@ import os
 import uuid
 from pathlib import Path
 
-from ..api import CptRunStatus
-from ..api.manifest import attempt_folder
+from cpt_api import CptRunStatus
+from cpt_api.manifest import attempt_folder
 
 
 class RunDir:

@@ -14,17 +14,18 @@ import time
 from pathlib import Path
 
 
-from ..api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
-from ..api.ownership import RunRecord, owner_problem
-from ..api.status import BASE, TERMINAL_PHASES, Phase
-from ..base_shape import ShapeUnavailable
+from cpt_api import CptRun, CptRunSpec, InvalidSpec, TrainerConfig, load_run
+from cpt_api.manifest import CONFIG
+from cpt_api.ownership import RunRecord, owner_problem
+from cpt_api.status import BASE, TERMINAL_PHASES, Phase
+from cpt_api.store import claim, pin
+from ..base_shape import ShapeUnavailable, read_shape
 from ..checkpoint_report import base_to_chosen
-from ..planning import refusal, resized
-from ..policy.memory_fix import checked
-from ..api.manifest import CONFIG
+from ..planning import resized
+from ..policy.model_shape import ModelShape
+from ..policy.start_checks import check_root, check_start, pin_failure, pins_hold
 from ..reconcile import (Emit, Evaluate, Pin, Plan, StartAttempt, StopAttempt, StopEvaluations, attempt_config,
                          reconcile)
-from ..store import claim, pin
 from .evaluations import LocalEvaluations
 from .launcher import TrainerProcess, end_strays, strays, trainer_command
 from .observe import LocalObserver
@@ -47,14 +48,16 @@ class LocalRun:
         self.progress = progress
         self.pinned: Pin | None = None
         """The pins last written (written again only when they change)."""
+        self.held: str | None = None
+        """Why the plan waits for its pins (noted once while it lasts)."""
         self.evaluations = LocalEvaluations(self.spec, run.metadata.name, run_dir, self.checkpoint_root)
 
     def claim(self) -> None:
         """Take the checkpoint root before the first attempt; another run's root is refused."""
         record = RunRecord(uid=self.dir.run_id, name=self.run.metadata.name)
-        problem = owner_problem(self.checkpoint_root, claim(self.checkpoint_root, record), record)
-        if problem is not None:
-            raise RunError(f"{problem} (this run's directory: {self.dir.root})")
+        refusal = check_root(owner_problem(self.checkpoint_root, claim(self.checkpoint_root, record), record))
+        if refusal is not None:
+            raise RunError(f"{refusal.message} (this run's directory: {self.dir.root})")
 
     # -- carrying out a plan ---------------------------------------------------------------
     def trainer_config(self, action: StartAttempt) -> TrainerConfig:
@@ -69,7 +72,26 @@ class LocalRun:
         self.proc = TrainerProcess(trainer_command(config, self.nproc, self.spec.stop_policy.max_in_place_restarts),
                                    folder / "trainer.log")
 
+    def write_pins(self, plan: Plan) -> bool:
+        """The plan's pins, written before anything that prunes by them; False: the plan waits
+        for them (`policy.start_checks.pins_hold`) and the next pass tries again."""
+        pins = next((a for a in plan.actions if isinstance(a, Pin)), None)
+        refused = None
+        if pins is not None and pins != self.pinned:
+            try:
+                pin(self.checkpoint_root, list(pins.names), dict(pins.judged))
+                self.pinned = pins
+            except OSError as exc:
+                refused = pin_failure(pins.names, exc)
+        hold = pins_hold(refused) if plan.prunes else None
+        if hold is not None and hold.message != self.held:
+            self.progress.note(f"[{hold.reason.value}] {hold.message}")
+        self.held = hold.message if hold is not None else None
+        return hold is None
+
     def carry_out(self, plan: Plan) -> None:
+        if not self.write_pins(plan):
+            return
         for action in plan.actions:
             if isinstance(action, StopAttempt) and self.proc is not None:
                 self.progress.note(f"stopping attempt {action.number}: {action.reason}")
@@ -77,9 +99,6 @@ class LocalRun:
                 self.proc = None
             elif isinstance(action, StartAttempt):
                 self.start(action)
-            elif isinstance(action, Pin) and action != self.pinned:
-                pin(self.checkpoint_root, list(action.names), dict(action.judged))
-                self.pinned = action
             elif isinstance(action, Emit):
                 self.progress.note(f"[{action.reason}] {action.message}")
             elif isinstance(action, Evaluate):
@@ -174,9 +193,12 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     except InvalidSpec as exc:
         print(f"{file}: invalid CptRun:\n  " + "\n  ".join(str(e) for e in exc.errors), file=sys.stderr)
         return 2
-    problem = _wont_fit(run.spec, nproc)
-    if problem is not None:
-        print(f"{file}: not started: {problem}", file=sys.stderr)
+    layout, unlaid = _on_this_machine(run.spec, nproc)
+    check = check_start(layout, LocalProbe(unlaid))
+    if check.memory is not None and not check.memory.planned:
+        print(f"warning: {check.memory.message}", file=sys.stderr)
+    if check.refusal is not None:
+        print(f"{file}: not started: {check.refusal.message}", file=sys.stderr)
         return 2
     try:
         rd, resumed = _prepare_dir(run, file, run_dir, fresh)
@@ -212,18 +234,38 @@ def run_local(file: str, *, run_dir: str | None = None, nproc: int | None = None
     return _report(rd, phase, run.spec)
 
 
-def _wont_fit(spec: CptRunSpec, nproc: int | None) -> str | None:
-    """The operator's memory check (GPU and host), on this machine's layout (one node, `nproc`
-    processes). A base whose shape cannot be read is not a reason to refuse: it is only reported."""
-    if not checked(spec):
-        return None
+class LocalProbe:
+    """The local runner's answers to the start checks (`policy.start_checks`): one machine has no
+    platform allow-lists and no queue; the base is read where the trainer will read it."""
+
+    def __init__(self, unlaid: str | None = None):
+        self.unlaid = unlaid
+        """Why the spec could not be laid out on this machine (its memory is then not planned)."""
+
+    def tenancy_refusals(self, spec: CptRunSpec) -> list[str]:
+        return []
+
+    def base_shape(self, spec: CptRunSpec) -> ModelShape | str:
+        if self.unlaid is not None:
+            return self.unlaid
+        try:
+            return read_shape(spec.base_model)
+        except ShapeUnavailable as exc:
+            return str(exc)
+
+    def queue_installed(self) -> bool:
+        return True  # nothing queues a local run
+
+
+def _on_this_machine(spec: CptRunSpec, nproc: int | None) -> tuple[CptRunSpec, str | None]:
+    """The spec on this machine's layout (one node, `nproc` processes), what the memory checks
+    plan against; or the spec as given and why it cannot be laid out so (hsdp on one node, say)."""
     gpus = spec.resources.gpus_per_node > 0
     try:
-        return refusal(resized(spec, nodes=1, gpus_per_node=nproc if gpus else None,
-                               nproc_per_node=None if gpus else nproc))
-    except (ShapeUnavailable, ValueError) as exc:
-        print(f"warning: memory not planned: {exc}", file=sys.stderr)
-        return None
+        return resized(spec, nodes=1, gpus_per_node=nproc if gpus else None,
+                       nproc_per_node=None if gpus else nproc), None
+    except ValueError as exc:
+        return spec, str(exc)
 
 
 def _report(rd: RunDir, phase: Phase, spec: CptRunSpec) -> int:

@@ -31,7 +31,7 @@ Metric keys are `suite.metric` as the evaluator reports them.
 from .anomaly import anomaly_findings
 from .decide import decide
 from .gates import judge_gates, passes_all
-from ..api.metrics import metric_key, normalised_gain, regression
+from cpt_api.metrics import metric_key, normalised_gain, regression
 from .pareto import pareto_front, select_checkpoint
 from .rollback import adjust, last_good
 from .stop import plateau_reason

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.spec import ActivationCheckpointing
+from cpt_api.spec import ActivationCheckpointing
 from .model_shape import ModelShape
 
 TOKEN_ID_BYTES = 8

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..api.alerts import AlertRef, Verdict, breach_key, parse_time
-from ..api.spec import CptRunSpec
-from ..api.status import CptRunStatus, Phase
+from cpt_api.alerts import AlertRef, Verdict, breach_key, parse_time
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import CptRunStatus, Phase
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..api.evaluation import TuneSpec
-from ..api.skips import DataSkip
-from ..api.spec import CptRunSpec, NonFiniteAction
+from cpt_api.evaluation import TuneSpec
+from cpt_api.skips import DataSkip
+from cpt_api.spec import CptRunSpec, NonFiniteAction
 from .types import BASE, Action, CheckpointEvals
 
 RESTORES_BEFORE_ROLLBACK = 2

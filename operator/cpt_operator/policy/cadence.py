@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ..api.status import CptRunStatus
+from cpt_api.status import CptRunStatus
 
 
 def daly_interval(stall_s: float, mtbf_s: float) -> float:

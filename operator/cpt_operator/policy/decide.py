@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ..api.evaluation import GateSpec, RollbackTarget, TuneSpec
-from ..api.skips import merge_skips
-from ..api.spec import CptRunSpec
-from ..api.status import Overrides, Phase, RollbackRecord
+from cpt_api.evaluation import GateSpec, RollbackTarget, TuneSpec
+from cpt_api.skips import merge_skips
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import Overrides, Phase, RollbackRecord
 from .anomaly import (ANOMALY_TUNE, AnomalyFinding, anomaly_findings, anomaly_notes,
                       anomaly_target, anomaly_tune)
 from .gates import judge_gates

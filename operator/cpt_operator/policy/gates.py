@@ -24,9 +24,9 @@ import math
 
 from typing import Mapping, Sequence
 
-from ..api.evaluation import Baseline, GateSpec, SuiteSpec
-from ..api.spec import CptRunSpec
-from ..api.metrics import better, metric_key, regression, relative_undefined
+from cpt_api.evaluation import Baseline, GateSpec, SuiteSpec
+from cpt_api.spec import CptRunSpec
+from cpt_api.metrics import better, metric_key, regression, relative_undefined
 from .types import EvalPoint, GateOutcome
 
 Judged = tuple[float, float, float]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Literal, Mapping
 
-from ..api.goodput import CAUSES, Cause, Goodput, TrainerTimes
-from ..api.status import TERMINAL_PHASES, CptRunStatus
+from cpt_api.goodput import CAUSES, Cause, Goodput, TrainerTimes
+from cpt_api.status import TERMINAL_PHASES, CptRunStatus
 from .start import instant
 
 REFRESH_S = 30.0

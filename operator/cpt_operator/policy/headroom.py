@@ -13,8 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..api.spec import CptRunSpec
-from ..api.metrics import metric_key, relative_undefined
+from cpt_api.spec import CptRunSpec
+from cpt_api.metrics import metric_key, relative_undefined
 from .gates import judge_point
 from .types import EvalPoint
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.quantity import format_bytes, parse_quantity
-from ..api.spec import CptRunSpec, Precision, Sharding
+from cpt_api.quantity import format_bytes, parse_quantity
+from cpt_api.spec import CptRunSpec, Precision, Sharding
 from .activations import Dtypes, activation_bytes, logit_bytes
 from .model_shape import ModelShape
 

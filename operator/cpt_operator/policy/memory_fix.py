@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..api.base import SpecModel
-from ..api.quantity import format_bytes
-from ..api.spec import MAX_NODES, ActivationCheckpointing, CptRunSpec, Sharding
+from cpt_api.base import SpecModel
+from cpt_api.quantity import format_bytes
+from cpt_api.spec import MAX_NODES, ActivationCheckpointing, CptRunSpec, Sharding
 from .memory import GIB, SHARDED, Layout, MemoryPlan, estimate, memory_limit, resolve_strategy
 from .memory_host import HostPlan, host_estimate, host_memory_limit
 from .model_shape import ModelShape

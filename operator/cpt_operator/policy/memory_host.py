@@ -61,8 +61,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.quantity import format_bytes, parse_quantity
-from ..api.spec import CptRunSpec, ModelFormat
+from cpt_api.quantity import format_bytes, parse_quantity
+from cpt_api.spec import CptRunSpec, ModelFormat
 from .memory import FIXED_CPU_BYTES, GIB, Layout, MemoryPlan, estimate, offloaded, shards
 from .model_shape import ModelShape
 

@@ -38,10 +38,10 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..api.evaluation import SuiteSpec
-from ..api.metrics import metric_key, normalised_gain
-from ..api.spec import CptRunSpec
-from ..api.status import BASE
+from cpt_api.evaluation import SuiteSpec
+from cpt_api.metrics import metric_key, normalised_gain
+from cpt_api.spec import CptRunSpec
+from cpt_api.status import BASE
 from .gates import failed_gates
 from .types import CheckpointEvals, EvalPoint, Selection, Verdict
 

@@ -9,7 +9,7 @@ posts them as a Warning event and in the SpecValid condition's message.
 """
 from __future__ import annotations
 
-from ..api.spec import CptRunSpec, RestoreMode, SourceRole
+from cpt_api.spec import CptRunSpec, RestoreMode, SourceRole
 
 PRETRAINING_PEAK_LR = 3e-4
 """The peak LR most 7-70 B open models were pretrained with (Llama 2 and 3: 3e-4 for 7-8 B,

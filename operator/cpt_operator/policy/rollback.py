@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..api.evaluation import TuneSpec
-from ..api.spec import CptRunSpec, SourceRole
-from ..api.status import Overrides
+from cpt_api.evaluation import TuneSpec
+from cpt_api.spec import CptRunSpec, SourceRole
+from cpt_api.status import Overrides
 from .gates import passes_all
 from .types import BASE, EvalPoint, ordered
 

@@ -10,9 +10,9 @@ events, libraries' caches under HOME), planned at 1 GiB.
 """
 from __future__ import annotations
 
-from ..api.quantity import parse_quantity
-from ..api.spec import CptRunSpec
-from ..api.storage import is_object_store
+from cpt_api.quantity import parse_quantity
+from cpt_api.spec import CptRunSpec
+from cpt_api.storage import is_object_store
 from .memory import GIB, estimate, shards
 from .memory_host import STAGED_BYTES_PER_PARAM
 from .model_shape import ModelShape

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Mapping, Sequence
 
-from ..api.status import START_CAUSES, Reason
+from cpt_api.status import START_CAUSES, Reason
 
 MESSAGE_LIMIT = 300
 """Characters kept of a kubelet's or scheduler's message: an image pull error quotes URLs and the

@@ -22,9 +22,9 @@ import math
 
 from typing import Mapping, Sequence
 
-from ..api.evaluation import Metric, SuiteKind
-from ..api.spec import CptRunSpec
-from ..api.metrics import metric_key, normalised_gain, relative_undefined, worse_by
+from cpt_api.evaluation import Metric, SuiteKind
+from cpt_api.spec import CptRunSpec
+from cpt_api.metrics import metric_key, normalised_gain, relative_undefined, worse_by
 from .types import EvalPoint, ordered
 
 

@@ -6,8 +6,8 @@ the policy, clusters without admission policies).
 """
 from __future__ import annotations
 
-from ..api.spec import CptRunSpec
-from ..api.tenancy import TenancyPolicy, normalise_endpoint
+from cpt_api.spec import CptRunSpec
+from cpt_api.tenancy import TenancyPolicy, normalise_endpoint
 
 
 def refusals(spec: CptRunSpec, policy: TenancyPolicy) -> list[str]:

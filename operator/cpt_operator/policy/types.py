@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
-from ..api.skips import DataSkip
-from ..api.status import BASE as BASE, Overrides, Phase, RollbackRecord
+from cpt_api.skips import DataSkip
+from cpt_api.status import BASE as BASE, Overrides, Phase, RollbackRecord
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from cpt_operator.api.crd import crd, crd_yaml
+from cpt_operator.crd import crd, crd_yaml
 
 ROOT = Path(__file__).parents[3]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt_operator.api import parse_run
+from cpt_api import parse_run
 
 ROOT = Path(__file__).resolve().parents[3]
 

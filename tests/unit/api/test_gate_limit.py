@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator.api.evaluation import GateSpec, SuiteSpec
-from cpt_operator.api.metrics import gate_limit, metric_key, regression
+from cpt_api.evaluation import GateSpec, SuiteSpec
+from cpt_api.metrics import gate_limit, metric_key, regression
 
 CASES = [
     # (suite kind, metric, relative, threshold, base value)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator.api.manifest import attempt_folder, root_of
-from cpt_operator.api.ownership import Pins, RunRecord, import_problem, owner_problem
+from cpt_api.manifest import attempt_folder, root_of
+from cpt_api.ownership import Pins, RunRecord, import_problem, owner_problem
 
 OWNER = RunRecord(uid="uid-a", name="legal", namespace="ml")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator.api.quantity import format_bytes, parse_quantity
+from cpt_api.quantity import format_bytes, parse_quantity
 
 
 @pytest.mark.parametrize("text,expected", [

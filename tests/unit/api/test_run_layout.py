@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator.api.manifest import attempt_folder, attempt_of, checkpoint_name
+from cpt_api.manifest import attempt_folder, attempt_of, checkpoint_name
 
 
 @pytest.mark.parametrize("number", [1, 7, 999, 1000, 12345])

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from cpt_operator.api import CptRun, InvalidSpec, parse_run
+from cpt_api import CptRun, InvalidSpec, parse_run
 from cpt_operator.cli import main
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "tiny-local.yaml"

@@ -1,7 +1,7 @@
 """`cptctl status` prints one description of a status, for local and cluster runs alike."""
 from __future__ import annotations
 
-from cpt_operator.api.status import CptRunStatus, Phase, RollbackRecord
+from cpt_api.status import CptRunStatus, Phase, RollbackRecord
 
 
 def test_a_rollback_is_described_with_the_value_that_breached():

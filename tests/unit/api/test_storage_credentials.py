@@ -7,7 +7,7 @@ from typing import Any
 import fsspec
 import pytest
 
-from cpt_operator.api.storage import RUN_CREDENTIALS, S3Credentials, credentials_scope, storage_options
+from cpt_api.storage import RUN_CREDENTIALS, S3Credentials, credentials_scope, storage_options
 
 TEAM_A = S3Credentials(key="team-a", secret="a-secret")
 TEAM_B = S3Credentials(key="team-b", secret="b-secret", token="b-token", endpoint="http://b.store:9000",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.trainer_config import TrainerConfig
 
 
 def make_config(run_dir: Path, sources: list[dict[str, Any]], *, seq_len: int = 64,

@@ -10,7 +10,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cpt_operator.api.spec import DataSource
+from cpt_api.spec import DataSource
 from cpt_trainer.data import retries
 from cpt_trainer.data.report import CurationReport
 from cpt_trainer.data.retries import SourceReadError

@@ -90,7 +90,7 @@ def test_a_skip_window_drops_exactly_those_windows_of_its_source(tmp_path, token
     """Restored from the same state, the pipeline packs and drops the skipped source's windows
     inside [start, end) of its consumed tokens: the windows after them, and the other source's,
     are the ones an unskipped stream gives."""
-    from cpt_operator.api.skips import DataSkip
+    from cpt_api.skips import DataSkip
 
     plain = DataPipeline(make_config(tmp_path, two_sources, seq_len=48), tokenizer, 0, 1,
                          workers=0)

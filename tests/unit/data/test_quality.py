@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cpt_operator.api.spec import QualitySpec
+from cpt_api.spec import QualitySpec
 from cpt_trainer.data.curation import JUDGED_AFTER, dropped_shares, starvation, starved_sources
 from cpt_trainer.data.quality import RegexWords, check
 

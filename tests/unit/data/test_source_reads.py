@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch.multiprocessing as mp
 
-from cpt_operator.api.spec import DataSource
+from cpt_api.spec import DataSource
 from cpt_trainer.data import retries
 from cpt_trainer.data.report import CurationReport
 from cpt_trainer.data.retries import SourceReadError

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cpt_operator.api.spec import DataSource
+from cpt_api.spec import DataSource
 from cpt_trainer.data import DataPipeline
 from cpt_trainer.data.report import CurationReport
 from cpt_trainer.data.sources import SourceReader

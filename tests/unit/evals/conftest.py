@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from cpt_operator.api.evaluation import EvaluationSpec, SuiteSpec
+from cpt_api.evaluation import EvaluationSpec, SuiteSpec
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt_operator.api.evaluation import SuiteSpec
+from cpt_api.evaluation import SuiteSpec
 from cpt_trainer.evals import Evaluator
 from cpt_trainer.evals.benchmark import BenchmarkError, combine
 from tests.conftest import write_benchmark_tasks

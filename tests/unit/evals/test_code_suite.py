@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_operator.api.evaluation import CodeSpec, SuiteSpec
+from cpt_api.evaluation import CodeSpec, SuiteSpec
 from cpt_trainer.evals.code import body_of, passes, program
 from cpt_trainer.evals.data import EvalDataError, Sample, load_samples
 from cpt_trainer.evals.sandbox import Limits, run_program
@@ -131,7 +131,7 @@ def test_a_model_is_scored_on_humaneval_through_a_suite(tiny_model_dir: Path) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt_operator.api.evaluation import EvaluationSpec
+    from cpt_api.evaluation import EvaluationSpec
     from cpt_trainer.evals import Evaluator
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.kube.builders import RunRef
 
 RUN = RunRef(name="legal-7b", namespace="ml", uid="5f0c-uid")

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from cpt_operator.api.exit_codes import EXIT_REFUSED
-from cpt_operator.api.status import Overrides
-from cpt_operator.api.spec import CptRunSpec, RestoreMode, TokenizerExtensionSpec, TokenizerSpec
-from cpt_operator.api.storage import STAGING_DIR_ENV
+from cpt_api.exit_codes import EXIT_REFUSED
+from cpt_api.status import Overrides
+from cpt_api.spec import CptRunSpec, RestoreMode, TokenizerExtensionSpec, TokenizerSpec
+from cpt_api.storage import STAGING_DIR_ENV
 from cpt_operator.kube.builders import (CONFIG_FILE, RunRef, SpecProblem, attempt_name, checkpoint_root,
                                         trainer_config)
 from cpt_operator.kube.launcher import IndexedJobLauncher

@@ -13,9 +13,9 @@ from typing import Any
 import fsspec
 import pytest
 
-from cpt_operator.api.manifest import PINNED, RUN_RECORD
-from cpt_operator.api.status import ConditionType, Reason
-from cpt_operator.kube.handlers import reconcile_run
+from cpt_api.manifest import PINNED, RUN_RECORD
+from cpt_api.status import ConditionType, Reason
+from cpt_operator.kube.passes import reconcile_run
 from tests.unit.kube.cases import RUN, spec_doc
 from tests.unit.kube.test_memory_check import FakeKube, _condition, _runtime
 

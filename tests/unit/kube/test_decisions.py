@@ -2,8 +2,8 @@
 repeat after a crash, and status patches that only carry what changed."""
 from __future__ import annotations
 
-from cpt_operator.api.alerts import HANDLED_ALERTS_KEPT, AlertRef
-from cpt_operator.api.status import CptRunStatus, Overrides, Phase
+from cpt_api.alerts import HANDLED_ALERTS_KEPT, AlertRef
+from cpt_api.status import CptRunStatus, Overrides, Phase
 from cpt_operator.kube.client import merge_patch
 from cpt_operator.policy.types import CheckpointEvals, EvalPoint
 from cpt_operator.reconcile import AttemptState, Emit, Observed, StartAttempt, StopAttempt, reconcile

@@ -12,12 +12,12 @@ from typing import Any
 import fsspec
 import pytest
 
-from cpt_operator.api.events import Evaluated
-from cpt_operator.api.manifest import eval_record_name
-from cpt_operator.api.status import ConditionType
+from cpt_api.events import Evaluated
+from cpt_api.manifest import eval_record_name
+from cpt_api.status import ConditionType
 from cpt_operator.kube.builders import Object, RunRef
 from cpt_operator.kube.evaluations import build, evaluation_name, runs, target_of
-from cpt_operator.kube.handlers import reconcile_run
+from cpt_operator.kube.passes import reconcile_run
 from cpt_operator.kube.settings import Settings
 from cpt_operator.reconcile import Evaluate
 from tests.unit.kube.cases import RUN, build_spec

@@ -16,18 +16,19 @@ from typing import Any
 import fsspec
 import pytest
 
-from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
-from cpt_operator.api.status import CptRunStatus, Phase
+from cpt_api.manifest import FileEntry, Lineage, Manifest
+from cpt_api.status import CptRunStatus, Phase
 from cpt_operator.kube.builders import Object, RunRef
 from cpt_operator.kube.client import children_of
 from cpt_operator.kube.freshness import Shared, Signals, StorageView, acts, stale_at, storage_due
-from cpt_operator.kube.handlers import _job_moved, _watched, on_timer, reconcile_run
+from cpt_operator.kube.handlers import _job_moved, _watched, on_timer
+from cpt_operator.kube.passes import reconcile_run
 from cpt_operator.kube.prometheus import NamespaceSeries, TrainerSeries, by_run
 from cpt_operator.kube.settings import ANNOTATION_STOP
 from cpt_operator.policy.types import EvalPoint
 from cpt_operator.reconcile import Emit, Pin, Plan, StopAttempt
 from cpt_operator.records import Records
-from cpt_operator.store import CheckpointRef
+from cpt_api.store import CheckpointRef
 from tests.unit.kube.cases import RUN
 from tests.unit.kube.test_memory_check import LLAMA3_8B_CONFIG, FakeKube, _body, _runtime
 
@@ -239,11 +240,11 @@ def _checkpoint(root: str, step: int) -> None:
 
 @pytest.fixture
 def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Kube, Prometheus, Any, list[str]]:
-    import cpt_operator.kube.handlers as handlers
+    import cpt_operator.kube.observing as observing
 
     storage_reads: list[str] = []
-    real = handlers.list_checkpoints
-    monkeypatch.setattr(handlers, "list_checkpoints",
+    real = observing.list_checkpoints
+    monkeypatch.setattr(observing, "list_checkpoints",
                         lambda root, known=None: storage_reads.append(root) or real(root, known=known))
     kube, prometheus = Kube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="fsdp")), Prometheus()
     rt = _runtime(kube, [])

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.exit_codes import EXIT_REFUSED
+from cpt_api.exit_codes import EXIT_REFUSED
 from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.settings import Settings
 

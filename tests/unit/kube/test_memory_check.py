@@ -13,9 +13,10 @@ from typing import Any, Mapping
 import fsspec
 import pytest
 
-from cpt_operator.api.status import ConditionType, Reason
+from cpt_api.status import ConditionType, Reason
 from cpt_operator.kube.builders import Object, RunRef
-from cpt_operator.kube.handlers import Runtime, reconcile_run
+from cpt_operator.kube.passes import reconcile_run
+from cpt_operator.kube.runtime import Runtime
 from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.metrics import OperatorMetrics
 from cpt_operator.kube.settings import Settings
@@ -145,11 +146,11 @@ def test_an_unreadable_config_does_not_block_the_run(tmp_path: Path) -> None:
 
 
 def test_config_json_is_read_once_per_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cpt_operator.kube.handlers as handlers
+    import cpt_operator.kube.start_probe as start_probe
 
     reads: list[str] = []
-    real = handlers.read_shape
-    monkeypatch.setattr(handlers, "read_shape", lambda base: reads.append(base.uri) or real(base))
+    real = start_probe.read_shape
+    monkeypatch.setattr(start_probe, "read_shape", lambda base: reads.append(base.uri) or real(base))
     kube, events = FakeKube(_body(tmp_path, LLAMA3_8B_CONFIG, strategy="ddp")), []
     rt = _runtime(kube, events)
     for _ in range(3):

@@ -1,14 +1,14 @@
 """Merging Prometheus evaluations with checkpoint manifests, and reading the Job's state."""
 from __future__ import annotations
 
-from cpt_operator.api.alerts import AlertRef, encode_refs
-from cpt_operator.api.manifest import FileEntry, Lineage, Manifest
+from cpt_api.alerts import AlertRef, encode_refs
+from cpt_api.manifest import FileEntry, Lineage, Manifest
 from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.observe import PointCache, requests
 from cpt_operator.kube.settings import Settings
 from cpt_operator.policy.types import EvalPoint
 from cpt_operator.records import merge_points
-from cpt_operator.store import CheckpointRef
+from cpt_api.store import CheckpointRef
 
 
 def ref(attempt: int, step: int, evals: dict[str, float], stable: bool = True) -> CheckpointRef:

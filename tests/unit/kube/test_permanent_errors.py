@@ -8,10 +8,11 @@ from typing import Any, Mapping
 
 import pytest
 
-from cpt_operator.api.status import ConditionType, Reason
+from cpt_api.status import ConditionType, Reason
 from cpt_operator.kube.builders import Object, RunRef
 from cpt_operator.kube.client import Conflict, Rejected
-from cpt_operator.kube.handlers import Runtime, reconcile_run
+from cpt_operator.kube.passes import reconcile_run
+from cpt_operator.kube.runtime import Runtime
 from cpt_operator.kube.launcher import IndexedJobLauncher
 from cpt_operator.kube.metrics import OperatorMetrics
 from cpt_operator.kube.settings import ANNOTATION_RESUME, ANNOTATION_ROLLBACK, ANNOTATION_STOP, Settings

@@ -16,11 +16,12 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from kubernetes.client.exceptions import ApiException
 
-from cpt_operator.api.manifest import RUN_RECORD
-from cpt_operator.api.status import ConditionType, Reason
-from cpt_operator.api.storage import RUN_CREDENTIALS
+from cpt_api.manifest import RUN_RECORD
+from cpt_api.status import ConditionType, Reason
+from cpt_api.storage import RUN_CREDENTIALS
 from cpt_operator.kube.builders import labels
-from cpt_operator.kube.handlers import _watched, reconcile_run
+from cpt_operator.kube.handlers import _watched
+from cpt_operator.kube.passes import reconcile_run
 from tests.unit.kube.cases import RUN, spec_doc
 from tests.unit.kube.test_memory_check import FakeKube, _condition, _runtime
 
@@ -164,7 +165,7 @@ def test_a_secret_gone_after_the_start_still_ends_the_stuck_attempt_at_its_deadl
 def _tenancy_runtime(kube: Kube, events: list[Any]) -> Any:
     from dataclasses import replace
 
-    from cpt_operator.api.tenancy import TenancyPolicy
+    from cpt_api.tenancy import TenancyPolicy
     from tests.tenancy_cases import POLICY
 
     rt = _runtime(kube, events)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cpt_operator.kube.handlers import on_delete, reconcile_run
+from cpt_operator.kube.handlers import on_delete
+from cpt_operator.kube.passes import reconcile_run
 from tests.unit.kube.cases import RUN
 from tests.unit.kube.test_memory_check import LLAMA3_8B_CONFIG, FakeKube, _body, _runtime
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.status import ConditionType, Reason
+from cpt_api.status import ConditionType, Reason
 from cpt_operator.kube.builders import Object, labels
-from cpt_operator.kube.handlers import reconcile_run
+from cpt_operator.kube.passes import reconcile_run
 from tests.unit.kube.cases import RUN
 from tests.unit.kube.test_permanent_errors import FakeKube, body, runtime
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from cpt_operator.api.alerts import ACTION_GATE, ACTION_LABEL, Verdict
+from cpt_api.alerts import ACTION_GATE, ACTION_LABEL, Verdict
 from cpt_operator.kube.webhook import PayloadError, authorized, make_app, parse_payload
 from cpt_operator.policy.alerts import Admission, Alerted
 

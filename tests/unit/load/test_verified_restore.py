@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.manifest import BLOCKS, MODEL_DIR, BlockTable, Lineage, Manifest, block_size_for
+from cpt_api.manifest import BLOCKS, MODEL_DIR, BlockTable, Lineage, Manifest, block_size_for
 from cpt_trainer import checkpoint
 from cpt_trainer.checkpointer import Checkpointer, Snapshot
 from cpt_trainer.distributed import Dist

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy.model_shape import ModelShape
 
 # Llama-3-8B's config.json, as published

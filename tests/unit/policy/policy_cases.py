@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy import EvalPoint
 
 SUITES = [

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_operator.api.alerts import AlertRef, Verdict, decode_refs, encode_refs
-from cpt_operator.api.status import CptRunStatus, Phase
+from cpt_api.alerts import AlertRef, Verdict, decode_refs, encode_refs
+from cpt_api.status import CptRunStatus, Phase
 from cpt_operator.policy.alerts import Alerted, admit
 
 from tests.unit.kube.cases import build_spec

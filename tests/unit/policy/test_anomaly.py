@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.skips import DataSkip, merge_skips
-from cpt_operator.api.status import Overrides
+from cpt_api.skips import DataSkip, merge_skips
+from cpt_api.status import Overrides
 from cpt_operator.policy import BASE, Action, CheckpointEvals, Observations, decide
 from cpt_operator.policy.anomaly import anomaly_target, anomaly_tune
 from tests.unit.policy.policy_cases import BASE as BASE_EVALS

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from cpt_operator.api.goodput import Goodput, TrainerTimes
-from cpt_operator.api.status import CptRunStatus
+from cpt_api.goodput import Goodput, TrainerTimes
+from cpt_api.status import CptRunStatus
 from cpt_operator.policy.cadence import advice, daly_interval
 
 

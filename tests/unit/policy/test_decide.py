@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.status import Overrides, Phase
+from cpt_api.status import Overrides, Phase
 from cpt_operator.policy import BASE, Action, Observations, decide
 from tests.unit.policy.policy_cases import BASE as BASE_EVALS
 from tests.unit.policy.policy_cases import build_spec, general, point

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from cpt_operator.api.goodput import CAUSES, Cause, Goodput, TrainerTimes
-from cpt_operator.api.status import CptRunStatus, Phase
+from cpt_api.goodput import CAUSES, Cause, Goodput, TrainerTimes
+from cpt_api.status import CptRunStatus, Phase
 from cpt_operator.policy.goodput import account, attempt_seconds
 from cpt_operator.reconcile import AttemptState, Observed, StartAttempt, reconcile
 

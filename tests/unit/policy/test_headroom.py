@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy.headroom import headroom
 from cpt_operator.policy.types import EvalPoint
 

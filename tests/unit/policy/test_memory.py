@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.quantity import format_bytes, parse_quantity
+from cpt_api.quantity import format_bytes, parse_quantity
 from cpt_operator.policy.activations import Dtypes, layer_bytes
 from cpt_operator.policy.memory import GIB, estimate
 from cpt_operator.policy.memory_fix import smallest_fix, wont_fit

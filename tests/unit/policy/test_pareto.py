@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy import CheckpointEvals, pareto_front, select_checkpoint
 from tests.unit.policy.policy_cases import BASE, build_spec
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy.memory_host import host_estimate
 from cpt_operator.policy.model_shape import ModelShape
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cpt_operator.api import CptRunSpec, CptRunStatus
-from cpt_operator.api.status import ConditionType
+from cpt_api import CptRunSpec, CptRunStatus
+from cpt_api.status import ConditionType
 from cpt_operator.cli import main
 from cpt_operator.policy.recipes import recipe_warnings
 from cpt_operator.reconcile import AttemptState, Emit, Observed, reconcile

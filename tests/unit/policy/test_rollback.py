@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.evaluation import TuneSpec
-from cpt_operator.api.status import Overrides
+from cpt_api.evaluation import TuneSpec
+from cpt_api.status import Overrides
 from cpt_operator.policy import BASE, adjust, last_good
 from tests.unit.policy.policy_cases import BASE as BASE_EVALS
 from tests.unit.policy.policy_cases import build_spec, general, point

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.status import Reason
+from cpt_api.status import Reason
 from cpt_operator.policy.start import MESSAGE_LIMIT, Cause, Start, assess, clock_start, deadline, overdue, pod_cause
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api.spec import CptRunSpec
-from cpt_operator.api.tenancy import TENANCY_ENV, TenancyPolicy
+from cpt_api.spec import CptRunSpec
+from cpt_api.tenancy import TENANCY_ENV, TenancyPolicy
 from cpt_operator.policy.tenancy import endpoint_refusal, refusals
 from tests.tenancy_cases import CASES, POLICY
 from tests.unit.kube.cases import spec_doc
@@ -61,7 +61,7 @@ def test_the_policy_comes_from_the_charts_environment_and_rejects_typos() -> Non
 def test_a_storage_error_reaches_users_as_its_kind_not_its_text() -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from cpt_operator.api.storage import summarise_error
+    from cpt_api.storage import summarise_error
 
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "bucket team-b-secret-plans"}}, "GetObject")
     assert summarise_error(denied) == "the store answered AccessDenied"

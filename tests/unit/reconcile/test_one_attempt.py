@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api import CptRunStatus, Phase
-from cpt_operator.api.status import Reason
+from cpt_api import CptRunStatus, Phase
+from cpt_api.status import Reason
 from cpt_operator.policy.types import CheckpointEvals
 from cpt_operator.reconcile import AttemptState, Emit, Observed, StartAttempt, Sweep, reconcile
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt_operator.api import CptRunStatus, Phase
-from cpt_operator.api.status import ConditionType, Reason
+from cpt_api import CptRunStatus, Phase
+from cpt_api.status import ConditionType, Reason
 from cpt_operator.policy.admission import Admission
 from cpt_operator.reconcile import AttemptState, Emit, StartAttempt, StopAttempt, reconcile
 

@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from cpt_operator.api import CptRunSpec, CptRunStatus, Phase
-from cpt_operator.api.alerts import AlertRef
-from cpt_operator.api.spec import RestoreMode
+from cpt_api import CptRunSpec, CptRunStatus, Phase
+from cpt_api.alerts import AlertRef
+from cpt_api.spec import RestoreMode
 from cpt_operator.policy.types import CheckpointEvals, EvalPoint
 from cpt_operator.reconcile import AttemptState, Emit, Observed, Pin, StartAttempt, StopAttempt, reconcile
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt_operator.api import CptRunStatus, Phase
-from cpt_operator.api.status import ConditionType
+from cpt_api import CptRunStatus, Phase
+from cpt_api.status import ConditionType
 from cpt_operator.policy.evaluations import EvalRun, plan_evaluations
 from cpt_operator.policy.types import CheckpointEvals
 from cpt_operator.reconcile import (AttemptState, Emit, Evaluate, Observed, Pin, StartAttempt, StopAttempt,

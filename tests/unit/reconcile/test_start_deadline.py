@@ -6,8 +6,8 @@ import dataclasses
 from datetime import timedelta
 from typing import Any
 
-from cpt_operator.api import CptRunStatus, Phase
-from cpt_operator.api.status import Condition, ConditionType, Reason
+from cpt_api import CptRunStatus, Phase
+from cpt_api.status import Condition, ConditionType, Reason
 from cpt_operator.policy.admission import Admission
 from cpt_operator.policy.start import Cause, Start, instant
 from cpt_operator.reconcile import (AttemptState, Emit, Pin, StartAttempt, StopAttempt, reconcile,

@@ -9,7 +9,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cpt_operator.api.manifest import Lineage, checkpoint_name
+from cpt_api.manifest import Lineage, checkpoint_name
 from cpt_trainer import checkpoint
 
 LINEAGE = Lineage(run="r", attempt=1, parent=None, base_uri="base", restore_mode="weightsOnly",

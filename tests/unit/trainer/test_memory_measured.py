@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.spec import CptRunSpec
+from cpt_api.spec import CptRunSpec
 from cpt_operator.policy.memory import MemoryPlan, estimate
 from cpt_operator.policy.model_shape import ModelShape
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_operator.api.spec import ActivationCheckpointing, ParallelismSpec, Sharding
+from cpt_api.spec import ActivationCheckpointing, ParallelismSpec, Sharding
 from cpt_trainer.distributed import Dist
 from cpt_trainer.errors import Refused
 from cpt_trainer.parallel import decoder_blocks, parallelize

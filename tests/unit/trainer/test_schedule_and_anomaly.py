@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from cpt_operator.api.spec import AnomalySpec, CptRunSpec, DecayKind
+from cpt_api.spec import AnomalySpec, CptRunSpec, DecayKind
 from cpt_trainer.anomaly import AnomalyDetector
 from cpt_trainer.schedule import Schedule, build_schedule
 
@@ -139,7 +139,7 @@ def test_per_source_history_survives_a_state_round_trip() -> None:
 
 
 def test_early_evaluation_is_dense_while_the_stability_gap_opens_then_regular() -> None:
-    from cpt_operator.api.evaluation import EvaluationSpec
+    from cpt_api.evaluation import EvaluationSpec
 
     suites = [{"name": "g", "kind": "general", "uri": "g.jsonl"}]
     early = EvaluationSpec.model_validate({"every": 50, "early": {"every": 5, "steps": 20}, "suites": suites})

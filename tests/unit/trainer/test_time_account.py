@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cpt_operator.api.manifest import EVENTS
+from cpt_api.manifest import EVENTS
 from cpt_trainer.goodput import RESTART_ENV, TimeAccount, last_report, process_start
 
 

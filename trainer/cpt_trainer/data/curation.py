@@ -27,7 +27,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from cpt_operator.api.spec import CurationSpec, DataSpec, QualitySpec
+from cpt_api.spec import CurationSpec, DataSpec, QualitySpec
 
 from .decontamination import Decontaminator
 from .minhash import NearDuplicateIndex

@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.trainer_config import TrainerConfig
 
 from . import worker
 from .curation import curation_key

@@ -32,8 +32,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import Boundary, DataSource, MixtureStrategy
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.spec import Boundary, DataSource, MixtureStrategy
+from cpt_api.trainer_config import TrainerConfig
 
 from .curation import Curator, source_quality
 from .mixture import Mixture, SourceWeights

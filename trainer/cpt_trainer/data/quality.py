@@ -18,7 +18,7 @@ from datatrove.pipeline.filters.fineweb_quality_filter import FineWebQualityFilt
 from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from cpt_operator.api.spec import QualitySpec
+from cpt_api.spec import QualitySpec
 
 _WORD = re.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]+")
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”»]?(?=\s|$)|\n{2,}")

@@ -29,7 +29,7 @@ line is located by its line number when its unit starts the file and by its byte
 otherwise (counting lines would mean reading the whole prefix).
 
 S3: endpoint and credentials come from the standard AWS environment (see
-`cpt_operator.api.storage`, shared with the operator).
+`cpt_api.storage`, shared with the operator).
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from cpt_operator.api.spec import DataSource, SourceFormat, SourceRole
-from cpt_operator.api.storage import storage_options
+from cpt_api.spec import DataSource, SourceFormat, SourceRole
+from cpt_api.storage import storage_options
 
 from .report import CurationReport, Origin
 from .retries import SourceReadError, with_retries

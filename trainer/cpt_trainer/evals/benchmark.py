@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.evaluation import SuiteSpec
+from cpt_api.evaluation import SuiteSpec
 
 from ..errors import Refused
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from cpt_operator.api.evaluation import CodeSpec
-from cpt_operator.api.quantity import parse_quantity
+from cpt_api.evaluation import CodeSpec
+from cpt_api.quantity import parse_quantity
 
 from .data import Sample
 from .sandbox import Limits, run_program

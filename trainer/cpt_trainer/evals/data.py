@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cpt_operator.api.evaluation import Metric, SuiteKind, SuiteSpec
+from cpt_api.evaluation import Metric, SuiteKind, SuiteSpec
 
 from ..data.sources import list_files
 from ..errors import Refused

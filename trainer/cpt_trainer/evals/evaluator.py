@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.evaluation import TEXT_METRICS, EvaluationSpec, Metric, SuiteSpec
-from cpt_operator.api.metrics import metric_key
+from cpt_api.evaluation import TEXT_METRICS, EvaluationSpec, Metric, SuiteSpec
+from cpt_api.metrics import metric_key
 
 from ..errors import Refused
 from .collective import in_order, share_of, summed

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import RestoreMode
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.spec import RestoreMode
+from cpt_api.trainer_config import TrainerConfig
 
 from ..data import Batch
 from ..hooks import RunHook

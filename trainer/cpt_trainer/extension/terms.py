@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import SourceRole, TokenizerExtensionSpec
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.spec import SourceRole, TokenizerExtensionSpec
+from cpt_api.trainer_config import TrainerConfig
 
 from ..errors import Refused
 from ..fragmentation import analyze

@@ -28,8 +28,8 @@ import fsspec
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cpt_operator.api.spec import RestoreMode, TokenizerExtensionSpec
-from cpt_operator.api.trainer_config import TrainerConfig
+from cpt_api.spec import RestoreMode, TokenizerExtensionSpec
+from cpt_api.trainer_config import TrainerConfig
 
 from .. import distributed
 from ..data.tokenizer_hash import tokenizer_hash

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from cpt_operator.api.manifest import BLOCKS, BlockTable, Manifest
+from cpt_api.manifest import BLOCKS, BlockTable, Manifest
 
 from ..errors import Refused
 from .ranges import Ranges

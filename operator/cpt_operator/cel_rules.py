@@ -1,15 +1,15 @@
 """Cross-field rules as CEL, attached to the CRD so `kubectl apply` rejects what the models do.
 
-Each rule mirrors a model validator in spec.py / evaluation.py (tests feed the same bad specs to
-both). The CRD stores no defaults, so a rule that reads an optional field substitutes the
-model's default for it.
+Each rule mirrors a model validator of the spec's models (`cpt_api.spec` and the section modules
+it assembles, `cpt_api.evaluation` among them; tests feed the same bad specs to both). The CRD
+stores no defaults, so a rule that reads an optional field substitutes the model's default for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .evaluation import CodeSpec, GateSpec
-from .spec import ScheduleSpec
+from cpt_api.evaluation import CodeSpec, GateSpec
+from cpt_api.spec import ScheduleSpec
 
 
 @dataclass(frozen=True)

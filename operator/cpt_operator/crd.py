@@ -11,8 +11,8 @@ import copy
 from typing import Any
 
 from .cel_rules import RULES
-from .spec import GROUP, KIND, PLURAL, VERSION, CptRunSpec
-from .status import CptRunStatus
+from cpt_api.spec import GROUP, KIND, PLURAL, VERSION, CptRunSpec
+from cpt_api.status import CptRunStatus
 
 Schema = dict[str, Any]
 _DROP = {"title", "default", "discriminator"}
@@ -138,6 +138,6 @@ def crd() -> Schema:
 def crd_yaml() -> str:
     import yaml
 
-    header = "# Generated from cpt_operator.api by `cptctl crd`; do not edit by hand.\n"
+    header = "# Generated from cpt_api by `cptctl crd`; do not edit by hand.\n"
     body: str = yaml.safe_dump(crd(), sort_keys=False, width=100)
     return header + body

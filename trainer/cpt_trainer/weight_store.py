@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cpt_operator.api.manifest import MODEL_DIR
-from cpt_operator.api.spec import BaseModelSpec, ModelFormat
+from cpt_api.manifest import MODEL_DIR
+from cpt_api.spec import BaseModelSpec, ModelFormat
 
-from .. import checkpoint, distributed
-from ..distributed import Dist
-from ..errors import Refused
-from ..hooks import RunHook
-from .node_copy import base_digest, local_copy
-from .verified import CheckpointSource, open_blocks
+from . import checkpoint, distributed
+from .distributed import Dist
+from .errors import Refused
+from .hooks import RunHook
+from .load.node_copy import base_digest, local_copy
+from .load.verified import CheckpointSource, open_blocks
 from .weights import Weights, build, fill
 
 if TYPE_CHECKING:
-    from ..checkpointer import Checkpointer
-    from ..parallel import Parallel
+    from .checkpointer import Checkpointer
+    from .parallel import Parallel
 
 
 class WeightStore:
@@ -83,7 +83,7 @@ class WeightStore:
                   dtype: torch.dtype, attention: str) -> torch.nn.Module:
         """The frozen base for KL terms and drift suites: always the immutable base, never a
         restore point; sharded like `like` (each rank reads only its slices)."""
-        from ..parallel import shard_frozen
+        from .parallel import shard_frozen
 
         weights = self.base_weights()
         loading = build(weights, hook, dtype=dtype, attention=attention)

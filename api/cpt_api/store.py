@@ -16,10 +16,10 @@ from typing import Mapping
 import fsspec
 from pydantic import ValidationError
 
-from .api.manifest import (MANIFEST, PINNED, RUN_RECORD, FileEntry, Manifest, Problem, attempt_folder, attempt_of,
+from .manifest import (MANIFEST, PINNED, RUN_RECORD, FileEntry, Manifest, Problem, attempt_folder, attempt_of,
                            step_of, verify)
-from .api.ownership import Pins, RunRecord
-from .api.storage import storage_options
+from .ownership import Pins, RunRecord
+from .storage import storage_options
 
 
 def attempt_dir(root: str, attempt: int) -> str:

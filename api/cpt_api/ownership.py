@@ -14,7 +14,7 @@ writes them) and the trainer (which reads them before it writes, prunes or resto
   has judged and not pinned, so a checkpoint that may become the last good one is never
   deleted before the control plane has seen it.
 
-Pure: callers do the reading and writing (`cpt_operator.store`).
+Pure: callers do the reading and writing (`cpt_api.store`).
 """
 from __future__ import annotations
 

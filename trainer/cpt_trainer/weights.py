@@ -22,17 +22,17 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PreTrainedModel
 
-from cpt_operator.api.manifest import MODEL_DIR
-from cpt_operator.api.spec import BaseModelSpec
+from cpt_api.manifest import MODEL_DIR
+from cpt_api.spec import BaseModelSpec
 
-from ..hooks import RunHook
-from ..model import load_model, materialize, model_source, skeleton
-from .fill import fill as read_slices
-from .safetensors import Index
-from .verified import CheckpointSource
+from .hooks import RunHook
+from .model import load_model, materialize, model_source, skeleton
+from .load.fill import fill as read_slices
+from .load.safetensors import Index
+from .load.verified import CheckpointSource
 
 if TYPE_CHECKING:
-    from ..checkpointer import Checkpointer
+    from .checkpointer import Checkpointer
 
 log = logging.getLogger(__name__)
 
