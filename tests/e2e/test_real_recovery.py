@@ -139,7 +139,8 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
         # 1. a trainer process crashes, twice: torchrun restarts it in place, both pods keep running
         pod0 = kube.wait_for(lambda: pod(1, 0), "pod 0", timeout=420)
         name0 = pod0["metadata"]["name"]
-        assert all(p["spec"]["nodeName"] == real_node.name for p in kube.pods(ns, f"cpt.mlops.dev/run={RUN}"))
+        both = (pod0, kube.wait_for(lambda: pod(1, 1), "pod 1", timeout=300))
+        assert all(p["spec"].get("nodeName") == real_node.name for p in both)
         for crash in (1, 2):
             newest = int((manifests(host_s3, bucket, 1) or ["step-0"])[-1].split("-")[1])
             kube.wait_for(lambda n=newest: saved_beyond(n), "a checkpoint to restart from", timeout=420, interval=0.5)
