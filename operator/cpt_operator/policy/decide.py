@@ -66,12 +66,17 @@ def decide(spec: CptRunSpec, obs: Observations) -> Decision:
     return finish_or_continue(spec, obs, base)
 
 
+def gate_trigger(gate: GateSpec, reason: str, metric: str = "", value: float | None = None,
+                 baseline: float | None = None) -> Trigger:
+    """A gate that fired, on the metrics observed or by an alert: acted on as the spec says."""
+    return Trigger(name=gate.name, action=Action(gate.action.value), tune=gate.tune,
+                   to_base=gate.rollback_to == RollbackTarget.base, metric=metric, value=value,
+                   baseline=baseline, reason=reason)
+
+
 def gate_triggers(spec: CptRunSpec, outcomes: Sequence[GateOutcome]) -> list[Trigger]:
     gates: dict[str, GateSpec] = {g.name: g for g in spec.gates}
-    return [Trigger(name=o.gate, action=Action(gates[o.gate].action.value),
-                    tune=gates[o.gate].tune,
-                    to_base=gates[o.gate].rollback_to == RollbackTarget.base,
-                    metric=o.metric, value=o.value, baseline=o.baseline, reason=o.describe())
+    return [gate_trigger(gates[o.gate], o.describe(), o.metric, o.value, o.baseline)
             for o in outcomes if o.fired]
 
 

@@ -14,7 +14,7 @@ from cpt_api.alerts import HANDLED_ALERTS_KEPT, AlertRef
 from cpt_api.manifest import step_of
 from cpt_api.status import ConditionType, Phase, Reason, RollbackRecord
 from ..policy.alerts import due
-from ..policy.decide import Trigger, act
+from ..policy.decide import act, gate_trigger
 from ..policy.types import BASE, Action, Decision, Observations
 from .planner import Planner, set_condition
 
@@ -94,8 +94,7 @@ def external_breach(p: Planner, refs: Sequence[AlertRef]) -> bool:
     if not acting:
         return False
     defined = {g.name: g for g in p.spec.gates}
-    triggers = [Trigger(name=r.gate, action=Action(defined[r.gate].action.value), tune=defined[r.gate].tune,
-                        to_base=defined[r.gate].rollback_to.value == BASE, reason=f"alert: gate {r.gate} breached")
+    triggers = [gate_trigger(defined[r.gate], f"alert: gate {r.gate} breached")
                 for r in sorted(acting, key=lambda r: r.gate)]
     observations = observations_of(p)
     base = Decision(action=Action.cont, overrides=observations.overrides,
