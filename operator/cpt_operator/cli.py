@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from cpt_api import InvalidSpec, load_run
 
@@ -72,56 +72,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                      progress=not args.no_progress)
 
 
-def _on_cluster(args: argparse.Namespace) -> bool:
-    """A cluster run when asked for one, or when there is no local run directory of that name."""
-    if args.namespace or args.kubeconfig:
-        return True
-    from .local.rundir import RunDir
+class RunBackend(Protocol):
+    """What the commands that look at or steer a run ask of the backend it lives on
+    (`local.commands.LocalCommands`, `kube.commands.ClusterCommands`)."""
 
-    try:
-        RunDir.find(args.run)
-    except FileNotFoundError:
-        return True
-    return False
+    def show_status(self, as_json: bool = False) -> int: ...
+
+    def request_stop(self) -> int: ...
+
+    def request_resume(self) -> int: ...
+
+    def request_rollback(self, to: str) -> int: ...
+
+
+def _backend(args: argparse.Namespace) -> RunBackend:
+    """A cluster run when asked for one, or when there is no local run directory of that name."""
+    if not (args.namespace or args.kubeconfig):
+        from .local.commands import LocalCommands
+        from .local.rundir import RunDir
+
+        try:
+            RunDir.find(args.run)
+            return LocalCommands(args.run)
+        except FileNotFoundError:
+            pass
+    from .kube.commands import ClusterCommands
+
+    return ClusterCommands(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if _on_cluster(args):
-        from .kube import commands as kube
-
-        return kube.show_status(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig, as_json=args.json)
-    from .local.commands import show_status
-
-    return show_status(args.run, as_json=args.json)
+    return _backend(args).show_status(as_json=args.json)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    if _on_cluster(args):
-        from .kube import commands as kube
-
-        return kube.request_stop(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig)
-    from .local.commands import request_stop
-
-    return request_stop(args.run)
+    return _backend(args).request_stop()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    if _on_cluster(args):
-        from .kube import commands as kube
-
-        return kube.request_resume(args.run, namespace=args.namespace, kubeconfig=args.kubeconfig)
-    print(f"error: {args.run} is a local run: `cptctl run FILE` resumes it", file=sys.stderr)
-    return 2
+    return _backend(args).request_resume()
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    if _on_cluster(args):
-        from .kube import commands as kube
-
-        return kube.request_rollback(args.run, args.to, namespace=args.namespace, kubeconfig=args.kubeconfig)
-    from .local.commands import request_rollback
-
-    return request_rollback(args.run, args.to)
+    return _backend(args).request_rollback(args.to)
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
@@ -198,7 +191,7 @@ def _file_commands(sub: Subparsers) -> None:
 
 
 def _run_commands(sub: Subparsers) -> None:
-    """Commands that look at or steer a run, local or on a cluster (`_on_cluster` decides which)."""
+    """Commands that look at or steer a run, local or on a cluster (`_backend` decides which)."""
     for name, func, help_ in (("status", cmd_status, "phase, step, checkpoints and decisions"),
                               ("stop", cmd_stop, "stop a run after a consistent checkpoint"),
                               ("resume", cmd_resume, "continue a stopped run on a cluster from its newest "

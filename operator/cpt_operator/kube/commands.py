@@ -6,6 +6,8 @@ Requests are annotations the operator acts on (`cpt.mlops.dev/stop`, `cpt.mlops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sys
 
 from cpt_api.status import CptRunStatus, Phase
@@ -106,3 +108,24 @@ def request_resume(run: str, *, namespace: str | None, kubeconfig: str | None) -
         return _fail(run, ns, exc)
     print(f"resume requested for {ns}/{run}; the operator starts a new attempt from its newest checkpoint")
     return 0
+
+
+@dataclass(frozen=True)
+class ClusterCommands:
+    """`cptctl status | stop | resume | rollback` for a CptRun on a cluster."""
+
+    run: str
+    namespace: str | None = None
+    kubeconfig: str | None = None
+
+    def show_status(self, as_json: bool = False) -> int:
+        return show_status(self.run, namespace=self.namespace, kubeconfig=self.kubeconfig, as_json=as_json)
+
+    def request_stop(self) -> int:
+        return request_stop(self.run, namespace=self.namespace, kubeconfig=self.kubeconfig)
+
+    def request_resume(self) -> int:
+        return request_resume(self.run, namespace=self.namespace, kubeconfig=self.kubeconfig)
+
+    def request_rollback(self, to: str) -> int:
+        return request_rollback(self.run, to, namespace=self.namespace, kubeconfig=self.kubeconfig)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_api.manifest import ATTEMPT_PREFIX, step_of
@@ -106,3 +107,23 @@ def export_source(run: str, checkpoint: str | None) -> list[str]:
 
 def _is_checkpoint(where: str) -> bool:
     return "://" in where or step_of(where) is not None
+
+
+@dataclass(frozen=True)
+class LocalCommands:
+    """`cptctl status | stop | resume | rollback` for a run directory on this machine."""
+
+    run: str
+
+    def show_status(self, as_json: bool = False) -> int:
+        return show_status(self.run, as_json=as_json)
+
+    def request_stop(self) -> int:
+        return request_stop(self.run)
+
+    def request_resume(self) -> int:
+        print(f"error: {self.run} is a local run: `cptctl run FILE` resumes it", file=sys.stderr)
+        return 2
+
+    def request_rollback(self, to: str) -> int:
+        return request_rollback(self.run, to)
