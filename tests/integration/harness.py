@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -192,8 +194,25 @@ def python_files() -> list[Path]:
     return sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)
 
 
+_PRETRAINED: dict[tuple[str, int], Path] = {}
+"""Bases pretrained in this test process, by (model, steps): the training is deterministic, so a
+second test that asks for the same base gets a copy instead of training it again."""
+
+
 def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
     """Give the random model a general ability worth protecting: next-token skill on Python."""
+    done = _PRETRAINED.get((str(model_dir), steps))
+    if done is not None and done.exists():
+        shutil.copytree(done, out)
+        return out
+    _train_on_code(model_dir, out, steps)
+    kept = Path(tempfile.mkdtemp(prefix="pretrained-")) / "base"  # a copy no test writes into
+    shutil.copytree(out, kept)
+    _PRETRAINED[(str(model_dir), steps)] = kept
+    return out
+
+
+def _train_on_code(model_dir: Path, out: Path, steps: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,7 +229,6 @@ def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
         opt.zero_grad()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return out
 
 
 def jsonl(path: Path, texts: list[str]) -> Path:
