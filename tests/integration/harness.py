@@ -2,6 +2,7 @@
 `torchrun ... -m cpt_trainer --config F` (gloo on CPU)."""
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import os
@@ -208,6 +209,7 @@ def pretrain_on_code(model_dir: Path, out: Path, steps: int = 60) -> Path:
     _train_on_code(model_dir, out, steps)
     kept = Path(tempfile.mkdtemp(prefix="pretrained-")) / "base"  # a copy no test writes into
     shutil.copytree(out, kept)
+    atexit.register(shutil.rmtree, kept.parent, True)
     _PRETRAINED[(str(model_dir), steps)] = kept
     return out
 
