@@ -229,8 +229,11 @@ def test_a_crash_recovers_in_place_then_by_index_then_by_a_new_attempt(
     assert resumed_from in [f"attempt-001/{n}" for n in manifests(host_s3, bucket, 1)]
     assert resumed_from.split("/")[1] >= killed_after[-1], (resumed_from, killed_after)
     assert config["restoreMode"] == "fullState"
-    # kubectl logs of the trainer pods is the trainer's own output, from both ranks
-    assert len(logs) == 2 and all("step" in text for text in logs.values()), sorted(logs)
+    # kubectl logs of attempt 2's pods is the trainers' own output (rank 0 logs its steps; the
+    # other ranks log warnings only)
+    assert len(logs) == 2, sorted(logs)
+    rank0 = next(text for name, text in logs.items() if name.startswith(f"{RUN}-a2-0-"))
+    assert "rank0 INFO" in rank0 and "step" in rank0, rank0[-2000:]
     ends = [parse_event(m.group(1)) for text in logs.values() for m in re.finditer(r" event (\{.*\})$", text, re.M)]
     assert any(isinstance(e, Finished) and e.reason == "budget" and e.step == 120 for e in ends), logs
     # the checkpoints and their manifests are in S3; the chosen one is among them, and its lineage
