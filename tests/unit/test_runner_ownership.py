@@ -51,3 +51,34 @@ def test_another_run_directory_on_the_same_checkpoint_uri_is_refused(
     assert run_local(str(file), run_dir=str(tmp_path / "b"), progress=False) == 2
     assert "belongs to run local/" in capsys.readouterr().err
     assert not (tmp_path / "b" / "attempt-001").exists()
+
+
+def test_a_plan_that_prunes_waits_for_pins_the_store_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the operator holds such a plan (CheckpointsPinned=False), `cptctl run` holds it: nothing
+    of it is carried out, it is noted once, and the next pass that can write the pins goes on."""
+    from cpt_api.spec import RestoreMode
+    from cpt_api.status import CptRunStatus, Overrides
+    from cpt_operator.local import runner
+    from cpt_operator.reconcile import Pin, Plan, StartAttempt
+
+    (tmp_path / "a").mkdir()
+    local = _local(_run_file(tmp_path, tmp_path / "ckpt"), tmp_path / "a")
+    notes: list[str] = []
+    monkeypatch.setattr(local.progress, "note", notes.append)
+    started: list[int] = []
+    monkeypatch.setattr(local, "start", lambda action: started.append(action.number))
+    pins = Pin(("attempt-001/step-00000010",), (("attempt-001", 10),))
+    plan = Plan((pins, StartAttempt(2, "attempt-001/step-00000010", RestoreMode.full_state, Overrides(), "restart")),
+                CptRunStatus())
+
+    def refuse(*args: object) -> None:
+        raise OSError("SlowDown: please reduce your request rate")
+
+    monkeypatch.setattr(runner, "pin", refuse)
+    for _ in range(2):
+        local.carry_out(plan)
+    assert started == [] and local.pinned is None
+    assert len(notes) == 1 and notes[0].startswith("[PinFailed] pinning attempt-001/step-00000010 failed (retrying)")
+    monkeypatch.setattr(runner, "pin", lambda *args: None)
+    local.carry_out(plan)
+    assert started == [2] and local.pinned == pins
