@@ -4,10 +4,13 @@ claim a root for a run and pin what it may still restore (the trainer uses the s
 Layout: `<checkpoint root>/attempt-NNN/step-XXXXXXXX/` — one folder per attempt, so a rolled-back
 run never writes over the immutable checkpoints of the branch it abandoned. A checkpoint is
 listed only when its manifest parses and every file it names exists with the recorded size
-(the trainer also checks sha256 sums before it loads one).
+(the trainer also checks sha256 sums before it loads one). This is the one reader of
+checkpoints: the operator lists a run's root, the trainer one attempt's folder (`checkpoints_in`)
+and checks one it restores (`check`), by the same rules.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from dataclasses import dataclass
@@ -65,31 +68,82 @@ def put_atomic(uri: str, rel: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def _sizes(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, FileEntry]:
-    """Sizes of the files under a checkpoint dir (sha256 left blank: only sizes are compared)."""
-    out = {}
-    for full, info in fs.find(path, detail=True).items():
-        rel = posixpath.relpath(full, path)
-        out[rel] = FileEntry(size=int(info.get("size") or 0), sha256="")
-    return out
+_CHUNK = 8 << 20
 
 
-def _check(fs: fsspec.AbstractFileSystem, path: str, uri: str, name: str) -> CheckpointRef | Problem:
+def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> FileEntry:
+    """The size and sha256 of one file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FileEntry(size=size, sha256=h.hexdigest())
+
+
+def check(uri: str, deep: bool = False) -> tuple[Manifest | None, list[str]]:
+    """A checkpoint folder's manifest and why the checkpoint is unusable (empty: usable)."""
+    fs, path = _fs(uri)
+    return _checked(fs, path.rstrip("/"), deep)
+
+
+def _checked(fs: fsspec.AbstractFileSystem, path: str, deep: bool) -> tuple[Manifest | None, list[str]]:
+    """Every file the manifest names must be there with its size, and with its sha256 when
+    `deep` (the trainer hashes what it loads; a listing compares sizes, from one `find`); the
+    folder's step must be the manifest's."""
     try:
         manifest = Manifest.model_validate_json(fs.cat_file(f"{path}/{MANIFEST}"))
     except FileNotFoundError:
-        return Problem(name, "no manifest.json (incomplete save: ignored)")
+        return None, ["no manifest.json (an incomplete or interrupted save)"]
     except (ValidationError, ValueError) as exc:
-        return Problem(name, f"manifest.json is unreadable: {str(exc).splitlines()[0]}")
-    observed = _sizes(fs, path)
-    for rel, entry in observed.items():
+        return None, [f"manifest.json is unreadable: {str(exc).splitlines()[0]}"]
+    observed = {}
+    for full, info in fs.find(path, detail=True).items():
+        rel = posixpath.relpath(full, path)
         want = manifest.files.get(rel)
-        if want is not None:
-            observed[rel] = FileEntry(size=entry.size, sha256=want.sha256)
+        if want is None:
+            continue
+        size = int(info.get("size") or 0)
+        observed[rel] = file_digest(fs, full) if deep and size == want.size else \
+            FileEntry(size=size, sha256=want.sha256)
     problems = verify(manifest.files, observed)
-    if problems:
-        return Problem(name, "; ".join(problems))
-    return CheckpointRef(name, uri, manifest)
+    if step_of(path) is not None and step_of(path) != manifest.step:
+        problems.append(f"manifest says step {manifest.step}, the directory name differs")
+    return manifest, problems
+
+
+def _in_folder(fs: fsspec.AbstractFileSystem, folder: str, folder_uri: str, deep: bool,
+               known: Mapping[str, CheckpointRef]) -> tuple[list[CheckpointRef], list[Problem]]:
+    """The checkpoints directly under one folder (an attempt's), named `<folder>/<step>`."""
+    found: list[CheckpointRef] = []
+    problems: list[Problem] = []
+    for ckpt_path in sorted(fs.ls(folder, detail=False)):
+        if step_of(ckpt_path) is None:
+            continue
+        name = f"{posixpath.basename(folder)}/{posixpath.basename(ckpt_path.rstrip('/'))}"
+        uri = f"{folder_uri}/{posixpath.basename(ckpt_path.rstrip('/'))}"
+        seen = known.get(name)
+        if seen is not None and seen.uri == uri:
+            found.append(seen)
+            continue
+        manifest, why = _checked(fs, ckpt_path.rstrip("/"), deep)
+        if manifest is None or why:
+            problems.append(Problem(name, "; ".join(why)))
+        else:
+            found.append(CheckpointRef(name, uri, manifest))
+    return found, problems
+
+
+def checkpoints_in(folder: str, deep: bool = False) -> tuple[list[CheckpointRef], list[Problem]]:
+    """The usable checkpoints directly under `folder` (one attempt's), oldest first, and what
+    was skipped; `deep` also compares every file's sha256."""
+    fs, path = _fs(folder)
+    fs.invalidate_cache()
+    try:
+        found, problems = _in_folder(fs, path.rstrip("/"), folder.rstrip("/"), deep, {})
+    except FileNotFoundError:
+        return [], []
+    return sorted(found, key=lambda c: c.manifest.step), problems
 
 
 def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
@@ -103,7 +157,6 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
     # Listings are cached per filesystem instance, and the trainer writes behind our back (as
     # does `claim`, whose listing of the root would otherwise hide every later attempt folder).
     fs.invalidate_cache()
-    known = known or {}
     try:
         listed = fs.ls(base, detail=False)
     except FileNotFoundError:
@@ -111,14 +164,10 @@ def list_checkpoints(root: str, known: Mapping[str, CheckpointRef] | None = None
     found: list[CheckpointRef] = []
     problems: list[Problem] = []
     for attempt_path in sorted(p for p in listed if attempt_of(posixpath.basename(p)) is not None):
-        for ckpt_path in sorted(fs.ls(attempt_path, detail=False)):
-            if step_of(ckpt_path) is None:
-                continue
-            name = f"{posixpath.basename(attempt_path)}/{posixpath.basename(ckpt_path)}"
-            uri = f"{root.rstrip('/')}/{name}"
-            seen = known.get(name)
-            result = seen if seen is not None and seen.uri == uri else _check(fs, ckpt_path, uri, name)
-            (found if isinstance(result, CheckpointRef) else problems).append(result)  # type: ignore[arg-type]
+        refs, skipped = _in_folder(fs, attempt_path, f"{root.rstrip('/')}/{posixpath.basename(attempt_path)}",
+                                   False, known or {})
+        found += refs
+        problems += skipped
     found.sort(key=lambda c: (c.attempt, c.manifest.step))
     return found, problems
 

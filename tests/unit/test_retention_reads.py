@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cpt_api import store
 from cpt_api.manifest import Lineage, checkpoint_name
 from cpt_trainer import checkpoint
 from cpt_trainer.checkpointer import Checkpointer, Snapshot
@@ -27,13 +28,13 @@ def tiny() -> tuple[LlamaConfig, LlamaForCausalLM, torch.optim.Optimizer]:
 
 def test_saving_hashes_only_the_new_checkpoint_and_keeps_the_newest_stable(tmp_path, monkeypatch):
     hashed: list[str] = []
-    real_digest = checkpoint.digest
+    real_digest = store.file_digest
 
     def spy(fs, path):
         hashed.append(str(path))
         return real_digest(fs, path)
 
-    monkeypatch.setattr(checkpoint, "digest", spy)
+    monkeypatch.setattr(store, "file_digest", spy)
     config, model, optimizer = tiny()
     lineage = Lineage(run="r", attempt=1, parent=None, base_uri="random", restore_mode="weightsOnly",
                       data_version="d", tokenizer_hash="t", config_hash="c")

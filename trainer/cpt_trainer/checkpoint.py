@@ -37,16 +37,13 @@ import fsspec
 from cpt_api import store
 from cpt_api.manifest import (BLOCKS, MANIFEST, BlockTable, FileBlocks, FileEntry, Lineage,
                                        Manifest, Problem, block_size_for, checkpoint_name, root_of,
-                                       step_of, verify, writer_rank)
+                                       verify, writer_rank)
 from cpt_api.ownership import RunRecord, import_problem, owner_problem
 
 from .errors import Refused
 from .node_cache import locked, node_cache
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 8 << 20
-
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri)
@@ -59,56 +56,22 @@ def join(uri: str, name: str) -> str:
 
 # ---------------------------------------------------------------------------------- reading
 
-def digest(fs: fsspec.AbstractFileSystem, path: str) -> FileEntry:
-    h, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return FileEntry(size=size, sha256=h.hexdigest())
-
-
 def read_manifest(uri: str) -> Manifest:
     fs, path = _fs(uri)
     return Manifest.model_validate_json(fs.cat_file(f"{path}/{MANIFEST}"))
 
 
 def problems_of(uri: str, deep: bool = True) -> tuple[Manifest | None, list[str]]:
-    """The manifest of a checkpoint directory and why it is unusable (empty: usable).
-    `deep` re-hashes every file; otherwise only presence and sizes are compared."""
-    fs, path = _fs(uri)
-    if not fs.exists(f"{path}/{MANIFEST}"):
-        return None, ["no manifest.json (an incomplete or interrupted save)"]
-    try:
-        manifest = read_manifest(uri)
-    except Exception as exc:  # unreadable or not our format: report, never trust
-        return None, [f"manifest.json is unreadable: {exc}"]
-    observed = {}
-    for rel, want in manifest.files.items():
-        full = f"{path}/{rel}"
-        if fs.exists(full):
-            observed[rel] = digest(fs, full) if deep else \
-                FileEntry(size=fs.size(full), sha256=want.sha256)
-    problems = verify(manifest.files, observed)
-    if step_of(path) is not None and step_of(path) != manifest.step:
-        problems.append(f"manifest says step {manifest.step}, the directory name differs")
-    return manifest, problems
+    """The manifest of a checkpoint directory and why it is unusable (empty: usable), by the
+    store's rules (`cpt_api.store.check`); `deep` re-hashes every file."""
+    return store.check(uri, deep)
 
 
 def list_checkpoints(uri: str, deep: bool = True) -> tuple[list[tuple[str, Manifest]], list[Problem]]:
-    """Valid checkpoints under `uri`, oldest first, and the directories that are not valid."""
-    fs, root = _fs(uri)
-    if not fs.exists(root):
-        return [], []
-    valid, problems = [], []
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    for name in (n for n in names if step_of(n) is not None):
-        manifest, why = problems_of(join(uri, name), deep)
-        if manifest is None or why:
-            problems.append(Problem(name, "; ".join(why)))
-        else:
-            valid.append((name, manifest))
-    return valid, problems
+    """Valid checkpoints directly under `uri` (an attempt's folder), oldest first, as (folder
+    name, manifest), and the directories that are not valid (`cpt_api.store.checkpoints_in`)."""
+    refs, problems = store.checkpoints_in(uri, deep)
+    return [(ref.uri.rsplit("/", 1)[-1], ref.manifest) for ref in refs], problems
 
 
 def latest_valid(uri: str, stable_only: bool = False, deep: bool = True) -> tuple[str, Manifest] | None:
@@ -274,7 +237,7 @@ def _verified(path: str) -> dict[str, str]:
 
 
 def _verify(fs: fsspec.AbstractFileSystem, root: str, files: dict[str, FileEntry]) -> list[str]:
-    observed = {rel: digest(fs, f"{root}/{rel}") for rel in files if fs.exists(f"{root}/{rel}")}
+    observed = {rel: store.file_digest(fs, f"{root}/{rel}") for rel in files if fs.exists(f"{root}/{rel}")}
     return verify(files, observed)
 
 

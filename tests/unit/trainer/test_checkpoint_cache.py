@@ -9,6 +9,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cpt_api import store
 from cpt_api.manifest import Lineage, checkpoint_name
 from cpt_trainer import checkpoint
 
@@ -25,7 +26,7 @@ def write(root: str, files: dict[str, bytes], step: int = 3) -> str:
     target = checkpoint.prepare(root, step)
     for rel, data in files.items():
         fs.pipe_file(f"{target}/{rel}", data)
-    entries = {rel: checkpoint.digest(fs, f"{target}/{rel}") for rel in files}
+    entries = {rel: store.file_digest(fs, f"{target}/{rel}") for rel in files}
     checkpoint.commit(root, step, 0, entries, LINEAGE, {}, None, True)
     return f"memory://{target}"
 
