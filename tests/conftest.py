@@ -167,3 +167,10 @@ def memory_object_store(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
     fsspec.register_implementation("gs", InMemoryObjectStore, clobber=True)
     yield "gs"
     sys.modules["fsspec.registry"]._registry.pop("gs", None)
+
+
+# The test cluster's fixtures, registered here once for tests/e2e and tests/faults alike
+# (tests/e2e/fixtures.py says why); each starts only when a test asks for it.
+from tests.e2e.fixtures import (alertmanager, base_image, fault_free_loop, helm_bin, host_prometheus,  # noqa: E402,F401
+                                host_s3, kube_cluster, namespace, operator, operator_image, prometheus,
+                                real_node, s3_bucket, s3_server, trainer_image)

@@ -19,7 +19,7 @@ run in their own process group, are killed when the Python process exits
 every readiness wait ends in an error carrying the tail of the component's
 log.
 
-Typical use (pytest fixtures in tests/e2e/conftest.py do this)::
+Typical use (pytest fixtures in tests/e2e/fixtures.py do this)::
 
     with KubeCluster(workdir) as kube:
         kube.kubectl("get", "nodes")

@@ -140,7 +140,7 @@ def _parquet_corpus(client: Any, bucket: str) -> None:
 @pytest.fixture
 def s3_proxy(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.cluster.cluster import Toxiproxy
-    from tests.e2e.conftest import _ensure
+    from tests.e2e.fixtures import _ensure
 
     _ensure(["toxiproxy"])
     proxy = Toxiproxy(tmp_path_factory.mktemp("toxiproxy")).start()

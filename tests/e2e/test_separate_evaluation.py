@@ -2,7 +2,7 @@
 checkpoint in Jobs of their own while the trainer's Job trains, reads their records back from S3,
 and ends the run only when every checkpoint is judged.
 
-The pods run as in test_operator_full_loop.py: kwok nodes, and the test's `Kubelet` starting each
+The pods run as in tests/e2e/full_loop.py: kwok nodes, and the test's `Kubelet` starting each
 pod's own command on this machine (the trainer under torchrun, each evaluation as
 `python -m cpt_trainer --evaluate`), with the pod's env, volumes and S3 Secret.
 """
@@ -20,7 +20,7 @@ from cpt_api.manifest import eval_record_name
 from cpt_api.storage import storage_options
 from cpt_api.store import list_checkpoints
 from tests.e2e.operator_harness import OperatorProcess, condition, job_names, status_of
-from tests.e2e.test_operator_full_loop import Kubelet, s3_secret, trainer_events, until
+from tests.e2e.full_loop import Kubelet, s3_secret, trainer_events, until
 from tests.integration.harness import forgetting_files
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3, pytest.mark.slow,

@@ -13,83 +13,28 @@ Run alone: `python -m pytest tests/faults -m faults -s` (the figures go to stdou
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from cpt_api.events import CheckpointSaved, Evaluated
-from cpt_api.manifest import MANIFEST, Manifest
+from cpt_api.events import Evaluated
 from tests.cluster.cluster import Toxiproxy
-from tests.e2e.operator_harness import OperatorProcess, install_crd, operator_env, status_of
-from tests.e2e.test_operator_full_loop import GENERAL, RUN, THRESHOLD, Kubelet, forgetful_run, s3_secret, trainer_events
+from tests.e2e.full_loop import (GENERAL, RUN, THRESHOLD, FaultFree, Kubelet, drive, s3_secret, saved_by,
+                                 sha256_of_tree, trainer_events)
+from tests.e2e.operator_harness import OperatorProcess, operator_env, status_of
 from tests.faults.chaos import Injector, Writer, schedule, sigkill_group
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.s3,
               pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SEED = int(os.environ.get("CPT_FAULTS_SEED", "14"))
-RUN_TIMEOUT_S = 480
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "faults.json"
-SELECTOR = f"cpt.mlops.dev/run={RUN}"
-
-
-# -- what a run left behind -------------------------------------------------------------------
-@dataclass
-class Outcome:
-    status: dict[str, Any]
-    seconds: float
-    max_attempts_with_pods: int
-    verified: dict[str, Manifest]
-    broken: list[str]
-    incomplete: list[str]
-    saved: set[str]
-    restarts_of_operator: int = 0
-    writer: dict[str, int] = field(default_factory=dict)
-
-
-def sha256_of_tree(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def verify_bucket(client: Any, bucket: str) -> tuple[dict[str, Manifest], list[str], list[str]]:
-    """Every checkpoint under the run's root, read back byte by byte: (verified manifests by
-    name, checkpoints whose files do not match their manifest, dirs without a manifest)."""
-    prefix = f"runs/{RUN}/"
-    objects: dict[str, int] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        objects.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-    dirs = {"/".join(k[len(prefix):].split("/")[:2]) for k in objects if k[len(prefix):].count("/") >= 2}
-    verified, broken, incomplete = {}, [], []
-    for name in sorted(d for d in dirs if "/step-" in f"/{d}"):
-        key = f"{prefix}{name}/{MANIFEST}"
-        if key not in objects:
-            incomplete.append(name)
-            continue
-        manifest = Manifest.model_validate_json(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        bad = []
-        for rel, entry in manifest.files.items():
-            body = client.get_object(Bucket=bucket, Key=f"{prefix}{name}/{rel}")["Body"].read()
-            if len(body) != entry.size or hashlib.sha256(body).hexdigest() != entry.sha256:
-                bad.append(rel)
-        (broken.append(f"{name}: {bad}") if bad else verified.__setitem__(name, manifest))
-    return verified, broken, incomplete
-
-
-def saved_by(pod: Any) -> list[str]:
-    events = pod.run_dir / "events.jsonl"
-    return ["/".join(e.uri.split("/")[-2:]) for e in trainer_events(pod)
-            if isinstance(e, CheckpointSaved)] if events.exists() else []
 
 
 def milestones(status: dict[str, Any], kubelet: Kubelet) -> set[str]:
@@ -115,13 +60,6 @@ def milestones(status: dict[str, Any], kubelet: Kubelet) -> set[str]:
     if status.get("phase") == "Succeeded":
         reached.add("succeeded")
     return reached
-
-
-def attempts_with_pods(kube: Any, namespace: str, kubelet: Kubelet) -> set[int]:
-    """Attempts holding pods now: not yet terminated on the API server, or still running here."""
-    on_server = {int(p["metadata"]["labels"]["cpt.mlops.dev/attempt"]) for p in kube.pods(namespace, SELECTOR)
-                 if p["status"].get("phase") not in ("Succeeded", "Failed")}
-    return on_server | {p.attempt for p in kubelet.pods.values() if p.proc.poll() is None}
 
 
 # -- the operator, killable -------------------------------------------------------------------
@@ -158,37 +96,22 @@ def kill_trainer(kubelet: Kubelet, first: bool) -> bool:
     return bool(chosen)
 
 
-# -- one run ----------------------------------------------------------------------------------
-def drive(kube: Any, prometheus: Any, s3_server: Any, namespace: str, bucket: str, run: dict[str, Any],
-          node: Path, chaos: Callable[[Kubelet], Injector] | None = None) -> tuple[Outcome, Kubelet]:
-    kube.apply(run, namespace=namespace)
-    kubelet = Kubelet(kube, prometheus, namespace, SELECTOR, node)
-    injector = chaos(kubelet) if chaos else None
-    start, most = time.monotonic(), 0
-    try:
-        while True:
-            assert time.monotonic() - start < RUN_TIMEOUT_S, f"the run did not end\n{kubelet.tails()}"
-            kubelet.sync()
-            status = status_of(kube, namespace, RUN)
-            most = max(most, len(attempts_with_pods(kube, namespace, kubelet)))
-            ended = status.get("phase") in ("Succeeded", "Failed", "Stopped") and all(
-                p.reported for p in kubelet.pods.values())
-            if injector is not None:
-                injector.tick(milestones(status, kubelet))
-                if ended and len(injector.fired) < len(injector.faults):
-                    ended = time.monotonic() - injector.reached.get("succeeded", start) > 15
-            if ended:
-                break
-            time.sleep(0.5)
-    finally:
-        kubelet.close()
-        if injector is not None:
-            injector.clear()
-    seconds = time.monotonic() - start
-    verified, broken, incomplete = verify_bucket(s3_server.client(), bucket)
-    saved = {name for p in kubelet.pods.values() for name in saved_by(p)}
-    return Outcome(status=status_of(kube, namespace, RUN), seconds=seconds, max_attempts_with_pods=most,
-                   verified=verified, broken=broken, incomplete=incomplete, saved=saved), kubelet
+# -- the faults, as `drive` watches the run ---------------------------------------------------
+@dataclass
+class Chaos:
+    """Fires the schedule's faults as the run reaches their milestones, and holds the end of a
+    run that ended before every fault fired (for 15 s after it succeeded)."""
+    injector: Injector
+    start: float = field(default_factory=time.monotonic)
+
+    def ended(self, status: dict[str, Any], kubelet: Kubelet, ended: bool) -> bool:
+        self.injector.tick(milestones(status, kubelet))
+        if ended and len(self.injector.fired) < len(self.injector.faults):
+            return time.monotonic() - self.injector.reached.get("succeeded", self.start) > 15
+        return ended
+
+    def close(self) -> None:
+        self.injector.clear()
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -218,31 +141,20 @@ def proxied_env(kube: Any, prometheus: Any, s3_server: Any, proxy: Toxiproxy, tm
 # -- the test ---------------------------------------------------------------------------------
 def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
         kube_cluster: Any, prometheus: Any, s3_server: Any, toxiproxy: Toxiproxy, tmp_path: Path,
-        tiny_model_dir: Path, corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    suite_start = time.monotonic()
+        fault_free_loop: FaultFree) -> None:
     kube = kube_cluster
-    install_crd(kube)
     faults = schedule(SEED)
     print(f"\n[faults] seed {SEED}; schedule:\n" + "\n".join(f"  {f}" for f in faults))
-    clean_bucket, faulty_bucket = s3_server.create_bucket(), s3_server.create_bucket()
-    clean_run = forgetful_run(clean_bucket, tmp_path / "clean", tiny_model_dir, corpora)
-    base = Path(clean_run["spec"]["baseModel"]["uri"])
-    base_digest = sha256_of_tree(base)
-    faulty_run = json.loads(json.dumps(clean_run).replace(f"s3://{clean_bucket}/", f"s3://{faulty_bucket}/"))
-
-    # the fault-free run
-    ns = kube.create_namespace(f"faults-clean-{SEED}")
-    kube.apply(s3_secret(s3_server), namespace=ns)
-    # Each operator watches only its own run's namespace: the faulted run's operators must not
-    # find the finished fault-free run, nor the other way round.
-    op = OperatorProcess({**operator_env(kube, prometheus, s3_server), "CPT_NAMESPACES": ns},
-                         tmp_path / "operator-clean.log").start()
-    try:
-        clean, clean_kubelet = drive(kube, prometheus, s3_server, ns, clean_bucket, clean_run, tmp_path / "node-clean")
-    finally:
-        op.stop()
+    # the fault-free run: driven once a session by an operator watching only its namespace (the
+    # full-loop test asserts on the same run)
+    clean, clean_kubelet = fault_free_loop.outcome, fault_free_loop.kubelet
+    base = Path(fault_free_loop.run["spec"]["baseModel"]["uri"])
+    faulty_bucket = s3_server.create_bucket()
+    faulty_run = json.loads(json.dumps(fault_free_loop.run).replace(f"s3://{fault_free_loop.bucket}/",
+                                                                    f"s3://{faulty_bucket}/"))
     print(f"[faults] fault-free run: {clean.status['phase']} in {clean.seconds:.0f} s, "
           f"chosen {clean.status.get('bestCheckpoint')}")
+    suite_start = time.monotonic()
 
     # the faulted run: the trainers reach S3 through the proxy too (the Secret names it)
     ns = kube.create_namespace(f"faults-chaos-{SEED}")
@@ -255,11 +167,11 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     writer.start()
     injectors: list[Injector] = []
 
-    def chaos(kubelet: Kubelet) -> Injector:
+    def chaos(kubelet: Kubelet) -> Chaos:
         injectors.append(Injector(faults, toxiproxy, kube.etcd_url, killable.kill,
                                   lambda first: kill_trainer(kubelet, first),
                                   lambda: str(status_of(kube, ns, RUN).get("phase"))))
-        return injectors[0]
+        return Chaos(injectors[0])
 
     try:
         faulty, kubelet = drive(kube, prometheus, s3_server, ns, faulty_bucket, faulty_run,
@@ -277,7 +189,8 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     def evaluations_of_attempt_1(kubelet: Kubelet) -> dict[int, float]:
         return {e.step: e.metrics[GENERAL] for e in trainer_events(kubelet.attempt(1))
                 if isinstance(e, Evaluated) and not e.is_base}
-    wall = time.monotonic() - suite_start
+    # the fault-free run's own time (driven by the session's fixture) and this test's
+    wall = clean.seconds + time.monotonic() - suite_start
     log_text = (tmp_path / "operator-chaos.log").read_text(errors="replace")
     figures = {
         "seed": SEED, "schedule": [str(f) for f in faults],
@@ -313,7 +226,7 @@ def test_a_breach_and_rollback_under_faults_ends_as_the_fault_free_run(
     assert clean.saved <= set(clean.verified)
 
     # the base was never written
-    assert sha256_of_tree(base) == base_digest
+    assert sha256_of_tree(base) == fault_free_loop.base_digest
 
     # the same end, the same decision, each evaluation counted once
     a, b = clean.status, faulty.status

@@ -12,7 +12,7 @@ _CLUSTER_PY = Path(__file__).resolve().parents[1] / "cluster" / "cluster.py"
 
 
 def _cluster_module():  # type: ignore[no-untyped-def]
-    # The same module object tests/e2e/conftest.py uses, whichever way tests/ is on sys.path.
+    # The same module object tests/e2e/fixtures.py uses, whichever way tests/ is on sys.path.
     try:
         from tests.cluster import cluster
         return cluster

@@ -1,4 +1,6 @@
-"""Fixtures for tests against the real test cluster (tests/cluster/).
+"""Fixtures for tests against the real test cluster (tests/cluster/), registered once, by
+tests/conftest.py, for every directory that uses them (tests/e2e, tests/faults): a fixture
+imported into two conftests is two fixtures, and a session fixture would start twice.
 
 Everything here is lazy: a component starts the first time a test asks for
 its fixture and stops at the end of the session. Missing binaries are built
@@ -7,6 +9,7 @@ component stay under the session's temp dir; a failing readiness wait quotes
 the last lines.
 
 Session fixtures:  kube_cluster, prometheus, alertmanager, s3_server, helm_bin
+Session fixture:   fault_free_loop (the full loop's fault-free run, driven once)
 Module fixtures:   operator (the CRD installed and `python -m cpt_operator.kube` running; one
                    per module, so each module's operator state starts afresh)
 Module fixtures on the real node: base_image, operator_image (built by images.sh, imported)
@@ -215,6 +218,18 @@ def helm_bin() -> Path:
     path = cluster.binary("helm")
     subprocess.run([str(path), "version", "--short"], check=True, capture_output=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def fault_free_loop(kube_cluster: cluster.KubeCluster, prometheus: cluster.Prometheus, s3_server: cluster.S3Server,
+                    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                    corpora: dict[str, Path]) -> Any:
+    """The forgetful run (tests/e2e/full_loop.py) driven to its end once a session, by an operator
+    of its own: test_operator_full_loop.py asserts on it, the fault suite compares with it."""
+    from tests.e2e.full_loop import run_fault_free
+
+    return run_fault_free(kube_cluster, prometheus, s3_server, tmp_path_factory.mktemp("full-loop"),
+                          tiny_model_dir, corpora)
 
 
 @pytest.fixture(scope="module")
