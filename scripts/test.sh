@@ -8,26 +8,38 @@ bash tests/cluster/build.sh
 # The real node's images (cached by a hash of their inputs), built here rather than inside a
 # test's timeout; the real node needs root, its tests skip without it.
 [[ $(id -u) != 0 ]] || bash tests/cluster/images.sh pause base operator trainer >/dev/null
-lint-imports --config pyproject.toml
-ruff check api operator trainer tests bench
-mypy api/cpt_api operator/cpt_operator trainer/cpt_trainer
+static_checks() {
+  lint-imports --config pyproject.toml &&
+    ruff check api operator trainer tests bench &&
+    mypy api/cpt_api operator/cpt_operator trainer/cpt_trainer
+}
 if [[ $# -gt 0 ]]; then
+  static_checks
   exec python -m pytest --durations=30 "$@"
 fi
-# Two pytest runs side by side: the tests on the test cluster, which mostly wait for servers,
-# pods and operators, beside the others, which mostly train (each run starts only the servers
-# its tests use). The slowest tests of each are listed, so that CI time is seen where it goes.
+# Two pytest runs side by side, of about equal length on a 2-core machine: the multi-process
+# training tests (tests/integration), which keep the cores busy, beside everything else: the
+# tests on the test cluster, which also wait on servers, pods and operators, then the unit, chart
+# and other e2e tests (each run starts only the servers its tests use). The slowest tests of each
+# are listed, so that CI time is seen where it goes.
 logs=$(mktemp -d)
-python -m pytest -m cluster -p no:cacheprovider --basetemp="$logs/cluster" --durations=20 \
-  >"$logs/cluster.log" 2>&1 &
-cluster=$!
+# The static checks (a core for a minute or two) go beside the tests, not before them.
+static_checks >"$logs/static.log" 2>&1 &
+static=$!
+python -m pytest --ignore=tests/integration -p no:cacheprovider --basetemp="$logs/others" --durations=20 \
+  >"$logs/others.log" 2>&1 &
+others=$!
 set +e
-python -m pytest -m "not cluster" -p no:cacheprovider --basetemp="$logs/local" --durations=20
-local_rc=$?
-wait "$cluster"
-cluster_rc=$?
+python -m pytest tests/integration -p no:cacheprovider --basetemp="$logs/training" --durations=20
+training_rc=$?
+wait "$others"
+others_rc=$?
+wait "$static"
+static_rc=$?
 set -e
-echo "================ the tests on the test cluster (pytest -m cluster) ================"
-cat "$logs/cluster.log"
-echo "exit codes: not cluster $local_rc, cluster $cluster_rc"
-[[ $local_rc == 0 && $cluster_rc == 0 ]]
+echo "================ the cluster, unit, chart and other e2e tests (pytest --ignore=tests/integration) ================"
+cat "$logs/others.log"
+echo "================ import layers, ruff and mypy ================"
+cat "$logs/static.log"
+echo "exit codes: training $training_rc, others $others_rc, static checks $static_rc"
+[[ $training_rc == 0 && $others_rc == 0 && $static_rc == 0 ]]
