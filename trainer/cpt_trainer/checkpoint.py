@@ -69,9 +69,11 @@ def problems_of(uri: str, deep: bool = True) -> tuple[Manifest | None, list[str]
 
 def list_checkpoints(uri: str, deep: bool = True) -> tuple[list[tuple[str, Manifest]], list[Problem]]:
     """Valid checkpoints directly under `uri` (an attempt's folder), oldest first, as (folder
-    name, manifest), and the directories that are not valid (`cpt_api.store.checkpoints_in`)."""
+    name, manifest), and the folders that are not valid, by folder name
+    (`cpt_api.store.checkpoints_in`)."""
     refs, problems = store.checkpoints_in(uri, deep)
-    return [(ref.uri.rsplit("/", 1)[-1], ref.manifest) for ref in refs], problems
+    return ([(ref.uri.rsplit("/", 1)[-1], ref.manifest) for ref in refs],
+            [Problem(p.checkpoint.rsplit("/", 1)[-1], p.reason) for p in problems])
 
 
 def latest_valid(uri: str, stable_only: bool = False, deep: bool = True) -> tuple[str, Manifest] | None:
