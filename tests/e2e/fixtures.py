@@ -18,10 +18,8 @@ Function fixtures: namespace, s3_bucket
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -29,27 +27,7 @@ from pathlib import Path
 
 import pytest
 
-_CLUSTER_PY = Path(__file__).resolve().parents[1] / "cluster" / "cluster.py"
-
-
-def _load_cluster_module():  # type: ignore[no-untyped-def]
-    """tests.cluster.cluster, whether or not ``tests`` is importable as a package."""
-    try:
-        from tests.cluster import cluster
-        return cluster
-    except ImportError:
-        name = "cpt_test_cluster"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, _CLUSTER_PY)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-cluster = _load_cluster_module()
+from tests.cluster import cluster
 
 
 def _ensure(components: list[str]) -> None:

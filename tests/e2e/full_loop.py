@@ -28,7 +28,7 @@ import signal
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
@@ -164,22 +164,18 @@ class Kubelet:
         # the pod stays Terminating until the process exits (kwok's pod-delete stage waits for this)
         self.kube.kubectl_result("annotate", "pod", meta["name"], "-n", self.namespace, f"{RUNNING}=true")
         attempt = int(meta["labels"].get("cpt.mlops.dev/attempt", "0"))
-        if not any(port.get("name") == "metrics" for port in container.get("ports", [])):
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-            return LocalPod(name=meta["name"], attempt=attempt, proc=proc, run_dir=Path(config["runDir"]),
-                            log=log, grace_s=float(spec.get("terminationGracePeriodSeconds", 30)))
-        # Prometheus scrapes the pod before its container starts, as Kubernetes discovery finds a
-        # pod once it has an address: discovered targets are applied at most every 5 s, and an
-        # attempt stopped soon after its breach may expose its metrics for less than that.
-        # The target labels are those a PodMonitor gives a pod's endpoint (honorLabels: false).
-        metrics = f"127.0.0.1:{metrics_port}"
-        self.prometheus.add_target(metrics, {"pod": meta["name"], "namespace": self.namespace})
-        deadline = time.monotonic() + 30
-        while not any(t["discoveredLabels"].get("__address__") == metrics for t in self.prometheus.targets()):
-            assert time.monotonic() < deadline, f"Prometheus did not take up the target {metrics}"
-            time.sleep(0.2)
+        metrics = None
+        if any(port.get("name") == "metrics" for port in container.get("ports", [])):
+            # Prometheus scrapes the pod before its container starts, as Kubernetes discovery finds
+            # a pod once it has an address: discovered targets are applied at most every 5 s, and
+            # an attempt stopped soon after its breach may expose its metrics for less than that.
+            # The target labels are those a PodMonitor gives a pod's endpoint (honorLabels: false).
+            metrics = f"127.0.0.1:{metrics_port}"
+            self.prometheus.add_target(metrics, {"pod": meta["name"], "namespace": self.namespace})
+            deadline = time.monotonic() + 30
+            while not any(t["discoveredLabels"].get("__address__") == metrics for t in self.prometheus.targets()):
+                assert time.monotonic() < deadline, f"Prometheus did not take up the target {metrics}"
+                time.sleep(0.2)
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -295,8 +291,6 @@ def trainer_events(local: LocalPod) -> list[Any]:
     return [parse_event(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-
-
 # -- one run, driven to its end ---------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -310,7 +304,6 @@ class Outcome:
     saved: set[str]
     jobs_at_rollback: list[str] | None = None
     """The run's Jobs when attempt 2's first showed (None: it never did)."""
-    writer: dict[str, int] = field(default_factory=dict)
 
 
 class Watch(Protocol):
