@@ -71,8 +71,10 @@ def test_a_breach_scraped_from_the_real_trainer_rolls_back_to_the_last_good_chec
     assert record["baseline"] == pytest.approx(base[GENERAL]) == status["baseMetrics"][GENERAL]
     scraped = prometheus_values(prometheus, f'cpt_eval_metric{{{selector},attempt="1"}}[15m]')
     assert any(v > limit for v in scraped), (limit, scraped)
-    # Per source, the real trainer exports its loss and curation's dropped share (both ranks summed)
-    run_sel = f'run="{RUN}",namespace="{namespace}",attempt="1"'
+    # Per source, the real trainer exports its loss and curation's dropped share (both ranks
+    # summed). A source's loss exists from the first step with its tokens: at 2 % replay attempt 1
+    # may be stopped before one, attempt 2 (32 %) has them in every step, so both attempts count.
+    run_sel = f'run="{RUN}",namespace="{namespace}"'
     for series in ("cpt_source_loss", "cpt_source_dropped_share"):
         found = prometheus.query(f"last_over_time({series}{{{run_sel}}}[15m])")
         assert {r["metric"]["source"] for r in found} == {"legal", "code"}, (series, found)
