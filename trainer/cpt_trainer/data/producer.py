@@ -67,7 +67,7 @@ class Plan:
 class Producer:
     def __init__(self, plan: Plan):
         data, packing = plan.cfg.spec.data, plan.cfg.spec.packing
-        self.plan, self.rank, self.world_size = plan, plan.rank, plan.world_size
+        self.plan = plan
         self.names = [s.name for s in data.sources]
         self._seq_len = packing.seq_len
         self._document_mask = packing.boundary == Boundary.document_mask
@@ -90,11 +90,11 @@ class Producer:
 
     @property
     def run_tokens(self) -> int:
-        return sum(self.base.values()) + sum(self.tokens.values()) * self.world_size
+        return sum(self.base.values()) + sum(self.tokens.values()) * self.plan.world_size
 
     def consumed(self, name: str) -> int:
         """The run's consumed tokens of one source (this rank's estimate)."""
-        return self.base[name] + self.tokens[name] * self.world_size
+        return self.base[name] + self.tokens[name] * self.plan.world_size
 
     def feed(self, apply_at: int, losses: Mapping[str, float]) -> None:
         """A loss report that steers the mixture from window `apply_at` on."""
@@ -136,7 +136,7 @@ class Producer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "data_version": self.plan.data_version,
-            "rank": self.rank, "world_size": self.world_size,
+            "rank": self.plan.rank, "world_size": self.plan.world_size,
             "mixture": self.mixture.state_dict(), "tokens": dict(self.tokens),
             "base": dict(self.base), "windows": self.windows, "skipped": dict(self.skipped),
             "feedback": [[a, dict(losses)] for a, losses in self.pending],
