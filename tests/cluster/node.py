@@ -394,24 +394,18 @@ class RealNode:
     def _delete_state(self) -> None:
         """Its images' snapshots are GBs (the trainer's alone 6.5 GB) and pytest keeps the temp
         dirs of the last three sessions: the node's state goes with it, its logs stay. Deleting
-        it took 20-25 s, nearly all of it the trainer image's unpacked files, and nothing waits
-        for it: the state is moved aside at once and a detached `rm` at the lowest
-        CPU and I/O priority deletes it, so a test session's end does not wait on it."""
+        it took 20-25 s, nearly all of it the trainer image's unpacked files, and nothing needs
+        it done: the state is moved aside at once and a detached `rm` at the lowest CPU and I/O
+        priority deletes it, so a test session's end does not wait on it."""
         trash = self.root / "deleting"
         trash.mkdir(exist_ok=True)
         for state in ("containerd", "kubelet"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 (self.root / state).rename(trash / state)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                shutil.rmtree(self.root / state, ignore_errors=True)
         idle_io = "ionice -c 3" if shutil.which("ionice") else ""
         # The shell starts rm in the background and returns: rm outlives it, parented to init.
-        started = subprocess.run(["sh", "-c", f'nice -n 19 {idle_io} rm -rf "$1" </dev/null >/dev/null 2>&1 &',
-                                  "sh", str(trash)], check=False, start_new_session=True, timeout=30)
-        if started.returncode != 0:
-            shutil.rmtree(trash, ignore_errors=True)
+        subprocess.run(["sh", "-c", f'nice -n 19 {idle_io} rm -rf "$1" </dev/null >/dev/null 2>&1 &', "sh",
+                        str(trash)], check=True, start_new_session=True, timeout=30)
 
     def _drain(self, timeout: float = 60.0) -> None:
         self.kube.kubectl_result("delete", "pods", "--all-namespaces", "--grace-period=1",
